@@ -1,0 +1,298 @@
+//! Record types and their shape validation. Validation here is about form
+//! (a DNS label, a port); meaning (is this key parseable, is that host up)
+//! belongs to the callers.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Default port of the upstream sshd.
+pub const DEFAULT_SSH_PORT: u16 = 22;
+/// Default port of the sandbox's web app.
+pub const DEFAULT_APP_PORT: u16 = 8000;
+/// Default port of the coding agent's web UI.
+pub const DEFAULT_AGENT_PORT: u16 = 9999;
+/// Default first label of the agent host (`shelley.DOMAIN`).
+pub const DEFAULT_AGENT_PREFIX: &str = "shelley";
+
+/// Where a sandbox runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Backend {
+    /// An existing machine reached at `host` (name or IP address).
+    Static { host: String },
+    /// An Incus instance; its address is learned from Incus.
+    Incus { instance: String },
+}
+
+/// Lifecycle status as last recorded (Incus sandboxes update it; static
+/// sandboxes are always `running`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum SandboxStatus {
+    /// Being created; not routed yet.
+    Creating { step: String },
+    /// Up and routed.
+    #[default]
+    Running,
+    /// Stopped on purpose; routes answer "stopped".
+    Stopped,
+    /// A lifecycle step failed; routes answer "unavailable" with the reason.
+    Failed { reason: String },
+}
+
+/// An SSH key pair in OpenSSH text formats. `private_openssh` is a secret.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyPair {
+    pub private_openssh: String,
+    pub public_openssh: String,
+}
+
+impl std::fmt::Debug for KeyPair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyPair")
+            .field("public_openssh", &self.public_openssh)
+            .finish_non_exhaustive()
+    }
+}
+
+/// HTTP basic-auth credentials for the agent host; only a password hash
+/// (PHC string) is kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BasicAuth {
+    pub user: String,
+    pub password_hash: String,
+}
+
+/// One sandbox: its identity, where it runs and how it is reached.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sandbox {
+    /// DNS label; also the SSH user name clients log in with.
+    pub name: String,
+    /// Public host name of the app.
+    pub domain: String,
+    pub backend: Backend,
+    pub ssh_port: u16,
+    pub app_port: u16,
+    pub agent_port: u16,
+    /// First label of the agent host.
+    pub agent_prefix: String,
+    /// User the gateway logs in as upstream.
+    pub user: String,
+    /// OpenSSH public-key lines allowed to log in.
+    pub client_keys: Vec<String>,
+    /// The gateway's own key for the upstream leg.
+    pub upstream_key: KeyPair,
+    /// Pinned host key of the upstream sshd (OpenSSH public-key line).
+    pub upstream_host_key: Option<String>,
+    pub basic_auth: Option<BasicAuth>,
+    /// TLS mode override for this sandbox's hosts (`acme`, `internal`, `manual`).
+    #[serde(default)]
+    pub tls_mode: Option<String>,
+    #[serde(default)]
+    pub status: SandboxStatus,
+    /// Addresses last seen for an Incus instance (IPv4 first).
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    /// Seconds since the Unix epoch.
+    pub created_at: u64,
+    pub updated_at: u64,
+}
+
+impl Sandbox {
+    /// The agent UI host, `PREFIX.DOMAIN`.
+    pub fn agent_host(&self) -> String {
+        format!("{}.{}", self.agent_prefix, self.domain)
+    }
+
+    /// Every host name this sandbox claims.
+    pub fn hosts(&self) -> [String; 2] {
+        [self.domain.clone(), self.agent_host()]
+    }
+
+    /// Checks the shape of every field; domains must already be lowercase.
+    pub fn validate(&self) -> Result<()> {
+        validate_name(&self.name)?;
+        validate_domain(&self.domain)?;
+        validate_label("agent prefix", &self.agent_prefix)?;
+        validate_domain(&self.agent_host())?;
+        validate_user(&self.user)?;
+        for (field, port) in [
+            ("ssh port", self.ssh_port),
+            ("app port", self.app_port),
+            ("agent port", self.agent_port),
+        ] {
+            if port == 0 {
+                return Err(Error::Invalid {
+                    field,
+                    reason: "must be between 1 and 65535".into(),
+                });
+            }
+        }
+        match &self.backend {
+            Backend::Static { host } => validate_upstream_host(host)?,
+            Backend::Incus { instance } => validate_label("instance", instance)?,
+        }
+        if self.client_keys.iter().any(|k| k.contains('\n')) {
+            return Err(Error::Invalid {
+                field: "ssh key",
+                reason: "one key per line".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> Error {
+    Error::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+fn validate_label(field: &'static str, label: &str) -> Result<()> {
+    if label.is_empty() {
+        return Err(invalid(field, "must not be empty"));
+    }
+    if label.len() > 63 {
+        return Err(invalid(
+            field,
+            format!("{label:?} is {} characters; at most 63", label.len()),
+        ));
+    }
+    if let Some(c) = label
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
+    {
+        let hint = if c.is_ascii_uppercase() {
+            " (use lowercase)"
+        } else {
+            ""
+        };
+        return Err(invalid(
+            field,
+            format!("{label:?} contains {c:?}; only a-z, 0-9 and '-' are allowed{hint}"),
+        ));
+    }
+    if label.starts_with('-') || label.ends_with('-') {
+        return Err(invalid(
+            field,
+            format!("{label:?} must not start or end with '-'"),
+        ));
+    }
+    Ok(())
+}
+
+/// A sandbox name: one DNS label (a-z, 0-9, '-', at most 63 characters).
+pub fn validate_name(name: &str) -> Result<()> {
+    validate_label("name", name)
+}
+
+/// A domain: lowercase DNS name of at least two labels, at most 253 characters.
+pub fn validate_domain(domain: &str) -> Result<()> {
+    if domain.is_empty() {
+        return Err(invalid("domain", "must not be empty"));
+    }
+    if domain.len() > 253 {
+        return Err(invalid("domain", "longer than 253 characters"));
+    }
+    if domain.ends_with('.') {
+        return Err(invalid(
+            "domain",
+            format!("{domain:?} must not end with '.'"),
+        ));
+    }
+    let labels: Vec<&str> = domain.split('.').collect();
+    if labels.len() < 2 {
+        return Err(invalid(
+            "domain",
+            format!("{domain:?} needs at least two labels, like app.example.com"),
+        ));
+    }
+    for label in &labels {
+        validate_label("domain", label).map_err(|e| match e {
+            Error::Invalid { reason, .. } => invalid("domain", format!("{domain:?}: {reason}")),
+            other => other,
+        })?;
+    }
+    if labels
+        .last()
+        .is_some_and(|tld| tld.chars().all(|c| c.is_ascii_digit()))
+    {
+        return Err(invalid(
+            "domain",
+            format!("{domain:?} looks like an IP address, not a domain"),
+        ));
+    }
+    Ok(())
+}
+
+/// A Unix login name: `[a-z_][a-z0-9_-]*`, at most 32 characters.
+pub fn validate_user(user: &str) -> Result<()> {
+    let ok_first = user
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_');
+    let ok_rest = user
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+    if !ok_first || !ok_rest || user.len() > 32 {
+        return Err(invalid(
+            "user",
+            format!("{user:?} is not a valid login name (a-z, 0-9, '_', '-'; at most 32)"),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_upstream_host(host: &str) -> Result<()> {
+    if host.is_empty() || host.len() > 253 {
+        return Err(invalid("upstream", "must be a host name or an IP address"));
+    }
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(());
+    }
+    let ok = host
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+    if !ok || host.starts_with(['-', '.']) {
+        return Err(invalid(
+            "upstream",
+            format!("{host:?} is not a host name or an IP address"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(validate_name("myapp-example-com").is_ok());
+        assert!(validate_name("a").is_ok());
+        for bad in ["", "-a", "a-", "MyApp", "a_b", "a.b", &"x".repeat(64)] {
+            assert!(validate_name(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn domains() {
+        for good in ["app.example.com", "demo.localhost", "x-1.co.uk"] {
+            assert!(validate_domain(good).is_ok(), "{good:?} rejected");
+        }
+        for bad in ["", "com", "a..b", "a.b.", "-a.b", "a_b.c", "1.2.3.4", "A.b"] {
+            assert!(validate_domain(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn users() {
+        assert!(validate_user("debian").is_ok());
+        assert!(validate_user("_svc-1").is_ok());
+        for bad in ["", "1a", "Root", "a b", &"u".repeat(33)] {
+            assert!(validate_user(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}

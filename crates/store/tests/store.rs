@@ -1,0 +1,204 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Store behaviour through its public API, on real sled files in temp dirs.
+
+use std::os::unix::fs::PermissionsExt;
+
+use store::{Backend, ChangeKind, Error, KeyPair, Sandbox, SandboxStatus, Store};
+
+fn sandbox(name: &str, domain: &str) -> Sandbox {
+    Sandbox {
+        name: name.into(),
+        domain: domain.into(),
+        backend: Backend::Static {
+            host: "127.0.0.1".into(),
+        },
+        ssh_port: 22,
+        app_port: 8000,
+        agent_port: 9999,
+        agent_prefix: "shelley".into(),
+        user: "debian".into(),
+        client_keys: vec!["ssh-ed25519 AAAA test".into()],
+        upstream_key: KeyPair {
+            private_openssh: "secret".into(),
+            public_openssh: "ssh-ed25519 BBBB".into(),
+        },
+        upstream_host_key: None,
+        basic_auth: None,
+        tls_mode: None,
+        status: SandboxStatus::Running,
+        addresses: vec![],
+        created_at: 0,
+        updated_at: 0,
+    }
+}
+
+#[test]
+fn names_and_hosts_are_unique() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    store.insert(sandbox("a", "a.example.com")).unwrap();
+    assert!(matches!(
+        store.insert(sandbox("a", "other.example.com")),
+        Err(Error::NameTaken(_))
+    ));
+    assert!(matches!(
+        store.insert(sandbox("b", "a.example.com")),
+        Err(Error::HostTaken { .. })
+    ));
+    // b's domain equals a's agent host.
+    let err = store
+        .insert(sandbox("b", "shelley.a.example.com"))
+        .unwrap_err();
+    assert!(matches!(err, Error::HostTaken { ref owner, .. } if owner == "a"), "{err}");
+    // b's agent host equals an existing domain: c owns example.org, b's
+    // agent host would be shelley.example.org... use prefix collision.
+    store.insert(sandbox("c", "x.example.org")).unwrap();
+    let mut d = sandbox("d", "example.org");
+    d.agent_prefix = "x".into();
+    assert!(matches!(store.insert(d), Err(Error::HostTaken { .. })));
+    assert_eq!(store.len(), 2);
+    assert_eq!(store.owner_of_host("shelley.a.example.com").unwrap().as_deref(), Some("a"));
+}
+
+#[test]
+fn update_moves_hosts_atomically_and_remove_frees_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    store.insert(sandbox("a", "a.example.com")).unwrap();
+    store.insert(sandbox("b", "b.example.com")).unwrap();
+    // Colliding update changes nothing.
+    let err = store
+        .update("a", |s| {
+            s.domain = "b.example.com".into();
+            Ok(())
+        })
+        .unwrap_err();
+    assert!(matches!(err, Error::HostTaken { .. }));
+    assert_eq!(store.get("a").unwrap().unwrap().domain, "a.example.com");
+    assert_eq!(store.owner_of_host("a.example.com").unwrap().as_deref(), Some("a"));
+    // A good update releases the old hosts.
+    store
+        .update("a", |s| {
+            s.domain = "new.example.com".into();
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(store.owner_of_host("a.example.com").unwrap(), None);
+    assert_eq!(store.owner_of_host("shelley.new.example.com").unwrap().as_deref(), Some("a"));
+    // Invalid update rejected.
+    assert!(matches!(
+        store.update("a", |s| {
+            s.app_port = 0;
+            Ok(())
+        }),
+        Err(Error::Invalid { .. })
+    ));
+    store.remove("a").unwrap();
+    assert!(matches!(store.remove("a"), Err(Error::NotFound(_))));
+    store.insert(sandbox("c", "new.example.com")).unwrap();
+}
+
+#[test]
+fn feed_reports_changes_in_commit_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let mut rx = store.subscribe();
+    let s1 = store.insert(sandbox("a", "a.example.com")).unwrap();
+    let (_, s2) = store.remove("a").unwrap();
+    assert!(s2 > s1);
+    let c1 = rx.try_recv().unwrap();
+    assert_eq!(c1.seq, s1);
+    assert!(matches!(c1.kind, ChangeKind::Put(ref sb) if sb.name == "a"));
+    let c2 = rx.try_recv().unwrap();
+    assert!(matches!(c2.kind, ChangeKind::Removed(ref n) if n == "a"));
+    assert_eq!(store.seq(), s2);
+}
+
+#[test]
+fn data_survives_reopen_and_second_opener_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    {
+        let store = Store::open(&state).unwrap();
+        store.insert(sandbox("a", "a.example.com")).unwrap();
+        store
+            .put_record("certs", "a.example.com", &serde_json::json!({"pem": "x"}))
+            .unwrap();
+        let second = Store::open(&state);
+        assert!(matches!(second, Err(Error::Locked(_))), "second open allowed");
+        // The first one still works.
+        store.insert(sandbox("b", "b.example.com")).unwrap();
+    }
+    let mode = std::fs::metadata(&state).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+    let store = Store::open(&state).unwrap();
+    assert_eq!(store.list().unwrap().len(), 2);
+    assert_eq!(store.list_records("certs").unwrap().len(), 1);
+}
+
+#[test]
+fn backup_and_restore_roundtrip() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Store::open(&dir.path().join("a")).unwrap();
+    for i in 0..20 {
+        a.insert(sandbox(&format!("s{i}"), &format!("s{i}.example.com")))
+            .unwrap();
+    }
+    a.put_record("acme-accounts", "https://ca/dir", &serde_json::json!({"k": 1}))
+        .unwrap();
+    let backup = a.export().unwrap();
+    let text = serde_json::to_string(&backup).unwrap();
+
+    let b = Store::open(&dir.path().join("b")).unwrap();
+    b.insert(sandbox("zz", "zz.example.com")).unwrap();
+    let parsed: store::Backup = serde_json::from_str(&text).unwrap();
+    assert!(matches!(b.import(&parsed, false, |_| {}), Err(Error::NotEmpty(1))));
+    let mut seen = 0;
+    b.import(&parsed, true, |_| seen += 1).unwrap();
+    assert_eq!(seen, 20);
+    assert_eq!(b.export().unwrap(), backup);
+    assert_eq!(b.owner_of_host("zz.example.com").unwrap(), None);
+
+    // A bad backup changes nothing.
+    let mut bad = backup.clone();
+    bad.sandboxes[1].domain = bad.sandboxes[0].domain.clone();
+    assert!(matches!(b.import(&bad, true, |_| {}), Err(Error::BadBackup(_))));
+    assert_eq!(b.export().unwrap(), backup);
+}
+
+#[test]
+fn newer_schema_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = sled::open(dir.path().join("db")).unwrap();
+        db.open_tree("meta")
+            .unwrap()
+            .insert("schema_version", &99u32.to_be_bytes())
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let err = Store::open(dir.path()).err().unwrap();
+    assert!(matches!(err, Error::SchemaTooNew { found: 99, .. }), "{err}");
+}
+
+#[test]
+fn unversioned_data_is_migrated() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = sled::open(dir.path().join("db")).unwrap();
+        let mut v = serde_json::to_value(sandbox("old", "old.example.com")).unwrap();
+        // A version-0 record lacks the fields added later.
+        let obj = v.as_object_mut().unwrap();
+        obj.remove("status");
+        obj.remove("addresses");
+        obj.remove("tls_mode");
+        db.open_tree("sandboxes")
+            .unwrap()
+            .insert("old", serde_json::to_vec(&v).unwrap())
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let store = Store::open(dir.path()).unwrap();
+    let sb = store.get("old").unwrap().unwrap();
+    assert_eq!(sb.status, SandboxStatus::Running);
+}
