@@ -1,1 +1,5 @@
-fn main() {}
+//! `sandboxd`: one binary, the daemon (`serve`) and its admin CLI.
+
+fn main() -> std::process::ExitCode {
+    sandboxd::cli::main()
+}

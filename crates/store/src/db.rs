@@ -115,7 +115,8 @@ fn record_key(collection: &str, key: &str) -> Result<Vec<u8>> {
 /// Creates `dir` (and parents) with mode 0700 if missing and tightens an
 /// existing one to 0700.
 fn prepare_dir(dir: &Path) -> Result<()> {
-    let io = |what: &str, e: std::io::Error| Error::Storage(format!("{what} {}: {e}", dir.display()));
+    let io =
+        |what: &str, e: std::io::Error| Error::Storage(format!("{what} {}: {e}", dir.display()));
     if !dir.exists() {
         DirBuilder::new()
             .recursive(true)
@@ -162,7 +163,10 @@ fn lock_dir(dir: &Path) -> Result<File> {
             return Err(Error::Locked(who));
         }
         Err(std::fs::TryLockError::Error(e)) => {
-            return Err(Error::Storage(format!("cannot lock {}: {e}", path.display())))
+            return Err(Error::Storage(format!(
+                "cannot lock {}: {e}",
+                path.display()
+            )))
         }
     }
     let pid = std::process::id().to_string();
@@ -427,10 +431,12 @@ impl Store {
     pub fn get_record(&self, collection: &str, key: &str) -> Result<Option<serde_json::Value>> {
         let k = record_key(collection, key)?;
         match self.records.get(&k)? {
-            Some(v) => serde_json::from_slice(&v).map(Some).map_err(|e| Error::Corrupt {
-                key: format!("{collection}/{key}"),
-                reason: e.to_string(),
-            }),
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| Error::Corrupt {
+                    key: format!("{collection}/{key}"),
+                    reason: e.to_string(),
+                }),
             None => Ok(None),
         }
     }
@@ -507,7 +513,10 @@ impl Store {
             sb.validate()
                 .map_err(|e| Error::BadBackup(format!("sandbox {:?}: {e}", sb.name)))?;
             if !names.insert(sb.name.as_str()) {
-                return Err(Error::BadBackup(format!("sandbox {} appears twice", sb.name)));
+                return Err(Error::BadBackup(format!(
+                    "sandbox {} appears twice",
+                    sb.name
+                )));
             }
             for host in sb.hosts() {
                 if !hosts.insert(host.clone()) {
@@ -534,7 +543,8 @@ impl Store {
     ) -> Result<u64> {
         Self::check_backup(backup)?;
         let _guard = self.lock();
-        if !replace && !(self.sandboxes.is_empty() && self.records.is_empty()) {
+        let empty = self.sandboxes.is_empty() && self.records.is_empty();
+        if !replace && !empty {
             return Err(Error::NotEmpty(self.sandboxes.len()));
         }
         let old_keys = |tree: &sled::Tree| -> Result<Vec<sled::IVec>> {

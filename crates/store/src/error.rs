@@ -16,7 +16,9 @@ pub enum Error {
     #[error("no sandbox named {0}")]
     NotFound(String),
     /// A restore was asked for on a store that holds data.
-    #[error("the store is not empty ({0} sandboxes); restore replaces everything only when asked to")]
+    #[error(
+        "the store is not empty ({0} sandboxes); restore replaces everything only when asked to"
+    )]
     NotEmpty(usize),
     /// The backup document is not one this version can read.
     #[error("backup rejected: {0}")]
@@ -25,7 +27,9 @@ pub enum Error {
     #[error("state directory {0} is in use by another sandboxd")]
     Locked(String),
     /// The database was written by a newer schema than this binary knows.
-    #[error("state was written by a newer sandboxd (schema {found}, this one knows up to {known})")]
+    #[error(
+        "state was written by a newer sandboxd (schema {found}, this one knows up to {known})"
+    )]
     SchemaTooNew { found: u32, known: u32 },
     /// A stored record could not be decoded.
     #[error("corrupt record {key}: {reason}")]

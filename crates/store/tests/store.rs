@@ -49,7 +49,10 @@ fn names_and_hosts_are_unique() {
     let err = store
         .insert(sandbox("b", "shelley.a.example.com"))
         .unwrap_err();
-    assert!(matches!(err, Error::HostTaken { ref owner, .. } if owner == "a"), "{err}");
+    assert!(
+        matches!(err, Error::HostTaken { ref owner, .. } if owner == "a"),
+        "{err}"
+    );
     // b's agent host equals an existing domain: c owns example.org, b's
     // agent host would be shelley.example.org... use prefix collision.
     store.insert(sandbox("c", "x.example.org")).unwrap();
@@ -57,7 +60,13 @@ fn names_and_hosts_are_unique() {
     d.agent_prefix = "x".into();
     assert!(matches!(store.insert(d), Err(Error::HostTaken { .. })));
     assert_eq!(store.len(), 2);
-    assert_eq!(store.owner_of_host("shelley.a.example.com").unwrap().as_deref(), Some("a"));
+    assert_eq!(
+        store
+            .owner_of_host("shelley.a.example.com")
+            .unwrap()
+            .as_deref(),
+        Some("a")
+    );
 }
 
 #[test]
@@ -75,7 +84,10 @@ fn update_moves_hosts_atomically_and_remove_frees_them() {
         .unwrap_err();
     assert!(matches!(err, Error::HostTaken { .. }));
     assert_eq!(store.get("a").unwrap().unwrap().domain, "a.example.com");
-    assert_eq!(store.owner_of_host("a.example.com").unwrap().as_deref(), Some("a"));
+    assert_eq!(
+        store.owner_of_host("a.example.com").unwrap().as_deref(),
+        Some("a")
+    );
     // A good update releases the old hosts.
     store
         .update("a", |s| {
@@ -84,7 +96,13 @@ fn update_moves_hosts_atomically_and_remove_frees_them() {
         })
         .unwrap();
     assert_eq!(store.owner_of_host("a.example.com").unwrap(), None);
-    assert_eq!(store.owner_of_host("shelley.new.example.com").unwrap().as_deref(), Some("a"));
+    assert_eq!(
+        store
+            .owner_of_host("shelley.new.example.com")
+            .unwrap()
+            .as_deref(),
+        Some("a")
+    );
     // Invalid update rejected.
     assert!(matches!(
         store.update("a", |s| {
@@ -125,7 +143,10 @@ fn data_survives_reopen_and_second_opener_is_refused() {
             .put_record("certs", "a.example.com", &serde_json::json!({"pem": "x"}))
             .unwrap();
         let second = Store::open(&state);
-        assert!(matches!(second, Err(Error::Locked(_))), "second open allowed");
+        assert!(
+            matches!(second, Err(Error::Locked(_))),
+            "second open allowed"
+        );
         // The first one still works.
         store.insert(sandbox("b", "b.example.com")).unwrap();
     }
@@ -144,15 +165,22 @@ fn backup_and_restore_roundtrip() {
         a.insert(sandbox(&format!("s{i}"), &format!("s{i}.example.com")))
             .unwrap();
     }
-    a.put_record("acme-accounts", "https://ca/dir", &serde_json::json!({"k": 1}))
-        .unwrap();
+    a.put_record(
+        "acme-accounts",
+        "https://ca/dir",
+        &serde_json::json!({"k": 1}),
+    )
+    .unwrap();
     let backup = a.export().unwrap();
     let text = serde_json::to_string(&backup).unwrap();
 
     let b = Store::open(&dir.path().join("b")).unwrap();
     b.insert(sandbox("zz", "zz.example.com")).unwrap();
     let parsed: store::Backup = serde_json::from_str(&text).unwrap();
-    assert!(matches!(b.import(&parsed, false, |_| {}), Err(Error::NotEmpty(1))));
+    assert!(matches!(
+        b.import(&parsed, false, |_| {}),
+        Err(Error::NotEmpty(1))
+    ));
     let mut seen = 0;
     b.import(&parsed, true, |_| seen += 1).unwrap();
     assert_eq!(seen, 20);
@@ -162,7 +190,10 @@ fn backup_and_restore_roundtrip() {
     // A bad backup changes nothing.
     let mut bad = backup.clone();
     bad.sandboxes[1].domain = bad.sandboxes[0].domain.clone();
-    assert!(matches!(b.import(&bad, true, |_| {}), Err(Error::BadBackup(_))));
+    assert!(matches!(
+        b.import(&bad, true, |_| {}),
+        Err(Error::BadBackup(_))
+    ));
     assert_eq!(b.export().unwrap(), backup);
 }
 
@@ -178,7 +209,10 @@ fn newer_schema_is_refused() {
         db.flush().unwrap();
     }
     let err = Store::open(dir.path()).err().unwrap();
-    assert!(matches!(err, Error::SchemaTooNew { found: 99, .. }), "{err}");
+    assert!(
+        matches!(err, Error::SchemaTooNew { found: 99, .. }),
+        "{err}"
+    );
 }
 
 #[test]

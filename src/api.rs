@@ -1,0 +1,172 @@
+//! The admin API's wire types, shared by the daemon (server) and the CLI
+//! (client). Paths are versioned under `/v1/`; errors are
+//! `{"error": {"code", "message"}}`; long operations answer with
+//! newline-delimited JSON [`Event`]s.
+
+use serde::{Deserialize, Serialize};
+
+/// Media type of streamed responses.
+pub const NDJSON: &str = "application/x-ndjson";
+
+/// `POST /v1/sandboxes`: a sandbox whose backend is an existing machine.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddSandbox {
+    pub name: String,
+    pub domain: String,
+    pub upstream: String,
+    #[serde(default)]
+    pub ssh_port: Option<u16>,
+    #[serde(default)]
+    pub app_port: Option<u16>,
+    #[serde(default)]
+    pub agent_port: Option<u16>,
+    #[serde(default)]
+    pub agent_prefix: Option<String>,
+    #[serde(default)]
+    pub user: Option<String>,
+    pub ssh_keys: Vec<String>,
+    #[serde(default)]
+    pub upstream_host_key: Option<String>,
+    #[serde(default)]
+    pub auth: Option<SetAuth>,
+    #[serde(default)]
+    pub tls_mode: Option<String>,
+}
+
+/// `PUT /v1/sandboxes/{name}/auth`: the password travels only in this body.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetAuth {
+    pub user: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for SetAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SetAuth")
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `POST /v1/sandboxes/{name}/keys` and `DELETE` of the same path.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyRequest {
+    /// For add: OpenSSH public-key lines. For remove: key lines or
+    /// `SHA256:` fingerprints.
+    pub keys: Vec<String>,
+}
+
+/// `PUT /v1/sandboxes/{name}/app-port`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetPort {
+    pub port: u16,
+}
+
+/// A client key as shown to people.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeyView {
+    pub algorithm: String,
+    pub fingerprint: String,
+    pub comment: String,
+    pub key: String,
+}
+
+/// A sandbox as shown by `list` and `show`; never holds a secret.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SandboxView {
+    pub name: String,
+    pub domain: String,
+    pub agent_host: String,
+    pub backend: String,
+    /// Upstream host (static backends) or Incus instance name.
+    pub upstream: String,
+    pub ssh_port: u16,
+    pub app_port: u16,
+    pub agent_port: u16,
+    pub user: String,
+    pub status: String,
+    pub status_reason: Option<String>,
+    pub addresses: Vec<String>,
+    pub client_keys: Vec<KeyView>,
+    pub upstream_public_key: String,
+    pub upstream_host_key: Option<String>,
+    pub auth_user: Option<String>,
+    pub tls_mode: Option<String>,
+    pub created_at: u64,
+    pub updated_at: u64,
+}
+
+/// `GET /v1/status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub pid: u32,
+    pub uptime_secs: u64,
+    pub state_dir: String,
+    pub admin_socket: String,
+    pub ssh_listen: Vec<String>,
+    pub https_listen: Vec<String>,
+    pub http_listen: Vec<String>,
+    pub sandboxes: usize,
+    pub routes: usize,
+    pub route_generation: u64,
+}
+
+/// One entry of the live routing snapshot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RouteView {
+    /// `ssh` (keyed by user name) or `https` (keyed by host).
+    pub protocol: String,
+    pub key: String,
+    pub sandbox: String,
+    /// `app`, `agent` or `ssh`.
+    pub service: String,
+    /// `HOST:PORT`, or `stopped` / `unavailable: REASON`.
+    pub target: String,
+}
+
+/// `GET /v1/routes`: what the gates see right now.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RouteDump {
+    /// Store sequence number the snapshot reflects.
+    pub generation: u64,
+    pub routes: Vec<RouteView>,
+}
+
+/// The error body of every failed call.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: String,
+    pub message: String,
+}
+
+/// Wrapper: `{"error": {...}}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorEnvelope {
+    pub error: ErrorBody,
+}
+
+/// One line of a streamed (NDJSON) response.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// A step started or advanced; `total` is 0 when unknown.
+    Progress { step: String, done: u64, total: u64 },
+    /// A line of information for the operator.
+    Message { text: String },
+    /// The operation succeeded; the last line.
+    Done { result: serde_json::Value },
+    /// The operation failed; the last line.
+    Error { error: ErrorBody },
+}
+
+/// `POST /v1/restore` answer inside [`Event::Done`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RestoreResult {
+    pub sandboxes: usize,
+    pub records: usize,
+}

@@ -1,0 +1,595 @@
+//! Command-line interface: argument parsing, and every command except
+//! `serve` as a client of the admin API. Output is a human table by default
+//! and JSON with `--json`; failures print one line and exit non-zero.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{CommandFactory, Parser, Subcommand};
+use http::Method;
+
+use crate::api::{
+    self, AddSandbox, Event, KeyRequest, KeyView, RouteDump, SandboxView, SetAuth, SetPort, Status,
+};
+use crate::client::Client;
+use crate::config::{ServeArgs, DEFAULT_ADMIN_SOCKET};
+
+/// sandboxd hosts persistent coding sandboxes (Incus system containers)
+/// behind one SSH router and one HTTPS proxy.
+///
+/// `sandboxd serve` runs the daemon; every other command talks to it over
+/// its admin socket.
+#[derive(Debug, Parser)]
+#[command(
+    name = "sandboxd",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
+pub struct Cli {
+    /// Admin socket of the daemon.
+    /// Admin socket of the daemon [default: /run/sandboxd/admin.sock].
+    #[arg(
+        long,
+        global = true,
+        env = "SANDBOXD_ADMIN_SOCKET",
+        value_name = "PATH"
+    )]
+    pub admin_socket: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon: SSH router, HTTPS proxy and admin API.
+    Serve(ServeArgs),
+    /// Add a sandbox whose backend is an existing machine (no Incus).
+    ///
+    /// Example: sandboxd add myapp --domain myapp.example.com --upstream 10.0.0.5
+    /// --ssh-key ~/.ssh/id_ed25519.pub --upstream-host-key /etc/ssh/ssh_host_ed25519_key.pub
+    Add(AddArgs),
+    /// List sandboxes.
+    List {
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one sandbox, including the public key to install upstream.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a sandbox and its routes (nothing upstream is touched).
+    Remove { name: String },
+    /// Manage the client SSH keys allowed into a sandbox.
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Set the app port that https://DOMAIN proxies to.
+    Port { name: String, app_port: u16 },
+    /// Set the basic-auth login of the agent host (password from a prompt,
+    /// stdin or a file, never an argument).
+    Auth {
+        name: String,
+        /// Login name; omit with --remove.
+        #[arg(required_unless_present = "remove")]
+        user: Option<String>,
+        /// Read the password from FILE ('-' for stdin).
+        #[arg(long, value_name = "FILE")]
+        password_file: Option<PathBuf>,
+        /// Remove basic auth (the agent host becomes unreachable without it).
+        #[arg(long, conflicts_with_all = ["user", "password_file"])]
+        remove: bool,
+    },
+    /// Daemon status: listeners, routes, version.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// The live routing table exactly as the gates see it.
+    Routes {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write everything (including private keys) as JSON to stdout.
+    Backup,
+    /// Restore a backup read from stdin.
+    Restore {
+        /// Replace a non-empty state (otherwise refused).
+        #[arg(long)]
+        replace: bool,
+    },
+    /// Print shell completions.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct AddArgs {
+    /// Sandbox name: a DNS label, also the SSH user name.
+    pub name: String,
+    /// Public domain of the app; the agent UI is served at shelley.DOMAIN.
+    #[arg(long)]
+    pub domain: String,
+    /// Host name or IP address of the machine.
+    #[arg(long)]
+    pub upstream: String,
+    #[arg(long, default_value_t = store::DEFAULT_SSH_PORT)]
+    pub ssh_port: u16,
+    #[arg(long, default_value_t = store::DEFAULT_APP_PORT)]
+    pub app_port: u16,
+    #[arg(long, default_value_t = store::DEFAULT_AGENT_PORT)]
+    pub agent_port: u16,
+    /// Upstream login user.
+    #[arg(long, default_value = "root")]
+    pub user: String,
+    /// Client public key file(s) allowed in (authorized_keys format, '-' for stdin).
+    #[arg(long = "ssh-key", value_name = "FILE", required = true, num_args = 1..)]
+    pub ssh_keys: Vec<PathBuf>,
+    /// The upstream sshd's host key: a key line or a file holding one.
+    #[arg(long, value_name = "KEY-OR-FILE")]
+    pub upstream_host_key: Option<String>,
+    /// Basic-auth login for the agent host.
+    #[arg(long, requires = "auth_password_file")]
+    pub auth_user: Option<String>,
+    /// File holding the basic-auth password ('-' for stdin).
+    #[arg(long, value_name = "FILE", requires = "auth_user")]
+    pub auth_password_file: Option<PathBuf>,
+    /// Certificate source for this sandbox's hosts.
+    #[arg(long, value_parser = ["acme", "internal"])]
+    pub tls_mode: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Add keys from files ('-' for stdin).
+    Add {
+        name: String,
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
+    /// List a sandbox's client keys.
+    List {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove keys by SHA256 fingerprint or by key line.
+    Remove {
+        name: String,
+        #[arg(required = true, value_name = "FINGERPRINT-OR-KEY")]
+        keys: Vec<String>,
+    },
+}
+
+fn read_input(path: &Path) -> Result<String> {
+    if path == Path::new("-") {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("reading stdin")?;
+        return Ok(s);
+    }
+    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+fn read_key_files(files: &[PathBuf]) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for f in files {
+        let text = read_input(f)?;
+        let keys =
+            crate::keys::parse_key_lines(&text).with_context(|| format!("in {}", f.display()))?;
+        if keys.is_empty() {
+            bail!("{} holds no public key", f.display());
+        }
+        out.extend(keys.iter().map(crate::keys::to_line));
+    }
+    Ok(out)
+}
+
+fn read_password_file(path: &Path) -> Result<String> {
+    let text = read_input(path)?;
+    let pw = text.lines().next().unwrap_or("").to_string();
+    if pw.is_empty() {
+        bail!("{} holds no password (first line is empty)", path.display());
+    }
+    Ok(pw)
+}
+
+fn read_password(file: Option<&Path>) -> Result<String> {
+    if let Some(f) = file {
+        return read_password_file(f);
+    }
+    if std::io::stdin().is_terminal() {
+        let a = rpassword::prompt_password("Password: ")?;
+        let b = rpassword::prompt_password("Again: ")?;
+        if a != b {
+            bail!("the passwords differ");
+        }
+        if a.is_empty() {
+            bail!("empty password");
+        }
+        return Ok(a);
+    }
+    read_password_file(Path::new("-"))
+}
+
+fn upstream_host_key(arg: &str) -> Result<String> {
+    if let Ok(k) = crate::keys::parse_public(arg) {
+        return Ok(crate::keys::to_line(&k));
+    }
+    let text = std::fs::read_to_string(arg).with_context(|| {
+        format!("--upstream-host-key {arg:?} is neither a key nor a readable file")
+    })?;
+    let keys = crate::keys::parse_key_lines(&text).with_context(|| format!("in {arg}"))?;
+    match keys.first() {
+        Some(k) => Ok(crate::keys::to_line(k)),
+        None => bail!("{arg} holds no public key"),
+    }
+}
+
+/// Column-aligned table.
+fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (i, cell) in row.iter().enumerate() {
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<String>| {
+        let last = cells.len().saturating_sub(1);
+        for (i, cell) in cells.iter().enumerate() {
+            if i == last {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<w$}  ", w = widths[i]));
+            }
+        }
+        out.push('\n');
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        line(row);
+    }
+    out
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn print_sandbox(sb: &SandboxView) {
+    let target = if sb.backend == "static" {
+        format!("{}:{}", sb.upstream, sb.ssh_port)
+    } else {
+        format!("incus:{}", sb.upstream)
+    };
+    println!("name:              {}", sb.name);
+    println!(
+        "domain:            https://{} -> port {}",
+        sb.domain, sb.app_port
+    );
+    println!(
+        "agent:             https://{} -> port {}",
+        sb.agent_host, sb.agent_port
+    );
+    println!(
+        "ssh:               ssh -p 2222 {}@HOST -> {}@{}",
+        sb.name, sb.user, target
+    );
+    let status = match &sb.status_reason {
+        Some(r) => format!("{} ({r})", sb.status),
+        None => sb.status.clone(),
+    };
+    println!("status:            {status}");
+    if !sb.addresses.is_empty() {
+        println!("addresses:         {}", sb.addresses.join(", "));
+    }
+    println!(
+        "basic auth:        {}",
+        sb.auth_user.as_deref().unwrap_or("none")
+    );
+    println!(
+        "upstream host key: {}",
+        sb.upstream_host_key.as_deref().unwrap_or("not pinned")
+    );
+    println!("client keys:");
+    for k in &sb.client_keys {
+        println!("  {} {} {}", k.algorithm, k.fingerprint, k.comment);
+    }
+    println!("gateway key (add to the upstream user's authorized_keys):");
+    println!("  {}", sb.upstream_public_key);
+}
+
+fn print_keys(keys: &[KeyView]) {
+    let rows = keys
+        .iter()
+        .map(|k| {
+            vec![
+                k.algorithm.clone(),
+                k.fingerprint.clone(),
+                k.comment.clone(),
+            ]
+        })
+        .collect();
+    print!("{}", table(&["TYPE", "FINGERPRINT", "COMMENT"], rows));
+}
+
+/// Runs the CLI; returns the process exit code.
+pub fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => crate::daemon::main(args, cli.admin_socket),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "sandboxd",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        command => {
+            let socket = cli
+                .admin_socket
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET));
+            client_main(command, &socket)
+        }
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            let mut msg = e.to_string();
+            for cause in e.chain().skip(1) {
+                msg.push_str(": ");
+                msg.push_str(&cause.to_string());
+            }
+            let _ = writeln!(std::io::stderr(), "sandboxd: error: {msg}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn client_main(command: Command, socket: &Path) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting runtime")?;
+    rt.block_on(run_client(command, Client::new(socket)))
+}
+
+async fn run_client(command: Command, client: Client) -> Result<()> {
+    const NONE: Option<&()> = None;
+    match command {
+        // Handled in `main` without a client.
+        Command::Serve(_) | Command::Completions { .. } => {}
+        Command::Add(a) => {
+            let auth = match (&a.auth_user, &a.auth_password_file) {
+                (Some(user), Some(file)) => Some(SetAuth {
+                    user: user.clone(),
+                    password: read_password_file(file)?,
+                }),
+                _ => None,
+            };
+            let req = AddSandbox {
+                name: a.name,
+                domain: a.domain,
+                upstream: a.upstream,
+                ssh_port: Some(a.ssh_port),
+                app_port: Some(a.app_port),
+                agent_port: Some(a.agent_port),
+                agent_prefix: None,
+                user: Some(a.user),
+                ssh_keys: read_key_files(&a.ssh_keys)?,
+                upstream_host_key: a
+                    .upstream_host_key
+                    .as_deref()
+                    .map(upstream_host_key)
+                    .transpose()?,
+                auth,
+                tls_mode: a.tls_mode,
+            };
+            let sb: SandboxView = client
+                .call(Method::POST, "/v1/sandboxes", Some(&req))
+                .await?;
+            println!(
+                "added {}: https://{} and ssh -p 2222 {}@HOST",
+                sb.name, sb.domain, sb.name
+            );
+            println!("install the gateway key for {} upstream:", sb.user);
+            println!("  {}", sb.upstream_public_key);
+        }
+        Command::List { json } => {
+            let all: Vec<SandboxView> = client.call(Method::GET, "/v1/sandboxes", NONE).await?;
+            if json {
+                return print_json(&all);
+            }
+            let rows = all
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.name.clone(),
+                        s.domain.clone(),
+                        s.status.clone(),
+                        format!("{}:{}", s.upstream, s.ssh_port),
+                        s.app_port.to_string(),
+                        s.client_keys.len().to_string(),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                table(
+                    &["NAME", "DOMAIN", "STATUS", "UPSTREAM", "APP", "KEYS"],
+                    rows
+                )
+            );
+        }
+        Command::Show { name, json } => {
+            let sb: SandboxView = client
+                .call(Method::GET, &format!("/v1/sandboxes/{name}"), NONE)
+                .await?;
+            if json {
+                return print_json(&sb);
+            }
+            print_sandbox(&sb);
+        }
+        Command::Remove { name } => {
+            let sb: SandboxView = client
+                .call(Method::DELETE, &format!("/v1/sandboxes/{name}"), NONE)
+                .await?;
+            println!("removed {} ({})", sb.name, sb.domain);
+        }
+        Command::Key(KeyCommand::Add { name, files }) => {
+            let req = KeyRequest {
+                keys: read_key_files(&files)?,
+            };
+            let keys: Vec<KeyView> = client
+                .call(
+                    Method::POST,
+                    &format!("/v1/sandboxes/{name}/keys"),
+                    Some(&req),
+                )
+                .await?;
+            print_keys(&keys);
+        }
+        Command::Key(KeyCommand::List { name, json }) => {
+            let keys: Vec<KeyView> = client
+                .call(Method::GET, &format!("/v1/sandboxes/{name}/keys"), NONE)
+                .await?;
+            if json {
+                return print_json(&keys);
+            }
+            print_keys(&keys);
+        }
+        Command::Key(KeyCommand::Remove { name, keys }) => {
+            let req = KeyRequest { keys };
+            let left: Vec<KeyView> = client
+                .call(
+                    Method::DELETE,
+                    &format!("/v1/sandboxes/{name}/keys"),
+                    Some(&req),
+                )
+                .await?;
+            print_keys(&left);
+        }
+        Command::Port { name, app_port } => {
+            let sb: SandboxView = client
+                .call(
+                    Method::PUT,
+                    &format!("/v1/sandboxes/{name}/app-port"),
+                    Some(&SetPort { port: app_port }),
+                )
+                .await?;
+            println!("https://{} -> port {}", sb.domain, sb.app_port);
+        }
+        Command::Auth {
+            name,
+            user,
+            password_file,
+            remove,
+        } => {
+            let path = format!("/v1/sandboxes/{name}/auth");
+            if remove {
+                let _: SandboxView = client.call(Method::DELETE, &path, NONE).await?;
+                println!("basic auth removed from {name}");
+            } else {
+                let user = user.unwrap_or_default();
+                let password = read_password(password_file.as_deref())?;
+                let sb: SandboxView = client
+                    .call(Method::PUT, &path, Some(&SetAuth { user, password }))
+                    .await?;
+                println!(
+                    "https://{} now asks for user {}",
+                    sb.agent_host,
+                    sb.auth_user.unwrap_or_default()
+                );
+            }
+        }
+        Command::Status { json } => {
+            let st: Status = client.call(Method::GET, "/v1/status", NONE).await?;
+            if json {
+                return print_json(&st);
+            }
+            println!(
+                "sandboxd {} (pid {}), up {} s",
+                st.version, st.pid, st.uptime_secs
+            );
+            println!("state:      {}", st.state_dir);
+            println!("admin:      {}", st.admin_socket);
+            println!("ssh:        {}", st.ssh_listen.join(" "));
+            println!("https:      {}", st.https_listen.join(" "));
+            println!("http:       {}", st.http_listen.join(" "));
+            println!("sandboxes:  {}", st.sandboxes);
+            println!(
+                "routes:     {} (generation {})",
+                st.routes, st.route_generation
+            );
+        }
+        Command::Routes { json } => {
+            let dump: RouteDump = client.call(Method::GET, "/v1/routes", NONE).await?;
+            if json {
+                return print_json(&dump);
+            }
+            let rows = dump
+                .routes
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.protocol.clone(),
+                        r.key.clone(),
+                        r.sandbox.clone(),
+                        r.service.clone(),
+                        r.target.clone(),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                table(
+                    &["PROTO", "USER/HOST", "SANDBOX", "SERVICE", "TARGET"],
+                    rows
+                )
+            );
+        }
+        Command::Backup => {
+            let bytes = client.call_raw(Method::GET, "/v1/backup", None).await?;
+            let mut out = std::io::stdout().lock();
+            out.write_all(&bytes)?;
+            out.flush()?;
+        }
+        Command::Restore { replace } => {
+            let mut doc = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut doc)
+                .context("reading the backup from stdin")?;
+            if doc.iter().all(u8::is_ascii_whitespace) {
+                bail!("no backup on stdin (use: sandboxd restore < FILE)");
+            }
+            let path = if replace {
+                "/v1/restore?replace=true"
+            } else {
+                "/v1/restore"
+            };
+            let result = client
+                .stream(Method::POST, path, Some(doc), |ev| {
+                    if let Event::Progress { step, done, total } = ev {
+                        eprintln!("{step}: {done}/{total}");
+                    }
+                })
+                .await?;
+            let r: api::RestoreResult = serde_json::from_value(result)?;
+            println!(
+                "restored {} sandboxes and {} records",
+                r.sandboxes, r.records
+            );
+        }
+    }
+    Ok(())
+}

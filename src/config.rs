@@ -1,0 +1,381 @@
+//! Daemon configuration: a TOML file merged with `sandboxd serve` flags
+//! (flags win), in two stages: collect raw values, then validate them all,
+//! reporting every problem at once. Unknown keys are errors.
+//!
+//! This module is the only place (with `cli`) that reads flags, files named
+//! by the operator and environment variables.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+
+/// Default admin socket path.
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/sandboxd/admin.sock";
+/// Default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/sandboxd";
+/// Default ACME directory (Let's Encrypt production).
+pub const DEFAULT_ACME_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/directory";
+
+/// Flags of `sandboxd serve`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ServeArgs {
+    /// TOML configuration file; flags given here override its values.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Directory for the database, keys and certificates (created 0700).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Address for the SSH router (repeatable) [default: 0.0.0.0:2222 and [::]:2222].
+    #[arg(long, value_name = "ADDR")]
+    pub ssh_listen: Vec<String>,
+    /// Address for HTTPS (repeatable) [default: 0.0.0.0:443 and [::]:443].
+    #[arg(long, value_name = "ADDR")]
+    pub https_listen: Vec<String>,
+    /// Address for plain HTTP: ACME HTTP-01 and redirects (repeatable) [default: 0.0.0.0:80 and [::]:80].
+    #[arg(long, value_name = "ADDR")]
+    pub http_listen: Vec<String>,
+    /// Default certificate source for new domains.
+    #[arg(long, value_name = "MODE", value_parser = ["internal", "acme"])]
+    pub tls_mode: Option<String>,
+    /// ACME directory URL [default: Let's Encrypt production].
+    #[arg(long, value_name = "URL")]
+    pub acme_directory: Option<String>,
+    /// Extra PEM root to trust for the ACME server's own TLS (a test CA).
+    #[arg(long, value_name = "FILE")]
+    pub acme_ca_root: Option<PathBuf>,
+    /// Contact e-mail for the ACME account.
+    #[arg(long, value_name = "EMAIL")]
+    pub acme_email: Option<String>,
+}
+
+/// How certificates are obtained by default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    Internal,
+    Acme,
+}
+
+/// Validated daemon configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub state_dir: PathBuf,
+    pub admin_socket: PathBuf,
+    /// Members of this group may use the admin socket (besides root).
+    pub admin_group: Option<String>,
+    pub ssh_listen: Vec<SocketAddr>,
+    pub https_listen: Vec<SocketAddr>,
+    pub http_listen: Vec<SocketAddr>,
+    pub tls_mode: TlsMode,
+    pub acme_directory: String,
+    pub acme_ca_root: Option<PathBuf>,
+    pub acme_email: Option<String>,
+    /// `tracing` filter, e.g. `info` or `sandboxd=debug,info`.
+    pub log: String,
+    /// Text shown to SSH clients before authentication.
+    pub ssh_banner: Option<String>,
+}
+
+/// Every problem found in the configuration.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", render(.0))]
+pub struct ConfigErrors(pub Vec<String>);
+
+fn render(problems: &[String]) -> String {
+    match problems {
+        [one] => one.clone(),
+        many => {
+            let mut s = format!("{} problems in the configuration:", many.len());
+            for p in many {
+                s.push_str("\n  - ");
+                s.push_str(p);
+            }
+            s
+        }
+    }
+}
+
+const KNOWN_KEYS: &[&str] = &[
+    "state_dir",
+    "admin_socket",
+    "admin_group",
+    "ssh_listen",
+    "https_listen",
+    "http_listen",
+    "tls_mode",
+    "acme_directory",
+    "acme_ca_root",
+    "acme_email",
+    "log",
+    "ssh_banner",
+];
+
+/// Raw values, before validation; `None` means not given.
+#[derive(Default)]
+struct Raw {
+    state_dir: Option<String>,
+    admin_socket: Option<String>,
+    admin_group: Option<String>,
+    ssh_listen: Option<Vec<String>>,
+    https_listen: Option<Vec<String>>,
+    http_listen: Option<Vec<String>>,
+    tls_mode: Option<String>,
+    acme_directory: Option<String>,
+    acme_ca_root: Option<String>,
+    acme_email: Option<String>,
+    log: Option<String>,
+    ssh_banner: Option<String>,
+}
+
+fn take_string(table: &toml::Table, key: &str, errs: &mut Vec<String>) -> Option<String> {
+    match table.get(key)? {
+        toml::Value::String(s) => Some(s.clone()),
+        other => {
+            errs.push(format!(
+                "`{key}` must be a string, not {}",
+                other.type_str()
+            ));
+            None
+        }
+    }
+}
+
+fn take_list(table: &toml::Table, key: &str, errs: &mut Vec<String>) -> Option<Vec<String>> {
+    match table.get(key)? {
+        toml::Value::Array(items) => {
+            let mut out = Vec::new();
+            for item in items {
+                match item {
+                    toml::Value::String(s) => out.push(s.clone()),
+                    other => errs.push(format!(
+                        "`{key}` must be a list of strings; found {}",
+                        other.type_str()
+                    )),
+                }
+            }
+            Some(out)
+        }
+        toml::Value::String(s) => Some(vec![s.clone()]),
+        other => {
+            errs.push(format!(
+                "`{key}` must be a list of strings, not {}",
+                other.type_str()
+            ));
+            None
+        }
+    }
+}
+
+fn read_file(path: &Path, errs: &mut Vec<String>) -> Raw {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            errs.push(format!("cannot read config file {}: {e}", path.display()));
+            return Raw::default();
+        }
+    };
+    let table: toml::Table = match text.parse() {
+        Ok(t) => t,
+        Err(e) => {
+            let msg = e.to_string().replace('\n', " ");
+            errs.push(format!(
+                "config file {} is not valid TOML: {msg}",
+                path.display()
+            ));
+            return Raw::default();
+        }
+    };
+    for key in table.keys() {
+        if !KNOWN_KEYS.contains(&key.as_str()) {
+            errs.push(format!(
+                "unknown key `{key}` in {} (known: {})",
+                path.display(),
+                KNOWN_KEYS.join(", ")
+            ));
+        }
+    }
+    Raw {
+        state_dir: take_string(&table, "state_dir", errs),
+        admin_socket: take_string(&table, "admin_socket", errs),
+        admin_group: take_string(&table, "admin_group", errs),
+        ssh_listen: take_list(&table, "ssh_listen", errs),
+        https_listen: take_list(&table, "https_listen", errs),
+        http_listen: take_list(&table, "http_listen", errs),
+        tls_mode: take_string(&table, "tls_mode", errs),
+        acme_directory: take_string(&table, "acme_directory", errs),
+        acme_ca_root: take_string(&table, "acme_ca_root", errs),
+        acme_email: take_string(&table, "acme_email", errs),
+        log: take_string(&table, "log", errs),
+        ssh_banner: take_string(&table, "ssh_banner", errs),
+    }
+}
+
+fn addrs(
+    key: &str,
+    given: Option<Vec<String>>,
+    default: &[&str],
+    errs: &mut Vec<String>,
+) -> Vec<SocketAddr> {
+    let values = given.unwrap_or_else(|| default.iter().map(|s| s.to_string()).collect());
+    let mut out = Vec::new();
+    for v in values {
+        match v.parse::<SocketAddr>() {
+            Ok(a) if !out.contains(&a) => out.push(a),
+            Ok(a) => errs.push(format!("`{key}`: {a} is listed twice")),
+            Err(_) => errs.push(format!(
+                "`{key}`: {v:?} is not an address like 0.0.0.0:2222 or [::]:2222"
+            )),
+        }
+    }
+    out
+}
+
+fn nonempty(v: Vec<String>) -> Option<Vec<String>> {
+    (!v.is_empty()).then_some(v)
+}
+
+/// Merges the file named by `--config` (if any) with the flags and validates
+/// the result. `admin_socket` comes from the global option.
+pub fn load(args: &ServeArgs, admin_socket: Option<PathBuf>) -> Result<Config, ConfigErrors> {
+    let mut errs = Vec::new();
+    let file = match &args.config {
+        Some(path) => read_file(path, &mut errs),
+        None => Raw::default(),
+    };
+    let state_dir = args
+        .state_dir
+        .clone()
+        .or(file.state_dir.map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+    let admin_socket = admin_socket
+        .or(file.admin_socket.map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET));
+    let ssh_listen = addrs(
+        "ssh_listen",
+        nonempty(args.ssh_listen.clone()).or(file.ssh_listen),
+        &["0.0.0.0:2222", "[::]:2222"],
+        &mut errs,
+    );
+    let https_listen = addrs(
+        "https_listen",
+        nonempty(args.https_listen.clone()).or(file.https_listen),
+        &["0.0.0.0:443", "[::]:443"],
+        &mut errs,
+    );
+    let http_listen = addrs(
+        "http_listen",
+        nonempty(args.http_listen.clone()).or(file.http_listen),
+        &["0.0.0.0:80", "[::]:80"],
+        &mut errs,
+    );
+    let tls_mode = match args.tls_mode.clone().or(file.tls_mode).as_deref() {
+        None | Some("internal") => TlsMode::Internal,
+        Some("acme") => TlsMode::Acme,
+        Some(other) => {
+            errs.push(format!(
+                "`tls_mode` must be internal or acme, not {other:?}"
+            ));
+            TlsMode::Internal
+        }
+    };
+    let acme_directory = args
+        .acme_directory
+        .clone()
+        .or(file.acme_directory)
+        .unwrap_or_else(|| DEFAULT_ACME_DIRECTORY.to_string());
+    if !acme_directory.starts_with("https://") {
+        errs.push(format!(
+            "`acme_directory` must be an https:// URL, not {acme_directory:?}"
+        ));
+    }
+    let acme_ca_root = args
+        .acme_ca_root
+        .clone()
+        .or(file.acme_ca_root.map(PathBuf::from));
+    if let Some(p) = &acme_ca_root {
+        if let Err(e) = std::fs::metadata(p) {
+            errs.push(format!("`acme_ca_root` {}: {e}", p.display()));
+        }
+    }
+    let acme_email = args.acme_email.clone().or(file.acme_email);
+    if let Some(e) = &acme_email {
+        if !e.contains('@') || e.contains(char::is_whitespace) {
+            errs.push(format!("`acme_email` {e:?} is not an e-mail address"));
+        }
+    }
+    let admin_group = file.admin_group;
+    if let Some(g) = &admin_group {
+        match nix::unistd::Group::from_name(g) {
+            Ok(Some(_)) => {}
+            Ok(None) => errs.push(format!("`admin_group`: no group named {g:?}")),
+            Err(e) => errs.push(format!("`admin_group` {g:?}: {e}")),
+        }
+    }
+    let log = file.log.unwrap_or_else(|| "info".to_string());
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log) {
+        errs.push(format!("`log` {log:?}: {e}"));
+    }
+    if !errs.is_empty() {
+        return Err(ConfigErrors(errs));
+    }
+    Ok(Config {
+        state_dir,
+        admin_socket,
+        admin_group,
+        ssh_listen,
+        https_listen,
+        http_listen,
+        tls_mode,
+        acme_directory,
+        acme_ca_root,
+        acme_email,
+        log,
+        ssh_banner: file.ssh_banner,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn with_file(text: &str) -> (tempfile::NamedTempFile, ServeArgs) {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), text).unwrap();
+        let args = ServeArgs {
+            config: Some(f.path().to_path_buf()),
+            ..Default::default()
+        };
+        (f, args)
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let (_f, mut args) = with_file("state_dir = \"/a\"\nssh_listen = [\"127.0.0.1:1\"]\n");
+        args.state_dir = Some("/b".into());
+        let c = load(&args, None).unwrap();
+        assert_eq!(c.state_dir, PathBuf::from("/b"));
+        assert_eq!(c.ssh_listen, vec!["127.0.0.1:1".parse().unwrap()]);
+        assert_eq!(c.admin_socket, PathBuf::from(DEFAULT_ADMIN_SOCKET));
+    }
+
+    #[test]
+    fn every_problem_reported_at_once() {
+        let (_f, args) = with_file(
+            "bogus = 1\nssh_listen = [\"nope\"]\ntls_mode = \"x\"\nacme_directory = \"http://a\"\nstate_dir = 3\n",
+        );
+        let err = load(&args, None).unwrap_err();
+        assert_eq!(err.0.len(), 5, "{err}");
+        let text = err.to_string();
+        for needle in ["bogus", "nope", "tls_mode", "acme_directory", "state_dir"] {
+            assert!(text.contains(needle), "{needle} missing from {text}");
+        }
+    }
+
+    #[test]
+    fn empty_list_disables_a_listener() {
+        let (_f, args) = with_file("http_listen = []\n");
+        assert!(load(&args, None).unwrap().http_listen.is_empty());
+    }
+}

@@ -1,0 +1,231 @@
+//! `sandboxd serve`: the composition root. Loads the configuration, takes
+//! the state directory, binds every listener (reporting all failures at
+//! once), wires the store, the routing snapshot, the gates and the admin
+//! API together, and drains on SIGTERM/SIGINT.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context, Result};
+use store::Store;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+
+use crate::admin::{self, Access, AdminContext};
+use crate::config::{self, Config, ServeArgs};
+use crate::routes::{self, Routes, RoutingTable};
+
+/// How long in-flight work may take after a shutdown signal.
+const GRACE: Duration = Duration::from_secs(10);
+
+/// Every listener the daemon serves, bound before it starts.
+pub struct Bound {
+    pub ssh: Vec<TcpListener>,
+    pub https: Vec<TcpListener>,
+    pub http: Vec<TcpListener>,
+    pub admin: UnixListener,
+}
+
+fn bind_tcp(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let domain = socket2::Domain::for_address(addr);
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    if addr.is_ipv6() {
+        // So that 0.0.0.0:P and [::]:P can both be bound.
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+/// Binds all TCP listeners of `config`; every failure is reported.
+fn bind_all(
+    config: &Config,
+) -> Result<(
+    Vec<std::net::TcpListener>,
+    Vec<std::net::TcpListener>,
+    Vec<std::net::TcpListener>,
+)> {
+    let mut problems = Vec::new();
+    let mut bind_group = |what: &str, addrs: &[SocketAddr]| {
+        let mut out = Vec::new();
+        for addr in addrs {
+            match bind_tcp(*addr) {
+                Ok(l) => out.push(l),
+                Err(e) => problems.push(format!("cannot listen for {what} on {addr}: {e}")),
+            }
+        }
+        out
+    };
+    let ssh = bind_group("ssh", &config.ssh_listen);
+    let https = bind_group("https", &config.https_listen);
+    let http = bind_group("http", &config.http_listen);
+    if !problems.is_empty() {
+        return Err(anyhow!(problems.join("; ")));
+    }
+    Ok((ssh, https, http))
+}
+
+fn init_tracing(filter: &str) {
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|f| tracing_subscriber::EnvFilter::try_new(f).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(filter));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+/// Entry point of `sandboxd serve`.
+pub fn main(args: ServeArgs, admin_socket: Option<PathBuf>) -> Result<()> {
+    let config = config::load(&args, admin_socket)?;
+    init_tracing(&config.log);
+    // Everything the daemon creates (database, keys, sockets) is private.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting runtime")?;
+    rt.block_on(async move {
+        let store = {
+            let dir = config.state_dir.clone();
+            tokio::task::spawn_blocking(move || Store::open(&dir))
+                .await
+                .context("opening the store")??
+        };
+        let (ssh, https, http) = bind_all(&config)?;
+        let group = match &config.admin_group {
+            Some(name) => nix::unistd::Group::from_name(name)?.map(|g| g.gid),
+            None => None,
+        };
+        let admin = admin::bind_socket(&config.admin_socket, group).with_context(|| {
+            format!("cannot bind admin socket {}", config.admin_socket.display())
+        })?;
+        let to_tokio = |v: Vec<std::net::TcpListener>| -> Result<Vec<TcpListener>> {
+            v.into_iter()
+                .map(|l| TcpListener::from_std(l).map_err(Into::into))
+                .collect()
+        };
+        let bound = Bound {
+            ssh: to_tokio(ssh)?,
+            https: to_tokio(https)?,
+            http: to_tokio(http)?,
+            admin,
+        };
+        run(config, Arc::new(store), bound, shutdown_signal()).await
+    })
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining"),
+        _ = int.recv() => tracing::info!("SIGINT: draining"),
+    }
+}
+
+fn addrs(listeners: &[TcpListener]) -> Vec<String> {
+    listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .map(|a| a.to_string())
+        .collect()
+}
+
+/// Placeholder for a gate that is not wired yet: accepts and closes.
+async fn accept_and_close(listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => drop(accepted),
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// Runs the daemon on already-bound listeners until `shutdown` resolves.
+pub async fn run(
+    config: Config,
+    store: Arc<Store>,
+    bound: Bound,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    let started = Instant::now();
+    // Subscribe before the first build so that no change falls in between.
+    let feed = store.subscribe();
+    let initial = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || -> Result<RoutingTable, store::Error> {
+            let seq = store.seq();
+            Ok(RoutingTable::build(store.list()?, seq))
+        })
+        .await??
+    };
+    let routes = Routes::new(initial);
+    let keeper = tokio::spawn(routes::keep_in_step(store.clone(), routes.clone(), feed));
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let ctx = Arc::new(AdminContext {
+        store: store.clone(),
+        routes: routes.clone(),
+        started,
+        admin_socket: config.admin_socket.clone(),
+        ssh_listen: addrs(&bound.ssh),
+        https_listen: addrs(&bound.https),
+        http_listen: addrs(&bound.http),
+    });
+    let access = Access {
+        daemon_uid: nix::unistd::getuid().as_raw(),
+        group: match &config.admin_group {
+            Some(name) => nix::unistd::Group::from_name(name)?.map(|g| g.gid),
+            None => None,
+        },
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    for l in bound.ssh.into_iter().chain(bound.https).chain(bound.http) {
+        tasks.spawn(accept_and_close(l, stop_rx.clone()));
+    }
+    tasks.spawn(admin::serve(
+        bound.admin,
+        ctx.clone(),
+        access,
+        stop_rx.clone(),
+    ));
+    tracing::info!(
+        state_dir = %config.state_dir.display(),
+        admin = %config.admin_socket.display(),
+        ssh = ?ctx.ssh_listen,
+        https = ?ctx.https_listen,
+        http = ?ctx.http_listen,
+        sandboxes = routes.snapshot().len(),
+        "sandboxd ready"
+    );
+
+    shutdown.await;
+    let _ = stop_tx.send(true);
+    let drained =
+        tokio::time::timeout(GRACE, async { while tasks.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        tracing::warn!("grace period over; closing what is left");
+        tasks.abort_all();
+    }
+    keeper.abort();
+    let _ = std::fs::remove_file(&config.admin_socket);
+    tokio::task::spawn_blocking(move || drop(store)).await.ok();
+    tracing::info!("sandboxd stopped");
+    Ok(())
+}

@@ -1,0 +1,294 @@
+//! The routing snapshot: an immutable table built from the store and swapped
+//! atomically on every committed change. The gates read it per new
+//! connection or request; nothing they hold is ever mutated, so a route edit
+//! never touches an established connection.
+//!
+//! Architecture invariant: the snapshot reflects a store sequence number
+//! (`generation`); admin calls that change routes wait until the snapshot has
+//! reached their write's number before answering, so a route is usable by
+//! the gates as soon as the CLI returns.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use store::{Backend, Change, ChangeKind, Sandbox, SandboxStatus, Store};
+use tokio::sync::{broadcast, watch};
+
+use crate::api::{RouteDump, RouteView};
+
+/// Where a service of a sandbox is reached right now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Addr { host: String, port: u16 },
+    Stopped,
+    Unavailable { reason: String },
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Addr { host, port } if host.contains(':') => write!(f, "[{host}]:{port}"),
+            Target::Addr { host, port } => write!(f, "{host}:{port}"),
+            Target::Stopped => f.write_str("stopped"),
+            Target::Unavailable { reason } => write!(f, "unavailable: {reason}"),
+        }
+    }
+}
+
+/// Which service of a sandbox an HTTP host leads to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    App,
+    Agent,
+}
+
+/// Everything the gates need about one sandbox, derived once per change.
+#[derive(Debug)]
+pub struct SandboxRoute {
+    pub sandbox: Arc<Sandbox>,
+    /// Upstream host for all services, or why there is none.
+    host: Result<String, Target>,
+}
+
+impl SandboxRoute {
+    pub fn new(sandbox: Arc<Sandbox>) -> Self {
+        let host = match (&sandbox.status, &sandbox.backend) {
+            (SandboxStatus::Running, Backend::Static { host }) => Ok(host.clone()),
+            (SandboxStatus::Running, Backend::Incus { .. }) => match sandbox.addresses.first() {
+                Some(a) => Ok(a.clone()),
+                None => Err(Target::Unavailable {
+                    reason: "no address yet".into(),
+                }),
+            },
+            (SandboxStatus::Stopped, _) => Err(Target::Stopped),
+            (SandboxStatus::Creating { step }, _) => Err(Target::Unavailable {
+                reason: format!("being created ({step})"),
+            }),
+            (SandboxStatus::Failed { reason }, _) => Err(Target::Unavailable {
+                reason: reason.clone(),
+            }),
+        };
+        SandboxRoute { sandbox, host }
+    }
+
+    fn target(&self, port: u16) -> Target {
+        match &self.host {
+            Ok(host) => Target::Addr {
+                host: host.clone(),
+                port,
+            },
+            Err(t) => t.clone(),
+        }
+    }
+
+    /// Where SSH connections for this sandbox go.
+    pub fn ssh_target(&self) -> Target {
+        self.target(self.sandbox.ssh_port)
+    }
+
+    /// Where HTTP requests for `service` go.
+    pub fn http_target(&self, service: Service) -> Target {
+        match service {
+            Service::App => self.target(self.sandbox.app_port),
+            Service::Agent => self.target(self.sandbox.agent_port),
+        }
+    }
+}
+
+/// One immutable routing snapshot.
+#[derive(Debug, Default, Clone)]
+pub struct RoutingTable {
+    /// Store sequence number this table reflects.
+    pub generation: u64,
+    by_name: HashMap<String, Arc<SandboxRoute>>,
+    by_host: HashMap<String, (Arc<SandboxRoute>, Service)>,
+}
+
+impl RoutingTable {
+    /// Builds a table from every sandbox.
+    pub fn build(sandboxes: impl IntoIterator<Item = Sandbox>, generation: u64) -> Self {
+        let mut table = RoutingTable {
+            generation,
+            ..Default::default()
+        };
+        for sb in sandboxes {
+            table.put(Arc::new(sb));
+        }
+        table
+    }
+
+    fn put(&mut self, sandbox: Arc<Sandbox>) {
+        self.remove(&sandbox.name);
+        let route = Arc::new(SandboxRoute::new(sandbox));
+        let sb = &route.sandbox;
+        self.by_host
+            .insert(sb.domain.clone(), (route.clone(), Service::App));
+        self.by_host
+            .insert(sb.agent_host(), (route.clone(), Service::Agent));
+        self.by_name.insert(sb.name.clone(), route);
+    }
+
+    fn remove(&mut self, name: &str) {
+        if let Some(old) = self.by_name.remove(name) {
+            for host in old.sandbox.hosts() {
+                if self
+                    .by_host
+                    .get(&host)
+                    .is_some_and(|(r, _)| r.sandbox.name == name)
+                {
+                    self.by_host.remove(&host);
+                }
+            }
+        }
+    }
+
+    /// The route for an SSH user name.
+    pub fn by_user(&self, user: &str) -> Option<&Arc<SandboxRoute>> {
+        self.by_name.get(user)
+    }
+
+    /// The route for an HTTP host (lowercase, no port).
+    pub fn by_host(&self, host: &str) -> Option<&(Arc<SandboxRoute>, Service)> {
+        self.by_host.get(host)
+    }
+
+    /// Number of sandboxes routed.
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    /// True when nothing is routed.
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+
+    /// Number of entries over all protocols (SSH users + HTTP hosts).
+    pub fn entries(&self) -> usize {
+        self.by_name.len() + self.by_host.len()
+    }
+
+    /// A stable, sorted dump for `sandboxd routes`.
+    pub fn dump(&self) -> RouteDump {
+        let mut routes: Vec<RouteView> = self
+            .by_name
+            .iter()
+            .map(|(user, r)| RouteView {
+                protocol: "ssh".into(),
+                key: user.clone(),
+                sandbox: r.sandbox.name.clone(),
+                service: "ssh".into(),
+                target: r.ssh_target().to_string(),
+            })
+            .chain(self.by_host.iter().map(|(host, (r, svc))| RouteView {
+                protocol: "https".into(),
+                key: host.clone(),
+                sandbox: r.sandbox.name.clone(),
+                service: match svc {
+                    Service::App => "app".into(),
+                    Service::Agent => "agent".into(),
+                },
+                target: r.http_target(*svc).to_string(),
+            }))
+            .collect();
+        routes.sort_by(|a, b| (&a.protocol, &a.key).cmp(&(&b.protocol, &b.key)));
+        RouteDump {
+            generation: self.generation,
+            routes,
+        }
+    }
+}
+
+/// The shared handle: the current snapshot and the generation applied.
+pub struct Routes {
+    table: ArcSwap<RoutingTable>,
+    applied: watch::Sender<u64>,
+}
+
+impl Routes {
+    pub fn new(table: RoutingTable) -> Arc<Self> {
+        let generation = table.generation;
+        Arc::new(Routes {
+            table: ArcSwap::from_pointee(table),
+            applied: watch::channel(generation).0,
+        })
+    }
+
+    /// The current snapshot; cheap, lock-free.
+    pub fn snapshot(&self) -> Arc<RoutingTable> {
+        self.table.load_full()
+    }
+
+    /// Follows swaps: the value is the generation last applied.
+    pub fn watch(&self) -> watch::Receiver<u64> {
+        self.applied.subscribe()
+    }
+
+    fn swap(&self, table: RoutingTable) {
+        let generation = table.generation;
+        self.table.store(Arc::new(table));
+        self.applied.send_replace(generation);
+    }
+
+    /// Applies one committed change on top of the current snapshot.
+    pub fn apply(&self, change: &Change) -> bool {
+        let mut table = RoutingTable::clone(&self.table.load());
+        match &change.kind {
+            ChangeKind::Put(sb) => table.put(sb.clone()),
+            ChangeKind::Removed(name) => table.remove(name),
+            ChangeKind::Reset => return false,
+        }
+        table.generation = table.generation.max(change.seq);
+        self.swap(table);
+        true
+    }
+
+    /// Replaces the snapshot with one built from the whole store.
+    pub fn rebuild(&self, store: &Store) -> Result<(), store::Error> {
+        // Read the sequence first: a change committed after this point is
+        // applied again from the feed, which is idempotent.
+        let seq = store.seq();
+        let table = RoutingTable::build(store.list()?, seq);
+        self.swap(table);
+        Ok(())
+    }
+
+    /// Waits until the snapshot reflects store sequence `seq`.
+    pub async fn wait_applied(&self, seq: u64) {
+        let mut rx = self.applied.subscribe();
+        // The sender lives as long as `self`; an error cannot happen here.
+        let _ = rx.wait_for(|g| *g >= seq).await;
+    }
+}
+
+/// Keeps `routes` in step with `store` until the feed closes.
+pub async fn keep_in_step(
+    store: Arc<Store>,
+    routes: Arc<Routes>,
+    mut feed: broadcast::Receiver<Change>,
+) {
+    loop {
+        match feed.recv().await {
+            Ok(change) => {
+                if !routes.apply(&change) {
+                    rebuild_logged(&store, &routes).await;
+                }
+            }
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                tracing::debug!(missed = n, "route feed lagged; rebuilding the snapshot");
+                rebuild_logged(&store, &routes).await;
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+async fn rebuild_logged(store: &Arc<Store>, routes: &Arc<Routes>) {
+    let (store, routes) = (store.clone(), routes.clone());
+    let done = tokio::task::spawn_blocking(move || routes.rebuild(&store)).await;
+    match done {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "cannot rebuild the routing snapshot"),
+        Err(e) => tracing::error!(error = %e, "routing rebuild task failed"),
+    }
+}
