@@ -1,0 +1,342 @@
+//! Every CLI command against the real daemon, as a user runs them.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::Daemon;
+
+#[test]
+fn add_list_show_remove() {
+    let d = Daemon::start();
+    let out = d.add("myapp-example-com", "MyApp.Example.com");
+    assert!(
+        out.contains("ssh-ed25519 "),
+        "add prints the gateway key: {out}"
+    );
+
+    let list = d.json(&["list", "--json"]);
+    let arr = list.as_array().unwrap();
+    assert_eq!(arr.len(), 1);
+    let sb = &arr[0];
+    assert_eq!(sb["name"], "myapp-example-com");
+    assert_eq!(sb["domain"], "myapp.example.com", "domain lowercased");
+    assert_eq!(sb["agent_host"], "shelley.myapp.example.com");
+    assert_eq!(sb["ssh_port"], 22);
+    assert_eq!(sb["app_port"], 8000);
+    assert_eq!(sb["agent_port"], 9999);
+    let text = serde_json::to_string(&list).unwrap();
+    assert!(!text.contains("PRIVATE KEY"), "no secret in list output");
+
+    let show = d.json(&["show", "myapp-example-com", "--json"]);
+    let upk = show["upstream_public_key"].as_str().unwrap();
+    assert!(upk.starts_with("ssh-ed25519 AAAA"), "{upk}");
+    // The key is a real OpenSSH key: ssh-keygen can fingerprint it.
+    let f = d.dir.path().join("upstream.pub");
+    std::fs::write(&f, format!("{upk}\n")).unwrap();
+    let fp = std::process::Command::new("ssh-keygen")
+        .arg("-lf")
+        .arg(&f)
+        .output()
+        .unwrap();
+    assert!(fp.status.success());
+
+    let table = d.ok(&["list"]);
+    assert!(table.starts_with("NAME"), "{table}");
+    assert!(table.contains("myapp.example.com"));
+    let human = d.ok(&["show", "myapp-example-com"]);
+    assert!(
+        human.contains("https://shelley.myapp.example.com"),
+        "{human}"
+    );
+
+    d.ok(&["remove", "myapp-example-com"]);
+    assert_eq!(d.json(&["list", "--json"]), serde_json::json!([]));
+    let err = d.fails(&["show", "myapp-example-com"]);
+    assert!(err.contains("no sandbox named myapp-example-com"), "{err}");
+}
+
+#[test]
+fn add_with_all_options_and_host_key_file() {
+    let d = Daemon::start();
+    let k1 = d.keygen("k1");
+    let k2 = d.keygen("k2");
+    let host = d.keygen("hostkey");
+    let pw = d.dir.path().join("pw");
+    std::fs::write(&pw, "s3cret\n").unwrap();
+    d.ok(&[
+        "add",
+        "box",
+        "--domain",
+        "box.test",
+        "--upstream",
+        "::1",
+        "--ssh-port",
+        "2200",
+        "--app-port",
+        "3000",
+        "--agent-port",
+        "9000",
+        "--user",
+        "debian",
+        "--ssh-key",
+        k1.to_str().unwrap(),
+        k2.to_str().unwrap(),
+        "--upstream-host-key",
+        host.to_str().unwrap(),
+        "--auth-user",
+        "alice",
+        "--auth-password-file",
+        pw.to_str().unwrap(),
+    ]);
+    let sb = d.json(&["show", "box", "--json"]);
+    assert_eq!(sb["ssh_port"], 2200);
+    assert_eq!(sb["app_port"], 3000);
+    assert_eq!(sb["agent_port"], 9000);
+    assert_eq!(sb["user"], "debian");
+    assert_eq!(sb["auth_user"], "alice");
+    assert_eq!(sb["client_keys"].as_array().unwrap().len(), 2);
+    let pinned = std::fs::read_to_string(&host).unwrap();
+    let pinned_b64 = pinned.split_whitespace().nth(1).unwrap();
+    assert!(sb["upstream_host_key"]
+        .as_str()
+        .unwrap()
+        .contains(pinned_b64));
+    let dump = serde_json::to_string(&d.json(&["backup"])).unwrap();
+    assert!(!dump.contains("s3cret"), "password stored in clear");
+    assert!(
+        dump.contains("$argon2id$"),
+        "password stored as an argon2id hash"
+    );
+    // The route for ::1 is bracketed.
+    let routes = d.ok(&["routes"]);
+    assert!(routes.contains("[::1]:2200"), "{routes}");
+}
+
+#[test]
+fn keys_port_and_auth() {
+    let d = Daemon::start();
+    d.add("a", "a.example.com");
+    let extra = d.keygen("extra");
+    let listed = d.ok(&["key", "add", "a", extra.to_str().unwrap()]);
+    assert!(listed.contains("extra"), "{listed}");
+    // Adding the same key twice keeps one copy.
+    d.ok(&["key", "add", "a", extra.to_str().unwrap()]);
+    let keys = d.json(&["key", "list", "a", "--json"]);
+    assert_eq!(keys.as_array().unwrap().len(), 2);
+    let fp = keys[1]["fingerprint"].as_str().unwrap().to_string();
+    assert!(fp.starts_with("SHA256:"));
+    d.ok(&["key", "remove", "a", &fp]);
+    assert_eq!(
+        d.json(&["key", "list", "a", "--json"])
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    let err = d.fails(&["key", "remove", "a", &fp]);
+    assert!(err.contains("no key matching"), "{err}");
+    // The last key cannot be removed.
+    let last = d.json(&["key", "list", "a", "--json"])[0]["fingerprint"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let err = d.fails(&["key", "remove", "a", &last]);
+    assert!(err.contains("no client key"), "{err}");
+    // Keys from stdin.
+    let other = std::fs::read(d.keygen("other")).unwrap();
+    let out = d.cli_with_stdin(&["key", "add", "a", "-"], &other);
+    assert!(out.status.success());
+
+    d.ok(&["port", "a", "5173"]);
+    assert_eq!(d.json(&["show", "a", "--json"])["app_port"], 5173);
+    let routes = d.ok(&["routes"]);
+    assert!(
+        routes.contains("127.0.0.1:5173"),
+        "port change live: {routes}"
+    );
+
+    // Password from stdin (not a terminal here), never an argument.
+    let out = d.cli_with_stdin(&["auth", "a", "bob"], b"hunter2\n");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(d.json(&["show", "a", "--json"])["auth_user"], "bob");
+    let pw = d.dir.path().join("pw");
+    std::fs::write(&pw, "pw2").unwrap();
+    d.ok(&[
+        "auth",
+        "a",
+        "carol",
+        "--password-file",
+        pw.to_str().unwrap(),
+    ]);
+    assert_eq!(d.json(&["show", "a", "--json"])["auth_user"], "carol");
+    d.ok(&["auth", "a", "--remove"]);
+    assert_eq!(
+        d.json(&["show", "a", "--json"])["auth_user"],
+        serde_json::Value::Null
+    );
+    let out = d.cli_with_stdin(&["auth", "a", "dave"], b"");
+    assert!(!out.status.success(), "empty password accepted");
+}
+
+#[test]
+fn status_routes_and_completions() {
+    let d = Daemon::start();
+    let st = d.json(&["status", "--json"]);
+    assert_eq!(st["sandboxes"], 0);
+    for key in ["ssh_listen", "https_listen", "http_listen"] {
+        let addr = st[key][0].as_str().unwrap();
+        assert!(
+            addr.starts_with("127.0.0.1:") && !addr.ends_with(":0"),
+            "{key}: {addr}"
+        );
+        // The listener is really bound.
+        std::net::TcpStream::connect(addr).unwrap();
+    }
+    d.add("a", "a.example.com");
+    let st = d.json(&["status", "--json"]);
+    assert_eq!(st["sandboxes"], 1);
+    assert_eq!(st["routes"], 3, "one ssh user and two https hosts");
+    assert!(d.ok(&["status"]).contains("sandboxes:  1"));
+    for shell in ["bash", "zsh", "fish"] {
+        let out = std::process::Command::new(common::BIN)
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        assert!(String::from_utf8_lossy(&out.stdout).contains("sandboxd"));
+    }
+    let help = std::process::Command::new(common::BIN)
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for cmd in [
+        "serve", "add", "list", "show", "remove", "key", "port", "auth", "status", "backup",
+        "restore",
+    ] {
+        assert!(help.contains(cmd), "--help lacks {cmd}");
+    }
+}
+
+#[test]
+fn admin_socket_option_before_or_after_and_from_env() {
+    let d = Daemon::start();
+    d.add("a", "a.example.com");
+    let sock = d.socket.to_str().unwrap();
+    let after = std::process::Command::new(common::BIN)
+        .args(["list", "--json", "--admin-socket", sock])
+        .output()
+        .unwrap();
+    assert!(after.status.success());
+    let env = std::process::Command::new(common::BIN)
+        .args(["list", "--json"])
+        .env("SANDBOXD_ADMIN_SOCKET", sock)
+        .output()
+        .unwrap();
+    assert!(env.status.success());
+    assert_eq!(after.stdout, env.stdout);
+    let missing = std::process::Command::new(common::BIN)
+        .args(["list", "--admin-socket", "/nonexistent/admin.sock"])
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        err.contains("does not exist") && err.contains("sandboxd serve"),
+        "{err}"
+    );
+}
+
+#[test]
+fn route_is_live_when_add_returns() {
+    let d = Daemon::start();
+    // No sleeps: the order "add acknowledged, then route visible" must hold
+    // every time.
+    for i in 0..30 {
+        let name = format!("s{i}");
+        d.add(&name, &format!("{name}.example.com"));
+        let dump = d.json(&["routes", "--json"]);
+        let routes = dump["routes"].as_array().unwrap();
+        assert!(
+            routes
+                .iter()
+                .any(|r| r["protocol"] == "ssh" && r["key"] == name.as_str()),
+            "route for {name} not live after add returned"
+        );
+        assert!(routes
+            .iter()
+            .any(|r| r["key"] == format!("shelley.{name}.example.com")));
+        d.ok(&["remove", &name]);
+        let dump = d.json(&["routes", "--json"]);
+        assert!(
+            !dump["routes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r["key"] == name.as_str()),
+            "route for {name} still live after remove returned"
+        );
+    }
+}
+
+#[test]
+fn backup_wipe_restore_is_identical() {
+    let mut d = Daemon::start();
+    for i in 0..25 {
+        d.add(&format!("b{i}"), &format!("b{i}.example.org"));
+    }
+    let pw = d.dir.path().join("pw");
+    std::fs::write(&pw, "pw").unwrap();
+    d.ok(&["auth", "b3", "eve", "--password-file", pw.to_str().unwrap()]);
+    let before = d.ok(&["list", "--json"]);
+    let backup = d.cli(&["backup"]).stdout;
+    assert!(String::from_utf8_lossy(&backup).contains("OPENSSH PRIVATE KEY"));
+
+    // Wipe: stop, delete the state directory, start empty.
+    assert!(d.terminate().success());
+    std::fs::remove_dir_all(&d.state).unwrap();
+    d.restart();
+    assert_eq!(d.ok(&["list", "--json"]).trim(), "[]");
+
+    let out = d.cli_with_stdin(&["restore"], &backup);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("restore: 25/25"),
+        "progress shown"
+    );
+    assert_eq!(d.ok(&["list", "--json"]), before);
+    // Restored routes are live.
+    let routes = d.ok(&["routes"]);
+    assert!(routes.contains("shelley.b24.example.org"));
+
+    // Restoring over data is refused without --replace, accepted with it.
+    let err = {
+        let out = d.cli_with_stdin(&["restore"], &backup);
+        assert!(!out.status.success());
+        String::from_utf8(out.stderr).unwrap()
+    };
+    assert!(err.contains("not empty"), "{err}");
+    let out = d.cli_with_stdin(&["restore", "--replace"], &backup);
+    assert!(out.status.success());
+    assert_eq!(d.ok(&["list", "--json"]), before);
+}
+
+#[test]
+fn sigterm_exits_cleanly_and_removes_the_socket() {
+    let mut d = Daemon::start();
+    d.add("a", "a.example.com");
+    let status = d.terminate();
+    assert!(status.success(), "{status}");
+    assert!(!d.socket.exists());
+    assert!(d.log_text().contains("sandboxd stopped"));
+    d.restart();
+    assert_eq!(d.json(&["list", "--json"]).as_array().unwrap().len(), 1);
+}

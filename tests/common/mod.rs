@@ -1,0 +1,259 @@
+//! Test harness: runs the real `sandboxd` binary as a daemon on temporary
+//! directories and a temporary admin socket, with every listener on
+//! 127.0.0.1:0, and drives it through the real CLI.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_sandboxd");
+
+/// A running daemon and its files.
+pub struct Daemon {
+    pub dir: tempfile::TempDir,
+    pub state: PathBuf,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    extra_args: Vec<String>,
+    child: Option<Child>,
+}
+
+/// Builder for [`Daemon`].
+#[derive(Default)]
+pub struct DaemonBuilder {
+    config: Option<String>,
+    args: Vec<String>,
+}
+
+impl DaemonBuilder {
+    /// A TOML config file written for this daemon.
+    pub fn config(mut self, text: &str) -> Self {
+        self.config = Some(text.to_string());
+        self
+    }
+
+    pub fn arg(mut self, a: &str) -> Self {
+        self.args.push(a.to_string());
+        self
+    }
+
+    pub fn start(self) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let mut extra_args = self.args;
+        if let Some(text) = self.config {
+            let path = dir.path().join("sandboxd.toml");
+            std::fs::write(&path, text).unwrap();
+            extra_args.push("--config".into());
+            extra_args.push(path.display().to_string());
+        }
+        let mut d = Daemon {
+            state: dir.path().join("state"),
+            socket: dir.path().join("run/admin.sock"),
+            log: dir.path().join("daemon.log"),
+            dir,
+            extra_args,
+            child: None,
+        };
+        d.spawn();
+        d
+    }
+}
+
+impl Daemon {
+    pub fn builder() -> DaemonBuilder {
+        DaemonBuilder::default()
+    }
+
+    pub fn start() -> Daemon {
+        Self::builder().start()
+    }
+
+    /// The `serve` command line this daemon runs with.
+    pub fn serve_command(&self) -> Command {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve")
+            .arg("--state-dir")
+            .arg(&self.state)
+            .arg("--admin-socket")
+            .arg(&self.socket)
+            .args(["--ssh-listen", "127.0.0.1:0"])
+            .args(["--https-listen", "127.0.0.1:0"])
+            .args(["--http-listen", "127.0.0.1:0"])
+            .args(&self.extra_args)
+            .env("RUST_LOG", "info");
+        cmd
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = self
+            .serve_command()
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    /// Waits until `status` answers (bounded), failing with the log.
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("daemon exited early ({status}):\n{}", self.log_text());
+            }
+            if self.socket.exists() && self.cli(&["status", "--json"]).status.success() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon not ready:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// SIGKILL, no cleanup: the crash case.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit; returns the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("daemon running");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        c.wait().unwrap()
+    }
+
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop the daemon first");
+        self.spawn();
+    }
+
+    /// Runs the CLI against this daemon.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_with_stdin(args, b"")
+    }
+
+    pub fn cli_with_stdin(&self, args: &[&str], stdin: &[u8]) -> Output {
+        run_with_stdin(
+            Command::new(BIN)
+                .arg("--admin-socket")
+                .arg(&self.socket)
+                .args(args),
+            stdin,
+        )
+    }
+
+    /// Runs the CLI and requires success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "sandboxd {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log_text()
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs the CLI, requires failure, returns stderr (one line).
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            !out.status.success(),
+            "sandboxd {args:?} succeeded unexpectedly"
+        );
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err:?}");
+        err
+    }
+
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        serde_json::from_str(&self.ok(args)).unwrap()
+    }
+
+    /// A fresh client key pair; returns the public key file.
+    pub fn keygen(&self, name: &str) -> PathBuf {
+        keygen(self.dir.path(), name)
+    }
+
+    /// `add` with defaults for a static upstream on loopback.
+    pub fn add(&self, name: &str, domain: &str) -> String {
+        let key = self.keygen(&format!("key-{name}"));
+        self.ok(&[
+            "add",
+            name,
+            "--domain",
+            domain,
+            "--upstream",
+            "127.0.0.1",
+            "--ssh-key",
+            key.to_str().unwrap(),
+        ])
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn run_with_stdin(cmd: &mut Command, stdin: &[u8]) -> Output {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    let data = stdin.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = input.write_all(&data);
+    });
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    out
+}
+
+/// Generates an ed25519 key pair with the real ssh-keygen.
+pub fn keygen(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
+    if !path.exists() {
+        let st = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    PathBuf::from(format!("{}.pub", path.display()))
+}
