@@ -82,6 +82,19 @@ pub enum Error {
         message: String,
     },
 
+    /// A command run with [`crate::Client::exec_ok`] exited non-zero.
+    #[error("command {command:?} in instance \"{instance}\" failed with exit code {exit_code}: {stderr}")]
+    CommandFailed {
+        /// Instance name.
+        instance: String,
+        /// The command.
+        command: Vec<String>,
+        /// Its exit code.
+        exit_code: i32,
+        /// Its stderr (trimmed, lossy UTF-8).
+        stderr: String,
+    },
+
     /// The instance is not running (stopped, frozen, error) when the call
     /// needs it running.
     #[error("instance \"{name}\" is not running (status {status})")]

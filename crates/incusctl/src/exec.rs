@@ -247,18 +247,18 @@ impl Client {
         Ok(out)
     }
 
-    /// Like [`Client::exec`], but fails with [`Error::OperationFailed`]-like
-    /// detail when the exit code is not 0.
+    /// Like [`Client::exec`], but fails with [`Error::CommandFailed`] (carrying
+    /// stderr) when the exit code is not 0.
     pub async fn exec_ok(&self, name: &str, req: &ExecRequest) -> Result<ExecOutput> {
         let out = self.exec(name, req).await?;
         if out.success() {
             return Ok(out);
         }
-        Err(Error::OperationFailed {
-            id: String::new(),
-            description: format!("exec {:?} in {}", req.command, instance_what(name)),
-            status: format!("exit code {}", out.exit_code),
-            message: out.stderr_text().trim().to_string(),
+        Err(Error::CommandFailed {
+            instance: name.to_string(),
+            command: req.command.clone(),
+            exit_code: out.exit_code,
+            stderr: out.stderr_text().trim().to_string(),
         })
     }
 

@@ -98,8 +98,10 @@ pub struct Instance {
     pub project: String,
     /// Runtime state (only with `recursion=2`).
     pub state: Option<InstanceState>,
-    /// Snapshots (only with `recursion=2`).
-    pub snapshots: Option<Vec<Snapshot>>,
+    /// Snapshots (filled only by `recursion=2` listings and
+    /// [`crate::Client::instance_full`]; empty otherwise).
+    #[serde(deserialize_with = "null_as_default")]
+    pub snapshots: Vec<Snapshot>,
 }
 
 impl Instance {
@@ -117,6 +119,16 @@ impl Instance {
     pub fn is_frozen(&self) -> bool {
         self.status_code == 110 || self.status == "Frozen"
     }
+}
+
+/// Decodes `null` as the type's default (Incus sends `null` for empty
+/// lists).
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
 /// A snapshot of an instance.
@@ -406,5 +418,7 @@ mod tests {
             serde_json::from_str(r#"{"name":"a","status":"Running","status_code":103}"#).unwrap();
         assert!(i.is_running());
         assert!(i.state.is_none());
+        let i: Instance = serde_json::from_str(r#"{"name":"a","snapshots":null}"#).unwrap();
+        assert!(i.snapshots.is_empty());
     }
 }
