@@ -431,6 +431,19 @@ async fn errors_say_what_incus_said() {
     );
     assert!(!incus.instance_exists(&name).await.unwrap());
 
+    // A simplestreams server that cannot be reached (loopback, closed
+    // port): Incus' reason comes through, and nothing is created.
+    let name2 = unique_name("noremote");
+    let _guard2 = TestInstance::adopt(&incus, &name2);
+    let req = CreateInstance::new(
+        &name2,
+        ImageSource::simplestreams("https://127.0.0.1:1", "debian/12"),
+    );
+    let err = incus.create_instance(&req).await.unwrap_err();
+    assert!(matches!(err, Error::OperationFailed { .. }), "{err}");
+    assert!(err.to_string().contains("127.0.0.1:1"), "{err}");
+    assert!(!incus.instance_exists(&name2).await.unwrap());
+
     // Instance not found, for reads and for actions.
     let missing = unique_name("missing");
     for err in [
