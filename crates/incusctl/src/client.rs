@@ -257,6 +257,18 @@ impl Client {
         Ok(())
     }
 
+    /// Renames a stopped instance (Incus refuses to rename a running one).
+    pub async fn rename_instance(&self, name: &str, new_name: &str) -> Result<()> {
+        let path = instance_path(name);
+        let answer = self
+            .transport
+            .json(Method::POST, &path, Some(&json!({ "name": new_name })))
+            .await?;
+        self.complete(answer, self.op_timeout(), &instance_what(name))
+            .await?;
+        Ok(())
+    }
+
     // ----- state changes ---------------------------------------------------
 
     /// Starts an instance; starting a running instance is a no-op.

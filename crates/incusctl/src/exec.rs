@@ -212,7 +212,8 @@ async fn join(task: JoinHandle<Result<i32>>) -> Result<i32> {
 
 impl Client {
     /// Runs a command with recorded output and returns its exit code and
-    /// output. The command gets no stdin. When the timeout expires the
+    /// output. A stopped or frozen instance gives
+    /// [`Error::InstanceNotRunning`]. The command gets no stdin. When the timeout expires the
     /// result is [`Error::Timeout`] (the command is not killed in this mode;
     /// use [`Client::exec_stream`] for that).
     pub async fn exec(&self, name: &str, req: &ExecRequest) -> Result<ExecOutput> {
@@ -220,7 +221,8 @@ impl Client {
         let op = self
             .transport()
             .json(Method::POST, &path, Some(&req.to_json(false)))
-            .await?
+            .await
+            .map_err(|e| not_running(name, e))?
             .into_operation(&path)?;
         let timeout = req.timeout.unwrap_or(self.op_timeout());
         let done = self
@@ -298,7 +300,8 @@ impl Client {
         let op = self
             .transport()
             .json(Method::POST, &path, Some(&req.to_json(true)))
-            .await?
+            .await
+            .map_err(|e| not_running(name, e))?
             .into_operation(&path)?;
         let secret = |fd: &str| -> Result<String> {
             op.metadata
@@ -456,6 +459,32 @@ async fn pump_output(mut ws: Ws, tx: mpsc::Sender<OutputChunk>, wrap: fn(Bytes) 
                 break;
             }
         }
+    }
+}
+
+/// Incus refuses exec on a stopped or frozen instance with a plain 400;
+/// give callers the typed error.
+fn not_running(name: &str, e: Error) -> Error {
+    match &e {
+        Error::Api {
+            status: 400,
+            message,
+            ..
+        } => {
+            let m = message.to_ascii_lowercase();
+            let status = if m.contains("frozen") {
+                "Frozen"
+            } else if m.contains("not running") {
+                "Stopped"
+            } else {
+                return e;
+            };
+            Error::InstanceNotRunning {
+                name: name.to_string(),
+                status: status.to_string(),
+            }
+        }
+        _ => e,
     }
 }
 
