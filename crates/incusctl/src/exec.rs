@@ -213,7 +213,8 @@ async fn join(task: JoinHandle<Result<i32>>) -> Result<i32> {
 impl Client {
     /// Runs a command with recorded output and returns its exit code and
     /// output. A stopped or frozen instance gives
-    /// [`Error::InstanceNotRunning`]. The command gets no stdin. When the timeout expires the
+    /// [`Error::InstanceNotRunning`]; a program that does not exist gives
+    /// exit code [`EXIT_COMMAND_NOT_FOUND`] with Incus' message on stderr. The command gets no stdin. When the timeout expires the
     /// result is [`Error::Timeout`] (the command is not killed in this mode;
     /// use [`Client::exec_stream`] for that).
     pub async fn exec(&self, name: &str, req: &ExecRequest) -> Result<ExecOutput> {
@@ -225,9 +226,15 @@ impl Client {
             .map_err(|e| not_running(name, e))?
             .into_operation(&path)?;
         let timeout = req.timeout.unwrap_or(self.op_timeout());
-        let done = self
-            .wait_success(&op, timeout, &instance_what(name))
-            .await?;
+        let done = self.wait_operation(&op.id, timeout).await?;
+        if is_command_not_found(&done) {
+            return Ok(ExecOutput {
+                exit_code: EXIT_COMMAND_NOT_FOUND,
+                stdout: Vec::new(),
+                stderr: format!("{}\n", done.err).into_bytes(),
+            });
+        }
+        let done = done.into_result(Some(&instance_what(name)))?;
         let meta = done.metadata.clone().unwrap_or_default();
         let exit_code = exit_code(&done)?;
         let mut out = ExecOutput {
@@ -373,9 +380,15 @@ async fn run_stream(
 ) -> Result<i32> {
     let feeder = tokio::spawn(feed_stdin(ws_in, stdin));
     let out = tokio::spawn(pump_output(ws_out, tx.clone(), OutputChunk::Stdout));
+    let note = tx.clone();
     let err = tokio::spawn(pump_output(ws_err, tx, OutputChunk::Stderr));
 
     let result = match client.wait_operation(&op.id, timeout).await {
+        Ok(done) if is_command_not_found(&done) => {
+            let msg = Bytes::from(format!("{}\n", done.err));
+            let _ = note.send(OutputChunk::Stderr(msg)).await;
+            Ok(EXIT_COMMAND_NOT_FOUND)
+        }
         Ok(done) => done.into_result(Some(&what)).and_then(|d| exit_code(&d)),
         Err(e) if e.is_timeout() => {
             let kill = json!({"command": "signal", "signal": 9}).to_string();
@@ -460,6 +473,14 @@ async fn pump_output(mut ws: Ws, tx: mpsc::Sender<OutputChunk>, wrap: fn(Bytes) 
             }
         }
     }
+}
+
+/// Exit code reported when the program does not exist in the instance (as
+/// a shell would); Incus itself fails the operation with "Command not found".
+pub const EXIT_COMMAND_NOT_FOUND: i32 = 127;
+
+fn is_command_not_found(op: &OperationInfo) -> bool {
+    !op.is_success() && op.err.to_ascii_lowercase().contains("command not found")
 }
 
 /// Incus refuses exec on a stopped or frozen instance with a plain 400;

@@ -44,7 +44,9 @@ mod types;
 pub use client::{Client, ClientOptions, StopOptions, DEFAULT_SOCKETS};
 pub use error::{Error, Result};
 pub use events::{Event, EventStream, LifecycleAction, LifecycleEvent};
-pub use exec::{ExecOutput, ExecProcess, ExecRequest, ExecStdin, OutputChunk};
+pub use exec::{
+    ExecOutput, ExecProcess, ExecRequest, ExecStdin, OutputChunk, EXIT_COMMAND_NOT_FOUND,
+};
 pub use files::{FileKind, FileMeta, PulledFile, PushOptions};
 pub use images::ImageTarballs;
 pub use operation::{OperationInfo, STATUS_CANCELLED, STATUS_FAILURE, STATUS_SUCCESS};

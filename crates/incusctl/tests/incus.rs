@@ -96,6 +96,44 @@ async fn launch_exec_files_state_and_list() {
     assert!(err.to_string().contains("exit code 4"), "{err}");
     assert!(err.to_string().contains("bad"), "{err}");
 
+    // A program that does not exist: exit code 127, as in a shell, in both
+    // exec modes.
+    let out = incus
+        .exec(name, &ExecRequest::new(["/no/such/program"]))
+        .await
+        .unwrap();
+    assert_eq!(out.exit_code, incusctl::EXIT_COMMAND_NOT_FOUND);
+    assert!(out.stderr_text().contains("not found"), "{out:?}");
+    let out = incus
+        .exec_with_stdin(
+            name,
+            &ExecRequest::new(["/no/such/program"]),
+            ExecStdin::Null,
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.exit_code, 127);
+    let err = incus
+        .exec_ok(name, &ExecRequest::new(["/no/such/program"]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::CommandFailed { exit_code: 127, .. }),
+        "{err}"
+    );
+
+    // Boot readiness as the daemon will check it.
+    let out = incus
+        .exec(
+            name,
+            &ExecRequest::new(["systemctl", "is-system-running", "--wait"])
+                .timeout(Duration::from_secs(90)),
+        )
+        .await
+        .unwrap();
+    let boot = out.stdout_text();
+    assert!(matches!(boot.trim(), "running" | "degraded"), "{boot:?}");
+
     // Environment, working directory and user.
     let out = incus
         .exec(
@@ -230,7 +268,17 @@ async fn launch_exec_files_state_and_list() {
         b"v2\n"
     );
 
-    // Parents are created, owned like the file.
+    // A login user and its authorized_keys, parents created and owned like
+    // the file (what provisioning does).
+    incus
+        .exec_ok(
+            name,
+            &ExecRequest::shell(
+                "id -u tester >/dev/null 2>&1 || useradd -M -u 1000 -s /bin/bash tester",
+            ),
+        )
+        .await
+        .unwrap();
     incus
         .push_file(
             name,
@@ -240,6 +288,16 @@ async fn launch_exec_files_state_and_list() {
         )
         .await
         .unwrap();
+    let out = incus
+        .exec(
+            name,
+            &ExecRequest::new(["cat", ".ssh/authorized_keys"])
+                .as_user(1000, 1000)
+                .cwd("/home/tester"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.stdout_text(), "ssh-ed25519 AAAA test\n", "{out:?}");
     let dir = incus
         .stat_file(name, "/home/tester/.ssh")
         .await
