@@ -13,7 +13,10 @@ use std::time::Duration;
 use http::Method;
 use serde_json::json;
 
+use tokio::sync::{mpsc, oneshot};
+
 use crate::error::{Error, Result};
+use crate::operation::{forward_progress, Progress};
 use crate::state::InstanceState;
 use crate::transport::{percent_encode, Answer, Transport};
 use crate::types::{CreateInstance, ImageSource, Instance, ServerInfo};
@@ -137,10 +140,23 @@ impl Client {
     /// All instances with their full state and snapshots, in one call
     /// (`GET /1.0/instances?recursion=2`).
     pub async fn list_instances(&self) -> Result<Vec<Instance>> {
-        self.transport
+        let raw: Vec<serde_json::Value> = self
+            .transport
             .json::<()>(Method::GET, "/1.0/instances?recursion=2", None)
             .await?
-            .into_sync("list instances")
+            .into_sync("list instances")?;
+        raw.into_iter()
+            .map(|v| {
+                let name = v
+                    .get("name")
+                    .and_then(|n| n.as_str())
+                    .unwrap_or("?")
+                    .to_string();
+                serde_json::from_value(v).map_err(|e| {
+                    Error::protocol("list instances", format!("instance \"{name}\": {e}"))
+                })
+            })
+            .collect()
     }
 
     /// All instances without runtime state (`recursion=1`, cheaper).
@@ -195,6 +211,24 @@ impl Client {
     /// [`Error::NotFound`] when a local image alias does not exist (or a
     /// remote server says so), [`Error::OperationFailed`] otherwise.
     pub async fn create_instance(&self, req: &CreateInstance) -> Result<Instance> {
+        self.create_instance_inner(req, None).await
+    }
+
+    /// Like [`Client::create_instance`], sending Incus' progress reports
+    /// (image download, unpack) to `progress` while it runs.
+    pub async fn create_instance_with_progress(
+        &self,
+        req: &CreateInstance,
+        progress: mpsc::Sender<Progress>,
+    ) -> Result<Instance> {
+        self.create_instance_inner(req, Some(progress)).await
+    }
+
+    async fn create_instance_inner(
+        &self,
+        req: &CreateInstance,
+        progress: Option<mpsc::Sender<Progress>>,
+    ) -> Result<Instance> {
         let what = format!("instance \"{}\"", req.name);
         if self.instance_exists(&req.name).await? {
             return Err(Error::Conflict {
@@ -207,12 +241,39 @@ impl Client {
             // ("Image not provided for instance creation"); check first.
             self.image_alias(alias).await?;
         }
+        // Subscribe before the operation exists so no update is missed.
+        let watcher = match progress {
+            Some(tx) => {
+                let ws = self
+                    .transport
+                    .websocket("/1.0/events?type=operation")
+                    .await?;
+                let (id_tx, id_rx) = oneshot::channel();
+                let task = tokio::spawn(forward_progress(ws, id_rx, tx));
+                Some((id_tx, task))
+            }
+            None => None,
+        };
         let answer = self
             .transport
             .json(Method::POST, "/1.0/instances", Some(&req.to_json()))
             .await?;
         let op = answer.into_operation("create instance")?;
-        self.wait_success(&op, self.op_timeout(), &what).await?;
+        let task = watcher.map(|(id_tx, task)| {
+            let _ = id_tx.send(op.id.clone());
+            task
+        });
+        let result = self.wait_success(&op, self.op_timeout(), &what).await;
+        if let Some(task) = task {
+            // The watcher ends with the operation; bound the wait anyway.
+            if tokio::time::timeout(Duration::from_secs(2), task)
+                .await
+                .is_err()
+            {
+                tracing::debug!("progress watcher did not end with the operation");
+            }
+        }
+        result?;
         self.instance(&req.name).await
     }
 

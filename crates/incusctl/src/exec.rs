@@ -218,6 +218,20 @@ impl Client {
     /// result is [`Error::Timeout`] (the command is not killed in this mode;
     /// use [`Client::exec_stream`] for that).
     pub async fn exec(&self, name: &str, req: &ExecRequest) -> Result<ExecOutput> {
+        let mut attempt = 0;
+        loop {
+            match self.exec_once(name, req).await {
+                Err(e) if is_transient(&e) && attempt < TRANSIENT_RETRIES => {
+                    attempt += 1;
+                    tracing::debug!(instance = name, attempt, "retrying exec after: {e}");
+                    tokio::time::sleep(retry_delay(attempt)).await;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    async fn exec_once(&self, name: &str, req: &ExecRequest) -> Result<ExecOutput> {
         let path = format!("{}/exec", instance_path(name));
         let op = self
             .transport()
@@ -363,7 +377,32 @@ impl Client {
         req: &ExecRequest,
         stdin: ExecStdin,
     ) -> Result<ExecOutput> {
-        self.exec_stream(name, req, stdin).await?.collect().await
+        // In-memory stdin can be sent again if Incus fails to start the
+        // command (see `is_transient`); a reader cannot.
+        let replay = match &stdin {
+            ExecStdin::Null => Some(Bytes::new()),
+            ExecStdin::Data(d) => Some(d.clone()),
+            ExecStdin::Reader(_) => None,
+        };
+        let mut stdin = Some(stdin);
+        let mut attempt = 0;
+        loop {
+            let input = match (stdin.take(), &replay) {
+                (Some(s), _) => s,
+                (None, Some(d)) if d.is_empty() => ExecStdin::Null,
+                (None, Some(d)) => ExecStdin::Data(d.clone()),
+                (None, None) => ExecStdin::Null,
+            };
+            let result = self.exec_stream(name, req, input).await?.collect().await;
+            match result {
+                Err(e) if is_transient(&e) && replay.is_some() && attempt < TRANSIENT_RETRIES => {
+                    attempt += 1;
+                    tracing::debug!(instance = name, attempt, "retrying exec after: {e}");
+                    tokio::time::sleep(retry_delay(attempt)).await;
+                }
+                r => return r,
+            }
+        }
     }
 }
 
@@ -475,6 +514,25 @@ async fn pump_output(mut ws: Ws, tx: mpsc::Sender<OutputChunk>, wrap: fn(Bytes) 
     }
 }
 
+/// How often an exec that Incus failed to start is tried again.
+const TRANSIENT_RETRIES: u32 = 3;
+
+fn retry_delay(attempt: u32) -> Duration {
+    Duration::from_millis(100 * u64::from(attempt))
+}
+
+/// Incus sometimes fails to attach to a freshly forked command ("Failed to
+/// retrieve PID of executing child process", a known race under load); the
+/// command did not run, so the exec can be tried again.
+fn is_transient(e: &Error) -> bool {
+    match e {
+        Error::OperationFailed { message, .. } | Error::Api { message, .. } => {
+            message.contains("Failed to retrieve PID of executing child process")
+        }
+        _ => false,
+    }
+}
+
 /// Exit code reported when the program does not exist in the instance (as
 /// a shell would); Incus itself fails the operation with "Command not found".
 pub const EXIT_COMMAND_NOT_FOUND: i32 = 127;
@@ -516,4 +574,45 @@ fn exit_code(op: &OperationInfo) -> Result<i32> {
         .and_then(serde_json::Value::as_i64)
         .and_then(|c| i32::try_from(c).ok())
         .ok_or_else(|| Error::protocol("exec", "operation has no exit code"))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn only_the_attach_race_is_retried() {
+        let race = Error::OperationFailed {
+            id: "x".into(),
+            description: "Executing command".into(),
+            status: "Failure".into(),
+            message: "Failed to retrieve PID of executing child process".into(),
+        };
+        assert!(is_transient(&race));
+        let other = Error::OperationFailed {
+            id: "x".into(),
+            description: "Executing command".into(),
+            status: "Failure".into(),
+            message: "boom".into(),
+        };
+        assert!(!is_transient(&other));
+        assert!(retry_delay(2) > retry_delay(1));
+    }
+
+    #[test]
+    fn exec_request_json() {
+        let v = ExecRequest::new(["id"])
+            .cwd("/tmp")
+            .as_user(5, 6)
+            .to_json(true);
+        assert_eq!(v["wait-for-websocket"], true);
+        assert_eq!(v["record-output"], false);
+        assert_eq!(v["interactive"], false);
+        assert_eq!(
+            (v["user"].as_u64(), v["group"].as_u64()),
+            (Some(5), Some(6))
+        );
+        assert_eq!(v["cwd"], "/tmp");
+    }
 }

@@ -49,7 +49,7 @@ pub use exec::{
 };
 pub use files::{FileKind, FileMeta, PulledFile, PushOptions};
 pub use images::ImageTarballs;
-pub use operation::{OperationInfo, STATUS_CANCELLED, STATUS_FAILURE, STATUS_SUCCESS};
+pub use operation::{OperationInfo, Progress, STATUS_CANCELLED, STATUS_FAILURE, STATUS_SUCCESS};
 pub use state::{
     cpu_percent, CpuState, DiskState, InstanceState, MemoryState, NetworkAddress, NetworkCounters,
     NetworkState, DEFAULT_NIC,

@@ -87,6 +87,93 @@ impl OperationInfo {
     }
 }
 
+/// Progress of a long operation as Incus reports it (the `*_progress` keys
+/// of the operation's metadata, e.g. image download or unpack).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Progress {
+    /// The metadata key, e.g. `create_instance_from_image_unpack_progress`.
+    pub stage: String,
+    /// Incus' text, e.g. `Unpacking image: 45% (1.20GB/s)`.
+    pub text: String,
+    /// The percentage in the text, when there is one.
+    pub percent: Option<u8>,
+}
+
+impl Progress {
+    fn from_pair(stage: &str, text: &str) -> Progress {
+        Progress {
+            stage: stage.to_string(),
+            text: text.to_string(),
+            percent: parse_percent(text),
+        }
+    }
+}
+
+/// The number before the first `%` of `text`.
+fn parse_percent(text: &str) -> Option<u8> {
+    let pos = text.find('%')?;
+    let digits: String = text[..pos]
+        .chars()
+        .rev()
+        .take_while(char::is_ascii_digit)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    digits.parse::<u8>().ok().filter(|p| *p <= 100)
+}
+
+/// Forwards progress updates of operation `id` (received once known) from
+/// an operation-events websocket until the operation ends or the receiver
+/// goes away.
+pub(crate) async fn forward_progress(
+    mut ws: crate::transport::Ws,
+    id: tokio::sync::oneshot::Receiver<String>,
+    tx: tokio::sync::mpsc::Sender<Progress>,
+) {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let Ok(id) = id.await else { return };
+    let mut last: BTreeMap<String, String> = BTreeMap::new();
+    while let Some(Ok(msg)) = ws.next().await {
+        let text = match msg {
+            Message::Text(t) => t.as_str().to_string(),
+            Message::Binary(b) => String::from_utf8_lossy(&b).into_owned(),
+            Message::Close(_) => break,
+            _ => continue,
+        };
+        let Ok(ev) = serde_json::from_str::<serde_json::Value>(&text) else {
+            continue;
+        };
+        let Some(op) = ev.get("metadata") else {
+            continue;
+        };
+        if op.get("id").and_then(|v| v.as_str()) != Some(id.as_str()) {
+            continue;
+        }
+        if let Some(meta) = op.get("metadata").and_then(|m| m.as_object()) {
+            for (k, v) in meta {
+                let Some(v) = v.as_str() else { continue };
+                if !k.ends_with("_progress") || last.get(k).map(String::as_str) == Some(v) {
+                    continue;
+                }
+                last.insert(k.clone(), v.to_string());
+                if tx.send(Progress::from_pair(k, v)).await.is_err() {
+                    return;
+                }
+            }
+        }
+        if op
+            .get("status_code")
+            .and_then(serde_json::Value::as_u64)
+            .is_some_and(|c| c >= u64::from(STATUS_SUCCESS))
+        {
+            break;
+        }
+    }
+}
+
 impl Client {
     /// Fetches an operation.
     pub async fn operation(&self, id: &str) -> Result<OperationInfo> {
@@ -171,5 +258,21 @@ impl Client {
             Answer::Sync(_) => Ok(None),
             Answer::Async(op) => Ok(Some(self.wait_success(&op, timeout, what).await?)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn percent_is_read_from_progress_text() {
+        assert_eq!(parse_percent("Unpacking image: 45% (1.20GB/s)"), Some(45));
+        assert_eq!(parse_percent("rootfs: 100% (5.00MB/s)"), Some(100));
+        assert_eq!(parse_percent("no number"), None);
+        assert_eq!(parse_percent("odd 300%"), None);
+        let p = Progress::from_pair("download_progress", "metadata: 7% (1MB/s)");
+        assert_eq!(p.percent, Some(7));
     }
 }

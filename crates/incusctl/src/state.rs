@@ -10,6 +10,8 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use serde::{Deserialize, Serialize};
 
+use crate::types::null_as_default;
+
 /// The interface sandboxd reads addresses from.
 pub const DEFAULT_NIC: &str = "eth0";
 
@@ -18,12 +20,14 @@ pub const DEFAULT_NIC: &str = "eth0";
 #[serde(default)]
 pub struct InstanceState {
     /// `Running`, `Stopped`, `Frozen`...
+    #[serde(deserialize_with = "null_as_default")]
     pub status: String,
     /// Numeric status.
     pub status_code: u16,
     /// Disk usage per disk device (`root`...).
     pub disk: Option<BTreeMap<String, DiskState>>,
     /// Memory usage.
+    #[serde(deserialize_with = "null_as_default")]
     pub memory: MemoryState,
     /// Network interfaces inside the instance (absent when stopped).
     pub network: Option<BTreeMap<String, NetworkState>>,
@@ -32,6 +36,7 @@ pub struct InstanceState {
     /// Number of processes (-1 when unknown).
     pub processes: i64,
     /// CPU usage.
+    #[serde(deserialize_with = "null_as_default")]
     pub cpu: CpuState,
 }
 
@@ -72,19 +77,25 @@ pub struct CpuState {
 #[serde(default)]
 pub struct NetworkState {
     /// Addresses on the interface.
+    #[serde(deserialize_with = "null_as_default")]
     pub addresses: Vec<NetworkAddress>,
     /// MAC address.
+    #[serde(deserialize_with = "null_as_default")]
     pub hwaddr: String,
     /// Host-side interface name.
+    #[serde(deserialize_with = "null_as_default")]
     pub host_name: String,
     /// MTU.
     pub mtu: i64,
     /// `up` or `down`.
+    #[serde(deserialize_with = "null_as_default")]
     pub state: String,
     /// `broadcast`, `loopback`...
     #[serde(rename = "type")]
+    #[serde(deserialize_with = "null_as_default")]
     pub kind: String,
     /// Traffic counters.
+    #[serde(deserialize_with = "null_as_default")]
     pub counters: NetworkCounters,
 }
 
@@ -103,12 +114,16 @@ pub struct NetworkCounters {
 #[serde(default)]
 pub struct NetworkAddress {
     /// `inet` or `inet6`.
+    #[serde(deserialize_with = "null_as_default")]
     pub family: String,
     /// The address.
+    #[serde(deserialize_with = "null_as_default")]
     pub address: String,
     /// Prefix length.
+    #[serde(deserialize_with = "null_as_default")]
     pub netmask: String,
     /// `global`, `link`, `local`.
+    #[serde(deserialize_with = "null_as_default")]
     pub scope: String,
 }
 

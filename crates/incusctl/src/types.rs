@@ -16,14 +16,19 @@ use crate::state::InstanceState;
 #[serde(default)]
 pub struct ServerInfo {
     /// API extensions the server supports (feature flags).
+    #[serde(deserialize_with = "null_as_default")]
     pub api_extensions: Vec<String>,
     /// `stable` or `development`.
+    #[serde(deserialize_with = "null_as_default")]
     pub api_status: String,
     /// Always `1.0` today.
+    #[serde(deserialize_with = "null_as_default")]
     pub api_version: String,
     /// `trusted` for unix-socket clients.
+    #[serde(deserialize_with = "null_as_default")]
     pub auth: String,
     /// Host environment.
+    #[serde(deserialize_with = "null_as_default")]
     pub environment: ServerEnvironment,
 }
 
@@ -39,20 +44,27 @@ impl ServerInfo {
 #[serde(default)]
 pub struct ServerEnvironment {
     /// Incus version, e.g. `6.0.4`.
+    #[serde(deserialize_with = "null_as_default")]
     pub server_version: String,
     /// Server name (host name, or the cluster member name).
+    #[serde(deserialize_with = "null_as_default")]
     pub server_name: String,
     /// Whether the server is part of a cluster.
     pub server_clustered: bool,
     /// Kernel name.
+    #[serde(deserialize_with = "null_as_default")]
     pub kernel: String,
     /// Kernel version.
+    #[serde(deserialize_with = "null_as_default")]
     pub kernel_version: String,
     /// Supported architectures.
+    #[serde(deserialize_with = "null_as_default")]
     pub architectures: Vec<String>,
     /// Instance drivers, e.g. `lxc | qemu`.
+    #[serde(deserialize_with = "null_as_default")]
     pub driver: String,
     /// Storage drivers in use.
+    #[serde(deserialize_with = "null_as_default")]
     pub storage: String,
 }
 
@@ -62,39 +74,53 @@ pub struct ServerEnvironment {
 #[serde(default)]
 pub struct Instance {
     /// Instance name.
+    #[serde(deserialize_with = "null_as_default")]
     pub name: String,
     /// Description.
+    #[serde(deserialize_with = "null_as_default")]
     pub description: String,
     /// `Running`, `Stopped`, `Frozen`, `Error`...
+    #[serde(deserialize_with = "null_as_default")]
     pub status: String,
     /// Numeric status (103 running, 102 stopped, 110 frozen, 400 error).
     pub status_code: u16,
     /// `container` or `virtual-machine`.
     #[serde(rename = "type")]
+    #[serde(deserialize_with = "null_as_default")]
     pub kind: String,
     /// Architecture, e.g. `x86_64`.
+    #[serde(deserialize_with = "null_as_default")]
     pub architecture: String,
     /// Instance-local configuration.
+    #[serde(deserialize_with = "null_as_default")]
     pub config: BTreeMap<String, String>,
     /// Instance-local devices.
+    #[serde(deserialize_with = "null_as_default")]
     pub devices: BTreeMap<String, BTreeMap<String, String>>,
     /// Configuration with profiles applied.
+    #[serde(deserialize_with = "null_as_default")]
     pub expanded_config: BTreeMap<String, String>,
     /// Devices with profiles applied.
+    #[serde(deserialize_with = "null_as_default")]
     pub expanded_devices: BTreeMap<String, BTreeMap<String, String>>,
     /// Profiles applied, in order.
+    #[serde(deserialize_with = "null_as_default")]
     pub profiles: Vec<String>,
     /// Whether the instance is deleted when stopped.
     pub ephemeral: bool,
     /// Whether the instance has stateful snapshots.
     pub stateful: bool,
     /// Creation time (RFC 3339).
+    #[serde(deserialize_with = "null_as_default")]
     pub created_at: String,
     /// Last start time (RFC 3339).
+    #[serde(deserialize_with = "null_as_default")]
     pub last_used_at: String,
     /// Cluster member the instance lives on (`none` when not clustered).
+    #[serde(deserialize_with = "null_as_default")]
     pub location: String,
     /// Project.
+    #[serde(deserialize_with = "null_as_default")]
     pub project: String,
     /// Runtime state (only with `recursion=2`).
     pub state: Option<InstanceState>,
@@ -123,7 +149,7 @@ impl Instance {
 
 /// Decodes `null` as the type's default (Incus sends `null` for empty
 /// lists).
-fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+pub(crate) fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
 where
     D: serde::Deserializer<'de>,
     T: Default + Deserialize<'de>,
@@ -136,16 +162,20 @@ where
 #[serde(default)]
 pub struct Snapshot {
     /// Snapshot name (without the `instance/` prefix).
+    #[serde(deserialize_with = "null_as_default")]
     pub name: String,
     /// Creation time (RFC 3339).
+    #[serde(deserialize_with = "null_as_default")]
     pub created_at: String,
     /// Expiry time (RFC 3339; the zero time when it never expires).
+    #[serde(deserialize_with = "null_as_default")]
     pub expires_at: String,
     /// Whether the running state was saved too.
     pub stateful: bool,
     /// Size in bytes, when the storage driver knows it (-1 otherwise).
     pub size: i64,
     /// Description.
+    #[serde(deserialize_with = "null_as_default")]
     pub description: String,
 }
 
@@ -154,23 +184,30 @@ pub struct Snapshot {
 #[serde(default)]
 pub struct Image {
     /// SHA-256 fingerprint.
+    #[serde(deserialize_with = "null_as_default")]
     pub fingerprint: String,
     /// Aliases pointing at this image.
+    #[serde(deserialize_with = "null_as_default")]
     pub aliases: Vec<ImageAliasRef>,
     /// Architecture.
+    #[serde(deserialize_with = "null_as_default")]
     pub architecture: String,
     /// Size in bytes.
     pub size: i64,
     /// Image properties (`os`, `release`, `description`...).
+    #[serde(deserialize_with = "null_as_default")]
     pub properties: BTreeMap<String, String>,
     /// Whether the image is public.
     pub public: bool,
     /// `container` or `virtual-machine`.
     #[serde(rename = "type")]
+    #[serde(deserialize_with = "null_as_default")]
     pub kind: String,
     /// Upload time (RFC 3339).
+    #[serde(deserialize_with = "null_as_default")]
     pub uploaded_at: String,
     /// Creation time (RFC 3339).
+    #[serde(deserialize_with = "null_as_default")]
     pub created_at: String,
 }
 
@@ -179,8 +216,10 @@ pub struct Image {
 #[serde(default)]
 pub struct ImageAliasRef {
     /// Alias name.
+    #[serde(deserialize_with = "null_as_default")]
     pub name: String,
     /// Description.
+    #[serde(deserialize_with = "null_as_default")]
     pub description: String,
 }
 
@@ -189,13 +228,17 @@ pub struct ImageAliasRef {
 #[serde(default)]
 pub struct ImageAlias {
     /// Alias name.
+    #[serde(deserialize_with = "null_as_default")]
     pub name: String,
     /// Fingerprint of the image it points at.
+    #[serde(deserialize_with = "null_as_default")]
     pub target: String,
     /// Description.
+    #[serde(deserialize_with = "null_as_default")]
     pub description: String,
     /// `container` or `virtual-machine`.
     #[serde(rename = "type")]
+    #[serde(deserialize_with = "null_as_default")]
     pub kind: String,
 }
 
@@ -420,5 +463,14 @@ mod tests {
         assert!(i.state.is_none());
         let i: Instance = serde_json::from_str(r#"{"name":"a","snapshots":null}"#).unwrap();
         assert!(i.snapshots.is_empty());
+        // An instance being created or deleted can have nulls everywhere.
+        let i: Instance = serde_json::from_str(
+            r#"{"name":"a","status":null,"config":null,"devices":null,"expanded_config":null,
+                "expanded_devices":null,"profiles":null,"description":null,
+                "state":{"status":null,"network":null,"disk":null,"memory":null,"cpu":null}}"#,
+        )
+        .unwrap();
+        assert!(i.config.is_empty());
+        assert_eq!(i.state.unwrap().ipv4(), None);
     }
 }

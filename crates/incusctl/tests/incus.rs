@@ -372,8 +372,16 @@ async fn launch_exec_files_state_and_list() {
 #[tokio::test]
 async fn snapshots_and_state_changes_with_events() {
     let incus = incus().await;
-    let c = TestInstance::launch(&incus, "life").await;
+    let (c, progress) = TestInstance::launch_with_progress(&incus, "life").await;
     let name = c.name.as_str();
+    // Incus reported the image unpack while creating.
+    eprintln!("create progress: {progress:?}");
+    assert!(
+        progress
+            .iter()
+            .any(|p| p.stage.contains("unpack") && p.percent.is_some()),
+        "no unpack progress in {progress:?}"
+    );
     let mut events = incus.events_connected().await.unwrap();
 
     // Snapshot create -> change a file -> restore -> the file is back.

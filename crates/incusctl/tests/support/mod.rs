@@ -39,6 +39,33 @@ pub struct TestInstance {
 impl TestInstance {
     /// Launches `test/debian-ssh` with nesting and small limits, started.
     pub async fn launch(client: &Client, tag: &str) -> TestInstance {
+        let (guard, req) = Self::prepare(client, tag);
+        client.create_instance(&req).await.expect("create instance");
+        guard
+    }
+
+    /// Like [`TestInstance::launch`], collecting Incus' progress reports.
+    pub async fn launch_with_progress(
+        client: &Client,
+        tag: &str,
+    ) -> (TestInstance, Vec<incusctl::Progress>) {
+        let (guard, req) = Self::prepare(client, tag);
+        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        let collector = tokio::spawn(async move {
+            let mut all = Vec::new();
+            while let Some(p) = rx.recv().await {
+                all.push(p);
+            }
+            all
+        });
+        client
+            .create_instance_with_progress(&req, tx)
+            .await
+            .expect("create instance");
+        (guard, collector.await.unwrap())
+    }
+
+    fn prepare(client: &Client, tag: &str) -> (TestInstance, CreateInstance) {
         let name = unique_name(tag);
         let req = CreateInstance::new(&name, ImageSource::local(TEST_IMAGE))
             .docker_ready()
@@ -46,14 +73,13 @@ impl TestInstance {
             .limits_memory("512MiB")
             .config("user.incusctl.test", "1")
             .start(true);
-        // Register for cleanup before creating, so a half-made instance
+        // The guard exists before the instance, so a half-made instance
         // is removed too.
         let guard = TestInstance {
             client: client.clone(),
-            name: name.clone(),
+            name,
         };
-        client.create_instance(&req).await.expect("create instance");
-        guard
+        (guard, req)
     }
 
     /// A guard for an instance the test creates itself.
