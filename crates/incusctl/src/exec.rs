@@ -31,7 +31,11 @@ use crate::operation::OperationInfo;
 use crate::transport::{empty_body, percent_encode, raw_error, Ws};
 
 /// A command to run in an instance.
-#[derive(Debug, Clone, Default)]
+///
+/// Incus publishes the command line (not the environment) in its
+/// `instance-exec` lifecycle event and logs: pass secrets through stdin or
+/// the files API, never as arguments. `Debug` shows environment keys only.
+#[derive(Clone, Default)]
 pub struct ExecRequest {
     /// Program and arguments (no shell unless you run one).
     pub command: Vec<String>,
@@ -46,6 +50,19 @@ pub struct ExecRequest {
     /// Bound on the command's run time; `None` uses the client's operation
     /// timeout.
     pub timeout: Option<Duration>,
+}
+
+impl std::fmt::Debug for ExecRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExecRequest")
+            .field("command", &self.command)
+            .field("env_keys", &self.env.keys().collect::<Vec<_>>())
+            .field("cwd", &self.cwd)
+            .field("user", &self.user)
+            .field("group", &self.group)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
 }
 
 impl ExecRequest {
@@ -598,6 +615,14 @@ mod tests {
         };
         assert!(!is_transient(&other));
         assert!(retry_delay(2) > retry_delay(1));
+    }
+
+    #[test]
+    fn debug_hides_environment_values() {
+        let req = ExecRequest::new(["true"]).env("API_KEY", "s3cret");
+        let dbg = format!("{req:?}");
+        assert!(dbg.contains("API_KEY"));
+        assert!(!dbg.contains("s3cret"));
     }
 
     #[test]
