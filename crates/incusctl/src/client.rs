@@ -429,10 +429,48 @@ pub(crate) fn instance_what(name: &str) -> String {
 }
 
 fn find_socket() -> Result<PathBuf> {
-    let tried: Vec<PathBuf> = DEFAULT_SOCKETS.iter().map(PathBuf::from).collect();
+    find_socket_in(DEFAULT_SOCKETS.iter().map(PathBuf::from).collect())
+}
+
+fn find_socket_in(tried: Vec<PathBuf>) -> Result<PathBuf> {
     tried
         .iter()
         .find(|p| p.exists())
         .cloned()
         .ok_or(Error::NoSocket { tried })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn first_existing_socket_wins_and_none_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.socket");
+        let b = dir.path().join("b.socket");
+        let err = find_socket_in(vec![a.clone(), b.clone()]).unwrap_err();
+        assert!(err.is_not_running());
+        let msg = err.to_string();
+        assert!(msg.contains("Incus is not running"), "{msg}");
+        assert!(
+            msg.contains("a.socket") && msg.contains("b.socket"),
+            "{msg}"
+        );
+        std::fs::write(&b, b"").unwrap();
+        assert_eq!(find_socket_in(vec![a.clone(), b.clone()]).unwrap(), b);
+        std::fs::write(&a, b"").unwrap();
+        assert_eq!(find_socket_in(vec![a.clone(), b]).unwrap(), a);
+    }
+
+    #[test]
+    fn stop_body_carries_timeout_and_force() {
+        let v = state_body("stop", StopOptions::graceful(Duration::from_secs(30)));
+        assert_eq!(v["timeout"], 30);
+        assert_eq!(v["force"], false);
+        let v = state_body("stop", StopOptions::force());
+        assert_eq!(v["timeout"], -1);
+        assert_eq!(v["force"], true);
+    }
 }
