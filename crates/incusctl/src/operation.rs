@@ -194,7 +194,8 @@ impl Client {
     }
 
     /// Waits up to `timeout` for operation `id` to reach a final state and
-    /// returns it, whatever its outcome (see [`Client::wait_success`]).
+    /// returns it, whatever its outcome (a failed operation is returned, not
+    /// turned into an error).
     ///
     /// Uses `GET /1.0/operations/{id}/wait?timeout=N`; a wait that runs out
     /// gives [`Error::Timeout`] (the operation itself goes on).

@@ -145,6 +145,17 @@ impl Instance {
     pub fn is_frozen(&self) -> bool {
         self.status_code == 110 || self.status == "Frozen"
     }
+
+    /// First global IPv4 address of `eth0`, from the state included by
+    /// `recursion=2` listings.
+    pub fn ipv4(&self) -> Option<std::net::Ipv4Addr> {
+        self.state.as_ref().and_then(InstanceState::ipv4)
+    }
+
+    /// First global IPv6 address of `eth0`, from the included state.
+    pub fn ipv6(&self) -> Option<std::net::Ipv6Addr> {
+        self.state.as_ref().and_then(InstanceState::ipv6)
+    }
 }
 
 /// Decodes `null` as the type's default (Incus sends `null` for empty

@@ -349,6 +349,7 @@ async fn launch_exec_files_state_and_list() {
     let me = all.iter().find(|i| i.name == name).expect("listed");
     let me_state = me.state.as_ref().expect("state in the listing");
     assert_eq!(me_state.ipv4(), Some(ip));
+    assert_eq!(me.ipv4(), Some(ip));
     assert!(me.snapshots.is_empty());
     assert_eq!(me.expanded_config["user.incusctl.test"], "1");
 
