@@ -327,8 +327,10 @@ pub fn whoami() -> String {
 }
 
 pub fn harness() -> HarnessBuilder {
-    let mut config = GatewayConfig::default();
-    config.auth_rejection_time = Duration::from_millis(50);
+    let config = GatewayConfig {
+        auth_rejection_time: Duration::from_millis(50),
+        ..GatewayConfig::default()
+    };
     HarnessBuilder {
         config,
         sandbox: "app-example-com".into(),
