@@ -44,6 +44,20 @@ pub fn fingerprint(key: &PublicKey) -> String {
     key.fingerprint(HashAlg::Sha256).to_string()
 }
 
+/// One line per host key, as `sandboxd host-key` prints them:
+/// `ALGORITHM BASE64 SHA256:FINGERPRINT`.
+pub fn describe_host_keys(keys: &[PrivateKey]) -> Vec<String> {
+    keys.iter()
+        .map(|k| {
+            let public = k.public_key();
+            let line = public
+                .to_openssh()
+                .unwrap_or_else(|_| public.algorithm().to_string());
+            format!("{} {}", line.trim(), fingerprint(public))
+        })
+        .collect()
+}
+
 fn load_or_make(
     path: &Path,
     make: impl FnOnce() -> Result<PrivateKey, russh::keys::ssh_key::Error>,
@@ -119,5 +133,9 @@ mod tests {
             fingerprint(again[1].public_key())
         );
         assert!(fingerprint(first[0].public_key()).starts_with("SHA256:"));
+        let lines = describe_host_keys(&first);
+        assert!(lines[0].starts_with("ssh-ed25519 AAAA"), "{}", lines[0]);
+        assert!(lines[1].starts_with("ssh-rsa AAAA"), "{}", lines[1]);
+        assert!(lines[0].ends_with(&fingerprint(first[0].public_key())));
     }
 }

@@ -147,3 +147,15 @@ fn missing_pinned_host_key_is_refused() {
     let h = harness().no_pinned_host_key().start();
     assert_one_line_refusal(&h, "has no pinned host key");
 }
+
+#[test]
+fn persistent_host_keys_serve_ed25519_and_rsa_sha2_clients() {
+    let h = harness().host_keys_from_dir().start();
+    for alg in ["ssh-ed25519", "rsa-sha2-512", "rsa-sha2-256"] {
+        let out = run(h
+            .ssh()
+            .args(["-o", &format!("HostKeyAlgorithms={alg}")])
+            .arg("echo ok"));
+        assert_eq!(text(&out.stdout), "ok\n", "{alg}: {}", text(&out.stderr));
+    }
+}

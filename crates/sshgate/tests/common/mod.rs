@@ -160,6 +160,7 @@ pub struct HarnessBuilder {
     client_keys: usize,
     target: Option<Target>,
     pin: Pin,
+    host_key_dir: bool,
 }
 
 enum Pin {
@@ -197,6 +198,12 @@ impl HarnessBuilder {
     }
     pub fn target(mut self, t: Target) -> Self {
         self.target = Some(t);
+        self
+    }
+    /// Use `load_or_generate_host_keys` (ed25519 + RSA) instead of one
+    /// in-memory ed25519 key.
+    pub fn host_keys_from_dir(mut self) -> Self {
+        self.host_key_dir = true;
         self
     }
     pub fn no_pinned_host_key(mut self) -> Self {
@@ -250,9 +257,13 @@ impl HarnessBuilder {
             upstream_key: Arc::new(upstream_key),
             upstream_host_key: pinned,
         });
-        let host_key = PrivateKey::random(&mut rand_ssh::rng(), Algorithm::Ed25519).unwrap();
+        let host_keys = if self.host_key_dir {
+            sshgate::load_or_generate_host_keys(&dir.path().join("hostkeys")).unwrap()
+        } else {
+            vec![PrivateKey::random(&mut rand_ssh::rng(), Algorithm::Ed25519).unwrap()]
+        };
         let mut config = self.config;
-        config.host_keys = vec![host_key.clone()];
+        config.host_keys = host_keys.clone();
         let gateway = Gateway::new(config, routes.clone());
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let gw = gateway.clone();
@@ -271,17 +282,19 @@ impl HarnessBuilder {
         });
         let addr: SocketAddr = addr_rx.recv().unwrap();
         let known_hosts = dir.path().join("known_hosts");
-        std::fs::write(
-            &known_hosts,
-            format!(
-                "[127.0.0.1]:{} {}\n[127.0.0.1]:{} {}\n",
+        let mut kh = format!(
+            "[127.0.0.1]:{} {}\n",
+            sshd.port,
+            sshd.host_key.to_openssh().unwrap()
+        );
+        for k in &host_keys {
+            kh.push_str(&format!(
+                "[127.0.0.1]:{} {}\n",
                 addr.port(),
-                host_key.public_key().to_openssh().unwrap(),
-                sshd.port,
-                sshd.host_key.to_openssh().unwrap()
-            ),
-        )
-        .unwrap();
+                k.public_key().to_openssh().unwrap()
+            ));
+        }
+        std::fs::write(&known_hosts, kh).unwrap();
         Harness {
             addr,
             gateway,
@@ -337,6 +350,7 @@ pub fn harness() -> HarnessBuilder {
         client_keys: 1,
         target: None,
         pin: Pin::Sshd,
+        host_key_dir: false,
     }
 }
 
