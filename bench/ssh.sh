@@ -1,0 +1,179 @@
+#!/usr/bin/env bash
+# Side-by-side SSH benchmark on loopback, in one run:
+#   - 1 GiB down and up: through the gateway vs direct vs OpenSSH ProxyJump
+#     (ProxyCommand 'ssh -W' through a second local sshd);
+#   - `ssh host true` time: gateway vs direct (hyperfine);
+#   - gateway memory with IDLE idle proxied sessions (RSS and peak RSS).
+# Everything binds 127.0.0.1; every process started here is stopped by PID.
+# Usage: bench/ssh.sh [gateway tuning key=value ...]   (see the example's doc)
+# Env: SIZE_MIB (1024), RUNS (3), CONNECT_RUNS (20), IDLE (500).
+set -euo pipefail
+
+SIZE_MIB=${SIZE_MIB:-1024}
+RUNS=${RUNS:-3}
+CONNECT_RUNS=${CONNECT_RUNS:-20}
+IDLE=${IDLE:-500}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BYTES=$((SIZE_MIB * 1024 * 1024))
+TUNING=("$@")
+
+for tool in ssh ssh-keygen /usr/sbin/sshd hyperfine jq ss; do
+  command -v "$tool" >/dev/null || { echo "missing $tool (run .ci/setup-sshgate.sh)" >&2; exit 1; }
+done
+
+(cd "$ROOT" && cargo build --quiet --release -p sshgate --example gateway)
+GW_BIN=$ROOT/target/release/examples/gateway
+
+WORK=$(mktemp -d /tmp/sshgate-bench.XXXXXX)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+ME=$(id -un)
+mkdir -p /run/sshd
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+keygen() { ssh-keygen -q -t ed25519 -N '' -C "$1" -f "$WORK/$1"; }
+for k in client upstream host_target host_jump; do keygen "$k"; done
+
+wait_port() {
+  local port=$1 i
+  for i in $(seq 200); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
+    sleep 0.05
+  done
+  echo "port $port never opened" >&2; return 1
+}
+
+start_sshd() { # name port hostkey authorized_keys...
+  local name=$1 port=$2 hostkey=$3; shift 3
+  cat "$@" > "$WORK/$name.auth"
+  cat > "$WORK/$name.conf" <<CONF
+Port $port
+ListenAddress 127.0.0.1
+HostKey $hostkey
+AuthorizedKeysFile $WORK/$name.auth
+PidFile $WORK/$name.pid
+UsePAM no
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+StrictModes no
+AllowTcpForwarding yes
+MaxStartups 2000
+PrintMotd no
+Subsystem sftp /usr/lib/openssh/sftp-server
+CONF
+  /usr/sbin/sshd -D -e -f "$WORK/$name.conf" 2>"$WORK/$name.log" &
+  PIDS+=($!)
+  wait_port "$port"
+}
+
+TP=$(free_port); start_sshd target "$TP" "$WORK/host_target" "$WORK/client.pub" "$WORK/upstream.pub"
+JP=$(free_port); start_sshd jump "$JP" "$WORK/host_jump" "$WORK/client.pub"
+
+GW_PID=
+GP=
+start_gateway() {
+  rm -f "$WORK/gw.out"
+  "$GW_BIN" listen=127.0.0.1:0 host_keys="$WORK/gwkeys" sandbox=bench target="127.0.0.1:$TP" \
+    user="$ME" authorized_keys="$WORK/client.pub" upstream_key="$WORK/upstream" \
+    upstream_host_key="$WORK/host_target.pub" "${TUNING[@]}" >"$WORK/gw.out" 2>>"$WORK/gw.log" &
+  GW_PID=$!
+  PIDS+=("$GW_PID")
+  local i
+  for i in $(seq 600); do
+    GP=$(sed -n 's/^listening 127.0.0.1:\([0-9]*\)$/\1/p' "$WORK/gw.out" 2>/dev/null || true)
+    [ -n "$GP" ] && break
+    sleep 0.1
+  done
+  [ -n "$GP" ] || { echo "gateway did not start" >&2; cat "$WORK/gw.log" >&2; exit 1; }
+  {
+    echo "[127.0.0.1]:$TP $(cat "$WORK/host_target.pub")"
+    echo "[127.0.0.1]:$JP $(cat "$WORK/host_jump.pub")"
+    echo "[127.0.0.1]:$GP $(ssh-keygen -y -f "$WORK/gwkeys/ssh_host_ed25519_key")"
+  } > "$WORK/known_hosts"
+}
+stop_gateway() { kill "$GW_PID"; wait "$GW_PID" 2>/dev/null || true; }
+
+O=(-F /dev/null -i "$WORK/client" -o IdentitiesOnly=yes -o IdentityAgent=none
+   -o "UserKnownHostsFile=$WORK/known_hosts" -o StrictHostKeyChecking=yes -o BatchMode=yes)
+direct() { ssh "${O[@]}" -p "$TP" "$ME@127.0.0.1" "$@"; }
+gateway() { ssh "${O[@]}" -p "$GP" "bench@127.0.0.1" "$@"; }
+jump() { ssh "${O[@]}" -o "ProxyCommand=ssh ${O[*]} -p $JP -W %h:%p $ME@127.0.0.1" -p "$TP" "$ME@127.0.0.1" "$@"; }
+now() { date +%s.%N; }
+kib() { awk -v k="$2" '$1 == k":" {print $2}' "/proc/$1/status"; }
+
+# ---- memory with idle sessions (fresh gateway) -----------------------------
+start_gateway
+gateway true
+BASE_RSS=$(kib "$GW_PID" VmRSS)
+CLIENTS=()
+for i in $(seq "$IDLE"); do
+  gateway -n -T 'exec sleep 100000' </dev/null >/dev/null 2>>"$WORK/idle.err" &
+  CLIENTS+=($!)
+  PIDS+=($!)
+  if (( i % 25 == 0 )); then
+    for _ in $(seq 600); do
+      n=$(ss -Htn state established "( sport = :$GP )" | wc -l)
+      (( n >= i )) && break
+      sleep 0.1
+    done
+  fi
+done
+for _ in $(seq 1200); do
+  n=$(ss -Htn state established "( sport = :$GP )" | wc -l)
+  (( n >= IDLE )) && break
+  sleep 0.1
+done
+sleep 1 # let the last channels settle before reading memory
+IDLE_RSS=$(kib "$GW_PID" VmRSS)
+PEAK_RSS=$(kib "$GW_PID" VmHWM)
+ESTABLISHED=$(ss -Htn state established "( sport = :$GP )" | wc -l)
+for p in "${CLIENTS[@]}"; do kill "$p" 2>/dev/null || true; done
+for p in "${CLIENTS[@]}"; do wait "$p" 2>/dev/null || true; done
+stop_gateway
+
+# ---- throughput and connect time --------------------------------------------
+start_gateway
+declare -A DOWN UP
+for mode in direct gateway jump; do DOWN[$mode]=""; UP[$mode]=""; done
+for _ in $(seq "$RUNS"); do
+  for mode in direct gateway jump; do
+    t0=$(now); $mode "head -c $BYTES /dev/zero" > /dev/null; t1=$(now)
+    DOWN[$mode]+="$(echo "$t1 - $t0" | bc -l) "
+    t0=$(now); head -c "$BYTES" /dev/zero | $mode 'cat > /dev/null'; t1=$(now)
+    UP[$mode]+="$(echo "$t1 - $t0" | bc -l) "
+  done
+done
+median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+mibs() { echo "scale=1; $SIZE_MIB / $1" | bc -l; }
+
+hyperfine --style none --warmup 3 --runs "$CONNECT_RUNS" --export-json "$WORK/connect.json" \
+  "ssh ${O[*]} -p $TP $ME@127.0.0.1 true" \
+  "ssh ${O[*]} -p $GP bench@127.0.0.1 true" >/dev/null
+C_DIRECT=$(jq '.results[0].mean' "$WORK/connect.json")
+C_GW=$(jq '.results[1].mean' "$WORK/connect.json")
+stop_gateway
+
+# ---- report ------------------------------------------------------------------
+echo "sshgate benchmark: loopback, ${SIZE_MIB} MiB transfers (median of $RUNS), $(nproc) cores"
+echo "gateway tuning: ${TUNING[*]:-defaults}"
+printf '%-10s %12s %12s\n' mode "down MiB/s" "up MiB/s"
+for mode in direct gateway jump; do
+  d=$(echo "${DOWN[$mode]}" | median); u=$(echo "${UP[$mode]}" | median)
+  printf '%-10s %12s %12s\n' "$mode" "$(mibs "$d")" "$(mibs "$u")"
+  eval "D_$mode=$d; U_$mode=$u"
+done
+# shellcheck disable=SC2154
+{
+  echo "throughput gateway/proxyjump: down $(echo "scale=2; $D_jump / $D_gateway" | bc -l)x, up $(echo "scale=2; $U_jump / $U_gateway" | bc -l)x (target >= 0.9)"
+  echo "throughput gateway/direct:    down $(echo "scale=2; $D_direct / $D_gateway" | bc -l)x, up $(echo "scale=2; $U_direct / $U_gateway" | bc -l)x"
+}
+printf 'connect (ssh true, mean of %s): direct %.3f s, gateway %.3f s, ratio %.2fx (target <= 1.3)\n' \
+  "$CONNECT_RUNS" "$C_DIRECT" "$C_GW" "$(echo "$C_GW / $C_DIRECT" | bc -l)"
+echo "memory: $ESTABLISHED/$IDLE idle sessions; gateway RSS ${BASE_RSS} KiB -> ${IDLE_RSS} KiB (peak ${PEAK_RSS} KiB);" \
+  "$(( (IDLE_RSS - BASE_RSS) / IDLE )) KiB per idle session (target < 200)"
