@@ -21,7 +21,7 @@ use httpgate::{
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 pub fn init_tracing() {
@@ -166,10 +166,12 @@ pub struct GatewayBuilder {
 
 impl GatewayBuilder {
     pub fn new() -> Self {
-        let mut config = HttpConfig::default();
-        config.acme_backoff_base = Duration::from_millis(200);
-        config.acme_backoff_cap = Duration::from_secs(2);
-        config.acme_order_timeout = Duration::from_secs(20);
+        let mut config = HttpConfig {
+            acme_backoff_base: Duration::from_millis(200),
+            acme_backoff_cap: Duration::from_secs(2),
+            acme_order_timeout: Duration::from_secs(20),
+            ..HttpConfig::default()
+        };
         config.timeouts.shutdown_grace = Duration::from_secs(1);
         Self {
             config,
