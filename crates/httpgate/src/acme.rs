@@ -300,7 +300,9 @@ pub(crate) fn statuses(shared: &Shared) -> Vec<CertStatus> {
                 .current
                 .as_ref()
                 .and_then(|c| certs::to_datetime(c.not_after)),
-            next_renewal: m.due_ms.and_then(|ms| certs::to_datetime(ms / 1000)),
+            next_renewal: m.due_ms.and_then(|ms| {
+                time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok()
+            }),
             last_error: m.last_error.clone(),
         })
         .collect();
