@@ -559,20 +559,23 @@ pub(crate) async fn run_connection(
     tokio::pin!(session);
 
     // Phase 1: handshake and authentication, bounded by the login grace.
-    let authed = tokio::select! {
+    let mut ended = false;
+    tokio::select! {
         r = &mut session => {
+            ended = true;
             if let Err(e) = r {
-                tracing::debug!(client = %peer, error = %e, "connection ended before login");
+                tracing::debug!(client = %peer, error = %e, "connection ended with an error");
             }
-            false
         }
-        _ = state.authed.notified() => true,
-        _ = tokio::time::sleep_until(deadline) => {
-            tracing::debug!(client = %peer, "login grace time exceeded");
-            false
-        }
+        _ = state.authed.notified() => {}
+        _ = tokio::time::sleep_until(deadline) => {}
     };
-    let Some(auth) = state.session.get().filter(|_| authed) else {
+    // A quick client may log in and finish before this task looks: what
+    // counts is whether authentication happened, not which branch fired.
+    let Some(auth) = state.session.get() else {
+        if !ended {
+            tracing::debug!(client = %peer, "login grace time exceeded");
+        }
         kill_switch.kill();
         return;
     };
@@ -592,7 +595,9 @@ pub(crate) async fn run_connection(
     );
 
     let end_reason: &str;
-    if let Some(message) = &auth.failure {
+    if ended {
+        end_reason = "client closed";
+    } else if let Some(message) = &auth.failure {
         // Phase 2a: the upstream is not there. Tell the client, then end.
         tokio::select! {
             _ = &mut session => {}
