@@ -514,6 +514,7 @@ pub(crate) async fn run_connection(
     socket: TcpStream,
     peer: SocketAddr,
     id: u64,
+    startup: tokio::sync::OwnedSemaphorePermit,
 ) {
     if inner.bans.is_banned(peer.ip()) {
         tracing::debug!(client = %peer, "connection from banned address dropped");
@@ -572,6 +573,7 @@ pub(crate) async fn run_connection(
     };
     // A quick client may log in and finish before this task looks: what
     // counts is whether authentication happened, not which branch fired.
+    drop(startup);
     let Some(auth) = state.session.get() else {
         if !ended {
             tracing::debug!(client = %peer, "login grace time exceeded");
