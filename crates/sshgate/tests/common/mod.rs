@@ -371,6 +371,8 @@ pub fn whoami() -> String {
 pub fn harness() -> HarnessBuilder {
     let config = GatewayConfig {
         auth_rejection_time: Duration::from_millis(50),
+        // Generous for loaded CI machines; the timeout tests set their own.
+        connect_timeout: Duration::from_secs(30),
         ..GatewayConfig::default()
     };
     HarnessBuilder {
