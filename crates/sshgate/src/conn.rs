@@ -170,6 +170,8 @@ impl ClientHandler {
     fn note_failure(&mut self) {
         if !self.failed_once {
             self.failed_once = true;
+            let user = self.route.as_ref().map(|(u, _)| u.as_str()).unwrap_or("");
+            tracing::info!(client = %self.peer, user, "public key refused (first refusal on this connection)");
             if self.inner.bans.record_failure(self.peer.ip()) {
                 tracing::warn!(client = %self.peer, "too many failed logins; address banned");
             }
