@@ -47,6 +47,8 @@ pub struct AdminContext {
     pub ssh_listen: Vec<String>,
     pub https_listen: Vec<String>,
     pub http_listen: Vec<String>,
+    /// The HTTPS gate, for `certs` and `ca-cert`.
+    pub http: httpgate::HttpGateway,
     /// The SSH gate, for `sessions`.
     pub ssh: sshgate::Gateway,
     /// `ALGORITHM BASE64 SHA256:FP` per SSH host key.
@@ -323,6 +325,13 @@ async fn route(ctx: Arc<AdminContext>, req: Request<Incoming>) -> Response<Body>
         (&Method::DELETE, ["v1", "sandboxes", name, "auth"]) => clear_auth(&ctx, name).await,
         (&Method::GET, ["v1", "sessions"]) => Ok(json(StatusCode::OK, &ctx.ssh.sessions())),
         (&Method::DELETE, ["v1", "sessions", id]) => kill_session(&ctx, id),
+        (&Method::GET, ["v1", "certs"]) => Ok(json(StatusCode::OK, &ctx.http.certs())),
+        (&Method::POST, ["v1", "certs", domain, "renew"]) => renew(&ctx, domain).await,
+        (&Method::GET, ["v1", "ca-cert"]) => Ok(full(
+            StatusCode::OK,
+            "application/x-pem-file",
+            ctx.http.ca_cert_pem().into_bytes(),
+        )),
         (&Method::GET, ["v1", "host-keys"]) => Ok(json(StatusCode::OK, &ctx.ssh_host_keys)),
         (&Method::GET, ["v1", "backup"]) => backup(&ctx).await,
         (&Method::POST, ["v1", "restore"]) => {
@@ -685,6 +694,20 @@ async fn clear_auth(ctx: &Arc<AdminContext>, name: &str) -> Result<Response<Body
     })
     .await?;
     Ok(json(StatusCode::OK, &view(&sb)))
+}
+
+async fn renew(ctx: &AdminContext, domain: &str) -> Result<Response<Body>, ApiError> {
+    match ctx.http.renew(domain).await {
+        Ok(()) => {
+            let status = ctx.http.certs().into_iter().find(|c| c.domain == domain);
+            Ok(json(StatusCode::OK, &status))
+        }
+        Err(e) => Err(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "renew_failed",
+            e.to_string(),
+        )),
+    }
 }
 
 fn kill_session(ctx: &AdminContext, id: &str) -> Result<Response<Body>, ApiError> {

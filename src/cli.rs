@@ -106,6 +106,15 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Certificates: issuer, expiry, next renewal, last error.
+    Certs {
+        #[command(subcommand)]
+        action: Option<CertsCommand>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the internal CA's root certificate (PEM), for clients to trust.
+    CaCert,
     /// Write everything (including private keys) as JSON to stdout.
     Backup,
     /// Restore a backup read from stdin.
@@ -155,6 +164,12 @@ pub struct AddArgs {
     /// Certificate source for this sandbox's hosts.
     #[arg(long, value_parser = ["acme", "internal"])]
     pub tls_mode: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// Obtain a new certificate for DOMAIN now and wait for the outcome.
+    Renew { domain: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -625,6 +640,56 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
             for k in keys {
                 println!("{k}");
             }
+        }
+        Command::Certs {
+            action: Some(CertsCommand::Renew { domain }),
+            ..
+        } => {
+            let status: serde_json::Value = client
+                .call(Method::POST, &format!("/v1/certs/{domain}/renew"), NONE)
+                .await?;
+            println!(
+                "{domain}: renewed, valid until {}",
+                status["not_after"].as_str().unwrap_or("?")
+            );
+        }
+        Command::Certs { action: None, json } => {
+            let certs: Vec<serde_json::Value> = client.call(Method::GET, "/v1/certs", NONE).await?;
+            if json {
+                return print_json(&certs);
+            }
+            let s = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_string();
+            let rows = certs
+                .iter()
+                .map(|c| {
+                    vec![
+                        s(&c["domain"]),
+                        s(&c["mode"]),
+                        s(&c["issuer"]),
+                        s(&c["not_after"]),
+                        s(&c["next_renewal"]),
+                        s(&c["last_error"]),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                table(
+                    &[
+                        "DOMAIN",
+                        "MODE",
+                        "ISSUER",
+                        "EXPIRES",
+                        "RENEWAL",
+                        "LAST ERROR"
+                    ],
+                    rows
+                )
+            );
+        }
+        Command::CaCert => {
+            let pem = client.call_raw(Method::GET, "/v1/ca-cert", None).await?;
+            std::io::stdout().write_all(&pem)?;
         }
         Command::Backup => {
             let bytes = client.call_raw(Method::GET, "/v1/backup", None).await?;

@@ -15,8 +15,9 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 
 use crate::admin::{self, Access, AdminContext};
-use crate::config::{self, Config, ServeArgs};
-use crate::routes::{self, Routes, RoutingTable};
+use crate::certstore::StoreCerts;
+use crate::config::{self, Config, ServeArgs, TlsMode};
+use crate::routes::{self, Defaults, Routes, RoutingTable};
 
 /// How long in-flight work may take after a shutdown signal.
 const GRACE: Duration = Duration::from_secs(10);
@@ -147,16 +148,6 @@ fn addrs(listeners: &[TcpListener]) -> Vec<String> {
         .collect()
 }
 
-/// Placeholder for a gate that is not wired yet: accepts and closes.
-async fn accept_and_close(listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => drop(accepted),
-            _ = shutdown.wait_for(|s| *s) => return,
-        }
-    }
-}
-
 /// Runs the daemon on already-bound listeners until `shutdown` resolves.
 pub async fn run(
     config: Config,
@@ -167,11 +158,17 @@ pub async fn run(
     let started = Instant::now();
     // Subscribe before the first build so that no change falls in between.
     let feed = store.subscribe();
+    let defaults = Arc::new(Defaults {
+        tls: match config.tls_mode {
+            TlsMode::Acme => httpgate::TlsMode::Acme,
+            TlsMode::Internal => httpgate::TlsMode::Internal,
+        },
+    });
     let initial = {
         let store = store.clone();
         tokio::task::spawn_blocking(move || -> Result<RoutingTable, store::Error> {
             let seq = store.seq();
-            Ok(RoutingTable::build(store.list()?, seq))
+            Ok(RoutingTable::build(store.list()?, seq, defaults))
         })
         .await??
     };
@@ -194,8 +191,48 @@ pub async fn run(
         Arc::new(routes::SshRoutes(routes.clone())),
     );
 
+    let acme_ca_root_pem = match &config.acme_ca_root {
+        Some(path) => {
+            Some(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?)
+        }
+        None => None,
+    };
+    let https_port = bound
+        .https
+        .first()
+        .and_then(|l| l.local_addr().ok())
+        .map(|a| a.port())
+        .unwrap_or(443);
+    let http = httpgate::HttpGateway::new(
+        httpgate::HttpConfig {
+            default_tls: match config.tls_mode {
+                TlsMode::Acme => httpgate::TlsModeKind::Acme,
+                TlsMode::Internal => httpgate::TlsModeKind::Internal,
+            },
+            acme_directory: Some(config.acme_directory.clone()),
+            acme_ca_root_pem,
+            acme_email: config.acme_email.clone(),
+            https_port,
+            ..Default::default()
+        },
+        Arc::new(routes::HttpRoutes(routes.clone())),
+        Arc::new(StoreCerts(store.clone())),
+    )
+    .context("starting the HTTPS gate")?;
+    // Certificates follow the routing snapshot.
+    let follower = {
+        let http = http.clone();
+        let mut changes = routes.watch();
+        tokio::spawn(async move {
+            while changes.changed().await.is_ok() {
+                http.routes_changed();
+            }
+        })
+    };
+
     let (stop_tx, stop_rx) = watch::channel(false);
     let ctx = Arc::new(AdminContext {
+        http: http.clone(),
         ssh: ssh.clone(),
         ssh_host_keys,
         store: store.clone(),
@@ -222,8 +259,21 @@ pub async fn run(
             }
         });
     }
-    for l in bound.https.into_iter().chain(bound.http) {
-        tasks.spawn(accept_and_close(l, stop_rx.clone()));
+    for l in bound.https {
+        let gate = http.clone();
+        tasks.spawn(async move {
+            if let Err(e) = gate.serve_https(l).await {
+                tracing::error!(error = %e, "https listener failed");
+            }
+        });
+    }
+    for l in bound.http {
+        let gate = http.clone();
+        tasks.spawn(async move {
+            if let Err(e) = gate.serve_http(l).await {
+                tracing::error!(error = %e, "http listener failed");
+            }
+        });
     }
     tasks.spawn(admin::serve(
         bound.admin,
@@ -243,6 +293,8 @@ pub async fn run(
 
     shutdown.await;
     ssh.shutdown();
+    http.shutdown();
+    follower.abort();
     let _ = stop_tx.send(true);
     let drained =
         tokio::time::timeout(GRACE, async { while tasks.join_next().await.is_some() {} }).await;

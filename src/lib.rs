@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod certstore;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -44,6 +44,21 @@ pub enum Service {
     Agent,
 }
 
+/// Settings that shape routes but are not stored per sandbox.
+#[derive(Debug, Clone)]
+pub struct Defaults {
+    /// Certificate mode of sandboxes that do not choose one.
+    pub tls: httpgate::TlsMode,
+}
+
+impl Default for Defaults {
+    fn default() -> Self {
+        Defaults {
+            tls: httpgate::TlsMode::Internal,
+        }
+    }
+}
+
 /// Everything the gates need about one sandbox, derived once per change.
 #[derive(Debug)]
 pub struct SandboxRoute {
@@ -53,10 +68,13 @@ pub struct SandboxRoute {
     /// The SSH gate's view, keys parsed; `None` if the stored gateway key
     /// is unreadable (logged once per snapshot change).
     pub ssh: Option<Arc<sshgate::Route>>,
+    /// The HTTPS gate's views of the app and agent hosts.
+    pub http_app: Arc<httpgate::Route>,
+    pub http_agent: Arc<httpgate::Route>,
 }
 
 impl SandboxRoute {
-    pub fn new(sandbox: Arc<Sandbox>) -> Self {
+    pub fn new(sandbox: Arc<Sandbox>, defaults: &Defaults) -> Self {
         let host = match (&sandbox.status, &sandbox.backend) {
             (SandboxStatus::Running, Backend::Static { host }) => Ok(host.clone()),
             (SandboxStatus::Running, Backend::Incus { .. }) => match sandbox.addresses.first() {
@@ -73,13 +91,63 @@ impl SandboxRoute {
                 reason: reason.clone(),
             }),
         };
+        let placeholder = Arc::new(httpgate::Route {
+            sandbox: String::new(),
+            kind: httpgate::RouteKind::App,
+            target: httpgate::Target::Stopped,
+            basic_auth: None,
+            tls: httpgate::TlsMode::Internal,
+        });
         let mut route = SandboxRoute {
             sandbox,
             host,
             ssh: None,
+            http_app: placeholder.clone(),
+            http_agent: placeholder,
         };
         route.ssh = route.build_ssh();
+        route.http_app = route.build_http(Service::App, defaults);
+        route.http_agent = route.build_http(Service::Agent, defaults);
         route
+    }
+
+    fn build_http(&self, service: Service, defaults: &Defaults) -> Arc<httpgate::Route> {
+        let sb = &self.sandbox;
+        let target = match self.http_target(service) {
+            Target::Addr { host, port } => httpgate::Target::Addr { host, port },
+            Target::Stopped => httpgate::Target::Stopped,
+            Target::Unavailable { reason } => httpgate::Target::Unavailable { reason },
+        };
+        let tls = match sb.tls_mode.as_deref() {
+            Some("acme") => httpgate::TlsMode::Acme,
+            Some("internal") => httpgate::TlsMode::Internal,
+            _ => defaults.tls.clone(),
+        };
+        let (kind, basic_auth) = match service {
+            Service::App => (httpgate::RouteKind::App, None),
+            Service::Agent => (
+                httpgate::RouteKind::Agent,
+                sb.basic_auth.as_ref().map(|a| httpgate::BasicAuth {
+                    user: a.user.clone(),
+                    password_hash: a.password_hash.clone(),
+                }),
+            ),
+        };
+        Arc::new(httpgate::Route {
+            sandbox: sb.name.clone(),
+            kind,
+            target,
+            basic_auth,
+            tls,
+        })
+    }
+
+    /// The HTTPS gate's route for `service`.
+    pub fn http(&self, service: Service) -> &Arc<httpgate::Route> {
+        match service {
+            Service::App => &self.http_app,
+            Service::Agent => &self.http_agent,
+        }
     }
 
     fn build_ssh(&self) -> Option<Arc<sshgate::Route>> {
@@ -144,15 +212,21 @@ impl SandboxRoute {
 pub struct RoutingTable {
     /// Store sequence number this table reflects.
     pub generation: u64,
+    defaults: Arc<Defaults>,
     by_name: HashMap<String, Arc<SandboxRoute>>,
     by_host: HashMap<String, (Arc<SandboxRoute>, Service)>,
 }
 
 impl RoutingTable {
     /// Builds a table from every sandbox.
-    pub fn build(sandboxes: impl IntoIterator<Item = Sandbox>, generation: u64) -> Self {
+    pub fn build(
+        sandboxes: impl IntoIterator<Item = Sandbox>,
+        generation: u64,
+        defaults: Arc<Defaults>,
+    ) -> Self {
         let mut table = RoutingTable {
             generation,
+            defaults,
             ..Default::default()
         };
         for sb in sandboxes {
@@ -163,7 +237,7 @@ impl RoutingTable {
 
     fn put(&mut self, sandbox: Arc<Sandbox>) {
         self.remove(&sandbox.name);
-        let route = Arc::new(SandboxRoute::new(sandbox));
+        let route = Arc::new(SandboxRoute::new(sandbox, &self.defaults));
         let sb = &route.sandbox;
         self.by_host
             .insert(sb.domain.clone(), (route.clone(), Service::App));
@@ -291,7 +365,8 @@ impl Routes {
         // Read the sequence first: a change committed after this point is
         // applied again from the feed, which is idempotent.
         let seq = store.seq();
-        let table = RoutingTable::build(store.list()?, seq);
+        let defaults = self.table.load().defaults.clone();
+        let table = RoutingTable::build(store.list()?, seq, defaults);
         self.swap(table);
         Ok(())
     }
@@ -342,5 +417,25 @@ pub struct SshRoutes(pub Arc<Routes>);
 impl sshgate::RouteSource for SshRoutes {
     fn lookup(&self, user: &str) -> Option<Arc<sshgate::Route>> {
         self.0.snapshot().by_user(user).and_then(|r| r.ssh.clone())
+    }
+}
+
+/// The HTTPS gate's window on the snapshot.
+pub struct HttpRoutes(pub Arc<Routes>);
+
+impl httpgate::RouteSource for HttpRoutes {
+    fn lookup(&self, host: &str) -> Option<Arc<httpgate::Route>> {
+        let table = self.0.snapshot();
+        let (route, service) = table.by_host(host)?;
+        Some(route.http(*service).clone())
+    }
+
+    fn hosts(&self) -> Vec<(String, Arc<httpgate::Route>)> {
+        let table = self.0.snapshot();
+        table
+            .by_host
+            .iter()
+            .map(|(host, (route, service))| (host.clone(), route.http(*service).clone()))
+            .collect()
     }
 }

@@ -1,0 +1,268 @@
+//! The HTTPS gate wired into the real daemon, in internal-CA mode, with curl
+//! as the client and Python's http.server as the sandbox's app and agent.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::Daemon;
+
+struct Upstream {
+    port: u16,
+    child: Child,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn upstream(dir: &Path, name: &str, content: &str) -> Upstream {
+    let root = dir.join(name);
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("index.txt"), content).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            "--bind",
+            "127.0.0.1",
+            &port.to_string(),
+        ])
+        .current_dir(&root)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "upstream did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Upstream { port, child }
+}
+
+fn port_of(addr: &serde_json::Value) -> u16 {
+    addr.as_str()
+        .unwrap()
+        .rsplit_once(':')
+        .unwrap()
+        .1
+        .parse()
+        .unwrap()
+}
+
+/// curl: returns (status code, body, stderr).
+fn curl(args: &[&str]) -> (u16, String, String) {
+    let t = Instant::now();
+    let r = curl_inner(args);
+    eprintln!("curl {:?} -> {} in {:?}", args.last(), r.0, t.elapsed());
+    r
+}
+
+fn curl_inner(args: &[&str]) -> (u16, String, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "-o", "-", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (
+        code.parse().unwrap_or(0),
+        body.to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[test]
+fn app_and_agent_hosts_with_internal_certificates() {
+    let d = Daemon::builder().arg("--tls-mode").arg("internal").start();
+    let app = upstream(d.dir.path(), "app", "app-content");
+    let agent = upstream(d.dir.path(), "agent", "agent-content");
+    let key = d.keygen("k");
+    let pw = d.dir.path().join("pw");
+    std::fs::write(&pw, "correct horse\n").unwrap();
+    d.ok(&[
+        "add",
+        "myapp",
+        "--domain",
+        "myapp.test",
+        "--upstream",
+        "127.0.0.1",
+        "--app-port",
+        &app.port.to_string(),
+        "--agent-port",
+        &agent.port.to_string(),
+        "--ssh-key",
+        key.to_str().unwrap(),
+        "--auth-user",
+        "alice",
+        "--auth-password-file",
+        pw.to_str().unwrap(),
+    ]);
+    let st = d.json(&["status", "--json"]);
+    let https = port_of(&st["https_listen"][0]);
+    let http = port_of(&st["http_listen"][0]);
+    let ca = d.dir.path().join("ca.pem");
+    std::fs::write(&ca, d.ok(&["ca-cert"])).unwrap();
+    assert!(std::fs::read_to_string(&ca)
+        .unwrap()
+        .contains("BEGIN CERTIFICATE"));
+    let resolve = |host: &str| format!("{host}:{https}:127.0.0.1");
+    let url = |host: &str, path: &str| format!("https://{host}:{https}{path}");
+    let ca_s = ca.to_str().unwrap();
+
+    // The app host, verified against the exported root, right after add.
+    let (code, body, err) = curl(&[
+        "--cacert",
+        ca_s,
+        "--resolve",
+        &resolve("myapp.test"),
+        &url("myapp.test", "/index.txt"),
+    ]);
+    assert_eq!(
+        (code, body.as_str()),
+        (200, "app-content"),
+        "{err}\n{}",
+        d.log_text()
+    );
+    // HTTP/2 is offered.
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--http2",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{http_version}",
+            "--cacert",
+            ca_s,
+        ])
+        .args([
+            "--resolve",
+            &resolve("myapp.test"),
+            &url("myapp.test", "/index.txt"),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200 2");
+
+    // The agent host asks for basic auth.
+    let agent_host = "shelley.myapp.test";
+    let (code, _, _) = curl(&[
+        "--cacert",
+        ca_s,
+        "--resolve",
+        &resolve(agent_host),
+        &url(agent_host, "/index.txt"),
+    ]);
+    assert_eq!(code, 401);
+    let (code, _, _) = curl(&[
+        "-u",
+        "alice:wrong",
+        "--cacert",
+        ca_s,
+        "--resolve",
+        &resolve(agent_host),
+        &url(agent_host, "/index.txt"),
+    ]);
+    assert_eq!(code, 401);
+    let (code, _, _) = curl(&[
+        "-u",
+        "mallory:correct horse",
+        "--cacert",
+        ca_s,
+        "--resolve",
+        &resolve(agent_host),
+        &url(agent_host, "/index.txt"),
+    ]);
+    assert_eq!(code, 401);
+    let (code, body, _) = curl(&[
+        "-u",
+        "alice:correct horse",
+        "--cacert",
+        ca_s,
+        "--resolve",
+        &resolve(agent_host),
+        &url(agent_host, "/index.txt"),
+    ]);
+    assert_eq!((code, body.as_str()), (200, "agent-content"));
+
+    // Plain HTTP redirects to HTTPS, keeping path and query.
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{redirect_url}",
+        ])
+        .arg(format!("http://myapp.test:{http}/a/b?c=1"))
+        .args(["--resolve", &format!("myapp.test:{http}:127.0.0.1")])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text, format!("301 https://myapp.test:{https}/a/b?c=1"));
+
+    // A port change applies to the next request.
+    d.ok(&["port", "myapp", &agent.port.to_string()]);
+    let (code, body, _) = curl(&[
+        "--cacert",
+        ca_s,
+        "--resolve",
+        &resolve("myapp.test"),
+        &url("myapp.test", "/index.txt"),
+    ]);
+    assert_eq!((code, body.as_str()), (200, "agent-content"));
+
+    let certs = d.json(&["certs", "--json"]);
+    assert!(
+        certs
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["domain"] == "myapp.test"),
+        "{certs}"
+    );
+    assert!(d.ok(&["certs"]).contains("myapp.test"));
+
+    // The upstream going away gives a 502 page naming the sandbox.
+    drop(app);
+    drop(agent);
+    let (code, body, _) = curl(&[
+        "--cacert",
+        ca_s,
+        "--resolve",
+        &resolve("myapp.test"),
+        &url("myapp.test", "/"),
+    ]);
+    assert_eq!(code, 502);
+    assert!(body.contains("myapp"), "{body}");
+
+    // Removed: the name is no longer served at all.
+    d.ok(&["remove", "myapp"]);
+    let (code, _, err) = curl(&[
+        "--cacert",
+        ca_s,
+        "--resolve",
+        &resolve("myapp.test"),
+        &url("myapp.test", "/"),
+    ]);
+    assert_eq!(code, 0, "unknown host still served: {err}");
+    // The CA survives a restart: the same root still verifies new leaves.
+    let mut d = d;
+    assert!(d.terminate().success());
+    d.restart();
+    assert_eq!(d.ok(&["ca-cert"]), std::fs::read_to_string(&ca).unwrap());
+}
