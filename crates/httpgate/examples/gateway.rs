@@ -5,6 +5,8 @@
 //! cargo run --release -p httpgate --example gateway -- \
 //!     --listen 127.0.0.1:8443 --host localhost --upstream 127.0.0.1:8080 --ca-out /tmp/ca.pem
 //! ```
+//! `--threads N` runs N single-threaded runtimes, each accepting on its own
+//! SO_REUSEPORT socket (0, the default: one multi-threaded runtime).
 //! Stops on SIGINT or SIGTERM. `RUST_LOG=httpgate::access=info` prints the access log.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -16,6 +18,10 @@ use httpgate::{
     CaRecord, CertRecord, CertStore, HttpConfig, HttpGateway, Route, RouteKind, RouteSource,
     StoreError, Target, TlsMode,
 };
+
+// The daemon binary is advised to do the same: hyper and rustls allocate per request.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 struct OneRoute {
     host: String,
@@ -73,8 +79,15 @@ fn arg(args: &[String], name: &str) -> Option<String> {
         .and_then(|i| args.get(i + 1).cloned())
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
+    let threads: usize = arg(&std::env::args().collect::<Vec<_>>(), "--threads")
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(0);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(run(threads));
+}
+
+async fn run(threads: usize) {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
@@ -106,11 +119,21 @@ async fn main() {
     if let Some(path) = arg(&args, "--ca-out") {
         std::fs::write(path, gw.ca_cert_pem()).expect("write CA");
     }
-    let listener = tokio::net::TcpListener::bind(&listen).await.expect("bind");
-    let server = {
+    let addr: SocketAddr = listen.parse().expect("--listen HOST:PORT");
+    let workers = if threads > 1 {
+        gw.spawn_https_threads(addr, threads).expect("listen")
+    } else {
+        Vec::new()
+    };
+    let listener = if threads > 1 {
+        None
+    } else {
+        Some(tokio::net::TcpListener::bind(addr).await.expect("bind"))
+    };
+    let server = listener.map(|listener| {
         let gw = gw.clone();
         tokio::spawn(async move { gw.serve_https(listener).await })
-    };
+    });
     let mut term =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal");
     tokio::select! {
@@ -118,5 +141,10 @@ async fn main() {
         _ = term.recv() => {}
     }
     gw.shutdown();
-    let _ = server.await;
+    if let Some(server) = server {
+        let _ = server.await;
+    }
+    for w in workers {
+        let _ = w.join();
+    }
 }
