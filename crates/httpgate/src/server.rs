@@ -71,7 +71,12 @@ enum Proto {
 
 /// Accept connections until shutdown, then wait (bounded) for open ones.
 pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, tls: bool) -> io::Result<()> {
-    let acceptor = tls.then(|| TlsAcceptor::from(tls::server_config(shared.clone())));
+    let acceptor = match tls {
+        true => Some(TlsAcceptor::from(
+            tls::server_config(shared.clone()).map_err(io::Error::other)?,
+        )),
+        false => None,
+    };
     let builder = Arc::new(builders(&shared));
     let max = shared.config.limits.max_connections.max(1);
     let limit = Arc::new(Semaphore::new(max));
