@@ -10,6 +10,7 @@
 //! longer be followed (an upgrade, garbage hyper will reject itself), the
 //! scanner stops.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -236,10 +237,24 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-/// An IO stream whose read side is followed by a [`Scanner`].
+/// How long, and how much, unread client input is drained after our side
+/// has closed, so that the close does not turn into a reset that destroys
+/// the response in flight (an error page for an oversized or refused request).
+const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
+const LINGER_BYTES: usize = 1 << 20;
+
+struct Linger {
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    left: usize,
+}
+
+/// An IO stream whose read side is followed by a [`Scanner`], and whose
+/// shutdown drains pending input for a moment (a lingering close).
 pub(crate) struct FramingIo<T> {
     inner: T,
     scanner: Scanner,
+    shut: bool,
+    linger: Option<Linger>,
 }
 
 impl<T> FramingIo<T> {
@@ -247,6 +262,8 @@ impl<T> FramingIo<T> {
         Self {
             inner,
             scanner: Scanner::new(flags),
+            shut: false,
+            linger: None,
         }
     }
 }
@@ -269,7 +286,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for FramingIo<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for FramingIo<T> {
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for FramingIo<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -295,7 +312,31 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for FramingIo<T> {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        let this = &mut *self;
+        if !this.shut {
+            match Pin::new(&mut this.inner).poll_shutdown(cx) {
+                Poll::Ready(Ok(())) => this.shut = true,
+                other => return other,
+            }
+        }
+        let linger = this.linger.get_or_insert_with(|| Linger {
+            deadline: Box::pin(tokio::time::sleep(LINGER)),
+            left: LINGER_BYTES,
+        });
+        let mut buf = [0u8; 8192];
+        loop {
+            if linger.left == 0 || linger.deadline.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ok(()));
+            }
+            let mut rb = ReadBuf::new(&mut buf);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) if !rb.filled().is_empty() => {
+                    linger.left = linger.left.saturating_sub(rb.filled().len());
+                }
+                Poll::Ready(_) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
     }
 }
 

@@ -41,26 +41,50 @@ pub(crate) struct ConnInfo {
     pub seq: AtomicU64,
 }
 
-/// The pooled client to upstreams.
+/// The pooled clients to upstreams: one pool per shard, a thread always
+/// using the same shard, so that a pooled connection is mostly driven on the
+/// thread that uses it (no cross-thread wake-ups per request).
 pub(crate) struct Upstreams {
-    client: Client<HttpConnector, ReqBody>,
+    shards: Vec<Client<HttpConnector, ReqBody>>,
+}
+
+thread_local! {
+    static SHARD: usize = next_shard();
+}
+
+fn next_shard() -> usize {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 impl Upstreams {
     pub(crate) fn new(cfg: &HttpConfig) -> Self {
+        let n = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .clamp(1, 64);
+        Self {
+            shards: (0..n).map(|_| Self::client(cfg)).collect(),
+        }
+    }
+
+    fn pick(&self) -> &Client<HttpConnector, ReqBody> {
+        let i = SHARD.with(|s| *s) % self.shards.len();
+        &self.shards[i]
+    }
+
+    fn client(cfg: &HttpConfig) -> Client<HttpConnector, ReqBody> {
         let mut conn = HttpConnector::new();
         conn.set_connect_timeout(Some(cfg.timeouts.upstream_connect));
         conn.set_nodelay(true);
         conn.set_keepalive(Some(std::time::Duration::from_secs(60)));
         conn.enforce_http(true);
-        let client = Client::builder(TokioExecutor::new())
+        Client::builder(TokioExecutor::new())
             .pool_idle_timeout(cfg.timeouts.upstream_pool_idle)
             .pool_max_idle_per_host(cfg.limits.upstream_pool_max_idle)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .set_host(false)
-            .build(conn);
-        Self { client }
+            .build(conn)
     }
 }
 
@@ -491,7 +515,7 @@ async fn forward(
     let t0 = Instant::now();
     let result = tokio::time::timeout(
         shared.config.timeouts.upstream_response,
-        shared.upstreams.client.request(up_req),
+        shared.upstreams.pick().request(up_req),
     )
     .await;
     *upstream_ms = Some(t0.elapsed().as_millis());

@@ -10,6 +10,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -23,29 +24,60 @@ use crate::gateway::Shared;
 use crate::proxy::{self, ConnInfo};
 use crate::tls;
 
-type Builder = auto::Builder<TokioExecutor>;
+/// The HTTP server builders of one listener: HTTP/1 and HTTP/2 when ALPN
+/// decided, auto-detection for plain connections (h2c prior knowledge).
+pub(crate) struct Builders {
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+    auto: auto::Builder<TokioExecutor>,
+}
 
-fn builder(shared: &Shared) -> Builder {
+fn builders(shared: &Shared) -> Builders {
     let cfg = &shared.config;
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
+    let max_buf = cfg.limits.max_header_bytes.max(8192);
+    let header_list = u32::try_from(cfg.limits.max_header_bytes).unwrap_or(u32::MAX);
+    let mut h1 = http1::Builder::new();
+    h1.timer(TokioTimer::new())
         .header_read_timeout(cfg.timeouts.header_read)
-        .max_buf_size(cfg.limits.max_header_bytes.max(8192))
+        .max_buf_size(max_buf)
         .keep_alive(true);
-    b.http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(cfg.limits.max_header_bytes).unwrap_or(u32::MAX))
+    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
+        .max_header_list_size(header_list)
         .max_concurrent_streams(cfg.limits.max_h2_streams)
         .keep_alive_interval(Some(cfg.timeouts.idle))
         .keep_alive_timeout(Duration::from_secs(20));
-    b
+    let mut auto = auto::Builder::new(TokioExecutor::new());
+    auto.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.timeouts.header_read)
+        .max_buf_size(max_buf)
+        .keep_alive(true);
+    auto.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(header_list)
+        .max_concurrent_streams(cfg.limits.max_h2_streams)
+        .keep_alive_interval(Some(cfg.timeouts.idle))
+        .keep_alive_timeout(Duration::from_secs(20));
+    Builders { h1, h2, auto }
+}
+
+#[derive(Clone, Copy)]
+enum Proto {
+    H1,
+    H2,
+    Auto,
 }
 
 /// Accept connections until shutdown, then wait (bounded) for open ones.
 pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, tls: bool) -> io::Result<()> {
-    let acceptor = tls.then(|| TlsAcceptor::from(tls::server_config(shared.clone())));
-    let builder = Arc::new(builder(&shared));
+    let acceptor = match tls {
+        true => Some(TlsAcceptor::from(
+            tls::server_config(shared.clone()).map_err(io::Error::other)?,
+        )),
+        false => None,
+    };
+    let builder = Arc::new(builders(&shared));
     let max = shared.config.limits.max_connections.max(1);
     let limit = Arc::new(Semaphore::new(max));
     let mut shutdown = shared.shutdown.subscribe();
@@ -94,7 +126,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, tls: bool)
 async fn connection(
     shared: Arc<Shared>,
     acceptor: Option<TlsAcceptor>,
-    builder: Arc<Builder>,
+    builder: Arc<Builders>,
     stream: TcpStream,
     peer: SocketAddr,
     _permit: OwnedSemaphorePermit,
@@ -112,6 +144,7 @@ async fn connection(
         serve_conn(
             shared,
             builder,
+            Proto::Auto,
             FramingIo::new(stream, flags),
             info,
             shutdown,
@@ -148,7 +181,7 @@ async fn connection(
             framing: None,
             seq: AtomicU64::new(0),
         };
-        serve_conn(shared, builder, tls, info, shutdown).await;
+        serve_conn(shared, builder, Proto::H2, tls, info, shutdown).await;
     } else {
         let flags = FramingFlags::new();
         let info = ConnInfo {
@@ -158,13 +191,44 @@ async fn connection(
             framing: Some(flags.clone()),
             seq: AtomicU64::new(0),
         };
-        serve_conn(shared, builder, FramingIo::new(tls, flags), info, shutdown).await;
+        serve_conn(
+            shared,
+            builder,
+            Proto::H1,
+            FramingIo::new(tls, flags),
+            info,
+            shutdown,
+        )
+        .await;
     }
+}
+
+/// Drive a hyper connection until it ends; on shutdown, finish gracefully.
+macro_rules! drive {
+    ($conn:expr, $shutdown:expr) => {{
+        let conn = $conn;
+        tokio::pin!(conn);
+        if *$shutdown.borrow() {
+            conn.as_mut().graceful_shutdown();
+        }
+        tokio::select! {
+            res = conn.as_mut() => {
+                if let Err(e) = res {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+            }
+            _ = $shutdown.changed() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+        }
+    }};
 }
 
 async fn serve_conn<I>(
     shared: Arc<Shared>,
-    builder: Arc<Builder>,
+    builder: Arc<Builders>,
+    proto: Proto,
     io: I,
     info: ConnInfo,
     mut shutdown: watch::Receiver<bool>,
@@ -177,20 +241,35 @@ async fn serve_conn<I>(
         let info = info.clone();
         async move { Ok::<_, Infallible>(proxy::handle(shared, info, req).await) }
     });
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
-    tokio::pin!(conn);
-    if *shutdown.borrow() {
-        conn.as_mut().graceful_shutdown();
+    let io = TokioIo::new(io);
+    match proto {
+        Proto::H1 => drive!(
+            builder.h1.serve_connection(io, svc).with_upgrades(),
+            shutdown
+        ),
+        Proto::H2 => drive!(builder.h2.serve_connection(io, svc), shutdown),
+        Proto::Auto => drive!(
+            builder.auto.serve_connection_with_upgrades(io, svc),
+            shutdown
+        ),
     }
-    tokio::select! {
-        res = conn.as_mut() => {
-            if let Err(e) = res {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
-        }
-        _ = shutdown.changed() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-        }
+}
+
+/// A listening socket with `SO_REUSEPORT`, so that several threads can each
+/// accept on the same address.
+pub(crate) fn reuseport_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    sock.set_reuse_address(true)?;
+    sock.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(true)?;
     }
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(1024)?;
+    Ok(sock.into())
 }

@@ -41,11 +41,33 @@ impl ResolvesServerCert for Resolver {
 }
 
 /// The server configuration of the HTTPS listeners.
-pub(crate) fn server_config(shared: Arc<Shared>) -> Arc<rustls::ServerConfig> {
-    let mut cfg = rustls::ServerConfig::builder()
+///
+/// Cipher suites are chosen by the server's order, AES-128-GCM first: as
+/// strong for this use and cheaper than AES-256-GCM with its SHA-384
+/// transcript hash (measured: a visible share of a handshake's CPU).
+pub(crate) fn server_config(
+    shared: Arc<Shared>,
+) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
+    use rustls::crypto::ring::cipher_suite as cs;
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites = vec![
+        cs::TLS13_AES_128_GCM_SHA256,
+        cs::TLS13_CHACHA20_POLY1305_SHA256,
+        cs::TLS13_AES_256_GCM_SHA384,
+        cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+        cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        cs::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+        cs::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+        cs::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+    ];
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
+        .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(Resolver { shared }));
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), ACME_TLS_ALPN.to_vec()];
     cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(4096);
-    Arc::new(cfg)
+    cfg.ignore_client_order = true;
+    cfg.send_tls13_tickets = 1;
+    Ok(Arc::new(cfg))
 }

@@ -462,3 +462,31 @@ async fn stalled_handshakes_do_not_block_others() {
     drop(idle);
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_thread_https_listeners_serve() {
+    let app = Upstream::start("app").await;
+    let gw = GatewayBuilder::new()
+        .route("app.test", app_route("app", app.addr, TlsMode::Internal))
+        .start()
+        .await;
+    let port = free_port();
+    let handles = gw
+        .gw
+        .spawn_https_threads(([127, 0, 0, 1], port).into(), 2)
+        .unwrap();
+    for _ in 0..4 {
+        let r = Curl::new("app.test", port, "/")
+            .cacert(&gw.ca_file)
+            .run()
+            .await;
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    gw.gw.shutdown();
+    for h in handles {
+        tokio::task::spawn_blocking(move || h.join().unwrap().unwrap())
+            .await
+            .unwrap();
+    }
+    gw.stop().await;
+}
