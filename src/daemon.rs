@@ -179,6 +179,7 @@ pub async fn run(
     let keeper = tokio::spawn(routes::keep_in_step(store.clone(), routes.clone(), feed));
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let lifecycle = crate::lifecycle::Lifecycle::new(store.clone(), routes.clone(), &config.incus);
     let ctx = Arc::new(AdminContext {
         store: store.clone(),
         routes: routes.clone(),
@@ -187,6 +188,7 @@ pub async fn run(
         ssh_listen: addrs(&bound.ssh),
         https_listen: addrs(&bound.https),
         http_listen: addrs(&bound.http),
+        lifecycle: lifecycle.clone(),
     });
     let access = Access {
         daemon_uid: nix::unistd::getuid().as_raw(),
@@ -199,6 +201,7 @@ pub async fn run(
     for l in bound.ssh.into_iter().chain(bound.https).chain(bound.http) {
         tasks.spawn(accept_and_close(l, stop_rx.clone()));
     }
+    tasks.spawn(crate::watcher::run(lifecycle, stop_rx.clone()));
     tasks.spawn(admin::serve(
         bound.admin,
         ctx.clone(),

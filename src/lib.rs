@@ -6,8 +6,11 @@
 pub mod admin;
 pub mod api;
 pub mod cli;
+pub mod cli_lifecycle;
 pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod keys;
+pub mod lifecycle;
 pub mod routes;
+pub mod watcher;
