@@ -30,14 +30,19 @@ fn sandbox(i: usize, key: &str) -> Sandbox {
     Sandbox {
         name: format!("sb{i:05}"),
         domain: format!("sb{i:05}.example.com"),
-        backend: Backend::Static { host: format!("10.1.{}.{}", i / 250, i % 250 + 1) },
+        backend: Backend::Static {
+            host: format!("10.1.{}.{}", i / 250, i % 250 + 1),
+        },
         ssh_port: 22,
         app_port: 8000,
         agent_port: 9999,
         agent_prefix: "shelley".into(),
         user: "debian".into(),
         client_keys: vec![key.to_string()],
-        upstream_key: KeyPair { private_openssh: "x".repeat(400), public_openssh: key.to_string() },
+        upstream_key: KeyPair {
+            private_openssh: "x".repeat(400),
+            public_openssh: key.to_string(),
+        },
         upstream_host_key: Some(key.to_string()),
         basic_auth: None,
         tls_mode: None,
@@ -51,10 +56,19 @@ fn sandbox(i: usize, key: &str) -> Sandbox {
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let socket = PathBuf::from(args.get(1).expect("usage: route_bench ADMIN-SOCKET PUBKEY-FILE"));
-    let key = std::fs::read_to_string(args.get(2).expect("PUBKEY-FILE")).unwrap().trim().to_string();
+    let socket = PathBuf::from(
+        args.get(1)
+            .expect("usage: route_bench ADMIN-SOCKET PUBKEY-FILE"),
+    );
+    let key = std::fs::read_to_string(args.get(2).expect("PUBKEY-FILE"))
+        .unwrap()
+        .trim()
+        .to_string();
     let client = Client::new(&socket);
-    let status: Status = client.call(Method::GET, "/v1/status", None::<&()>).await.unwrap();
+    let status: Status = client
+        .call(Method::GET, "/v1/status", None::<&()>)
+        .await
+        .unwrap();
 
     // 1. add -> usable route, measured from the request to the route being
     //    visible in the snapshot the gates read.
@@ -65,19 +79,39 @@ async fn main() {
             name: format!("lat{i}"),
             domain: format!("lat{i}.example.net"),
             upstream: "127.0.0.1".into(),
-            ssh_port: None, app_port: None, agent_port: None, agent_prefix: None, user: None,
+            ssh_port: None,
+            app_port: None,
+            agent_port: None,
+            agent_prefix: None,
+            user: None,
             ssh_keys: vec![key.clone()],
-            upstream_host_key: None, auth: None, tls_mode: None,
+            upstream_host_key: None,
+            auth: None,
+            tls_mode: None,
         };
         let t = Instant::now();
-        let _: serde_json::Value = client.call(Method::POST, "/v1/sandboxes", Some(&req)).await.unwrap();
+        let _: serde_json::Value = client
+            .call(Method::POST, "/v1/sandboxes", Some(&req))
+            .await
+            .unwrap();
         add_ms.push(t.elapsed().as_secs_f64() * 1e3);
-        let dump: RouteDump = client.call(Method::GET, "/v1/routes", None::<&()>).await.unwrap();
-        assert!(dump.routes.iter().any(|r| r.key == format!("lat{i}")), "route not live after add");
+        let dump: RouteDump = client
+            .call(Method::GET, "/v1/routes", None::<&()>)
+            .await
+            .unwrap();
+        assert!(
+            dump.routes.iter().any(|r| r.key == format!("lat{i}")),
+            "route not live after add"
+        );
     }
     add_ms.sort_by(f64::total_cmp);
     println!("add -> usable route ({n} adds, admin API, flushed to disk before the answer):");
-    println!("  p50 {:.2} ms   p99 {:.2} ms   max {:.2} ms", percentile(&add_ms, 0.5), percentile(&add_ms, 0.99), add_ms[n - 1]);
+    println!(
+        "  p50 {:.2} ms   p99 {:.2} ms   max {:.2} ms",
+        percentile(&add_ms, 0.5),
+        percentile(&add_ms, 0.99),
+        add_ms[n - 1]
+    );
 
     // 2. daemon memory with 10,000 routes (restored in one transaction).
     let before = rss_kib(status.pid);
@@ -89,26 +123,55 @@ async fn main() {
     };
     let t = Instant::now();
     client
-        .stream(Method::POST, "/v1/restore?replace=true", Some(serde_json::to_vec(&backup).unwrap()), |_| {})
+        .stream(
+            Method::POST,
+            "/v1/restore?replace=true",
+            Some(serde_json::to_vec(&backup).unwrap()),
+            |_| {},
+        )
         .await
         .unwrap();
     let restore_s = t.elapsed().as_secs_f64();
     let after = rss_kib(status.pid);
-    let st: Status = client.call(Method::GET, "/v1/status", None::<&()>).await.unwrap();
+    let st: Status = client
+        .call(Method::GET, "/v1/status", None::<&()>)
+        .await
+        .unwrap();
     println!("10,000 sandboxes ({} route entries): restore {:.2} s; daemon RSS {} KiB -> {} KiB (+{} KiB, {:.2} KiB per sandbox incl. sled cache)",
         st.routes, restore_s, before, after, after.saturating_sub(before), after.saturating_sub(before) as f64 / 10_000.0);
     let t = Instant::now();
-    let _: serde_json::Value = client.call(Method::POST, "/v1/sandboxes", Some(&AddSandbox {
-        name: "one-more".into(), domain: "one-more.example.net".into(), upstream: "127.0.0.1".into(),
-        ssh_port: None, app_port: None, agent_port: None, agent_prefix: None, user: None,
-        ssh_keys: vec![key.clone()], upstream_host_key: None, auth: None, tls_mode: None,
-    })).await.unwrap();
-    println!("  add -> usable route with 10,000 present: {:.2} ms", t.elapsed().as_secs_f64() * 1e3);
+    let _: serde_json::Value = client
+        .call(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(&AddSandbox {
+                name: "one-more".into(),
+                domain: "one-more.example.net".into(),
+                upstream: "127.0.0.1".into(),
+                ssh_port: None,
+                app_port: None,
+                agent_port: None,
+                agent_prefix: None,
+                user: None,
+                ssh_keys: vec![key.clone()],
+                upstream_host_key: None,
+                auth: None,
+                tls_mode: None,
+            }),
+        )
+        .await
+        .unwrap();
+    println!(
+        "  add -> usable route with 10,000 present: {:.2} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    );
 
     // 3. lookups in the snapshot, in process.
     let table = RoutingTable::build((0..10_000).map(|i| sandbox(i, &key)), 1);
     let users: Vec<String> = (0..10_000).map(|i| format!("sb{i:05}")).collect();
-    let hosts: Vec<String> = (0..10_000).map(|i| format!("shelley.sb{i:05}.example.com")).collect();
+    let hosts: Vec<String> = (0..10_000)
+        .map(|i| format!("shelley.sb{i:05}.example.com"))
+        .collect();
     let rounds = 100;
     let t = Instant::now();
     let mut hits = 0usize;

@@ -47,6 +47,10 @@ pub struct AdminContext {
     pub ssh_listen: Vec<String>,
     pub https_listen: Vec<String>,
     pub http_listen: Vec<String>,
+    /// The SSH gate, for `sessions`.
+    pub ssh: sshgate::Gateway,
+    /// `ALGORITHM BASE64 SHA256:FP` per SSH host key.
+    pub ssh_host_keys: Vec<String>,
     /// Incus sandboxes: create, start/stop, snapshots, import, stats.
     pub lifecycle: Arc<crate::lifecycle::Lifecycle>,
 }
@@ -319,6 +323,9 @@ async fn route(ctx: Arc<AdminContext>, req: Request<Incoming>) -> Response<Body>
             set_auth(&ctx, name, req.into_body()).await
         }
         (&Method::DELETE, ["v1", "sandboxes", name, "auth"]) => clear_auth(&ctx, name).await,
+        (&Method::GET, ["v1", "sessions"]) => Ok(json(StatusCode::OK, &ctx.ssh.sessions())),
+        (&Method::DELETE, ["v1", "sessions", id]) => kill_session(&ctx, id),
+        (&Method::GET, ["v1", "host-keys"]) => Ok(json(StatusCode::OK, &ctx.ssh_host_keys)),
         (&Method::GET, ["v1", "backup"]) => backup(&ctx).await,
         (&Method::POST, ["v1", "restore"]) => {
             let replace = query.split('&').any(|kv| kv == "replace=true");
@@ -683,6 +690,22 @@ async fn clear_auth(ctx: &Arc<AdminContext>, name: &str) -> Result<Response<Body
     })
     .await?;
     Ok(json(StatusCode::OK, &view(&sb)))
+}
+
+fn kill_session(ctx: &AdminContext, id: &str) -> Result<Response<Body>, ApiError> {
+    let Ok(n) = id.parse::<u64>() else {
+        return Err(ApiError::bad(format!("session id {id:?} is not a number")));
+    };
+    if ctx.ssh.kill(n) {
+        tracing::info!(session = n, "session killed by an administrator");
+        Ok(json(StatusCode::OK, &serde_json::json!({ "killed": n })))
+    } else {
+        Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no_such_session",
+            format!("no live session {n}"),
+        ))
+    }
 }
 
 async fn backup(ctx: &Arc<AdminContext>) -> Result<Response<Body>, ApiError> {

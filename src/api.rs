@@ -170,3 +170,15 @@ pub struct RestoreResult {
     pub sandboxes: usize,
     pub records: usize,
 }
+
+/// A live SSH session (`GET /v1/sessions`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionView {
+    pub id: u64,
+    pub sandbox: String,
+    pub client_addr: String,
+    pub key_fingerprint: String,
+    pub started_unix: u64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+}

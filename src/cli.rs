@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
 use http::Method;
 
+use crate::api::SessionView;
 use crate::api::{
     self, AddSandbox, Event, KeyRequest, KeyView, RouteDump, SandboxView, SetAuth, SetPort, Status,
 };
@@ -93,6 +94,18 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Live SSH sessions; `sessions kill ID` ends one.
+    Sessions {
+        #[command(subcommand)]
+        action: Option<SessionsCommand>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The SSH router's host keys and fingerprints (for known_hosts).
+    HostKey {
+        #[arg(long)]
+        json: bool,
+    },
     /// Write everything (including private keys) as JSON to stdout.
     Backup,
     /// Restore a backup read from stdin.
@@ -168,6 +181,12 @@ pub struct AddArgs {
     /// Certificate source for this sandbox's hosts.
     #[arg(long, value_parser = ["acme", "internal"])]
     pub tls_mode: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SessionsCommand {
+    /// Disconnect a live session.
+    Kill { id: u64 },
 }
 
 #[derive(Debug, Subcommand)]
@@ -574,6 +593,55 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
                     rows
                 )
             );
+        }
+        Command::Sessions {
+            action: Some(SessionsCommand::Kill { id }),
+            ..
+        } => {
+            let _: serde_json::Value = client
+                .call(Method::DELETE, &format!("/v1/sessions/{id}"), NONE)
+                .await?;
+            println!("session {id} killed");
+        }
+        Command::Sessions { action: None, json } => {
+            let sessions: Vec<SessionView> = client.call(Method::GET, "/v1/sessions", NONE).await?;
+            if json {
+                return print_json(&sessions);
+            }
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let rows = sessions
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.id.to_string(),
+                        s.sandbox.clone(),
+                        s.client_addr.clone(),
+                        format!("{}s", now.saturating_sub(s.started_unix)),
+                        s.bytes_up.to_string(),
+                        s.bytes_down.to_string(),
+                        s.key_fingerprint.clone(),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                table(
+                    &["ID", "SANDBOX", "CLIENT", "AGE", "UP", "DOWN", "KEY"],
+                    rows
+                )
+            );
+        }
+        Command::HostKey { json } => {
+            let keys: Vec<String> = client.call(Method::GET, "/v1/host-keys", NONE).await?;
+            if json {
+                return print_json(&keys);
+            }
+            for k in keys {
+                println!("{k}");
+            }
         }
         Command::Backup => {
             let bytes = client.call_raw(Method::GET, "/v1/backup", None).await?;

@@ -178,9 +178,27 @@ pub async fn run(
     let routes = Routes::new(initial);
     let keeper = tokio::spawn(routes::keep_in_step(store.clone(), routes.clone(), feed));
 
+    let host_keys = {
+        let dir = config.state_dir.join("ssh");
+        tokio::task::spawn_blocking(move || sshgate::load_or_generate_host_keys(&dir))
+            .await
+            .context("loading ssh host keys")??
+    };
+    let ssh_host_keys = sshgate::describe_host_keys(&host_keys);
+    let ssh = sshgate::Gateway::new(
+        sshgate::GatewayConfig {
+            host_keys,
+            banner: config.ssh_banner.clone(),
+            ..Default::default()
+        },
+        Arc::new(routes::SshRoutes(routes.clone())),
+    );
+
     let (stop_tx, stop_rx) = watch::channel(false);
     let lifecycle = crate::lifecycle::Lifecycle::new(store.clone(), routes.clone(), &config.incus);
     let ctx = Arc::new(AdminContext {
+        ssh: ssh.clone(),
+        ssh_host_keys,
         store: store.clone(),
         routes: routes.clone(),
         started,
@@ -198,7 +216,15 @@ pub async fn run(
         },
     };
     let mut tasks = tokio::task::JoinSet::new();
-    for l in bound.ssh.into_iter().chain(bound.https).chain(bound.http) {
+    for l in bound.ssh {
+        let gate = ssh.clone();
+        tasks.spawn(async move {
+            if let Err(e) = gate.serve(l).await {
+                tracing::error!(error = %e, "ssh listener failed");
+            }
+        });
+    }
+    for l in bound.https.into_iter().chain(bound.http) {
         tasks.spawn(accept_and_close(l, stop_rx.clone()));
     }
     tasks.spawn(crate::watcher::run(lifecycle, stop_rx.clone()));
@@ -219,6 +245,7 @@ pub async fn run(
     );
 
     shutdown.await;
+    ssh.shutdown();
     let _ = stop_tx.send(true);
     let drained =
         tokio::time::timeout(GRACE, async { while tasks.join_next().await.is_some() {} }).await;

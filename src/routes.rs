@@ -16,6 +16,7 @@ use store::{Backend, Change, ChangeKind, Sandbox, SandboxStatus, Store};
 use tokio::sync::{broadcast, watch};
 
 use crate::api::{RouteDump, RouteView};
+use crate::keys;
 
 /// Where a service of a sandbox is reached right now.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +50,9 @@ pub struct SandboxRoute {
     pub sandbox: Arc<Sandbox>,
     /// Upstream host for all services, or why there is none.
     host: Result<String, Target>,
+    /// The SSH gate's view, keys parsed; `None` if the stored gateway key
+    /// is unreadable (logged once per snapshot change).
+    pub ssh: Option<Arc<sshgate::Route>>,
 }
 
 impl SandboxRoute {
@@ -69,7 +73,46 @@ impl SandboxRoute {
                 reason: reason.clone(),
             }),
         };
-        SandboxRoute { sandbox, host }
+        let mut route = SandboxRoute {
+            sandbox,
+            host,
+            ssh: None,
+        };
+        route.ssh = route.build_ssh();
+        route
+    }
+
+    fn build_ssh(&self) -> Option<Arc<sshgate::Route>> {
+        let sb = &self.sandbox;
+        let upstream_key = match russh::keys::PrivateKey::from_openssh(
+            &sb.upstream_key.private_openssh,
+        ) {
+            Ok(k) => Arc::new(k),
+            Err(e) => {
+                tracing::error!(sandbox = %sb.name, error = %e, "stored gateway key unreadable; ssh route disabled");
+                return None;
+            }
+        };
+        let target = match self.ssh_target() {
+            Target::Addr { host, port } => sshgate::Target::Addr { host, port },
+            Target::Stopped => sshgate::Target::Stopped,
+            Target::Unavailable { reason } => sshgate::Target::Unavailable { reason },
+        };
+        Some(Arc::new(sshgate::Route {
+            sandbox: sb.name.clone(),
+            target,
+            user: sb.user.clone(),
+            authorized_keys: sb
+                .client_keys
+                .iter()
+                .filter_map(|k| keys::parse_public(k).ok())
+                .collect(),
+            upstream_key,
+            upstream_host_key: sb
+                .upstream_host_key
+                .as_deref()
+                .and_then(|k| keys::parse_public(k).ok()),
+        }))
     }
 
     fn target(&self, port: u16) -> Target {
@@ -290,5 +333,14 @@ async fn rebuild_logged(store: &Arc<Store>, routes: &Arc<Routes>) {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::error!(error = %e, "cannot rebuild the routing snapshot"),
         Err(e) => tracing::error!(error = %e, "routing rebuild task failed"),
+    }
+}
+
+/// The SSH gate's window on the snapshot.
+pub struct SshRoutes(pub Arc<Routes>);
+
+impl sshgate::RouteSource for SshRoutes {
+    fn lookup(&self, user: &str) -> Option<Arc<sshgate::Route>> {
+        self.0.snapshot().by_user(user).and_then(|r| r.ssh.clone())
     }
 }

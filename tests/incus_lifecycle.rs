@@ -17,8 +17,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::{
-    block_on, create, daemon, daemon_with, exec, incus, listed, ssh_as_gateway, ssh_target, unique,
-    wait_until, InstanceGuard, TEST_IMAGE,
+    block_on, create, daemon, daemon_with, exec, gateway_ssh, incus, listed, ssh_as_gateway,
+    ssh_target, unique, wait_until, InstanceGuard, TEST_IMAGE,
 };
 
 fn stderr(out: &std::process::Output) -> String {
@@ -73,9 +73,16 @@ fn create_route_stop_start_snapshot_restart_delete() {
     // key is the container's real one.
     assert_eq!(sb["user"], "debian");
     assert_eq!(ssh_as_gateway(&d, &name, &ip), name);
+    // And a user gets into the container through the gateway by name.
+    let out = gateway_ssh(&d, &name, "hostname");
+    assert!(out.status.success(), "{}\n{}", stderr(&out), d.log_text());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), name);
 
-    // stop: list and routes say stopped.
+    // stop: list and routes say stopped, and so does the gateway.
     d.ok(&["stop", &name]);
+    let out = gateway_ssh(&d, &name, "hostname");
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("is stopped"), "{}", stderr(&out));
     let sb = listed(&d, &name).unwrap();
     assert_eq!(sb["status"], "stopped");
     assert_eq!(sb["state"], "Stopped");
@@ -87,6 +94,8 @@ fn create_route_stop_start_snapshot_restart_delete() {
     let ip = address(&d, &name);
     assert_eq!(listed(&d, &name).unwrap()["status"], "running");
     assert_eq!(ssh_target(&d, &name).unwrap(), format!("{ip}:22"));
+    let out = gateway_ssh(&d, &name, "hostname");
+    assert!(out.status.success(), "{}", stderr(&out));
 
     // snapshot, change a file, restore: the file is back.
     exec(&name, "echo original > /root/marker");
@@ -122,6 +131,8 @@ fn create_route_stop_start_snapshot_restart_delete() {
     let ip = address(&d, &name);
     assert_ne!(ip, moved);
     assert_eq!(ssh_target(&d, &name).unwrap(), format!("{ip}:22"));
+    let out = gateway_ssh(&d, &name, "hostname");
+    assert!(out.status.success(), "{}", stderr(&out));
 
     // Stopped and started behind sandboxd's back: the watcher follows.
     block_on(incus().stop(&name, incusctl::StopOptions::force())).unwrap();

@@ -3,6 +3,8 @@
 //! 127.0.0.1:0, and drives it through the real CLI.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod sshd;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};

@@ -1,0 +1,135 @@
+//! Gateway configuration: timeouts, limits, ACME settings. Plain data with
+//! defaults; the daemon fills it from its own configuration.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+/// The default certificate mode, for the daemon's convenience.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TlsModeKind {
+    #[default]
+    Acme,
+    Internal,
+}
+
+/// An ACME challenge type the gateway can answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChallengeKind {
+    /// Answered on the HTTP listener (`/.well-known/acme-challenge/TOKEN`).
+    Http01,
+    /// Answered on the HTTPS listener (ALPN `acme-tls/1`).
+    TlsAlpn01,
+}
+
+/// Timeouts applied to clients and upstreams.
+#[derive(Debug, Clone)]
+pub struct Timeouts {
+    /// TLS handshake of a client.
+    pub handshake: Duration,
+    /// Time for a client to send a complete request head (HTTP/1).
+    pub header_read: Duration,
+    /// Idle HTTP/2 connections are pinged at this interval and closed if silent.
+    pub idle: Duration,
+    /// TCP connect to an upstream.
+    pub upstream_connect: Duration,
+    /// From request sent to response head received from an upstream.
+    pub upstream_response: Duration,
+    /// Idle pooled upstream connections are closed after this.
+    pub upstream_pool_idle: Duration,
+    /// Grace period for open connections at shutdown.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            handshake: Duration::from_secs(10),
+            header_read: Duration::from_secs(15),
+            idle: Duration::from_secs(120),
+            upstream_connect: Duration::from_secs(5),
+            upstream_response: Duration::from_secs(120),
+            upstream_pool_idle: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Size and count limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Maximum size of a request head (request line and headers), bytes.
+    pub max_header_bytes: usize,
+    /// Maximum number of open client connections per listener; more are closed at once.
+    pub max_connections: usize,
+    /// Idle upstream connections kept per upstream address.
+    pub upstream_pool_max_idle: usize,
+    /// Maximum concurrent HTTP/2 streams per client connection.
+    pub max_h2_streams: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_header_bytes: 32 * 1024,
+            max_connections: 10_000,
+            upstream_pool_max_idle: 64,
+            max_h2_streams: 256,
+        }
+    }
+}
+
+/// Everything the gateway needs besides routes and persistence.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// The daemon's default certificate mode (routes carry their effective mode).
+    pub default_tls: TlsModeKind,
+    /// ACME directory URL; `None` disables ACME (routes in `acme` mode get no certificate).
+    pub acme_directory: Option<String>,
+    /// Extra trust root (PEM) for the ACME server's own TLS (e.g. Pebble). When set,
+    /// only this root is trusted for the ACME connection.
+    pub acme_ca_root_pem: Option<Vec<u8>>,
+    /// Contact e-mail for the ACME account.
+    pub acme_email: Option<String>,
+    /// Challenge types in order of preference; a failed attempt moves to the next one.
+    pub acme_challenges: Vec<ChallengeKind>,
+    /// First retry delay after a failed issuance; doubles on each failure.
+    pub acme_backoff_base: Duration,
+    /// Cap of the retry delay.
+    pub acme_backoff_cap: Duration,
+    /// Overall time limit of one issuance attempt.
+    pub acme_order_timeout: Duration,
+    /// Validity of leaf certificates from the internal CA.
+    pub internal_leaf_validity: Duration,
+    /// Peers whose X-Forwarded-* headers are kept (and appended to).
+    pub trusted_proxies: Vec<IpAddr>,
+    /// Prefix of the agent host (`shelley` in `shelley.DOMAIN`), for display only.
+    pub agent_prefix: String,
+    /// Realm sent with `WWW-Authenticate`.
+    pub auth_realm: String,
+    pub timeouts: Timeouts,
+    pub limits: Limits,
+    /// Port the HTTP listener redirects to (443 omits it from the URL).
+    pub https_port: u16,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            default_tls: TlsModeKind::Acme,
+            acme_directory: None,
+            acme_ca_root_pem: None,
+            acme_email: None,
+            acme_challenges: vec![ChallengeKind::TlsAlpn01, ChallengeKind::Http01],
+            acme_backoff_base: Duration::from_secs(60),
+            acme_backoff_cap: Duration::from_secs(24 * 3600),
+            acme_order_timeout: Duration::from_secs(90),
+            internal_leaf_validity: Duration::from_secs(90 * 24 * 3600),
+            trusted_proxies: Vec::new(),
+            agent_prefix: "shelley".to_owned(),
+            auth_realm: "sandboxd".to_owned(),
+            timeouts: Timeouts::default(),
+            limits: Limits::default(),
+            https_port: 443,
+        }
+    }
+}

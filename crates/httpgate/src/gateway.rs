@@ -1,0 +1,145 @@
+//! The public [`HttpGateway`] handle and the state it shares between the
+//! listeners, the proxy and the certificate manager.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::{Arc, Mutex, RwLock};
+
+use arc_swap::ArcSwap;
+use rustls::sign::CertifiedKey;
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch, Notify};
+
+use crate::acme::{self, Managed};
+use crate::auth::AuthCache;
+use crate::ca::InternalCa;
+use crate::proxy::Upstreams;
+use crate::{CertRecord, CertStatus, CertStore, Error, HttpConfig, RouteSource};
+
+/// Receives the outcome of a forced renewal.
+pub(crate) type RenewWaiter = oneshot::Sender<Result<(), String>>;
+
+/// State shared by every part of the gateway.
+pub(crate) struct Shared {
+    pub config: HttpConfig,
+    pub routes: Arc<dyn RouteSource>,
+    pub store: Arc<dyn CertStore>,
+    pub ca: InternalCa,
+    /// Serving certificates by exact name.
+    pub serving: ArcSwap<HashMap<String, Arc<CertifiedKey>>>,
+    /// Managed certificates by primary domain.
+    pub managed: Mutex<HashMap<String, Managed>>,
+    /// Certificates read from the store at start, by primary name, not yet claimed by a route.
+    pub stored: Mutex<HashMap<String, CertRecord>>,
+    /// HTTP-01 token → key authorization.
+    pub http01: RwLock<HashMap<String, String>>,
+    /// TLS-ALPN-01 name → challenge certificate.
+    pub alpn01: RwLock<HashMap<String, Arc<CertifiedKey>>>,
+    /// Wakes the certificate manager.
+    pub wake: Notify,
+    /// Waiters of forced renewals, by domain.
+    pub renew_waiters: Mutex<HashMap<String, Vec<RenewWaiter>>>,
+    pub shutdown: watch::Sender<bool>,
+    pub auth: AuthCache,
+    pub upstreams: Upstreams,
+}
+
+/// The HTTPS gateway. Cheap to clone; every clone drives the same gateway.
+#[derive(Clone)]
+pub struct HttpGateway {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl HttpGateway {
+    /// Create the gateway: restore or create the internal CA, load stored
+    /// certificates, and start the certificate manager. Must be called inside a
+    /// tokio runtime.
+    pub fn new(
+        config: HttpConfig,
+        routes: Arc<dyn RouteSource>,
+        certs: Arc<dyn CertStore>,
+    ) -> Result<Self, Error> {
+        let handle = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
+        crate::install_crypto_provider();
+        let ca = match certs.load_ca() {
+            Some(rec) => InternalCa::from_record(&rec)?,
+            None => {
+                let (ca, rec) = InternalCa::generate()?;
+                certs.save_ca(&rec)?;
+                ca
+            }
+        };
+        let stored = certs
+            .load_certs()
+            .into_iter()
+            .map(|r| (r.name.clone(), r))
+            .collect();
+        let (shutdown, _) = watch::channel(false);
+        let upstreams = Upstreams::new(&config);
+        let shared = Arc::new(Shared {
+            auth: AuthCache::new(),
+            upstreams,
+            config,
+            routes,
+            store: certs,
+            ca,
+            serving: ArcSwap::from_pointee(HashMap::new()),
+            managed: Mutex::new(HashMap::new()),
+            stored: Mutex::new(stored),
+            http01: RwLock::new(HashMap::new()),
+            alpn01: RwLock::new(HashMap::new()),
+            wake: Notify::new(),
+            renew_waiters: Mutex::new(HashMap::new()),
+            shutdown,
+        });
+        acme::reconcile(&shared);
+        handle.spawn(acme::run_manager(shared.clone()));
+        Ok(Self { shared })
+    }
+
+    /// Serve HTTPS on `listener` until [`HttpGateway::shutdown`]; open
+    /// connections then get a grace period to finish.
+    pub async fn serve_https(&self, listener: TcpListener) -> io::Result<()> {
+        crate::server::serve(self.shared.clone(), listener, true).await
+    }
+
+    /// Serve plain HTTP on `listener`: ACME HTTP-01 answers and a 301 to HTTPS.
+    pub async fn serve_http(&self, listener: TcpListener) -> io::Result<()> {
+        crate::server::serve(self.shared.clone(), listener, false).await
+    }
+
+    /// Tell the gateway the routing snapshot changed: certificates for new
+    /// names are issued (internal, manual at once; ACME in the background) and
+    /// renewals of removed names stop. Open connections are untouched.
+    pub fn routes_changed(&self) {
+        acme::reconcile(&self.shared);
+        self.shared.wake.notify_one();
+    }
+
+    /// Stop accepting connections and let the open ones finish (grace period).
+    pub fn shutdown(&self) {
+        self.shared.shutdown.send_replace(true);
+        self.shared.wake.notify_one();
+    }
+
+    /// The state of every managed certificate, sorted by domain.
+    pub fn certs(&self) -> Vec<CertStatus> {
+        acme::statuses(&self.shared)
+    }
+
+    /// Force a new certificate for `domain` now, and wait for the outcome.
+    pub async fn renew(&self, domain: &str) -> Result<(), Error> {
+        let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+        let rx = acme::request_renewal(&self.shared, &domain)?;
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Error::Cert { domain, reason: e }),
+            Err(_) => Err(Error::Shutdown),
+        }
+    }
+
+    /// The internal CA's root certificate (PEM), for clients to trust.
+    pub fn ca_cert_pem(&self) -> String {
+        self.shared.ca.cert_pem().to_owned()
+    }
+}

@@ -1,0 +1,585 @@
+//! The reverse proxy: per request, find the route by host, check SNI/Host and
+//! basic auth, forward to the sandbox over a pooled keep-alive HTTP/1.1
+//! connection with streaming bodies both ways, tunnel upgrades (websockets),
+//! and answer errors according to who caused them (client 4xx, upstream
+//! 502/504). Also the plain-HTTP listener's handler (ACME HTTP-01 + redirect)
+//! and the access log.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{
+    HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, CONTENT_LENGTH, HOST,
+    TRANSFER_ENCODING, UPGRADE,
+};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
+use crate::framing::FramingFlags;
+use crate::gateway::Shared;
+use crate::{pages, HttpConfig, Route, Target};
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+
+/// Facts about one client connection, shared by its requests.
+pub(crate) struct ConnInfo {
+    pub peer: SocketAddr,
+    pub sni: Option<String>,
+    pub tls: bool,
+    pub framing: Option<Arc<FramingFlags>>,
+    pub seq: AtomicU64,
+}
+
+/// The pooled client to upstreams.
+pub(crate) struct Upstreams {
+    client: Client<HttpConnector, ReqBody>,
+}
+
+impl Upstreams {
+    pub(crate) fn new(cfg: &HttpConfig) -> Self {
+        let mut conn = HttpConnector::new();
+        conn.set_connect_timeout(Some(cfg.timeouts.upstream_connect));
+        conn.set_nodelay(true);
+        conn.set_keepalive(Some(std::time::Duration::from_secs(60)));
+        conn.enforce_http(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(cfg.timeouts.upstream_pool_idle)
+            .pool_max_idle_per_host(cfg.limits.upstream_pool_max_idle)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .set_host(false)
+            .build(conn);
+        Self { client }
+    }
+}
+
+/// Request body sent upstream; remembers whether the client's side failed
+/// (a malformed chunked body is the client's fault: 400, not 502).
+pub(crate) struct ReqBody {
+    inner: Option<Incoming>,
+    client_fault: Arc<AtomicBool>,
+}
+
+impl Body for ReqBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_frame(cx) {
+            Poll::Ready(Some(Err(e))) => {
+                this.client_fault.store(true, Ordering::Relaxed);
+                Poll::Ready(Some(Err(e)))
+            }
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint())
+    }
+}
+
+enum RespInner {
+    Upstream(Incoming),
+    Full(Option<Bytes>),
+}
+
+/// Response body to the client: the upstream's, streamed, or a page of ours.
+/// Counts bytes for the access log, written when the body is dropped.
+pub(crate) struct RespBody {
+    inner: RespInner,
+    log: Option<Box<AccessLog>>,
+}
+
+impl RespBody {
+    pub(crate) fn full(b: Bytes) -> Self {
+        Self {
+            inner: RespInner::Full(Some(b)),
+            log: None,
+        }
+    }
+}
+
+impl Body for RespBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let res = match &mut this.inner {
+            RespInner::Upstream(b) => Pin::new(b).poll_frame(cx),
+            RespInner::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
+        };
+        if let (Poll::Ready(Some(Ok(f))), Some(log)) = (&res, this.log.as_mut()) {
+            if let Some(d) = f.data_ref() {
+                log.bytes += d.len() as u64;
+            }
+        }
+        res
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            RespInner::Upstream(b) => b.is_end_stream(),
+            RespInner::Full(b) => b.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            RespInner::Upstream(b) => b.size_hint(),
+            RespInner::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            RespInner::Full(None) => SizeHint::with_exact(0),
+        }
+    }
+}
+
+/// One access-log line, written when the response body is done (or dropped).
+pub(crate) struct AccessLog {
+    host: String,
+    method: Method,
+    path: String,
+    status: u16,
+    bytes: u64,
+    start: Instant,
+    upstream_ms: Option<u128>,
+    peer: SocketAddr,
+}
+
+impl Drop for AccessLog {
+    fn drop(&mut self) {
+        tracing::info!(
+            target: "httpgate::access",
+            peer = %self.peer,
+            host = %self.host,
+            method = %self.method,
+            path = %self.path,
+            status = self.status,
+            bytes = self.bytes,
+            ms = self.start.elapsed().as_millis() as u64,
+            upstream_ms = self.upstream_ms.map(|m| m as u64),
+            "request"
+        );
+    }
+}
+
+fn access_log_enabled() -> bool {
+    tracing::enabled!(target: "httpgate::access", tracing::Level::INFO)
+}
+
+/// Entry point for every request of every listener.
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    conn: Arc<ConnInfo>,
+    req: Request<Incoming>,
+) -> Response<RespBody> {
+    let start = Instant::now();
+    let log = access_log_enabled().then(|| {
+        Box::new(AccessLog {
+            host: String::new(),
+            method: req.method().clone(),
+            path: req.uri().path().to_owned(),
+            status: 0,
+            bytes: 0,
+            start,
+            upstream_ms: None,
+            peer: conn.peer,
+        })
+    });
+    let mut upstream_ms = None;
+    let host = request_host(&req);
+    let mut resp = route_request(&shared, &conn, req, host.as_deref(), &mut upstream_ms).await;
+    if let Some(mut log) = log {
+        log.status = resp.status().as_u16();
+        log.host = host.unwrap_or_default();
+        log.upstream_ms = upstream_ms;
+        resp.body_mut().log = Some(log);
+    }
+    resp
+}
+
+async fn route_request(
+    shared: &Arc<Shared>,
+    conn: &Arc<ConnInfo>,
+    req: Request<Incoming>,
+    host: Option<&str>,
+    upstream_ms: &mut Option<u128>,
+) -> Response<RespBody> {
+    if let Some(f) = &conn.framing {
+        let idx = conn.seq.fetch_add(1, Ordering::Relaxed);
+        if f.is_bad(idx) {
+            return pages::bad_request("Ambiguous message framing.");
+        }
+    }
+    // Belt and braces for framing the scanner could not see (HTTP/2).
+    if req.headers().get_all(CONTENT_LENGTH).iter().count() > 1
+        || (req.headers().contains_key(CONTENT_LENGTH)
+            && req.headers().contains_key(TRANSFER_ENCODING))
+    {
+        return pages::bad_request("Ambiguous message framing.");
+    }
+    let Some(host) = host else {
+        return pages::bad_request("Missing or malformed Host.");
+    };
+    if !conn.tls {
+        return plain_http(shared, &req, host);
+    }
+    let Some(route) = shared.routes.lookup(host) else {
+        return pages::error(
+            StatusCode::NOT_FOUND,
+            &format!("No site is configured for {host}."),
+        );
+    };
+    if let Some(sni) = &conn.sni {
+        if sni != host && !same_sandbox(shared, sni, &route) {
+            return pages::error(
+                StatusCode::MISDIRECTED_REQUEST,
+                "This connection was made for another host name.",
+            );
+        }
+    }
+    if let Some(ba) = &route.basic_auth {
+        let header = req.headers().get(AUTHORIZATION).map(|v| v.as_bytes());
+        if !shared.auth.check(&route.sandbox, ba, header).await {
+            return pages::unauthorized(&shared.config.auth_realm);
+        }
+    }
+    match &route.target {
+        Target::Stopped => pages::error(
+            StatusCode::BAD_GATEWAY,
+            &format!("Sandbox {} is stopped.", route.sandbox),
+        ),
+        Target::Unavailable { reason } => pages::error(
+            StatusCode::BAD_GATEWAY,
+            &format!("Sandbox {} is unavailable: {reason}.", route.sandbox),
+        ),
+        Target::Addr {
+            host: up_host,
+            port,
+        } => forward(shared, conn, req, host, &route, up_host, *port, upstream_ms).await,
+    }
+}
+
+fn same_sandbox(shared: &Shared, sni: &str, route: &Route) -> bool {
+    shared
+        .routes
+        .lookup(sni)
+        .is_some_and(|r| r.sandbox == route.sandbox)
+}
+
+/// The plain-HTTP listener: ACME HTTP-01 answers, else 301 to HTTPS.
+fn plain_http(shared: &Shared, req: &Request<Incoming>, host: &str) -> Response<RespBody> {
+    if let Some(token) = req
+        .uri()
+        .path()
+        .strip_prefix("/.well-known/acme-challenge/")
+    {
+        let answer = shared
+            .http01
+            .read()
+            .ok()
+            .and_then(|m| m.get(token).cloned());
+        return match answer {
+            Some(ka) => pages::text(ka),
+            None => pages::error(StatusCode::NOT_FOUND, "Unknown challenge token."),
+        };
+    }
+    if shared.routes.lookup(host).is_none() {
+        return pages::error(
+            StatusCode::NOT_FOUND,
+            &format!("No site is configured for {host}."),
+        );
+    }
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let port = shared.config.https_port;
+    let location = if port == 443 {
+        format!("https://{host}{pq}")
+    } else {
+        format!("https://{host}:{port}{pq}")
+    };
+    pages::redirect(&location)
+}
+
+/// The request's host: `:authority` / absolute URI, else the Host header;
+/// lowercase, without port or trailing dot. `None` if absent or malformed.
+fn request_host<B>(req: &Request<B>) -> Option<String> {
+    let raw = match req.uri().authority() {
+        Some(a) => a.host().to_owned(),
+        None => {
+            let h = req.headers().get(HOST)?.to_str().ok()?;
+            let auth: http::uri::Authority = h.parse().ok()?;
+            auth.host().to_owned()
+        }
+    };
+    let host = raw.trim_end_matches('.').to_ascii_lowercase();
+    let valid = !host.is_empty()
+        && host.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b':' | b'[' | b']')
+        });
+    valid.then_some(host)
+}
+
+const HOP_BY_HOP: [HeaderName; 8] = [
+    CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    http::header::TE,
+    http::header::TRAILER,
+    TRANSFER_ENCODING,
+    UPGRADE,
+    http::header::PROXY_AUTHORIZATION,
+];
+
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = h
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for n in listed {
+        h.remove(n);
+    }
+    for n in &HOP_BY_HOP {
+        h.remove(n);
+    }
+}
+
+fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(UPGRADE)
+        && req
+            .headers()
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+fn set_forwarded(shared: &Shared, conn: &ConnInfo, h: &mut HeaderMap, host: &str) {
+    let trusted = shared.config.trusted_proxies.contains(&conn.peer.ip());
+    let peer = conn.peer.ip().to_string();
+    let xff = match (
+        trusted,
+        h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()),
+    ) {
+        (true, Some(prev)) => format!("{prev}, {peer}"),
+        _ => peer,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        h.insert(X_FORWARDED_FOR.clone(), v);
+    }
+    if !(trusted && h.contains_key(&X_FORWARDED_PROTO)) {
+        let proto = if conn.tls { "https" } else { "http" };
+        h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
+    }
+    if !(trusted && h.contains_key(&X_FORWARDED_HOST)) {
+        let v = h
+            .get(HOST)
+            .cloned()
+            .or_else(|| HeaderValue::from_str(host).ok());
+        if let Some(v) = v {
+            h.insert(X_FORWARDED_HOST.clone(), v);
+        }
+    }
+    if !trusted {
+        h.remove(&FORWARDED);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn forward(
+    shared: &Arc<Shared>,
+    conn: &Arc<ConnInfo>,
+    mut req: Request<Incoming>,
+    host: &str,
+    route: &Route,
+    up_host: &str,
+    port: u16,
+    upstream_ms: &mut Option<u128>,
+) -> Response<RespBody> {
+    let upgrade = is_upgrade(&req);
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    let upgrade_value = if upgrade {
+        parts.headers.get(UPGRADE).cloned()
+    } else {
+        None
+    };
+    // An h2 request has no Host header: give the upstream one.
+    if !parts.headers.contains_key(HOST) {
+        if let Some(v) = parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            parts.headers.insert(HOST, v);
+        }
+    }
+    strip_hop_by_hop(&mut parts.headers);
+    if let Some(v) = upgrade_value {
+        parts
+            .headers
+            .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(UPGRADE, v);
+    }
+    if route.basic_auth.is_some() {
+        parts.headers.remove(AUTHORIZATION);
+    }
+    set_forwarded(shared, conn, &mut parts.headers, host);
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let authority = if up_host.contains(':') {
+        format!("[{up_host}]:{port}")
+    } else {
+        format!("{up_host}:{port}")
+    };
+    parts.uri = match Uri::builder()
+        .scheme("http")
+        .authority(authority.as_str())
+        .path_and_query(pq)
+        .build()
+    {
+        Ok(u) => u,
+        Err(_) => return pages::bad_request("Malformed request target."),
+    };
+    parts.version = Version::HTTP_11;
+    let client_fault = Arc::new(AtomicBool::new(false));
+    let up_req = Request::from_parts(
+        parts,
+        ReqBody {
+            inner: Some(body),
+            client_fault: client_fault.clone(),
+        },
+    );
+    let t0 = Instant::now();
+    let result = tokio::time::timeout(
+        shared.config.timeouts.upstream_response,
+        shared.upstreams.client.request(up_req),
+    )
+    .await;
+    *upstream_ms = Some(t0.elapsed().as_millis());
+    let mut resp = match result {
+        Err(_) => {
+            return pages::error(
+                StatusCode::GATEWAY_TIMEOUT,
+                &format!(
+                    "Sandbox {} did not answer within {} s.",
+                    route.sandbox,
+                    shared.config.timeouts.upstream_response.as_secs()
+                ),
+            )
+        }
+        Ok(Err(e)) => {
+            if client_fault.load(Ordering::Relaxed) {
+                return pages::bad_request("Malformed request body.");
+            }
+            tracing::debug!(sandbox = %route.sandbox, error = %e, "upstream error");
+            return pages::error(
+                StatusCode::BAD_GATEWAY,
+                &upstream_error_text(route, port, &e),
+            );
+        }
+        Ok(Ok(r)) => r,
+    };
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client_up) = client_upgrade {
+            let upstream_up = hyper::upgrade::on(&mut resp);
+            let sandbox = route.sandbox.clone();
+            tokio::spawn(async move {
+                match tokio::try_join!(client_up, upstream_up) {
+                    Ok((c, u)) => {
+                        let mut c = TokioIo::new(c);
+                        let mut u = TokioIo::new(u);
+                        let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+                    }
+                    Err(e) => tracing::debug!(sandbox = %sandbox, error = %e, "upgrade failed"),
+                }
+            });
+        }
+        let (parts, body) = resp.into_parts();
+        return Response::from_parts(
+            parts,
+            RespBody {
+                inner: RespInner::Upstream(body),
+                log: None,
+            },
+        );
+    }
+    strip_hop_by_hop(resp.headers_mut());
+    let (parts, body) = resp.into_parts();
+    Response::from_parts(
+        parts,
+        RespBody {
+            inner: RespInner::Upstream(body),
+            log: None,
+        },
+    )
+}
+
+fn upstream_error_text(route: &Route, port: u16, e: &hyper_util::client::legacy::Error) -> String {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = src {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => format!(
+                    "Sandbox {} is running but nothing answers on port {port} (connection refused).",
+                    route.sandbox
+                ),
+                std::io::ErrorKind::TimedOut => format!(
+                    "Sandbox {} could not be reached on port {port} (connect timed out).",
+                    route.sandbox
+                ),
+                _ => format!("Sandbox {} could not be reached on port {port} ({io}).", route.sandbox),
+            };
+        }
+        src = s.source();
+    }
+    if e.is_connect() {
+        format!(
+            "Sandbox {} could not be reached on port {port}.",
+            route.sandbox
+        )
+    } else {
+        format!(
+            "Sandbox {} closed the connection on port {port}.",
+            route.sandbox
+        )
+    }
+}

@@ -1,0 +1,464 @@
+//! The proxy with internal-CA certificates, driven by curl, raw TLS clients
+//! and a python websocket client against real upstream servers.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use httpgate::{BasicAuth, Target, TlsMode};
+
+fn auth() -> BasicAuth {
+    BasicAuth {
+        user: "alice".into(),
+        password_hash: argon2_hash("correct horse"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_app_and_agent_with_internal_certs() {
+    init_tracing();
+    let app = Upstream::start("app").await;
+    let agent = Upstream::start("agent").await;
+    let other = Upstream::start("other").await;
+    let bcrypt_auth = BasicAuth {
+        user: "bob".into(),
+        password_hash: bcrypt::hash("pw-bob", 4).unwrap(),
+    };
+    let gw = GatewayBuilder::new()
+        .route(
+            "app.test",
+            app_route("app-test", app.addr, TlsMode::Internal),
+        )
+        .route(
+            "shelley.app.test",
+            agent_route("app-test", agent.addr, TlsMode::Internal, auth()),
+        )
+        .route(
+            "other.test",
+            app_route("other-test", other.addr, TlsMode::Internal),
+        )
+        .route(
+            "shelley.other.test",
+            agent_route("other-test", other.addr, TlsMode::Internal, bcrypt_auth),
+        )
+        .start()
+        .await;
+
+    // The app host reaches the app port, over a certificate from the internal CA.
+    let r = gw
+        .curl("app.test", "/hello?x=1")
+        .arg("--http1.1")
+        .header("X-Forwarded-For: 6.6.6.6")
+        .header("Connection: X-Secret")
+        .header("X-Secret: hop")
+        .run()
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let j: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(j["upstream"], "app");
+    assert_eq!(j["uri"], "/hello?x=1");
+    let h = &j["headers"];
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1", "client XFF replaced");
+    assert_eq!(h["x-forwarded-proto"], "https");
+    assert_eq!(
+        h["x-forwarded-host"],
+        format!("app.test:{}", gw.https.port())
+    );
+    assert_eq!(h["host"], format!("app.test:{}", gw.https.port()));
+    assert!(
+        h.get("x-secret").is_none(),
+        "header named in Connection dropped: {h}"
+    );
+
+    // HTTP/2 and HTTP/1.1 from clients.
+    let r2 = gw.curl("app.test", "/").arg("--http2").run().await;
+    assert_eq!((r2.status, r2.version.as_str()), (200, "2"), "{r2:?}");
+    let j: serde_json::Value = serde_json::from_str(&r2.body).unwrap();
+    assert_eq!(
+        j["headers"]["host"],
+        format!("app.test:{}", gw.https.port())
+    );
+    let r1 = gw.curl("app.test", "/").arg("--http1.1").run().await;
+    assert_eq!((r1.status, r1.version.as_str()), (200, "1.1"));
+
+    // The agent host: basic auth, then the agent port; the password is not forwarded.
+    let missing = gw.curl("shelley.app.test", "/").run().await;
+    assert_eq!(missing.status, 401);
+    assert!(missing
+        .header("www-authenticate")
+        .unwrap()
+        .starts_with("Basic realm="));
+    let wrong = gw
+        .curl("shelley.app.test", "/")
+        .user("alice:wrong")
+        .run()
+        .await;
+    assert_eq!(wrong.status, 401);
+    let unknown = gw
+        .curl("shelley.app.test", "/")
+        .user("mallory:correct horse")
+        .run()
+        .await;
+    assert_eq!(unknown.status, 401);
+    for _ in 0..2 {
+        let ok = gw
+            .curl("shelley.app.test", "/ui")
+            .user("alice:correct horse")
+            .run()
+            .await;
+        assert_eq!(ok.status, 200, "{ok:?}");
+        let j: serde_json::Value = serde_json::from_str(&ok.body).unwrap();
+        assert_eq!(j["upstream"], "agent");
+        assert!(j["headers"].get("authorization").is_none());
+    }
+    // bcrypt hashes work too.
+    let b = gw
+        .curl("shelley.other.test", "/")
+        .user("bob:pw-bob")
+        .run()
+        .await;
+    assert_eq!(b.status, 200);
+    let b = gw
+        .curl("shelley.other.test", "/")
+        .user("bob:nope")
+        .run()
+        .await;
+    assert_eq!(b.status, 401);
+
+    // Unknown SNI: the handshake is refused.
+    let r = gw.curl("nope.test", "/").run().await;
+    assert!(!r.ok && r.status == 0, "{r:?}");
+    // Known SNI, unknown Host: 404.
+    let r = gw
+        .curl("app.test", "/")
+        .header("Host: nope.test")
+        .run()
+        .await;
+    assert_eq!(r.status, 404);
+    // SNI of one sandbox, Host of another: 421.
+    let r = gw
+        .curl("app.test", "/")
+        .header("Host: other.test")
+        .run()
+        .await;
+    assert_eq!(r.status, 421);
+    // SNI and Host of the same sandbox (shared certificate): allowed.
+    let r = gw
+        .curl("app.test", "/")
+        .header("Host: shelley.app.test")
+        .user("alice:correct horse")
+        .run()
+        .await;
+    assert_eq!(r.status, 200);
+
+    // Certificate status.
+    let certs = gw.gw.certs();
+    let c = certs.iter().find(|c| c.domain == "app.test").unwrap();
+    assert_eq!(c.mode, "internal");
+    assert_eq!(c.names, vec!["app.test", "shelley.app.test"]);
+    assert!(c
+        .issuer
+        .as_deref()
+        .unwrap()
+        .contains("sandboxd internal CA"));
+    assert!(c.next_renewal.unwrap() < c.not_after.unwrap());
+    // Forced renewal of an internal certificate works and keeps serving.
+    gw.gw.renew("app.test").await.unwrap();
+    assert_eq!(gw.curl("app.test", "/").run().await.status, 200);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trusted_proxy_headers_are_kept() {
+    let app = Upstream::start("app").await;
+    let gw = GatewayBuilder::new()
+        .config(|c| c.trusted_proxies = vec!["127.0.0.1".parse().unwrap()])
+        .route("app.test", app_route("app", app.addr, TlsMode::Internal))
+        .start()
+        .await;
+    let r = gw
+        .curl("app.test", "/")
+        .header("X-Forwarded-For: 6.6.6.6")
+        .header("X-Forwarded-Proto: http")
+        .run()
+        .await;
+    let j: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(j["headers"]["x-forwarded-for"], "6.6.6.6, 127.0.0.1");
+    assert_eq!(j["headers"]["x-forwarded-proto"], "http");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_listener_redirects_keeping_path_and_query() {
+    let app = Upstream::start("app").await;
+    let gw = GatewayBuilder::new()
+        .with_http("127.0.0.1:0")
+        .route("app.test", app_route("app", app.addr, TlsMode::Internal))
+        .start()
+        .await;
+    let port = gw.http.unwrap().port();
+    let r = Curl::http("app.test", port, "/a/b?x=1&y=2").run().await;
+    assert_eq!(r.status, 301);
+    assert_eq!(
+        r.header("location").unwrap(),
+        "https://app.test/a/b?x=1&y=2"
+    );
+    let r = Curl::http("nope.test", port, "/").run().await;
+    assert_eq!(r.status, 404);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_errors_name_the_sandbox() {
+    let slow = Upstream::start("slow").await;
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let gw = GatewayBuilder::new()
+        .config(|c| c.timeouts.upstream_response = Duration::from_secs(1))
+        .route(
+            "down.test",
+            app_route("down-sbx", closed, TlsMode::Internal),
+        )
+        .route(
+            "slow.test",
+            app_route("slow-sbx", slow.addr, TlsMode::Internal),
+        )
+        .route(
+            "stopped.test",
+            httpgate::Route {
+                target: Target::Stopped,
+                ..app_route("stopped-sbx", closed, TlsMode::Internal)
+            },
+        )
+        .route(
+            "gone.test",
+            httpgate::Route {
+                target: Target::Unavailable {
+                    reason: "no address yet".into(),
+                },
+                ..app_route("gone-sbx", closed, TlsMode::Internal)
+            },
+        )
+        .start()
+        .await;
+    let r = gw.curl("down.test", "/").run().await;
+    assert_eq!(r.status, 502);
+    assert!(
+        r.body.contains("down-sbx") && r.body.contains("connection refused"),
+        "{}",
+        r.body
+    );
+    let r = gw.curl("stopped.test", "/").run().await;
+    assert_eq!(r.status, 502);
+    assert!(r.body.contains("stopped-sbx is stopped"), "{}", r.body);
+    let r = gw.curl("gone.test", "/").run().await;
+    assert_eq!(r.status, 502);
+    assert!(r.body.contains("no address yet"));
+    let t = Instant::now();
+    let r = gw.curl("slow.test", "/slow").run().await;
+    assert_eq!(r.status, 504);
+    assert!(r.body.contains("slow-sbx"));
+    assert!(t.elapsed() < Duration::from_secs(5));
+    // The upstream being slow for one request does not stop the next.
+    assert_eq!(gw.curl("slow.test", "/").run().await.status, 200);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_survives_a_route_edit() {
+    let (_ws, ws_addr) = ws_echo_server().await;
+    let other = Upstream::start("other").await;
+    let gw = GatewayBuilder::new()
+        .route("app.test", app_route("app", ws_addr, TlsMode::Internal))
+        .start()
+        .await;
+    let script = r#"
+import asyncio, socket, ssl, sys, websockets
+async def main():
+    ctx = ssl.create_default_context(cafile=sys.argv[2])
+    sock = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+    async with websockets.connect("wss://app.test:%s/chat" % sys.argv[1], ssl=ctx, sock=sock, server_hostname="app.test") as ws:
+        await ws.send("one")
+        print("first " + await ws.recv(), flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        await ws.send("two")
+        print("second " + await ws.recv(), flush=True)
+asyncio.run(main())
+"#;
+    let mut child = Proc(
+        Command::new("/usr/bin/python3")
+            .arg("-c")
+            .arg(script)
+            .arg(gw.https.port().to_string())
+            .arg(&gw.ca_file)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = child.0.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let first = tokio::task::spawn_blocking(move || {
+        let l = lines.next().unwrap().unwrap();
+        (l, lines)
+    })
+    .await
+    .unwrap();
+    assert_eq!(first.0, "first one");
+    let mut lines = first.1;
+
+    // Route edit: the host now points elsewhere (and a new host appears).
+    gw.routes
+        .set("app.test", app_route("app", other.addr, TlsMode::Internal));
+    gw.routes
+        .set("new.test", app_route("new", other.addr, TlsMode::Internal));
+    gw.gw.routes_changed();
+    let r = gw.curl("app.test", "/").run().await;
+    let j: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(j["upstream"], "other", "new requests follow the edit");
+    assert_eq!(gw.curl("new.test", "/").run().await.status, 200);
+
+    // The open websocket still echoes.
+    let mut stdin = child.0.stdin.take().unwrap();
+    stdin.write_all(b"go\n").unwrap();
+    stdin.flush().unwrap();
+    let second = tokio::task::spawn_blocking(move || lines.next().unwrap().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(second, "second two");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smuggling_attempts_get_400() {
+    let app = Upstream::start("app").await;
+    let gw = GatewayBuilder::new()
+        .route("app.test", app_route("app", app.addr, TlsMode::Internal))
+        .start()
+        .await;
+    let cases: [(&str, &[u8]); 6] = [
+        ("CL then TE", b"POST /upload HTTP/1.1\r\nHost: app.test\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /x HTTP/1.1\r\nHost: app.test\r\n\r\n"),
+        ("TE then CL", b"POST /upload HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n"),
+        ("duplicate CL, different", b"POST /upload HTTP/1.1\r\nHost: app.test\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\nabcde"),
+        ("duplicate CL, same", b"POST /upload HTTP/1.1\r\nHost: app.test\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc"),
+        ("obs-fold", b"GET / HTTP/1.1\r\nHost: app.test\r\nX-A: a\r\n  folded\r\n\r\n"),
+        ("bad chunk size", b"POST /upload HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"),
+    ];
+    for (name, req) in cases {
+        let mut s = tls_connect(gw.https, "app.test", &gw.ca_file)
+            .await
+            .unwrap();
+        let resp = raw_exchange(&mut s, req, 5).await;
+        assert!(resp.starts_with("HTTP/1.1 400"), "{name}: {resp:?}");
+    }
+    // A clean request on a fresh connection still works, and so does a
+    // keep-alive sequence with a chunked body before it.
+    let mut s = tls_connect(gw.https, "app.test", &gw.ca_file)
+        .await
+        .unwrap();
+    let resp = raw_exchange(
+        &mut s,
+        b"POST /upload HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        5,
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp:?}");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_oversized_headers_are_cut_off() {
+    let app = Upstream::start("app").await;
+    let gw = GatewayBuilder::new()
+        .config(|c| {
+            c.timeouts.header_read = Duration::from_secs(1);
+            c.limits.max_header_bytes = 16 * 1024;
+        })
+        .route("app.test", app_route("app", app.addr, TlsMode::Internal))
+        .start()
+        .await;
+    // Trickling headers: one line every 300 ms, forever.
+    let mut s = tls_connect(gw.https, "app.test", &gw.ca_file)
+        .await
+        .unwrap();
+    let t = Instant::now();
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        s.write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n")
+            .await
+            .unwrap();
+        let mut closed = false;
+        let mut buf = [0u8; 1024];
+        for i in 0..40 {
+            if s.write_all(format!("X-{i}: y\r\n").as_bytes())
+                .await
+                .is_err()
+            {
+                closed = true;
+                break;
+            }
+            match tokio::time::timeout(Duration::from_millis(300), s.read(&mut buf)).await {
+                Ok(Ok(_)) | Ok(Err(_)) => {
+                    closed = true;
+                    break;
+                }
+                Err(_) => {}
+            }
+        }
+        assert!(closed, "trickling client was never cut off");
+    }
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+
+    // Oversized headers: 431 (hyper) and nothing reaches the upstream.
+    let big = format!("X-Big: {}", "a".repeat(32 * 1024));
+    let r = gw
+        .curl("app.test", "/")
+        .arg("--http1.1")
+        .header(&big)
+        .run()
+        .await;
+    assert_eq!(r.status, 431, "{r:?}");
+    let r = gw
+        .curl("app.test", "/")
+        .arg("--http2")
+        .header(&big)
+        .run()
+        .await;
+    assert!(r.status != 200, "{r:?}");
+    assert_eq!(gw.curl("app.test", "/").run().await.status, 200);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_handshakes_do_not_block_others() {
+    let app = Upstream::start("app").await;
+    let gw = GatewayBuilder::new()
+        .config(|c| c.timeouts.handshake = Duration::from_secs(30))
+        .route("app.test", app_route("app", app.addr, TlsMode::Internal))
+        .start()
+        .await;
+    let mut idle = Vec::new();
+    for i in 0..1000 {
+        let mut s = tokio::net::TcpStream::connect(gw.https).await.unwrap();
+        if i % 2 == 0 {
+            // Half send the start of a TLS record and stop.
+            use tokio::io::AsyncWriteExt;
+            s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+                .await
+                .unwrap();
+        }
+        idle.push(s);
+    }
+    let t = Instant::now();
+    let r = gw.curl("app.test", "/").run().await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    drop(idle);
+    gw.stop().await;
+}

@@ -1,0 +1,216 @@
+//! The SSH router wired into the real daemon: `add` then `ssh -p PORT
+//! NAME@127.0.0.1` with the real OpenSSH client to a real sshd.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use common::sshd::Sshd;
+use common::Daemon;
+
+struct Setup {
+    d: Daemon,
+    sshd: Sshd,
+    key: PathBuf,
+    known_hosts: PathBuf,
+    port: String,
+}
+
+fn setup(name: &str) -> Setup {
+    let d = Daemon::start();
+    let sshd = Sshd::start(d.dir.path(), name);
+    let key = d.keygen(&format!("client-{name}"));
+    let user = "root";
+    d.ok(&[
+        "add",
+        name,
+        "--domain",
+        &format!("{name}.example.com"),
+        "--upstream",
+        "127.0.0.1",
+        "--ssh-port",
+        &sshd.port.to_string(),
+        "--user",
+        user,
+        "--ssh-key",
+        key.to_str().unwrap(),
+        "--upstream-host-key",
+        sshd.host_pub.to_str().unwrap(),
+    ]);
+    let show = d.json(&["show", name, "--json"]);
+    sshd.authorize(show["upstream_public_key"].as_str().unwrap());
+    let st = d.json(&["status", "--json"]);
+    let addr = st["ssh_listen"][0].as_str().unwrap().to_string();
+    let port = addr.rsplit_once(':').unwrap().1.to_string();
+    // known_hosts from `sandboxd host-key`: the client checks the gateway strictly.
+    let known_hosts = d.dir.path().join("known_hosts");
+    let mut kh = String::new();
+    for line in d.ok(&["host-key"]).lines() {
+        let mut parts = line.split_whitespace();
+        let (alg, b64) = (parts.next().unwrap(), parts.next().unwrap());
+        kh.push_str(&format!("[127.0.0.1]:{port} {alg} {b64}\n"));
+    }
+    std::fs::write(&known_hosts, kh).unwrap();
+    Setup {
+        d,
+        sshd,
+        key: key.with_extension(""),
+        known_hosts,
+        port,
+    }
+}
+
+fn ssh_cmd(s: &Setup, user: &str, key: &Path) -> Command {
+    let mut c = Command::new("ssh");
+    c.args([
+        "-F",
+        "/dev/null",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        "-o",
+        "IdentitiesOnly=yes",
+    ])
+    .arg("-o")
+    .arg(format!("UserKnownHostsFile={}", s.known_hosts.display()))
+    .arg("-i")
+    .arg(key)
+    .args(["-p", &s.port])
+    .arg(format!("{user}@127.0.0.1"));
+    c
+}
+
+fn run(mut c: Command) -> Output {
+    c.stdin(Stdio::null()).output().unwrap()
+}
+
+#[test]
+fn ssh_through_the_daemon_right_after_add() {
+    let s = setup("web");
+    let out = run({
+        let mut c = ssh_cmd(&s, "web", &s.key);
+        c.arg("echo out; echo err >&2; exit 7");
+        c
+    });
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        s.d.log_text()
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "out\n");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("err"));
+
+    // Unknown user and wrong key fail the same way.
+    let other = s.d.keygen("stranger");
+    let other = other.with_extension("");
+    let unknown = run({
+        let mut c = ssh_cmd(&s, "nobody-here", &s.key);
+        c.arg("true");
+        c
+    });
+    let wrong = run({
+        let mut c = ssh_cmd(&s, "web", &other);
+        c.arg("true");
+        c
+    });
+    assert_eq!(unknown.status.code(), Some(255));
+    assert_eq!(wrong.status.code(), Some(255));
+    let norm = |o: &Output| {
+        String::from_utf8_lossy(&o.stderr)
+            .replace("nobody-here", "USER")
+            .replace("web", "USER")
+    };
+    assert_eq!(norm(&unknown), norm(&wrong));
+}
+
+#[test]
+fn sessions_listed_and_killed_and_route_removal_spares_them() {
+    let s = setup("live");
+    let mut child = ssh_cmd(&s, "live", &s.key)
+        .arg("echo ready; sleep 60")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut buf = [0u8; 6];
+    std::io::Read::read_exact(&mut stdout, &mut buf).unwrap();
+    assert_eq!(&buf, b"ready\n");
+    let sessions = s.d.json(&["sessions", "--json"]);
+    let list = sessions.as_array().unwrap();
+    assert_eq!(list.len(), 1, "{sessions}");
+    assert_eq!(list[0]["sandbox"], "live");
+    assert!(list[0]["key_fingerprint"]
+        .as_str()
+        .unwrap()
+        .starts_with("SHA256:"));
+
+    // Removing the route leaves the open session alone; new logins fail.
+    s.d.ok(&["remove", "live"]);
+    let out = run({
+        let mut c = ssh_cmd(&s, "live", &s.key);
+        c.arg("true");
+        c
+    });
+    assert_eq!(out.status.code(), Some(255));
+    assert_eq!(
+        s.d.json(&["sessions", "--json"]).as_array().unwrap().len(),
+        1
+    );
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "session dropped by a route removal"
+    );
+
+    let id = list[0]["id"].as_u64().unwrap().to_string();
+    s.d.ok(&["sessions", "kill", &id]);
+    let status = child.wait().unwrap();
+    assert!(!status.success());
+    let err = s.d.fails(&["sessions", "kill", &id]);
+    assert!(err.contains("no live session"), "{err}");
+    drop(s.sshd);
+}
+
+#[test]
+fn host_key_persists_across_restarts() {
+    let mut s = setup("persist");
+    let before = s.d.ok(&["host-key"]);
+    assert!(
+        before.contains("ssh-ed25519") && before.contains("SHA256:"),
+        "{before}"
+    );
+    assert!(s.d.terminate().success());
+    s.d.restart();
+    assert_eq!(s.d.ok(&["host-key"]), before);
+    let st = s.d.json(&["status", "--json"]);
+    let port = st["ssh_listen"][0]
+        .as_str()
+        .unwrap()
+        .rsplit_once(':')
+        .unwrap()
+        .1
+        .to_string();
+    // The known_hosts written before the restart still matches.
+    let kh = std::fs::read_to_string(&s.known_hosts)
+        .unwrap()
+        .replace(&format!("]:{}", s.port), &format!("]:{port}"));
+    std::fs::write(&s.known_hosts, kh).unwrap();
+    s.port = port;
+    let out = run({
+        let mut c = ssh_cmd(&s, "persist", &s.key);
+        c.arg("hostname >/dev/null && echo ok");
+        c
+    });
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "ok\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
