@@ -213,6 +213,15 @@ fn import_adopts_an_instance_made_outside() {
     let ip = address(&d, &name);
     assert_eq!(ssh_target(&d, &name).unwrap(), format!("{ip}:22"));
     assert_eq!(ssh_as_gateway(&d, &name, &ip), name);
+
+    // `top` refreshes a bounded number of times; CPU % comes from deltas.
+    let top = d.ok(&["top", "--count", "2", "--interval", "0.3"]);
+    assert_eq!(top.matches("NAME").count(), 2, "{top}");
+    let row = top.lines().rev().find(|l| l.starts_with(&name)).unwrap();
+    assert!(row.contains('%') && row.contains(&ip), "{row}");
+    let sb = listed(&d, &name).unwrap();
+    assert!(sb["cpu_percent"].is_f64(), "{sb}");
+
     let unmanaged = d.json(&["import", "--json"]);
     assert!(!unmanaged
         .as_array()

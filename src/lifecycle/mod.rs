@@ -19,6 +19,10 @@
 //!   an untracked instance and is never touched by `create`;
 //! - Incus being absent never stops the daemon: every call here answers
 //!   "Incus is not running: ..." instead.
+//! - containers come back with the host in their last state: sandboxd
+//!   leaves `boot.autostart` unset, which Incus reads as "restore the state
+//!   the instance had when incusd stopped" (a sandbox stopped with
+//!   `sandboxd stop` stays stopped, a running one starts again).
 
 pub mod http;
 pub mod wire;
