@@ -170,6 +170,8 @@ impl ClientHandler {
     fn note_failure(&mut self) {
         if !self.failed_once {
             self.failed_once = true;
+            let user = self.route.as_ref().map(|(u, _)| u.as_str()).unwrap_or("");
+            tracing::info!(client = %self.peer, user, "public key refused (first refusal on this connection)");
             if self.inner.bans.record_failure(self.peer.ip()) {
                 tracing::warn!(client = %self.peer, "too many failed logins; address banned");
             }
@@ -514,6 +516,7 @@ pub(crate) async fn run_connection(
     socket: TcpStream,
     peer: SocketAddr,
     id: u64,
+    startup: tokio::sync::OwnedSemaphorePermit,
 ) {
     if inner.bans.is_banned(peer.ip()) {
         tracing::debug!(client = %peer, "connection from banned address dropped");
@@ -559,20 +562,24 @@ pub(crate) async fn run_connection(
     tokio::pin!(session);
 
     // Phase 1: handshake and authentication, bounded by the login grace.
-    let authed = tokio::select! {
+    let mut ended = false;
+    tokio::select! {
         r = &mut session => {
+            ended = true;
             if let Err(e) = r {
-                tracing::debug!(client = %peer, error = %e, "connection ended before login");
+                tracing::debug!(client = %peer, error = %e, "connection ended with an error");
             }
-            false
         }
-        _ = state.authed.notified() => true,
-        _ = tokio::time::sleep_until(deadline) => {
-            tracing::debug!(client = %peer, "login grace time exceeded");
-            false
-        }
+        _ = state.authed.notified() => {}
+        _ = tokio::time::sleep_until(deadline) => {}
     };
-    let Some(auth) = state.session.get().filter(|_| authed) else {
+    // A quick client may log in and finish before this task looks: what
+    // counts is whether authentication happened, not which branch fired.
+    drop(startup);
+    let Some(auth) = state.session.get() else {
+        if !ended {
+            tracing::debug!(client = %peer, "login grace time exceeded");
+        }
         kill_switch.kill();
         return;
     };
@@ -592,7 +599,9 @@ pub(crate) async fn run_connection(
     );
 
     let end_reason: &str;
-    if let Some(message) = &auth.failure {
+    if ended {
+        end_reason = "client closed";
+    } else if let Some(message) = &auth.failure {
         // Phase 2a: the upstream is not there. Tell the client, then end.
         tokio::select! {
             _ = &mut session => {}

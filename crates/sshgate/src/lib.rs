@@ -107,6 +107,10 @@ pub struct GatewayConfig {
     pub auth_rejection_time: Duration,
     /// Maximum authentication attempts on one connection.
     pub max_auth_attempts: usize,
+    /// Connections allowed at once in the handshake/login phase; more are
+    /// closed at accept (like sshd's MaxStartups). Logged-in sessions do not
+    /// count.
+    pub max_unauthenticated: usize,
     /// Failed-login ban per source address.
     pub ban: BanPolicy,
     /// Send an SSH keepalive after this much silence (both legs); `None`: off.
@@ -136,6 +140,7 @@ impl Default for GatewayConfig {
             login_grace: Duration::from_secs(30),
             auth_rejection_time: Duration::from_millis(200),
             max_auth_attempts: 10,
+            max_unauthenticated: 256,
             ban: BanPolicy::default(),
             keepalive_interval: Some(Duration::from_secs(30)),
             keepalive_max: 4,
@@ -169,6 +174,7 @@ pub(crate) struct Inner {
     pub(crate) routes: Arc<dyn RouteSource>,
     pub(crate) bans: ban::BanList,
     pub(crate) registry: registry::Registry,
+    startups: Arc<tokio::sync::Semaphore>,
     next_id: AtomicU64,
     shutdown: watch::Sender<bool>,
 }
@@ -179,6 +185,9 @@ impl Gateway {
         let server_config = Arc::new(conn::server_config(&config));
         let client_config = Arc::new(upstream::client_config(&config));
         let (shutdown, _) = watch::channel(false);
+        let startups = Arc::new(tokio::sync::Semaphore::new(
+            config.max_unauthenticated.max(1),
+        ));
         Gateway {
             inner: Arc::new(Inner {
                 bans: ban::BanList::new(config.ban.clone()),
@@ -187,6 +196,7 @@ impl Gateway {
                 client_config,
                 routes,
                 registry: registry::Registry::default(),
+                startups,
                 next_id: AtomicU64::new(1),
                 shutdown,
             }),
@@ -210,9 +220,13 @@ impl Gateway {
                 }
                 accepted = listener.accept() => match accepted {
                     Ok((socket, peer)) => {
+                        let Ok(permit) = self.inner.startups.clone().try_acquire_owned() else {
+                            tracing::debug!(client = %peer, "too many connections logging in; dropped");
+                            continue;
+                        };
                         let inner = self.inner.clone();
                         let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
-                        tokio::spawn(conn::run_connection(inner, socket, peer, id));
+                        tokio::spawn(conn::run_connection(inner, socket, peer, id, permit));
                     }
                     Err(e) if is_transient_accept_error(&e) => {
                         tracing::warn!(error = %e, "ssh accept failed; retrying");

@@ -159,3 +159,32 @@ fn persistent_host_keys_serve_ed25519_and_rsa_sha2_clients() {
         assert_eq!(text(&out.stdout), "ok\n", "{alg}: {}", text(&out.stderr));
     }
 }
+
+#[test]
+fn ipv6_listener_serves_the_same_routes() {
+    let h = harness().ipv6().start();
+    let a6 = h.addr6.unwrap();
+    let mut c = Command::new("ssh");
+    c.args(h.ssh_opts())
+        .args(["-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none", "-i"])
+        .arg(&h.keys[0])
+        .arg("-p")
+        .arg(a6.port().to_string())
+        .arg(format!("{}@::1", h.sandbox))
+        .arg("echo v6; sleep 1");
+    let child = c
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let sessions = h.wait_sessions(1);
+    assert!(
+        sessions[0].client_addr.starts_with("[::1]:"),
+        "{:?}",
+        sessions[0]
+    );
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(text(&out.stdout), "v6\n", "{}", text(&out.stderr));
+    h.assert_serves();
+}

@@ -150,6 +150,30 @@ fn remote_forward_with_dynamic_port_then_cancel() {
 }
 
 #[test]
+fn remote_forward_of_a_unix_socket() {
+    let h = harness().start();
+    let echo = echo_server();
+    let remote_sock = h.path("remote.sock");
+    let spec = format!("{}:127.0.0.1:{echo}", remote_sock.display());
+    let _ssh = Kill(
+        h.ssh()
+            .args(["-N", "-o", "ExitOnForwardFailure=yes", "-R", &spec])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // The upstream sshd runs on this machine: its socket is right here.
+    let mut s = eventually(Duration::from_secs(20), || {
+        std::os::unix::net::UnixStream::connect(&remote_sock).ok()
+    });
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(b"via streamlocal").unwrap();
+    let mut got = [0u8; 15];
+    s.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"via streamlocal");
+}
+
+#[test]
 fn agent_forwarding_shows_the_clients_agent_upstream() {
     let h = harness().start();
     let sock = h.path("agent.sock");

@@ -124,3 +124,55 @@ fn a_hundred_concurrent_sessions_all_succeed() {
     }
     h.wait_sessions(0);
 }
+
+#[test]
+fn connections_beyond_the_login_limit_are_dropped_until_slots_free() {
+    let h = harness()
+        .config(|c| c.max_unauthenticated = 2)
+        .login_grace(Duration::from_secs(3))
+        .start();
+    // Two clients sit in the handshake and hold both slots.
+    let a = TcpStream::connect(h.addr).unwrap();
+    let b = TcpStream::connect(h.addr).unwrap();
+    // Make sure the gateway has accepted both (it sends its version line).
+    for s in [&a, &b] {
+        let mut s = s;
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"SSH-");
+    }
+    // A third is closed at once, before any version line.
+    let c = TcpStream::connect(h.addr).unwrap();
+    let t = Instant::now();
+    assert!(closed_within(c, Duration::from_secs(2)));
+    assert!(t.elapsed() < Duration::from_secs(2));
+    // Once the stalled ones are gone (closed by the client here), logins work.
+    drop(a);
+    drop(b);
+    eventually(Duration::from_secs(10), || {
+        let out = h
+            .ssh()
+            .arg("echo ok")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (text(&out.stdout) == "ok\n").then_some(())
+    });
+    // A logged-in session does not hold a slot: two sessions plus a third login.
+    let mut held: Vec<_> = (0..2)
+        .map(|_| {
+            h.ssh()
+                .arg("sleep 30")
+                .stdin(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    h.wait_sessions(2);
+    h.assert_serves();
+    for c in &mut held {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}

@@ -161,6 +161,7 @@ pub struct HarnessBuilder {
     target: Option<Target>,
     pin: Pin,
     host_key_dir: bool,
+    ipv6: bool,
 }
 
 enum Pin {
@@ -204,6 +205,11 @@ impl HarnessBuilder {
     /// in-memory ed25519 key.
     pub fn host_keys_from_dir(mut self) -> Self {
         self.host_key_dir = true;
+        self
+    }
+    /// Serve a second listener on [::1]:0 with the same gateway.
+    pub fn ipv6(mut self) -> Self {
+        self.ipv6 = true;
         self
     }
     pub fn no_pinned_host_key(mut self) -> Self {
@@ -266,6 +272,8 @@ impl HarnessBuilder {
         config.host_keys = host_keys.clone();
         let gateway = Gateway::new(config, routes.clone());
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (addr6_tx, addr6_rx) = std::sync::mpsc::channel();
+        let ipv6 = self.ipv6;
         let gw = gateway.clone();
         let runtime = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -276,11 +284,22 @@ impl HarnessBuilder {
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 addr_tx.send(listener.local_addr().unwrap()).unwrap();
+                if ipv6 {
+                    let l6 = tokio::net::TcpListener::bind("[::1]:0").await.unwrap();
+                    addr6_tx.send(l6.local_addr().unwrap()).unwrap();
+                    let g6 = gw.clone();
+                    tokio::spawn(async move { g6.serve(l6).await });
+                }
                 gw.serve(listener).await.unwrap();
             });
             // Give open sessions' tasks no further time: the runtime drops here.
         });
         let addr: SocketAddr = addr_rx.recv().unwrap();
+        let addr6: Option<SocketAddr> = if self.ipv6 {
+            Some(addr6_rx.recv().unwrap())
+        } else {
+            None
+        };
         let known_hosts = dir.path().join("known_hosts");
         let mut kh = format!(
             "[127.0.0.1]:{} {}\n",
@@ -293,10 +312,18 @@ impl HarnessBuilder {
                 addr.port(),
                 k.public_key().to_openssh().unwrap()
             ));
+            if let Some(a6) = addr6 {
+                kh.push_str(&format!(
+                    "[::1]:{} {}\n",
+                    a6.port(),
+                    k.public_key().to_openssh().unwrap()
+                ));
+            }
         }
         std::fs::write(&known_hosts, kh).unwrap();
         Harness {
             addr,
+            addr6,
             gateway,
             routes,
             sandbox: self.sandbox,
@@ -312,6 +339,8 @@ impl HarnessBuilder {
 
 pub struct Harness {
     pub addr: SocketAddr,
+    /// The [::1] listener, when built with `ipv6()`.
+    pub addr6: Option<SocketAddr>,
     pub gateway: Gateway,
     pub routes: Arc<MemRoutes>,
     pub sandbox: String,
@@ -342,6 +371,8 @@ pub fn whoami() -> String {
 pub fn harness() -> HarnessBuilder {
     let config = GatewayConfig {
         auth_rejection_time: Duration::from_millis(50),
+        // Generous for loaded CI machines; the timeout tests set their own.
+        connect_timeout: Duration::from_secs(30),
         ..GatewayConfig::default()
     };
     HarnessBuilder {
@@ -351,6 +382,7 @@ pub fn harness() -> HarnessBuilder {
         target: None,
         pin: Pin::Sshd,
         host_key_dir: false,
+        ipv6: false,
     }
 }
 
