@@ -949,7 +949,8 @@ impl Lifecycle {
             .config(ID_KEY, plan.meta.id.clone())
             .config("user.sandboxd.domain", sb.domain.clone())
             .description(format!("sandboxd sandbox {}", sb.name))
-            .start(false);
+            // Started by the same operation; the `start` step is then a no-op.
+            .start(true);
         if let Some(cpu) = plan.meta.cpu {
             req = req.limits_cpu(cpu);
         }
