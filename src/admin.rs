@@ -31,10 +31,10 @@ use crate::api::{
 use crate::keys;
 use crate::routes::Routes;
 
-type Body = UnsyncBoxBody<Bytes, Infallible>;
+pub(crate) type Body = UnsyncBoxBody<Bytes, Infallible>;
 
 /// Largest request body accepted, except restores.
-const MAX_BODY: usize = 1 << 20;
+pub(crate) const MAX_BODY: usize = 1 << 20;
 /// Largest backup accepted by restore.
 const MAX_RESTORE_BODY: usize = 256 << 20;
 
@@ -53,6 +53,8 @@ pub struct AdminContext {
     pub ssh: sshgate::Gateway,
     /// `ALGORITHM BASE64 SHA256:FP` per SSH host key.
     pub ssh_host_keys: Vec<String>,
+    /// Incus sandboxes: create, start/stop, snapshots, import, stats.
+    pub lifecycle: Arc<crate::lifecycle::Lifecycle>,
 }
 
 /// Who may use the socket.
@@ -102,10 +104,10 @@ impl ApiError {
             message: message.into(),
         }
     }
-    fn bad(message: impl Into<String>) -> Self {
+    pub(crate) fn bad(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_argument", message)
     }
-    fn internal(message: impl Into<String>) -> Self {
+    pub(crate) fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
     }
     fn body(&self) -> ErrorBody {
@@ -138,7 +140,7 @@ fn full(status: StatusCode, content_type: &str, bytes: Vec<u8>) -> Response<Body
     resp
 }
 
-fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
+pub(crate) fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
     match serde_json::to_vec_pretty(value) {
         Ok(mut bytes) => {
             bytes.push(b'\n');
@@ -155,7 +157,7 @@ fn error_response(e: &ApiError) -> Response<Body> {
 }
 
 /// A streamed NDJSON response fed by the returned sender.
-fn event_stream() -> (mpsc::Sender<Event>, Response<Body>) {
+pub(crate) fn event_stream() -> (mpsc::Sender<Event>, Response<Body>) {
     let (tx, rx) = mpsc::channel::<Event>(64);
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         let event = rx.recv().await?;
@@ -170,7 +172,7 @@ fn event_stream() -> (mpsc::Sender<Event>, Response<Body>) {
     (tx, resp)
 }
 
-async fn read_json<T: serde::de::DeserializeOwned>(
+pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(
     body: Incoming,
     limit: usize,
 ) -> Result<T, ApiError> {
@@ -338,6 +340,9 @@ async fn route(ctx: Arc<AdminContext>, req: Request<Incoming>) -> Response<Body>
             let replace = query.split('&').any(|kv| kv == "replace=true");
             restore(&ctx, req.into_body(), replace).await
         }
+        (_, ["v1", "incus", rest @ ..]) => {
+            crate::lifecycle::http::handle(&ctx, &method, rest, req).await
+        }
         (_, ["v1", ..]) => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "no_such_call",
@@ -425,7 +430,7 @@ async fn show(ctx: &Arc<AdminContext>, name: &str) -> Result<Response<Body>, Api
     Ok(json(StatusCode::OK, &view(&get(ctx, name).await?)))
 }
 
-fn parse_keys(lines: &[String]) -> Result<Vec<String>, ApiError> {
+pub(crate) fn parse_keys(lines: &[String]) -> Result<Vec<String>, ApiError> {
     lines
         .iter()
         .map(|l| {
@@ -436,7 +441,7 @@ fn parse_keys(lines: &[String]) -> Result<Vec<String>, ApiError> {
         .collect()
 }
 
-fn check_auth(auth: &SetAuth) -> Result<(), ApiError> {
+pub(crate) fn check_auth(auth: &SetAuth) -> Result<(), ApiError> {
     if auth.user.is_empty()
         || auth.user.len() > 64
         || auth.user.contains(':')
@@ -453,7 +458,7 @@ fn check_auth(auth: &SetAuth) -> Result<(), ApiError> {
 }
 
 /// Hashes a password as an argon2id PHC string (off the async threads).
-async fn hash_password(password: String) -> Result<String, ApiError> {
+pub(crate) async fn hash_password(password: String) -> Result<String, ApiError> {
     blocking(move || {
         use argon2::password_hash::{PasswordHasher, SaltString};
         let salt = SaltString::generate(&mut argon2::password_hash::rand_core::OsRng);

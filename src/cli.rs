@@ -123,6 +123,32 @@ pub enum Command {
         #[arg(long)]
         replace: bool,
     },
+    /// Create a sandbox in a new Incus container and route to it.
+    ///
+    /// Example: sandboxd create myapp --domain myapp.example.com --ssh-key ~/.ssh/id_ed25519.pub
+    Create(crate::cli_lifecycle::CreateArgs),
+    /// Start a sandbox's container.
+    Start { name: String },
+    /// Stop a sandbox's container; its routes answer "stopped".
+    Stop { name: String },
+    /// Restart a sandbox's container; routes follow its address.
+    Restart { name: String },
+    /// Delete a sandbox: its routes, its container, certificates and record.
+    Delete { name: String },
+    /// Snapshots of a sandbox's container.
+    #[command(subcommand)]
+    Snapshot(crate::cli_lifecycle::SnapshotCommand),
+    /// List Incus instances no sandbox manages, or adopt one.
+    Import(crate::cli_lifecycle::ImportArgs),
+    /// Live state, addresses, CPU, memory and disk of every sandbox.
+    Top {
+        /// Refresh this many times, then exit [default: until Ctrl-C].
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 2.0, value_name = "SECS")]
+        interval: f64,
+    },
     /// Print shell completions.
     Completions {
         #[arg(value_enum)]
@@ -211,7 +237,7 @@ fn read_input(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
 }
 
-fn read_key_files(files: &[PathBuf]) -> Result<Vec<String>> {
+pub(crate) fn read_key_files(files: &[PathBuf]) -> Result<Vec<String>> {
     let mut out = Vec::new();
     for f in files {
         let text = read_input(f)?;
@@ -225,7 +251,7 @@ fn read_key_files(files: &[PathBuf]) -> Result<Vec<String>> {
     Ok(out)
 }
 
-fn read_password_file(path: &Path) -> Result<String> {
+pub(crate) fn read_password_file(path: &Path) -> Result<String> {
     let text = read_input(path)?;
     let pw = text.lines().next().unwrap_or("").to_string();
     if pw.is_empty() {
@@ -267,7 +293,7 @@ fn upstream_host_key(arg: &str) -> Result<String> {
 }
 
 /// Column-aligned table.
-fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+pub(crate) fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in &rows {
         for (i, cell) in row.iter().enumerate() {
@@ -293,7 +319,7 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
     out
 }
 
-fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
+pub(crate) fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
@@ -439,31 +465,22 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
             println!("install the gateway key for {} upstream:", sb.user);
             println!("  {}", sb.upstream_public_key);
         }
-        Command::List { json } => {
-            let all: Vec<SandboxView> = client.call(Method::GET, "/v1/sandboxes", NONE).await?;
-            if json {
-                return print_json(&all);
-            }
-            let rows = all
-                .iter()
-                .map(|s| {
-                    vec![
-                        s.name.clone(),
-                        s.domain.clone(),
-                        s.status.clone(),
-                        format!("{}:{}", s.upstream, s.ssh_port),
-                        s.app_port.to_string(),
-                        s.client_keys.len().to_string(),
-                    ]
-                })
-                .collect();
-            print!(
-                "{}",
-                table(
-                    &["NAME", "DOMAIN", "STATUS", "UPSTREAM", "APP", "KEYS"],
-                    rows
-                )
-            );
+        Command::List { json } => crate::cli_lifecycle::list(&client, json).await?,
+        Command::Create(a) => crate::cli_lifecycle::create(&client, a).await?,
+        Command::Start { name } => {
+            crate::cli_lifecycle::state_change(&client, &name, "start").await?
+        }
+        Command::Stop { name } => {
+            crate::cli_lifecycle::state_change(&client, &name, "stop").await?
+        }
+        Command::Restart { name } => {
+            crate::cli_lifecycle::state_change(&client, &name, "restart").await?
+        }
+        Command::Delete { name } => crate::cli_lifecycle::delete(&client, &name).await?,
+        Command::Snapshot(cmd) => crate::cli_lifecycle::snapshot(&client, cmd).await?,
+        Command::Import(a) => crate::cli_lifecycle::import(&client, a).await?,
+        Command::Top { count, interval } => {
+            crate::cli_lifecycle::top(&client, count, interval).await?
         }
         Command::Show { name, json } => {
             let sb: SandboxView = client

@@ -47,6 +47,9 @@ pub struct ServeArgs {
     /// Contact e-mail for the ACME account.
     #[arg(long, value_name = "EMAIL")]
     pub acme_email: Option<String>,
+    /// Incus unix socket [default: /var/lib/incus/unix.socket or /run/incus/unix.socket].
+    #[arg(long, value_name = "PATH")]
+    pub incus_socket: Option<PathBuf>,
 }
 
 /// How certificates are obtained by default.
@@ -75,6 +78,25 @@ pub struct Config {
     pub log: String,
     /// Text shown to SSH clients before authentication.
     pub ssh_banner: Option<String>,
+    /// Incus settings (socket, default image, reconcile period).
+    pub incus: IncusConfig,
+}
+
+/// Default image alias of `sandboxd create`.
+pub const DEFAULT_IMAGE: &str = "debian/12";
+/// Default period of the Incus reconcile, in seconds.
+pub const DEFAULT_RECONCILE_SECS: u64 = 30;
+
+/// Incus settings of the daemon.
+#[derive(Debug, Clone)]
+pub struct IncusConfig {
+    /// Socket path; `None` finds the standard locations.
+    pub socket: Option<PathBuf>,
+    /// Image alias (or `URL:ALIAS` on a simplestreams server) used when
+    /// `create` names none.
+    pub default_image: String,
+    /// Period of the full reconcile with Incus.
+    pub reconcile_secs: u64,
 }
 
 /// Every problem found in the configuration.
@@ -109,6 +131,9 @@ const KNOWN_KEYS: &[&str] = &[
     "acme_email",
     "log",
     "ssh_banner",
+    "incus_socket",
+    "default_image",
+    "incus_reconcile_secs",
 ];
 
 /// Raw values, before validation; `None` means not given.
@@ -126,6 +151,22 @@ struct Raw {
     acme_email: Option<String>,
     log: Option<String>,
     ssh_banner: Option<String>,
+    incus_socket: Option<String>,
+    default_image: Option<String>,
+    incus_reconcile_secs: Option<i64>,
+}
+
+fn take_int(table: &toml::Table, key: &str, errs: &mut Vec<String>) -> Option<i64> {
+    match table.get(key)? {
+        toml::Value::Integer(i) => Some(*i),
+        other => {
+            errs.push(format!(
+                "`{key}` must be an integer, not {}",
+                other.type_str()
+            ));
+            None
+        }
+    }
 }
 
 fn take_string(table: &toml::Table, key: &str, errs: &mut Vec<String>) -> Option<String> {
@@ -208,6 +249,9 @@ fn read_file(path: &Path, errs: &mut Vec<String>) -> Raw {
         acme_email: take_string(&table, "acme_email", errs),
         log: take_string(&table, "log", errs),
         ssh_banner: take_string(&table, "ssh_banner", errs),
+        incus_socket: take_string(&table, "incus_socket", errs),
+        default_image: take_string(&table, "default_image", errs),
+        incus_reconcile_secs: take_int(&table, "incus_reconcile_secs", errs),
     }
 }
 
@@ -316,6 +360,28 @@ pub fn load(args: &ServeArgs, admin_socket: Option<PathBuf>) -> Result<Config, C
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log) {
         errs.push(format!("`log` {log:?}: {e}"));
     }
+    let incus = IncusConfig {
+        socket: args
+            .incus_socket
+            .clone()
+            .or(file.incus_socket.map(PathBuf::from)),
+        default_image: file
+            .default_image
+            .unwrap_or_else(|| DEFAULT_IMAGE.to_string()),
+        reconcile_secs: match file.incus_reconcile_secs {
+            None => DEFAULT_RECONCILE_SECS,
+            Some(n) if (1..=86_400).contains(&n) => n.unsigned_abs(),
+            Some(n) => {
+                errs.push(format!(
+                    "`incus_reconcile_secs` must be between 1 and 86400, not {n}"
+                ));
+                DEFAULT_RECONCILE_SECS
+            }
+        },
+    };
+    if incus.default_image.trim().is_empty() {
+        errs.push("`default_image` must not be empty".to_string());
+    }
     if !errs.is_empty() {
         return Err(ConfigErrors(errs));
     }
@@ -332,6 +398,7 @@ pub fn load(args: &ServeArgs, admin_socket: Option<PathBuf>) -> Result<Config, C
         acme_email,
         log,
         ssh_banner: file.ssh_banner,
+        incus,
     })
 }
 

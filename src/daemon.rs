@@ -231,6 +231,7 @@ pub async fn run(
     };
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let lifecycle = crate::lifecycle::Lifecycle::new(store.clone(), routes.clone(), &config.incus);
     let ctx = Arc::new(AdminContext {
         http: http.clone(),
         ssh: ssh.clone(),
@@ -242,6 +243,7 @@ pub async fn run(
         ssh_listen: addrs(&bound.ssh),
         https_listen: addrs(&bound.https),
         http_listen: addrs(&bound.http),
+        lifecycle: lifecycle.clone(),
     });
     let access = Access {
         daemon_uid: nix::unistd::getuid().as_raw(),
@@ -275,6 +277,7 @@ pub async fn run(
             }
         });
     }
+    tasks.spawn(crate::watcher::run(lifecycle, stop_rx.clone()));
     tasks.spawn(admin::serve(
         bound.admin,
         ctx.clone(),

@@ -1,0 +1,434 @@
+//! CLI commands of the Incus lifecycle (create, start/stop/restart, delete,
+//! snapshots, import, list with live figures, top): argument definitions and
+//! their admin API calls. Progress of long operations is printed on stderr,
+//! one line per step; results on stdout.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use http::Method;
+
+use crate::api::{Event, SandboxView, SetAuth};
+use crate::cli::{print_json, read_key_files, read_password_file, table};
+use crate::client::Client;
+use crate::lifecycle::wire::{
+    CreateSandbox, ImportSandbox, SnapshotRequest, SnapshotView, StatsAnswer, UnmanagedInstance,
+};
+
+const NONE: Option<&()> = None;
+
+#[derive(Debug, clap::Args)]
+pub struct CreateArgs {
+    /// Sandbox name: a DNS label, also the SSH user name and the container name.
+    pub name: String,
+    /// Public domain of the app; the agent UI is served at shelley.DOMAIN.
+    #[arg(long)]
+    pub domain: String,
+    /// Image: a local alias, or https://SERVER:ALIAS on a simplestreams
+    /// server [default: the daemon's `default_image`].
+    #[arg(long, value_name = "ALIAS-OR-REMOTE")]
+    pub image: Option<String>,
+    /// Client public key file(s) allowed in (authorized_keys format, '-' for stdin).
+    #[arg(long = "ssh-key", value_name = "FILE", required = true, num_args = 1..)]
+    pub ssh_keys: Vec<PathBuf>,
+    #[arg(long, default_value_t = store::DEFAULT_APP_PORT)]
+    pub app_port: u16,
+    /// Login user made in the container.
+    #[arg(long, default_value = crate::lifecycle::DEFAULT_USER)]
+    pub user: String,
+    /// CPU limit (number of CPUs).
+    #[arg(long, value_name = "N")]
+    pub cpu: Option<u32>,
+    /// Memory limit, e.g. 2GiB.
+    #[arg(long, value_name = "SIZE")]
+    pub memory: Option<String>,
+    /// Root disk size, e.g. 10GiB.
+    #[arg(long, value_name = "SIZE")]
+    pub disk: Option<String>,
+    /// Basic-auth login for the agent host.
+    #[arg(long, requires = "auth_password_file")]
+    pub auth_user: Option<String>,
+    /// File holding the basic-auth password ('-' for stdin).
+    #[arg(long, value_name = "FILE", requires = "auth_user")]
+    pub auth_password_file: Option<PathBuf>,
+    /// Certificate source for this sandbox's hosts.
+    #[arg(long, value_parser = ["acme", "internal"])]
+    pub tls_mode: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ImportArgs {
+    /// Instance to adopt; without it, list the instances no sandbox manages.
+    pub instance: Option<String>,
+    #[arg(long, requires = "instance")]
+    pub domain: Option<String>,
+    #[arg(long = "ssh-key", value_name = "FILE", num_args = 1.., requires = "instance")]
+    pub ssh_keys: Vec<PathBuf>,
+    #[arg(long, default_value_t = store::DEFAULT_APP_PORT)]
+    pub app_port: u16,
+    #[arg(long, default_value = crate::lifecycle::DEFAULT_USER)]
+    pub user: String,
+    /// With no INSTANCE: print a JSON array.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum SnapshotCommand {
+    /// Take a snapshot (named snap-UNIXTIME unless SNAP is given).
+    Create { name: String, snap: Option<String> },
+    /// List a sandbox's snapshots.
+    List {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore a snapshot (a running sandbox is stopped, restored, started).
+    Restore { name: String, snap: String },
+    /// Delete a snapshot.
+    Delete { name: String, snap: String },
+}
+
+/// Draws the progress of a streamed operation on stderr.
+fn progress_printer() -> impl FnMut(&Event) {
+    move |ev| match ev {
+        Event::Progress { step, done, total } if *total > 0 => {
+            eprintln!("[{done}/{total}] {step}");
+        }
+        Event::Progress { step, .. } => eprintln!("{step}"),
+        Event::Message { text } => eprintln!("      {text}"),
+        Event::Done { .. } | Event::Error { .. } => {}
+    }
+}
+
+fn auth_of(user: &Option<String>, file: &Option<PathBuf>) -> Result<Option<SetAuth>> {
+    Ok(match (user, file) {
+        (Some(user), Some(file)) => Some(SetAuth {
+            user: user.clone(),
+            password: read_password_file(file)?,
+        }),
+        _ => None,
+    })
+}
+
+fn print_live(sb: &SandboxView, verb: &str) {
+    let addr = sb.addresses.first().map(String::as_str).unwrap_or("-");
+    println!(
+        "{verb} {}: ssh -p 2222 {}@HOST, https://{} (container address {addr})",
+        sb.name, sb.name, sb.domain
+    );
+}
+
+pub async fn create(client: &Client, a: CreateArgs) -> Result<()> {
+    let req = CreateSandbox {
+        name: a.name,
+        domain: a.domain,
+        image: a.image,
+        ssh_keys: read_key_files(&a.ssh_keys)?,
+        app_port: Some(a.app_port),
+        user: Some(a.user),
+        cpu: a.cpu,
+        memory: a.memory,
+        disk: a.disk,
+        auth: auth_of(&a.auth_user, &a.auth_password_file)?,
+        tls_mode: a.tls_mode,
+    };
+    let body = serde_json::to_vec(&req)?;
+    let result = client
+        .stream(
+            Method::POST,
+            "/v1/incus/create",
+            Some(body),
+            progress_printer(),
+        )
+        .await?;
+    let sb: SandboxView = serde_json::from_value(result)?;
+    print_live(&sb, "created");
+    Ok(())
+}
+
+pub async fn import(client: &Client, a: ImportArgs) -> Result<()> {
+    let Some(instance) = a.instance else {
+        let list: Vec<UnmanagedInstance> = client
+            .call(Method::GET, "/v1/incus/unmanaged", NONE)
+            .await?;
+        if a.json {
+            return print_json(&list);
+        }
+        let rows = list
+            .iter()
+            .map(|i| vec![i.name.clone(), i.status.clone(), i.kind.clone()])
+            .collect();
+        print!("{}", table(&["INSTANCE", "STATUS", "TYPE"], rows));
+        return Ok(());
+    };
+    let Some(domain) = a.domain else {
+        bail!("adopting {instance} needs --domain DOMAIN and --ssh-key FILE");
+    };
+    if a.ssh_keys.is_empty() {
+        bail!("adopting {instance} needs at least one --ssh-key FILE");
+    }
+    let req = ImportSandbox {
+        instance,
+        domain,
+        ssh_keys: read_key_files(&a.ssh_keys)?,
+        app_port: Some(a.app_port),
+        user: Some(a.user),
+        auth: None,
+    };
+    let body = serde_json::to_vec(&req)?;
+    let result = client
+        .stream(
+            Method::POST,
+            "/v1/incus/import",
+            Some(body),
+            progress_printer(),
+        )
+        .await?;
+    let sb: SandboxView = serde_json::from_value(result)?;
+    print_live(&sb, "adopted");
+    Ok(())
+}
+
+pub async fn state_change(client: &Client, name: &str, action: &str) -> Result<()> {
+    let sb: SandboxView = client
+        .call(
+            Method::POST,
+            &format!("/v1/incus/sandboxes/{name}/{action}"),
+            NONE,
+        )
+        .await?;
+    let past = match action {
+        "start" => "started",
+        "stop" => "stopped",
+        _ => "restarted",
+    };
+    if sb.status == "running" {
+        print_live(&sb, past);
+    } else {
+        println!("{past} {}", sb.name);
+    }
+    Ok(())
+}
+
+pub async fn delete(client: &Client, name: &str) -> Result<()> {
+    let sb: SandboxView = client
+        .call(Method::DELETE, &format!("/v1/incus/sandboxes/{name}"), NONE)
+        .await?;
+    println!("deleted {} ({}) and its container", sb.name, sb.domain);
+    Ok(())
+}
+
+pub async fn snapshot(client: &Client, cmd: SnapshotCommand) -> Result<()> {
+    match cmd {
+        SnapshotCommand::Create { name, snap } => {
+            let s: SnapshotView = client
+                .call(
+                    Method::POST,
+                    &format!("/v1/incus/sandboxes/{name}/snapshots"),
+                    Some(&SnapshotRequest { name: snap }),
+                )
+                .await?;
+            println!("snapshot {} of {name} taken", s.name);
+        }
+        SnapshotCommand::List { name, json } => {
+            let all: Vec<SnapshotView> = client
+                .call(
+                    Method::GET,
+                    &format!("/v1/incus/sandboxes/{name}/snapshots"),
+                    NONE,
+                )
+                .await?;
+            if json {
+                return print_json(&all);
+            }
+            let rows = all
+                .iter()
+                .map(|s| vec![s.name.clone(), s.created_at.clone()])
+                .collect();
+            print!("{}", table(&["SNAPSHOT", "CREATED"], rows));
+        }
+        SnapshotCommand::Restore { name, snap } => {
+            let sb: SandboxView = client
+                .call(
+                    Method::POST,
+                    &format!("/v1/incus/sandboxes/{name}/snapshots/{snap}/restore"),
+                    NONE,
+                )
+                .await?;
+            println!("restored {name} to {snap}; now {}", sb.status);
+        }
+        SnapshotCommand::Delete { name, snap } => {
+            let _: serde_json::Value = client
+                .call(
+                    Method::DELETE,
+                    &format!("/v1/incus/sandboxes/{name}/snapshots/{snap}"),
+                    NONE,
+                )
+                .await?;
+            println!("snapshot {snap} of {name} deleted");
+        }
+    }
+    Ok(())
+}
+
+/// Every sandbox as a JSON object, with live Incus figures added
+/// (`state`, `ipv4`, `ipv6`, `cpu_percent`, `memory_bytes`,
+/// `memory_limit_bytes`, `disk_bytes`; null for static sandboxes), and the
+/// reason there are none when Incus is unreachable.
+async fn list_with_stats(client: &Client) -> Result<(Vec<serde_json::Value>, Option<String>)> {
+    let (all, stats) = tokio::join!(
+        client.call::<Vec<serde_json::Value>>(Method::GET, "/v1/sandboxes", NONE),
+        client.call::<StatsAnswer>(Method::GET, "/v1/incus/stats", NONE),
+    );
+    let mut all = all?;
+    let stats = stats.context("reading live figures")?;
+    for sb in &mut all {
+        let Some(obj) = sb.as_object_mut() else {
+            continue;
+        };
+        let name = obj.get("name").and_then(|n| n.as_str()).unwrap_or("");
+        let st = stats.sandboxes.iter().find(|s| s.name == name);
+        let fields = match st {
+            Some(s) => serde_json::json!({
+                "state": s.state, "ipv4": s.ipv4, "ipv6": s.ipv6,
+                "cpu_percent": s.cpu_percent, "memory_bytes": s.memory_bytes,
+                "memory_limit_bytes": s.memory_limit_bytes, "disk_bytes": s.disk_bytes,
+            }),
+            None => serde_json::json!({
+                "state": null, "ipv4": null, "ipv6": null, "cpu_percent": null,
+                "memory_bytes": null, "memory_limit_bytes": null, "disk_bytes": null,
+            }),
+        };
+        if let Some(f) = fields.as_object() {
+            for (k, v) in f {
+                obj.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    Ok((all, stats.incus_error))
+}
+
+fn human_bytes(b: Option<u64>) -> String {
+    let Some(b) = b else {
+        return "-".into();
+    };
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < UNITS.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{b}B")
+    } else {
+        format!("{v:.1}{}", UNITS[i])
+    }
+}
+
+fn render_table(all: &[serde_json::Value]) -> String {
+    let s = |v: &serde_json::Value, k: &str| -> String {
+        match v.get(k) {
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(serde_json::Value::Number(n)) => n.to_string(),
+            _ => "-".into(),
+        }
+    };
+    let rows = all
+        .iter()
+        .map(|v| {
+            let upstream = if s(v, "backend") == "static" {
+                format!("{}:{}", s(v, "upstream"), s(v, "ssh_port"))
+            } else {
+                format!("incus:{}", s(v, "upstream"))
+            };
+            let cpu = v
+                .get("cpu_percent")
+                .and_then(|c| c.as_f64())
+                .map(|c| format!("{c:.1}%"))
+                .unwrap_or_else(|| "-".into());
+            let mem = match (
+                v.get("memory_bytes").and_then(|m| m.as_u64()),
+                v.get("memory_limit_bytes").and_then(|m| m.as_u64()),
+            ) {
+                (Some(m), Some(l)) => format!("{}/{}", human_bytes(Some(m)), human_bytes(Some(l))),
+                (m, _) => human_bytes(m),
+            };
+            let keys = v
+                .get("client_keys")
+                .and_then(|k| k.as_array())
+                .map(|a| a.len().to_string())
+                .unwrap_or_default();
+            vec![
+                s(v, "name"),
+                s(v, "domain"),
+                s(v, "status"),
+                upstream,
+                s(v, "ipv4"),
+                s(v, "ipv6"),
+                cpu,
+                mem,
+                human_bytes(v.get("disk_bytes").and_then(|d| d.as_u64())),
+                s(v, "app_port"),
+                keys,
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NAME", "DOMAIN", "STATUS", "UPSTREAM", "IPV4", "IPV6", "CPU", "MEMORY", "DISK", "APP",
+            "KEYS",
+        ],
+        rows,
+    )
+}
+
+/// `sandboxd list`: one admin call for the records, one for live figures
+/// (one Incus listing).
+pub async fn list(client: &Client, json: bool) -> Result<()> {
+    let (all, incus_error) = list_with_stats(client).await?;
+    if json {
+        return print_json(&all);
+    }
+    print!("{}", render_table(&all));
+    if let Some(e) = incus_error {
+        eprintln!("note: no live figures: {e}");
+    }
+    Ok(())
+}
+
+/// `sandboxd top`: `list` refreshed every `interval`, `count` times (or
+/// until interrupted).
+pub async fn top(client: &Client, count: Option<u64>, interval: f64) -> Result<()> {
+    if !(0.1..=3600.0).contains(&interval) {
+        bail!("--interval must be between 0.1 and 3600 seconds");
+    }
+    let tty = std::io::stdout().is_terminal();
+    let mut n = 0u64;
+    loop {
+        let (all, incus_error) = list_with_stats(client).await?;
+        let mut out = String::new();
+        if tty {
+            out.push_str("\x1b[2J\x1b[H");
+        } else if n > 0 {
+            out.push('\n');
+        }
+        out.push_str(&render_table(&all));
+        if let Some(e) = incus_error {
+            out.push_str(&format!("note: no live figures: {e}\n"));
+        }
+        {
+            let mut stdout = std::io::stdout().lock();
+            stdout.write_all(out.as_bytes())?;
+            stdout.flush()?;
+        }
+        n += 1;
+        if count.is_some_and(|c| n >= c) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_secs_f64(interval)).await;
+    }
+}

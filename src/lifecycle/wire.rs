@@ -1,0 +1,104 @@
+//! Wire types of the Incus lifecycle calls of the admin API (under
+//! `/v1/incus/`), shared by the daemon and the CLI.
+
+use serde::{Deserialize, Serialize};
+
+use crate::api::SetAuth;
+
+/// `POST /v1/incus/create`: a new sandbox in a new Incus container.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSandbox {
+    pub name: String,
+    pub domain: String,
+    /// Local image alias, or `URL:ALIAS` on a simplestreams server; the
+    /// daemon's `default_image` when absent.
+    #[serde(default)]
+    pub image: Option<String>,
+    pub ssh_keys: Vec<String>,
+    #[serde(default)]
+    pub app_port: Option<u16>,
+    /// Login user made in the container (default `debian`).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// `limits.cpu`.
+    #[serde(default)]
+    pub cpu: Option<u32>,
+    /// `limits.memory`, e.g. `2GiB`.
+    #[serde(default)]
+    pub memory: Option<String>,
+    /// Root disk size, e.g. `10GiB`.
+    #[serde(default)]
+    pub disk: Option<String>,
+    #[serde(default)]
+    pub auth: Option<SetAuth>,
+    #[serde(default)]
+    pub tls_mode: Option<String>,
+}
+
+/// `POST /v1/incus/import`: adopt an existing, untracked instance.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportSandbox {
+    /// Instance name; also the sandbox name.
+    pub instance: String,
+    pub domain: String,
+    pub ssh_keys: Vec<String>,
+    #[serde(default)]
+    pub app_port: Option<u16>,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub auth: Option<SetAuth>,
+}
+
+/// An Incus instance that no sandbox manages (`GET /v1/incus/unmanaged`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UnmanagedInstance {
+    pub name: String,
+    pub status: String,
+    pub kind: String,
+    pub created_at: String,
+}
+
+/// `POST /v1/incus/sandboxes/{name}/snapshots`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    /// Snapshot name; `snap-UNIXTIME` when absent.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// One snapshot of a sandbox.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotView {
+    pub name: String,
+    pub created_at: String,
+    pub stateful: bool,
+}
+
+/// Live figures of one Incus sandbox (`GET /v1/incus/stats`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SandboxStats {
+    pub name: String,
+    /// Incus' status of the instance (`Running`, `Stopped`, ...), or
+    /// `Missing` when the instance does not exist.
+    pub state: String,
+    pub ipv4: Option<String>,
+    pub ipv6: Option<String>,
+    /// CPU use in percent of one CPU since the previous sample the daemon
+    /// took (`list`, `top` or the periodic reconcile); `None` without one.
+    pub cpu_percent: Option<f64>,
+    pub memory_bytes: Option<u64>,
+    pub memory_limit_bytes: Option<u64>,
+    pub disk_bytes: Option<u64>,
+}
+
+/// `GET /v1/incus/stats`: figures of every Incus sandbox from one listing.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StatsAnswer {
+    /// Why there are no figures (Incus unreachable), if so.
+    pub incus_error: Option<String>,
+    pub sandboxes: Vec<SandboxStats>,
+}
