@@ -29,7 +29,6 @@ use crate::config::{ServeArgs, DEFAULT_ADMIN_SOCKET};
     max_term_width = 100
 )]
 pub struct Cli {
-    /// Admin socket of the daemon.
     /// Admin socket of the daemon [default: /run/sandboxd/admin.sock].
     #[arg(
         long,

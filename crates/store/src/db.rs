@@ -533,7 +533,7 @@ impl Store {
     }
 
     /// Replaces everything with `backup`, in one transaction. Refuses a
-    /// non-empty store unless `replace` is set. `progress` is called once per
+    /// store holding sandboxes unless `replace` is set. `progress` is called once per
     /// sandbox staged.
     pub fn import(
         &self,
@@ -543,8 +543,9 @@ impl Store {
     ) -> Result<u64> {
         Self::check_backup(backup)?;
         let _guard = self.lock();
-        let empty = self.sandboxes.is_empty() && self.records.is_empty();
-        if !replace && !empty {
+        // Records alone (an internal CA made at first start) do not count:
+        // a fresh daemon has them, and the backup's replace them.
+        if !replace && !self.sandboxes.is_empty() {
             return Err(Error::NotEmpty(self.sandboxes.len()));
         }
         let old_keys = |tree: &sled::Tree| -> Result<Vec<sled::IVec>> {
