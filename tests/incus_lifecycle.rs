@@ -389,3 +389,99 @@ fn incus_gone_mid_create_then_delete_cleans_up() {
     assert!(listed(&d, &name).is_none());
     assert!(ssh_target(&d, &name).is_none());
 }
+
+/// Two sandboxes on one gateway: each client key reaches only its own
+/// container, and each sandbox's gateway key opens only its own sshd.
+#[test]
+fn two_sandboxes_never_reach_each_other() {
+    let d = daemon();
+    let a = unique("iso-a");
+    let b = unique("iso-b");
+    let _ga = InstanceGuard::new(&a);
+    let _gb = InstanceGuard::new(&b);
+    let out = create(&d, &a, &[]);
+    assert!(out.status.success(), "create {a}: {}", stderr(&out));
+    let key_b = d.keygen("client-b");
+    let out = d.cli(&[
+        "create",
+        &b,
+        "--domain",
+        &format!("{b}.test"),
+        "--ssh-key",
+        key_b.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "create {b}: {}", stderr(&out));
+
+    // A's client key: into A, not into B.
+    let own = gateway_ssh(&d, &a, "hostname");
+    assert_eq!(
+        String::from_utf8_lossy(&own.stdout).trim(),
+        a,
+        "{}",
+        stderr(&own)
+    );
+    let cross = gateway_ssh(&d, &b, "hostname");
+    assert_eq!(
+        cross.status.code(),
+        Some(255),
+        "A's key got into B: {}",
+        String::from_utf8_lossy(&cross.stdout)
+    );
+    assert!(cross.stdout.is_empty());
+
+    // A's gateway key opens A's sshd only.
+    let addr_a = address(&d, &a);
+    let addr_b = address(&d, &b);
+    assert_ne!(addr_a, addr_b);
+    assert_eq!(ssh_as_gateway(&d, &a, &addr_a), a);
+    let backup = d.json(&["backup"]);
+    let sb_a = backup["sandboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == a.as_str())
+        .unwrap()
+        .clone();
+    let key_path = d.dir.path().join("gw-a-only");
+    std::fs::write(
+        &key_path,
+        sb_a["upstream_key"]["private_openssh"].as_str().unwrap(),
+    )
+    .unwrap();
+    Command::new("chmod")
+        .arg("600")
+        .arg(&key_path)
+        .status()
+        .unwrap();
+    let out = Command::new("ssh")
+        .args([
+            "-F",
+            "/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "ConnectTimeout=10",
+        ])
+        .arg("-i")
+        .arg(&key_path)
+        .arg(format!("debian@{addr_b}"))
+        .arg("hostname")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(255),
+        "A's gateway key opened B: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    for name in [&a, &b] {
+        d.ok(&["delete", name]);
+    }
+}
