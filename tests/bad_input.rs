@@ -217,27 +217,31 @@ fn other_uids_are_refused() {
     assert!(d.log_text().contains("uid not permitted"));
 }
 
-#[test]
-fn second_daemon_on_same_state_is_refused_and_first_unharmed() {
-    let d = Daemon::start();
-    d.add("a", "a.example.com");
-    let other_socket = d.dir.path().join("other.sock");
-    let out = Command::new(BIN)
+/// `sandboxd serve` on loopback port 0 with the given state and socket.
+fn serve_on(state: &std::path::Path, socket: &std::path::Path) -> std::process::Output {
+    Command::new(BIN)
         .arg("serve")
         .arg("--state-dir")
-        .arg(&d.state)
+        .arg(state)
         .arg("--admin-socket")
-        .arg(&other_socket)
+        .arg(socket)
         .args([
             "--ssh-listen",
             "127.0.0.1:0",
             "--https-listen",
             "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
         ])
+        .args(["--http-listen", "127.0.0.1:0"])
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn second_daemon_on_same_state_is_refused_and_first_unharmed() {
+    let d = Daemon::start();
+    d.add("a", "a.example.com");
+    let other_socket = d.dir.path().join("other.sock");
+    let out = serve_on(&d.state, &other_socket);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -247,29 +251,20 @@ fn second_daemon_on_same_state_is_refused_and_first_unharmed() {
     assert!(!other_socket.exists());
 
     // Another state directory but the same socket: refused, socket kept.
-    let out = Command::new(BIN)
-        .arg("serve")
-        .arg("--state-dir")
-        .arg(d.dir.path().join("state2"))
-        .arg("--admin-socket")
-        .arg(&d.socket)
-        .args([
-            "--ssh-listen",
-            "127.0.0.1:0",
-            "--https-listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-        ])
-        .output()
-        .unwrap();
+    let out = serve_on(&d.dir.path().join("state2"), &d.socket);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("another sandboxd is serving"), "{err}");
     assert_eq!(d.json(&["list", "--json"]).as_array().unwrap().len(), 1);
 }
 
+/// `sandboxd serve ARGS` must fail before binding its admin socket, and
+/// (for configuration errors) before creating its state directory.
 fn serve_fails(args: &[&str]) -> String {
+    serve_fails_with(args, true)
+}
+
+fn serve_fails_with(args: &[&str], config_error: bool) -> String {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(BIN)
         .arg("serve")
@@ -281,8 +276,9 @@ fn serve_fails(args: &[&str]) -> String {
         .output()
         .unwrap();
     assert!(!out.status.success(), "serve {args:?} started");
+    assert!(!dir.path().join("admin.sock").exists());
     assert!(
-        !dir.path().join("state").exists(),
+        !config_error || !dir.path().join("state").exists(),
         "state created despite a bad config"
     );
     String::from_utf8(out.stderr).unwrap()
@@ -353,32 +349,19 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 fn busy_listener_port_is_reported() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    let err = serve_fails_keep_state(&[
-        "--ssh-listen",
-        &addr,
-        "--https-listen",
-        "127.0.0.1:0",
-        "--http-listen",
-        "127.0.0.1:0",
-    ]);
+    let err = serve_fails_with(
+        &[
+            "--ssh-listen",
+            &addr,
+            "--https-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ],
+        false,
+    );
     assert!(
         err.contains(&format!("cannot listen for ssh on {addr}")),
         "{err}"
     );
-}
-
-fn serve_fails_keep_state(args: &[&str]) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(BIN)
-        .arg("serve")
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .arg("--admin-socket")
-        .arg(dir.path().join("admin.sock"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(!dir.path().join("admin.sock").exists());
-    String::from_utf8(out.stderr).unwrap()
 }

@@ -41,18 +41,7 @@ fn setup(name: &str) -> Setup {
     ]);
     let show = d.json(&["show", name, "--json"]);
     sshd.authorize(show["upstream_public_key"].as_str().unwrap());
-    let st = d.json(&["status", "--json"]);
-    let addr = st["ssh_listen"][0].as_str().unwrap().to_string();
-    let port = addr.rsplit_once(':').unwrap().1.to_string();
-    // known_hosts from `sandboxd host-key`: the client checks the gateway strictly.
-    let known_hosts = d.dir.path().join("known_hosts");
-    let mut kh = String::new();
-    for line in d.ok(&["host-key"]).lines() {
-        let mut parts = line.split_whitespace();
-        let (alg, b64) = (parts.next().unwrap(), parts.next().unwrap());
-        kh.push_str(&format!("[127.0.0.1]:{port} {alg} {b64}\n"));
-    }
-    std::fs::write(&known_hosts, kh).unwrap();
+    let (port, known_hosts) = d.gateway_known_hosts();
     Setup {
         d,
         sshd,

@@ -195,17 +195,7 @@ pub fn client_key(dir: &Path) -> PathBuf {
 /// `ssh -p PORT NAME@127.0.0.1 COMMAND` through the daemon's SSH gate with
 /// the client key `create` used, checking the gateway's host key strictly.
 pub fn gateway_ssh(d: &Daemon, name: &str, command: &str) -> std::process::Output {
-    let st = d.json(&["status", "--json"]);
-    let addr = st["ssh_listen"][0].as_str().unwrap().to_string();
-    let port = addr.rsplit_once(':').unwrap().1.to_string();
-    let known_hosts = d.dir.path().join("gateway_known_hosts");
-    let mut kh = String::new();
-    for line in d.ok(&["host-key"]).lines() {
-        let mut parts = line.split_whitespace();
-        let (alg, b64) = (parts.next().unwrap(), parts.next().unwrap());
-        kh.push_str(&format!("[127.0.0.1]:{port} {alg} {b64}\n"));
-    }
-    std::fs::write(&known_hosts, kh).unwrap();
+    let (port, known_hosts) = d.gateway_known_hosts();
     let key = d.keygen("client").with_extension("");
     Command::new("ssh")
         .args(["-F", "/dev/null", "-o", "BatchMode=yes"])

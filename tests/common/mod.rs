@@ -198,6 +198,23 @@ impl Daemon {
         serde_json::from_str(&self.ok(args)).unwrap()
     }
 
+    /// The SSH gate's port, and a known_hosts file for `[127.0.0.1]:PORT`
+    /// made from `sandboxd host-key`, so clients check the gateway strictly.
+    pub fn gateway_known_hosts(&self) -> (String, PathBuf) {
+        let st = self.json(&["status", "--json"]);
+        let addr = st["ssh_listen"][0].as_str().unwrap().to_string();
+        let port = addr.rsplit_once(':').unwrap().1.to_string();
+        let path = self.dir.path().join("gateway_known_hosts");
+        let mut kh = String::new();
+        for line in self.ok(&["host-key"]).lines() {
+            let mut parts = line.split_whitespace();
+            let (alg, b64) = (parts.next().unwrap(), parts.next().unwrap());
+            kh.push_str(&format!("[127.0.0.1]:{port} {alg} {b64}\n"));
+        }
+        std::fs::write(&path, kh).unwrap();
+        (port, path)
+    }
+
     /// A fresh client key pair; returns the public key file.
     pub fn keygen(&self, name: &str) -> PathBuf {
         keygen(self.dir.path(), name)
