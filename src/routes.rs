@@ -8,7 +8,6 @@
 //! reached their write's number before answering, so a route is usable by
 //! the gates as soon as the CLI returns.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -213,8 +212,10 @@ pub struct RoutingTable {
     /// Store sequence number this table reflects.
     pub generation: u64,
     defaults: Arc<Defaults>,
-    by_name: HashMap<String, Arc<SandboxRoute>>,
-    by_host: HashMap<String, (Arc<SandboxRoute>, Service)>,
+    // Persistent (structurally shared) maps: a change copies O(log n)
+    // nodes, not the whole table.
+    by_name: imbl::HashMap<String, Arc<SandboxRoute>>,
+    by_host: imbl::HashMap<String, (Arc<SandboxRoute>, Service)>,
 }
 
 impl RoutingTable {
