@@ -3,7 +3,7 @@
 # unprivileged local ports with a private state directory, starts a local
 # sshd to stand in for a sandbox, routes a demo sandbox to it and shows how
 # to use it. Everything lives under $DEMO_DIR (default /tmp/sandboxd-demo).
-# Stop with: kill $(cat $DEMO_DIR/sandboxd.pid) $(cat $DEMO_DIR/sshd.pid)
+# Stop with: kill $(cat $DEMO_DIR/sandboxd.pid) $(cat $DEMO_DIR/sshd.pid) $(cat $DEMO_DIR/app.pid)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEMO_DIR=${DEMO_DIR:-/tmp/sandboxd-demo}
@@ -11,13 +11,14 @@ SSH_PORT=${SSH_PORT:-2222}
 HTTPS_PORT=${HTTPS_PORT:-8443}
 HTTP_PORT=${HTTP_PORT:-8080}
 UPSTREAM_PORT=${UPSTREAM_PORT:-2022}
+APP_PORT=${APP_PORT:-8000}
 
 if [ "$(id -u)" = 0 ]; then bash .ci/setup-base.sh; fi
 cargo build --release --quiet --bin sandboxd
 bin=$PWD/target/release/sandboxd
 
 mkdir -p "$DEMO_DIR" && chmod 700 "$DEMO_DIR"
-for f in sandboxd.pid sshd.pid; do
+for f in sandboxd.pid sshd.pid app.pid; do
   if [ -f "$DEMO_DIR/$f" ] && kill -0 "$(cat "$DEMO_DIR/$f")" 2>/dev/null; then
     echo "a demo is already running (pid $(cat "$DEMO_DIR/$f")); stop it first" >&2
     exit 1
@@ -44,6 +45,11 @@ StrictModes no
 Subsystem sftp /usr/lib/openssh/sftp-server
 CONF
 /usr/sbin/sshd -f "$up/sshd_config"
+# A stand-in app: a static page on the app port.
+mkdir -p "$DEMO_DIR/app"
+echo "hello from the demo sandbox's app" > "$DEMO_DIR/app/index.html"
+python3 -m http.server --bind 127.0.0.1 --directory "$DEMO_DIR/app" "$APP_PORT" >/dev/null 2>&1 &
+echo $! > "$DEMO_DIR/app.pid"
 
 "$bin" serve --state-dir "$DEMO_DIR/state" \
   --ssh-listen "127.0.0.1:$SSH_PORT" --https-listen "127.0.0.1:$HTTPS_PORT" \
@@ -54,17 +60,20 @@ for _ in $(seq 100); do "$bin" status >/dev/null 2>&1 && break; sleep 0.1; done
 
 if ! "$bin" show demo >/dev/null 2>&1; then
   "$bin" add demo --domain demo.localhost --upstream 127.0.0.1 --ssh-port "$UPSTREAM_PORT" \
+    --app-port "$APP_PORT" \
     --user "$(id -un)" --ssh-key "$DEMO_DIR/client_ed25519.pub" \
     --upstream-host-key "$up/host_ed25519.pub"
 fi
 # Install the gateway's key for the upstream user.
 "$bin" show demo --json | sed -n 's/.*"upstream_public_key": "\(.*\)".*/\1/p' > "$up/authorized_keys"
 "$bin" routes
+"$bin" ca-cert > "$DEMO_DIR/ca.pem"
 cat <<TXT
 
 sandboxd is running (log: $DEMO_DIR/sandboxd.log).
   export SANDBOXD_ADMIN_SOCKET=$DEMO_DIR/admin.sock
   $bin list
   ssh -p $SSH_PORT -i $DEMO_DIR/client_ed25519 demo@127.0.0.1
-Stop: kill \$(cat $DEMO_DIR/sandboxd.pid) \$(cat $DEMO_DIR/sshd.pid)
+  curl --cacert $DEMO_DIR/ca.pem --resolve demo.localhost:$HTTPS_PORT:127.0.0.1 https://demo.localhost:$HTTPS_PORT/
+Stop: kill \$(cat $DEMO_DIR/sandboxd.pid) \$(cat $DEMO_DIR/sshd.pid) \$(cat $DEMO_DIR/app.pid)
 TXT
