@@ -482,10 +482,28 @@ async fn commit<T: Send + 'static>(
     Ok(value)
 }
 
-async fn add(ctx: &Arc<AdminContext>, body: Incoming) -> Result<Response<Body>, ApiError> {
-    let req: AddSandbox = read_json(body, MAX_BODY).await?;
-    store::validate_name(&req.name)?;
-    let domain = req.domain.trim().to_ascii_lowercase();
+/// What a new sandbox record is made from; shared by `add` (static
+/// backends) and the Incus `create`/`import`.
+pub(crate) struct NewSandbox {
+    pub name: String,
+    pub domain: String,
+    pub backend: Backend,
+    pub ssh_port: u16,
+    pub app_port: u16,
+    pub agent_port: u16,
+    pub agent_prefix: String,
+    pub user: String,
+    pub ssh_keys: Vec<String>,
+    pub upstream_host_key: Option<String>,
+    pub auth: Option<SetAuth>,
+    pub tls_mode: Option<String>,
+    pub status: SandboxStatus,
+}
+
+/// Checks what the store cannot (client keys, host key, auth, TLS mode),
+/// hashes the password and makes the gateway's key pair. The record is
+/// not stored yet; its shape is checked by the store's insert.
+pub(crate) async fn new_sandbox(req: NewSandbox) -> Result<Sandbox, ApiError> {
     if req.ssh_keys.is_empty() {
         return Err(ApiError::bad(
             "at least one client SSH key is needed, or nobody could log in",
@@ -500,7 +518,7 @@ async fn add(ctx: &Arc<AdminContext>, body: Incoming) -> Result<Response<Body>, 
         ),
         None => None,
     };
-    let basic_auth = match req.auth.clone() {
+    let basic_auth = match req.auth {
         Some(auth) => {
             check_auth(&auth)?;
             Some(store::BasicAuth {
@@ -519,9 +537,35 @@ async fn add(ctx: &Arc<AdminContext>, body: Incoming) -> Result<Response<Body>, 
     }
     let (private, public) = keys::generate_ed25519(&format!("sandboxd@{}", req.name))
         .map_err(|e| ApiError::internal(e.to_string()))?;
-    let sandbox = Sandbox {
-        name: req.name.clone(),
-        domain,
+    Ok(Sandbox {
+        name: req.name,
+        domain: req.domain,
+        backend: req.backend,
+        ssh_port: req.ssh_port,
+        app_port: req.app_port,
+        agent_port: req.agent_port,
+        agent_prefix: req.agent_prefix,
+        user: req.user,
+        client_keys,
+        upstream_key: KeyPair {
+            private_openssh: private,
+            public_openssh: public,
+        },
+        upstream_host_key,
+        basic_auth,
+        tls_mode: req.tls_mode,
+        status: req.status,
+        addresses: vec![],
+        created_at: 0,
+        updated_at: 0,
+    })
+}
+
+async fn add(ctx: &Arc<AdminContext>, body: Incoming) -> Result<Response<Body>, ApiError> {
+    let req: AddSandbox = read_json(body, MAX_BODY).await?;
+    store::validate_name(&req.name)?;
+    let sandbox = new_sandbox(NewSandbox {
+        domain: req.domain.trim().to_ascii_lowercase(),
         backend: Backend::Static {
             host: req.upstream.trim().to_string(),
         },
@@ -530,22 +574,16 @@ async fn add(ctx: &Arc<AdminContext>, body: Incoming) -> Result<Response<Body>, 
         agent_port: req.agent_port.unwrap_or(store::DEFAULT_AGENT_PORT),
         agent_prefix: req
             .agent_prefix
-            .clone()
             .unwrap_or_else(|| store::DEFAULT_AGENT_PREFIX.to_string()),
-        user: req.user.clone().unwrap_or_else(|| "root".to_string()),
-        client_keys,
-        upstream_key: KeyPair {
-            private_openssh: private,
-            public_openssh: public,
-        },
-        upstream_host_key,
-        basic_auth,
-        tls_mode: req.tls_mode.clone(),
+        user: req.user.unwrap_or_else(|| "root".to_string()),
+        ssh_keys: req.ssh_keys,
+        upstream_host_key: req.upstream_host_key,
+        auth: req.auth,
+        tls_mode: req.tls_mode,
         status: SandboxStatus::Running,
-        addresses: vec![],
-        created_at: 0,
-        updated_at: 0,
-    };
+        name: req.name,
+    })
+    .await?;
     let name = sandbox.name.clone();
     commit(ctx, move |s| s.insert(sandbox).map(|seq| ((), seq))).await?;
     tracing::info!(sandbox = %name, "sandbox added; routes live");
@@ -560,10 +598,13 @@ async fn remove(ctx: &Arc<AdminContext>, name: &str) -> Result<Response<Body>, A
     Ok(json(StatusCode::OK, &view(&removed)))
 }
 
+fn key_views(sb: &Sandbox) -> Vec<api::KeyView> {
+    sb.client_keys.iter().map(|k| keys::view(k)).collect()
+}
+
 async fn keys_list(ctx: &Arc<AdminContext>, name: &str) -> Result<Response<Body>, ApiError> {
     let sb = get(ctx, name).await?;
-    let views: Vec<api::KeyView> = sb.client_keys.iter().map(|k| keys::view(k)).collect();
-    Ok(json(StatusCode::OK, &views))
+    Ok(json(StatusCode::OK, &key_views(&sb)))
 }
 
 async fn keys_add(
@@ -575,16 +616,20 @@ async fn keys_add(
     if req.keys.is_empty() {
         return Err(ApiError::bad("no key given"));
     }
-    let new = parse_keys(&req.keys)?;
+    let new: Vec<(String, russh::keys::PublicKey)> = req
+        .keys
+        .iter()
+        .map(|l| {
+            keys::parse_public(l)
+                .map(|k| (keys::to_line(&k), k))
+                .map_err(|e| ApiError::bad(e.to_string()))
+        })
+        .collect::<Result<_, _>>()?;
     let n = name.to_string();
     let sb = commit(ctx, move |s| {
         s.update(&n, |sb| {
-            for line in &new {
-                let key = keys::parse_public(line).map_err(|e| store::Error::Invalid {
-                    field: "ssh key",
-                    reason: e.to_string(),
-                })?;
-                if !sb.client_keys.iter().any(|k| keys::same_key(k, &key)) {
+            for (line, key) in &new {
+                if !sb.client_keys.iter().any(|k| keys::same_key(k, key)) {
                     sb.client_keys.push(line.clone());
                 }
             }
@@ -592,8 +637,7 @@ async fn keys_add(
         })
     })
     .await?;
-    let views: Vec<api::KeyView> = sb.client_keys.iter().map(|k| keys::view(k)).collect();
-    Ok(json(StatusCode::OK, &views))
+    Ok(json(StatusCode::OK, &key_views(&sb)))
 }
 
 async fn keys_remove(
@@ -645,8 +689,7 @@ async fn keys_remove(
         })
     })
     .await?;
-    let views: Vec<api::KeyView> = sb.client_keys.iter().map(|k| keys::view(k)).collect();
-    Ok(json(StatusCode::OK, &views))
+    Ok(json(StatusCode::OK, &key_views(&sb)))
 }
 
 async fn set_port(

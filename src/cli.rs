@@ -180,6 +180,13 @@ pub struct AddArgs {
     /// The upstream sshd's host key: a key line or a file holding one.
     #[arg(long, value_name = "KEY-OR-FILE")]
     pub upstream_host_key: Option<String>,
+    #[command(flatten)]
+    pub access: AccessArgs,
+}
+
+/// Agent-host login and certificate options of `add` and `create`.
+#[derive(Debug, clap::Args)]
+pub struct AccessArgs {
     /// Basic-auth login for the agent host.
     #[arg(long, requires = "auth_password_file")]
     pub auth_user: Option<String>,
@@ -189,6 +196,19 @@ pub struct AddArgs {
     /// Certificate source for this sandbox's hosts.
     #[arg(long, value_parser = ["acme", "internal"])]
     pub tls_mode: Option<String>,
+}
+
+impl AccessArgs {
+    /// The basic-auth login, its password read from the file.
+    pub(crate) fn auth(&self) -> Result<Option<SetAuth>> {
+        Ok(match (&self.auth_user, &self.auth_password_file) {
+            (Some(user), Some(file)) => Some(SetAuth {
+                user: user.clone(),
+                password: read_password_file(file)?,
+            }),
+            _ => None,
+        })
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -429,13 +449,7 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
         // Handled in `main` without a client.
         Command::Serve(_) | Command::Completions { .. } => {}
         Command::Add(a) => {
-            let auth = match (&a.auth_user, &a.auth_password_file) {
-                (Some(user), Some(file)) => Some(SetAuth {
-                    user: user.clone(),
-                    password: read_password_file(file)?,
-                }),
-                _ => None,
-            };
+            let auth = a.access.auth()?;
             let req = AddSandbox {
                 name: a.name,
                 domain: a.domain,
@@ -452,7 +466,7 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
                     .map(upstream_host_key)
                     .transpose()?,
                 auth,
-                tls_mode: a.tls_mode,
+                tls_mode: a.access.tls_mode,
             };
             let sb: SandboxView = client
                 .call(Method::POST, "/v1/sandboxes", Some(&req))

@@ -10,8 +10,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use http::Method;
 
-use crate::api::{Event, SandboxView, SetAuth};
-use crate::cli::{print_json, read_key_files, read_password_file, table};
+use crate::api::{Event, SandboxView};
+use crate::cli::{print_json, read_key_files, table};
 use crate::client::Client;
 use crate::lifecycle::wire::{
     CreateSandbox, ImportSandbox, SnapshotRequest, SnapshotView, StatsAnswer, UnmanagedInstance,
@@ -47,15 +47,8 @@ pub struct CreateArgs {
     /// Root disk size, e.g. 10GiB.
     #[arg(long, value_name = "SIZE")]
     pub disk: Option<String>,
-    /// Basic-auth login for the agent host.
-    #[arg(long, requires = "auth_password_file")]
-    pub auth_user: Option<String>,
-    /// File holding the basic-auth password ('-' for stdin).
-    #[arg(long, value_name = "FILE", requires = "auth_user")]
-    pub auth_password_file: Option<PathBuf>,
-    /// Certificate source for this sandbox's hosts.
-    #[arg(long, value_parser = ["acme", "internal"])]
-    pub tls_mode: Option<String>,
+    #[command(flatten)]
+    pub access: crate::cli::AccessArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -103,16 +96,6 @@ fn progress_printer() -> impl FnMut(&Event) {
     }
 }
 
-fn auth_of(user: &Option<String>, file: &Option<PathBuf>) -> Result<Option<SetAuth>> {
-    Ok(match (user, file) {
-        (Some(user), Some(file)) => Some(SetAuth {
-            user: user.clone(),
-            password: read_password_file(file)?,
-        }),
-        _ => None,
-    })
-}
-
 fn print_live(sb: &SandboxView, verb: &str) {
     let addr = sb.addresses.first().map(String::as_str).unwrap_or("-");
     println!(
@@ -132,8 +115,8 @@ pub async fn create(client: &Client, a: CreateArgs) -> Result<()> {
         cpu: a.cpu,
         memory: a.memory,
         disk: a.disk,
-        auth: auth_of(&a.auth_user, &a.auth_password_file)?,
-        tls_mode: a.tls_mode,
+        auth: a.access.auth()?,
+        tls_mode: a.access.tls_mode,
     };
     let body = serde_json::to_vec(&req)?;
     let result = client

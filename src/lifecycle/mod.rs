@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use store::{Backend, BasicAuth, KeyPair, Sandbox, SandboxStatus, Store};
+use store::{Backend, Sandbox, SandboxStatus, Store};
 use tokio::sync::mpsc;
 
 use crate::api::{Event, SandboxView};
@@ -652,35 +652,7 @@ impl Lifecycle {
         auth: Option<crate::api::SetAuth>,
         tls_mode: Option<String>,
     ) -> Result<Sandbox> {
-        if ssh_keys.is_empty() {
-            return Err(LifecycleError::Invalid(
-                "at least one client SSH key is needed, or nobody could log in".into(),
-            ));
-        }
-        let client_keys =
-            crate::admin::parse_keys(ssh_keys).map_err(|e| LifecycleError::Invalid(e.message))?;
-        if let Some(mode) = &tls_mode {
-            if !["acme", "internal", "manual"].contains(&mode.as_str()) {
-                return Err(LifecycleError::Invalid(format!(
-                    "tls mode {mode:?}: use acme, internal or manual"
-                )));
-            }
-        }
-        let basic_auth = match auth {
-            Some(auth) => {
-                crate::admin::check_auth(&auth).map_err(|e| LifecycleError::Invalid(e.message))?;
-                Some(BasicAuth {
-                    user: auth.user.clone(),
-                    password_hash: crate::admin::hash_password(auth.password)
-                        .await
-                        .map_err(|e| LifecycleError::Internal(e.message))?,
-                })
-            }
-            None => None,
-        };
-        let (private, public) = crate::keys::generate_ed25519(&format!("sandboxd@{name}"))
-            .map_err(|e| LifecycleError::Internal(e.to_string()))?;
-        let sandbox = Sandbox {
+        let sandbox = crate::admin::new_sandbox(crate::admin::NewSandbox {
             name: name.to_string(),
             domain: domain.to_string(),
             backend: Backend::Incus {
@@ -691,21 +663,22 @@ impl Lifecycle {
             agent_port: store::DEFAULT_AGENT_PORT,
             agent_prefix: store::DEFAULT_AGENT_PREFIX.to_string(),
             user: user.to_string(),
-            client_keys,
-            upstream_key: KeyPair {
-                private_openssh: private,
-                public_openssh: public,
-            },
+            ssh_keys: ssh_keys.to_vec(),
             upstream_host_key: None,
-            basic_auth,
+            auth,
             tls_mode,
             status: SandboxStatus::Creating {
                 step: "record".into(),
             },
-            addresses: vec![],
-            created_at: 0,
-            updated_at: 0,
-        };
+        })
+        .await
+        .map_err(|e| {
+            if e.status == ::http::StatusCode::BAD_REQUEST {
+                LifecycleError::Invalid(e.message)
+            } else {
+                LifecycleError::Internal(e.message)
+            }
+        })?;
         // Shape problems (domain taken is checked by the insert itself).
         sandbox.validate()?;
         if let Some(owner) = {
