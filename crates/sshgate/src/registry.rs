@@ -112,8 +112,11 @@ impl Registry {
             .collect()
     }
 
+    /// Signals the session to close and drops it from the list at once, so
+    /// a second kill of the same id reports that it is gone even while the
+    /// connection is still being torn down.
     pub(crate) fn kill(&self, id: u64) -> bool {
-        match self.lock().get(&id) {
+        match self.lock().remove(&id) {
             Some(e) => {
                 e.kill.notify_one();
                 true
