@@ -9,7 +9,8 @@
 #   3. starts incusd with setsid unless its socket already answers;
 #   4. creates the bridge sbx0 (198.18.0.1/24, no NAT, no IPv6), the storage
 #      pool and the default profile's devices when missing;
-#   5. builds the small test image with debootstrap (cached as tarballs under
+#   5. builds the small test image with provision/images/debian-12.sh
+#      (debootstrap; cached as tarballs under
 #      /var/cache/sandboxd-test/ so later runs skip debootstrap) and imports it
 #      as `test/debian-ssh` unless the alias already points at it.
 #
@@ -29,7 +30,7 @@ SOCKET=/var/lib/incus/unix.socket
 IMAGE_ALIAS=test/debian-ssh
 # Bump when the image recipe below changes: a new cache directory is built and
 # the alias is moved to the new image.
-RECIPE=v1
+RECIPE=v2
 IMAGE_DIR="$CACHE/debian-ssh-$RECIPE"
 
 log() { printf '[setup-incus] %s\n' "$*" >&2; }
@@ -150,85 +151,10 @@ configure_incus() {
 
 # --- 5. test image -------------------------------------------------------------
 build_image() {
-    if [ -f "$IMAGE_DIR/meta.tar.gz" ] && [ -f "$IMAGE_DIR/rootfs.tar.gz" ]; then
-        log "image tarballs cached in $IMAGE_DIR"
-        return
-    fi
     mkdir -p "$CACHE"
     chmod 0700 "$CACHE"
-    local work
-    work=$(mktemp -d "$CACHE/build.XXXXXX")
-    # shellcheck disable=SC2064
-    trap "rm -rf '$work'" EXIT
-    local rootfs="$work/rootfs"
-    log "debootstrap into $rootfs (about a minute)"
-    debootstrap --variant=minbase \
-        --include=openssh-server,systemd-sysv,ifupdown,isc-dhcp-client,iproute2 \
-        bookworm "$rootfs" >"$work/debootstrap.log" 2>&1 || {
-        tail -n 30 "$work/debootstrap.log" >&2
-        exit 1
-    }
-
-    printf 'auto lo\niface lo inet loopback\nauto eth0\niface eth0 inet dhcp\n' \
-        >"$rootfs/etc/network/interfaces"
-    # Every container gets its own identity: machine-id is made at first boot,
-    # and sshd host keys are generated before the network comes up (so an
-    # instance that has an address also has its host keys).
-    : >"$rootfs/etc/machine-id"
-    rm -f "$rootfs"/etc/ssh/ssh_host_*
-    cat >"$rootfs/etc/systemd/system/sandboxd-ssh-hostkeys.service" <<'EOF'
-[Unit]
-Description=Generate missing SSH host keys
-DefaultDependencies=no
-After=local-fs.target
-Before=network-pre.target ssh.service
-Wants=network-pre.target
-
-[Service]
-Type=oneshot
-ExecStart=/usr/bin/ssh-keygen -A
-
-[Install]
-WantedBy=sysinit.target
-EOF
-    mkdir -p "$rootfs/etc/systemd/system/sysinit.target.wants"
-    ln -sf ../sandboxd-ssh-hostkeys.service \
-        "$rootfs/etc/systemd/system/sysinit.target.wants/sandboxd-ssh-hostkeys.service"
-    rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
-
-    # Image metadata with templates so that /etc/hostname and /etc/hosts
-    # carry the instance's own name.
-    local meta="$work/meta"
-    mkdir -p "$meta/templates"
-    cat >"$meta/metadata.yaml" <<EOF
-architecture: $(uname -m)
-creation_date: $(date +%s)
-properties:
-  description: Debian 12 minbase with openssh-server (sandboxd test image $RECIPE)
-  os: debian
-  release: bookworm
-  variant: sandboxd-test
-templates:
-  /etc/hostname:
-    when: [create, copy, rename]
-    template: hostname.tpl
-  /etc/hosts:
-    when: [create, copy, rename]
-    template: hosts.tpl
-EOF
-    printf '{{ instance.name }}\n' >"$meta/templates/hostname.tpl"
-    printf '127.0.0.1 localhost\n127.0.1.1 {{ instance.name }}\n::1 localhost ip6-localhost ip6-loopback\n' \
-        >"$meta/templates/hosts.tpl"
-
-    tar -C "$meta" -czf "$work/meta.tar.gz" metadata.yaml templates
-    tar -C "$rootfs" --numeric-owner -czf "$work/rootfs.tar.gz" .
-    mkdir -p "$IMAGE_DIR"
-    mv "$work/meta.tar.gz" "$IMAGE_DIR/meta.tar.gz.tmp"
-    mv "$work/rootfs.tar.gz" "$IMAGE_DIR/rootfs.tar.gz"
-    mv "$IMAGE_DIR/meta.tar.gz.tmp" "$IMAGE_DIR/meta.tar.gz"
-    rm -rf "$work"
-    trap - EXIT
-    log "image tarballs written to $IMAGE_DIR"
+    IMAGE_DESCRIPTION="Debian 12 minbase with openssh-server (sandboxd test image $RECIPE)" \
+        bash "$(dirname "$0")/../provision/images/debian-12.sh" "$IMAGE_DIR"
 }
 
 import_image() {

@@ -80,6 +80,207 @@ pub struct Config {
     pub ssh_banner: Option<String>,
     /// Incus settings (socket, default image, reconcile period).
     pub incus: IncusConfig,
+    /// What `create` and `image build` install in containers.
+    pub provision: ProvisionConfig,
+}
+
+/// How much provisioning `create` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProvisionMode {
+    /// Per-sandbox steps on a golden image (one made by `sandboxd image
+    /// build`), everything on any other image.
+    Auto,
+    /// Every step, whatever the image.
+    Full,
+    /// Only the per-sandbox steps.
+    Sandbox,
+    /// Nothing beyond the login user and keys.
+    None,
+}
+
+impl std::str::FromStr for ProvisionMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "full" => Ok(Self::Full),
+            "sandbox" => Ok(Self::Sandbox),
+            "none" => Ok(Self::None),
+            other => Err(format!(
+                "unknown provisioning mode {other:?} (auto, full, sandbox or none)"
+            )),
+        }
+    }
+}
+
+/// The `[provision]` table: where packages come from, which agent runs in
+/// each sandbox, the LLM provider's key file on the host and a hook script.
+/// Files are read when a sandbox is provisioned, so a key can be rotated
+/// without a restart; the key itself never enters the configuration.
+#[derive(Debug, Clone)]
+pub struct ProvisionConfig {
+    pub mode: ProvisionMode,
+    /// `distro` (the distribution's packages) or `upstream` installers.
+    pub packages: String,
+    /// HTTP proxy or package cache for apt inside containers.
+    pub apt_proxy: Option<String>,
+    /// `shelley`, `command` (see `agent_command`) or `none`.
+    pub agent: String,
+    /// The agent's command line (ExecStart of its unit) for `agent = "command"`.
+    pub agent_command: Option<String>,
+    /// A host file run in the container to install the agent.
+    pub agent_install: Option<PathBuf>,
+    /// `anthropic`, `openai` or `fireworks`.
+    pub llm_provider: Option<String>,
+    /// Host file holding the provider's API key (mode 0600 or stricter).
+    pub llm_key_file: Option<PathBuf>,
+    pub llm_base_url: Option<String>,
+    /// Host file run last in every new sandbox, as root.
+    pub hook: Option<PathBuf>,
+    /// Alias that `sandboxd image build` publishes to.
+    pub golden_alias: String,
+}
+
+/// Alias of the golden image unless configured.
+pub const DEFAULT_GOLDEN_ALIAS: &str = "sandboxd/golden";
+
+impl Default for ProvisionConfig {
+    fn default() -> Self {
+        Self {
+            mode: ProvisionMode::Auto,
+            packages: "distro".into(),
+            apt_proxy: None,
+            agent: "shelley".into(),
+            agent_command: None,
+            agent_install: None,
+            llm_provider: None,
+            llm_key_file: None,
+            llm_base_url: None,
+            hook: None,
+            golden_alias: DEFAULT_GOLDEN_ALIAS.into(),
+        }
+    }
+}
+
+const PROVISION_KEYS: &[&str] = &[
+    "mode",
+    "packages",
+    "apt_proxy",
+    "agent",
+    "agent_command",
+    "agent_install",
+    "llm_provider",
+    "llm_key_file",
+    "llm_base_url",
+    "hook",
+    "golden_alias",
+];
+
+fn read_provision(table: &toml::Table, errs: &mut Vec<String>) -> ProvisionConfig {
+    let mut p = ProvisionConfig::default();
+    let Some(value) = table.get("provision") else {
+        return p;
+    };
+    let Some(t) = value.as_table() else {
+        errs.push(format!(
+            "`provision` must be a table, not {}",
+            value.type_str()
+        ));
+        return p;
+    };
+    for key in t.keys() {
+        if !PROVISION_KEYS.contains(&key.as_str()) {
+            errs.push(format!(
+                "unknown key `provision.{key}` (known: {})",
+                PROVISION_KEYS.join(", ")
+            ));
+        }
+    }
+    let one_of = |key: &str, v: Option<String>, allowed: &[&str], errs: &mut Vec<String>| {
+        let v = v?;
+        if allowed.contains(&v.as_str()) {
+            Some(v)
+        } else {
+            errs.push(format!(
+                "`provision.{key}` must be one of {}, not {v:?}",
+                allowed.join(", ")
+            ));
+            None
+        }
+    };
+    if let Some(m) = take_string(t, "mode", errs) {
+        match m.parse() {
+            Ok(m) => p.mode = m,
+            Err(e) => errs.push(format!("`provision.mode`: {e}")),
+        }
+    }
+    if let Some(v) = one_of(
+        "packages",
+        take_string(t, "packages", errs),
+        &["distro", "upstream"],
+        errs,
+    ) {
+        p.packages = v;
+    }
+    p.apt_proxy = take_string(t, "apt_proxy", errs);
+    if let Some(u) = &p.apt_proxy {
+        if !(u.starts_with("http://") || u.starts_with("https://"))
+            || u.contains(char::is_whitespace)
+        {
+            errs.push(format!(
+                "`provision.apt_proxy` must be an http(s) URL, not {u:?}"
+            ));
+        }
+    }
+    if let Some(v) = one_of(
+        "agent",
+        take_string(t, "agent", errs),
+        &["shelley", "command", "none"],
+        errs,
+    ) {
+        p.agent = v;
+    }
+    p.agent_command = take_string(t, "agent_command", errs);
+    if p.agent == "command"
+        && p.agent_command
+            .as_deref()
+            .is_none_or(|c| c.trim().is_empty())
+    {
+        errs.push("`provision.agent = \"command\"` needs `provision.agent_command`".into());
+    }
+    p.agent_install = take_string(t, "agent_install", errs).map(PathBuf::from);
+    p.llm_provider = one_of(
+        "llm_provider",
+        take_string(t, "llm_provider", errs),
+        &["anthropic", "openai", "fireworks"],
+        errs,
+    );
+    p.llm_key_file = take_string(t, "llm_key_file", errs).map(PathBuf::from);
+    if p.llm_key_file.is_some() && p.llm_provider.is_none() {
+        errs.push("`provision.llm_key_file` needs `provision.llm_provider`".into());
+    }
+    p.llm_base_url = take_string(t, "llm_base_url", errs);
+    p.hook = take_string(t, "hook", errs).map(PathBuf::from);
+    for (key, path) in [
+        ("agent_install", &p.agent_install),
+        ("llm_key_file", &p.llm_key_file),
+        ("hook", &p.hook),
+    ] {
+        if let Some(path) = path {
+            if let Err(e) = std::fs::metadata(path) {
+                errs.push(format!("`provision.{key}` {}: {e}", path.display()));
+            }
+        }
+    }
+    if let Some(a) = take_string(t, "golden_alias", errs) {
+        if a.trim().is_empty() {
+            errs.push("`provision.golden_alias` must not be empty".into());
+        } else {
+            p.golden_alias = a;
+        }
+    }
+    p
 }
 
 /// Default image alias of `sandboxd create`.
@@ -134,6 +335,7 @@ const KNOWN_KEYS: &[&str] = &[
     "incus_socket",
     "default_image",
     "incus_reconcile_secs",
+    "provision",
 ];
 
 /// Raw values, before validation; `None` means not given.
@@ -154,6 +356,7 @@ struct Raw {
     incus_socket: Option<String>,
     default_image: Option<String>,
     incus_reconcile_secs: Option<i64>,
+    provision: ProvisionConfig,
 }
 
 fn take_int(table: &toml::Table, key: &str, errs: &mut Vec<String>) -> Option<i64> {
@@ -252,6 +455,7 @@ fn read_file(path: &Path, errs: &mut Vec<String>) -> Raw {
         incus_socket: take_string(&table, "incus_socket", errs),
         default_image: take_string(&table, "default_image", errs),
         incus_reconcile_secs: take_int(&table, "incus_reconcile_secs", errs),
+        provision: read_provision(&table, errs),
     }
 }
 
@@ -399,6 +603,7 @@ pub fn load(args: &ServeArgs, admin_socket: Option<PathBuf>) -> Result<Config, C
         log,
         ssh_banner: file.ssh_banner,
         incus,
+        provision: file.provision,
     })
 }
 
@@ -438,6 +643,28 @@ mod tests {
         for needle in ["bogus", "nope", "tls_mode", "acme_directory", "state_dir"] {
             assert!(text.contains(needle), "{needle} missing from {text}");
         }
+    }
+
+    #[test]
+    fn provision_table_is_checked_key_by_key() {
+        let (_f, args) = with_file(
+            "[provision]\nmode = \"fast\"\nagent = \"command\"\nllm_key_file = \"/nonexistent/key\"\nbogus = 1\n",
+        );
+        let text = load(&args, None).unwrap_err().to_string();
+        for needle in [
+            "provision.mode",
+            "agent_command",
+            "llm_provider",
+            "/nonexistent/key",
+            "provision.bogus",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from {text}");
+        }
+        let (_f, args) =
+            with_file("[provision]\nmode = \"none\"\napt_proxy = \"http://198.18.0.1:3142\"\n");
+        let p = load(&args, None).unwrap().provision;
+        assert_eq!(p.mode, ProvisionMode::None);
+        assert_eq!(p.golden_alias, DEFAULT_GOLDEN_ALIAS);
     }
 
     #[test]
