@@ -139,6 +139,11 @@ pub enum Command {
     Snapshot(crate::cli_lifecycle::SnapshotCommand),
     /// List Incus instances no sandbox manages, or adopt one.
     Import(crate::cli_lifecycle::ImportArgs),
+    /// Golden images: `image build` provisions and publishes one.
+    #[command(subcommand)]
+    Image(crate::cli_lifecycle::ImageCommand),
+    /// Reinstall or rebuild the coding agent of a sandbox in place.
+    UpdateAgent { name: String },
     /// Live state, addresses, CPU, memory and disk of every sandbox.
     Top {
         /// Refresh this many times, then exit [default: until Ctrl-C].
@@ -491,6 +496,10 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
         }
         Command::Delete { name } => crate::cli_lifecycle::delete(&client, &name).await?,
         Command::Snapshot(cmd) => crate::cli_lifecycle::snapshot(&client, cmd).await?,
+        Command::Image(cmd) => crate::cli_lifecycle::image(&client, cmd).await?,
+        Command::UpdateAgent { name } => {
+            crate::cli_lifecycle::update_agent(&client, &name).await?
+        }
         Command::Import(a) => crate::cli_lifecycle::import(&client, a).await?,
         Command::Top { count, interval } => {
             crate::cli_lifecycle::top(&client, count, interval).await?

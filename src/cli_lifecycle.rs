@@ -14,7 +14,8 @@ use crate::api::{Event, SandboxView};
 use crate::cli::{print_json, read_key_files, table};
 use crate::client::Client;
 use crate::lifecycle::wire::{
-    CreateSandbox, ImportSandbox, SnapshotRequest, SnapshotView, StatsAnswer, UnmanagedInstance,
+    CreateSandbox, ImageBuild, ImageView, ImportSandbox, LlmKey, SnapshotRequest, SnapshotView,
+    StatsAnswer, StepOutcome, UnmanagedInstance,
 };
 
 const NONE: Option<&()> = None;
@@ -49,6 +50,41 @@ pub struct CreateArgs {
     pub disk: Option<String>,
     #[command(flatten)]
     pub access: crate::cli::AccessArgs,
+    /// How much to install: auto (per-sandbox steps on a golden image,
+    /// everything on others), full, sandbox or none [default: the daemon's
+    /// `provision.mode`].
+    #[arg(long, value_name = "MODE")]
+    pub provision: Option<crate::config::ProvisionMode>,
+    /// LLM provider of the key given by --llm-key-file.
+    #[arg(long, value_parser = ["anthropic", "openai", "fireworks"], requires = "llm_key_file")]
+    pub llm_provider: Option<String>,
+    /// File holding the LLM provider's API key ('-' for stdin); installed
+    /// 0600 in the container, never on a command line.
+    #[arg(long, value_name = "FILE", requires = "llm_provider")]
+    pub llm_key_file: Option<PathBuf>,
+    /// Base URL of the LLM provider's API (a proxy or gateway).
+    #[arg(long, value_name = "URL", requires = "llm_provider")]
+    pub llm_base_url: Option<String>,
+    /// Script run last in the container, as root.
+    #[arg(long, value_name = "FILE")]
+    pub hook: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum ImageCommand {
+    /// Provision a container from BASE and publish it as the golden image
+    /// that `create` clones: a new sandbox then needs only its own steps.
+    Build {
+        /// Base image: a local alias or https://SERVER:ALIAS [default: the
+        /// daemon's `default_image`].
+        #[arg(long, value_name = "IMAGE")]
+        base: Option<String>,
+        /// Alias to publish [default: the daemon's `provision.golden_alias`].
+        #[arg(long)]
+        alias: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -117,6 +153,27 @@ pub async fn create(client: &Client, a: CreateArgs) -> Result<()> {
         disk: a.disk,
         auth: a.access.auth()?,
         tls_mode: a.access.tls_mode,
+        provision: a.provision.map(|m| {
+            serde_json::to_value(m)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default()
+        }),
+        llm: match (a.llm_provider, a.llm_key_file) {
+            (Some(provider), Some(file)) => Some(LlmKey {
+                provider,
+                key: read_secret_file(&file)?,
+                base_url: a.llm_base_url,
+            }),
+            _ => None,
+        },
+        hook: match a.hook {
+            Some(f) => Some(
+                std::fs::read_to_string(&f)
+                    .with_context(|| format!("reading hook script {}", f.display()))?,
+            ),
+            None => None,
+        },
     };
     let body = serde_json::to_vec(&req)?;
     let result = client
@@ -129,6 +186,72 @@ pub async fn create(client: &Client, a: CreateArgs) -> Result<()> {
         .await?;
     let sb: SandboxView = serde_json::from_value(result)?;
     print_live(&sb, "created");
+    Ok(())
+}
+
+/// Reads a one-line secret from a file or stdin (`-`): surrounding
+/// whitespace is dropped, an empty or multi-line value is refused.
+fn read_secret_file(path: &std::path::Path) -> Result<String> {
+    let text = if path.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+            .context("reading the key from stdin")?;
+        s
+    } else {
+        std::fs::read_to_string(path)
+            .with_context(|| format!("reading the key file {}", path.display()))?
+    };
+    let key = text.trim();
+    if key.is_empty() {
+        bail!("the key file {} is empty", path.display());
+    }
+    if key.contains(['\n', '\r', '\0']) {
+        bail!("the key file {} holds more than one line", path.display());
+    }
+    Ok(key.to_string())
+}
+
+pub async fn image(client: &Client, cmd: ImageCommand) -> Result<()> {
+    match cmd {
+        ImageCommand::Build { base, alias, json } => {
+            let body = serde_json::to_vec(&ImageBuild { base, alias })?;
+            let result = client
+                .stream(
+                    Method::POST,
+                    "/v1/incus/images/build",
+                    Some(body),
+                    progress_printer(),
+                )
+                .await?;
+            let img: ImageView = serde_json::from_value(result)?;
+            if json {
+                print_json(&img)?;
+            } else {
+                println!(
+                    "published {} ({}, {:.1} MiB, from {}) in {:.0} s",
+                    img.alias,
+                    &img.fingerprint[..img.fingerprint.len().min(12)],
+                    img.size_bytes as f64 / 1048576.0,
+                    img.base,
+                    img.seconds
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn update_agent(client: &Client, name: &str) -> Result<()> {
+    let path = format!("/v1/incus/sandboxes/{name}/update-agent");
+    let result = client
+        .stream(Method::POST, &path, None, progress_printer())
+        .await?;
+    let step: StepOutcome = serde_json::from_value(result)?;
+    println!(
+        "{name}: agent {} ({})",
+        if step.changed { "updated" } else { "unchanged" },
+        step.detail
+    );
     Ok(())
 }
 

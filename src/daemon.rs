@@ -231,7 +231,12 @@ pub async fn run(
     };
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let lifecycle = crate::lifecycle::Lifecycle::new(store.clone(), routes.clone(), &config.incus);
+    let lifecycle = crate::lifecycle::Lifecycle::new(
+        store.clone(),
+        routes.clone(),
+        &config.incus,
+        config.provision.clone(),
+    );
     let ctx = Arc::new(AdminContext {
         http: http.clone(),
         ssh: ssh.clone(),

@@ -47,7 +47,7 @@ fn create_route_stop_start_snapshot_restart_delete() {
     eprintln!("create took {:?}", started.elapsed());
     let progress = stderr(&out);
     assert!(
-        progress.contains("[1/8] create") && progress.contains("[8/8] live"),
+        progress.contains("[1/10] create") && progress.contains("[10/10] live"),
         "progress per step: {progress}"
     );
 

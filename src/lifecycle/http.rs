@@ -11,6 +11,8 @@
 //! | `GET`/`POST sandboxes/NAME/snapshots` | snapshots / the new snapshot |
 //! | `POST sandboxes/NAME/snapshots/SNAP/restore` | the sandbox |
 //! | `DELETE sandboxes/NAME/snapshots/SNAP` | `{}` |
+//! | `POST images/build` (body [`ImageBuild`]) | NDJSON events, `done` with the image |
+//! | `POST sandboxes/NAME/update-agent` | NDJSON events, `done` with the step |
 //!
 //! This module only translates HTTP to [`super::Lifecycle`] calls.
 
@@ -19,7 +21,7 @@ use std::sync::Arc;
 use http::{Method, Request, StatusCode};
 use hyper::body::Incoming;
 
-use super::wire::{CreateSandbox, ImportSandbox, SnapshotRequest};
+use super::wire::{CreateSandbox, ImageBuild, ImportSandbox, SnapshotRequest};
 use super::{LifecycleError, Progress};
 use crate::admin::{event_stream, json, read_json, AdminContext, ApiError, Body, MAX_BODY};
 use crate::api::{ErrorBody, Event};
@@ -53,6 +55,18 @@ pub async fn handle(
             let body: ImportSandbox = read_json(req.into_body(), MAX_BODY).await?;
             let lc = lc.clone();
             Ok(streamed(move |p| async move { lc.import(body, p).await }))
+        }
+        (&Method::POST, ["images", "build"]) => {
+            let body: ImageBuild = read_json(req.into_body(), MAX_BODY).await?;
+            let lc = lc.clone();
+            Ok(streamed(move |p| async move { lc.build_image(body, p).await }))
+        }
+        (&Method::POST, ["sandboxes", name, "update-agent"]) => {
+            let lc = lc.clone();
+            let name = name.to_string();
+            Ok(streamed(
+                move |p| async move { lc.update_agent(&name, p).await },
+            ))
         }
         (&Method::GET, ["unmanaged"]) => Ok(json(StatusCode::OK, &lc.unmanaged().await?)),
         (&Method::GET, ["stats"]) => Ok(json(StatusCode::OK, &lc.stats().await)),
@@ -94,10 +108,11 @@ pub async fn handle(
 
 /// Runs `op` in its own task (it goes on if the client leaves) and streams
 /// its progress, then `done` or `error`.
-fn streamed<F, Fut>(op: F) -> http::Response<Body>
+fn streamed<F, Fut, T>(op: F) -> http::Response<Body>
 where
     F: FnOnce(Progress) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = Result<crate::api::SandboxView, LifecycleError>> + Send,
+    Fut: std::future::Future<Output = Result<T, LifecycleError>> + Send,
+    T: serde::Serialize + Send,
 {
     let (tx, resp) = event_stream();
     tokio::spawn(async move {

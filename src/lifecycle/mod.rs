@@ -24,6 +24,7 @@
 //!   the instance had when incusd stopped" (a sandbox stopped with
 //!   `sandboxd stop` stays stopped, a running one starts again).
 
+pub mod golden;
 pub mod http;
 pub mod wire;
 
@@ -37,7 +38,7 @@ use store::{Backend, Sandbox, SandboxStatus, Store};
 use tokio::sync::mpsc;
 
 use crate::api::{Event, SandboxView};
-use crate::config::IncusConfig;
+use crate::config::{IncusConfig, ProvisionConfig, ProvisionMode};
 use crate::routes::Routes;
 use wire::{
     CreateSandbox, ImportSandbox, SandboxStats, SnapshotView, StatsAnswer, UnmanagedInstance,
@@ -63,8 +64,17 @@ const HOST_KEY_TIMEOUT: Duration = Duration::from_secs(30);
 /// The host key pinned for the upstream leg.
 const HOST_KEY_PATH: &str = "/etc/ssh/ssh_host_ed25519_key.pub";
 
-const CREATE_STEPS: [&str; 8] = [
-    "create", "start", "address", "ready", "user", "keys", "host-key", "live",
+const CREATE_STEPS: [&str; 10] = [
+    "create",
+    "start",
+    "address",
+    "ready",
+    "provision",
+    "user",
+    "keys",
+    "host-key",
+    "baseline",
+    "live",
 ];
 const IMPORT_STEPS: [&str; 8] = [
     "adopt", "start", "address", "ready", "user", "keys", "host-key", "live",
@@ -147,6 +157,9 @@ pub struct Meta {
     pub cpu: Option<u32>,
     pub memory: Option<String>,
     pub disk: Option<String>,
+    /// Provisioning mode of `create` (the daemon's when absent).
+    #[serde(default)]
+    pub provision: Option<ProvisionMode>,
 }
 
 /// One CPU sample of an instance.
@@ -163,6 +176,7 @@ pub struct Lifecycle {
     incus: incusctl::Client,
     default_image: String,
     reconcile_every: Duration,
+    provision: ProvisionConfig,
     busy: Mutex<HashSet<String>>,
     samples: Mutex<HashMap<String, Sample>>,
 }
@@ -295,12 +309,19 @@ struct Plan {
     meta: Meta,
     /// Create (`true`) or adopt (`false`).
     create: bool,
+    /// Per-request provisioning inputs (LLM key, hook).
+    extras: golden::Extras,
 }
 
 impl Lifecycle {
     /// A lifecycle service; does not contact Incus (the daemon starts and
     /// serves static sandboxes while Incus is absent).
-    pub fn new(store: Arc<Store>, routes: Arc<Routes>, config: &IncusConfig) -> Arc<Self> {
+    pub fn new(
+        store: Arc<Store>,
+        routes: Arc<Routes>,
+        config: &IncusConfig,
+        provision: ProvisionConfig,
+    ) -> Arc<Self> {
         let options = incusctl::ClientOptions {
             request_timeout: Duration::from_secs(30),
             operation_timeout: Duration::from_secs(180),
@@ -311,6 +332,7 @@ impl Lifecycle {
             incus: incusctl::Client::lazy(socket_path(config.socket.clone()), options),
             default_image: config.default_image.clone(),
             reconcile_every: Duration::from_secs(config.reconcile_secs),
+            provision,
             busy: Mutex::new(HashSet::new()),
             samples: Mutex::new(HashMap::new()),
         })
@@ -459,6 +481,14 @@ impl Lifecycle {
     ) -> Result<SandboxView> {
         store::validate_name(&req.name)?;
         let name = req.name.clone();
+        let mode = match &req.provision {
+            Some(m) => Some(m.parse::<ProvisionMode>().map_err(LifecycleError::Invalid)?),
+            None => None,
+        };
+        let extras = golden::Extras {
+            llm: req.llm.clone(),
+            hook: req.hook.clone(),
+        };
         let _claim = self.claim(&name)?;
         // Incus must answer before anything is stored.
         self.incus.server_info().await?;
@@ -482,6 +512,7 @@ impl Lifecycle {
                         instance: name.clone(),
                         meta,
                         create: true,
+                        extras,
                     };
                     self.provision(plan, progress).await
                 }
@@ -531,6 +562,7 @@ impl Lifecycle {
             cpu: req.cpu,
             memory: req.memory.clone(),
             disk: req.disk.clone(),
+            provision: mode,
         };
         self.put_meta(&name, &meta).await?;
         if let Err(e) = self
@@ -549,6 +581,7 @@ impl Lifecycle {
             instance: name,
             meta,
             create: true,
+            extras,
         };
         self.provision(plan, progress).await
     }
@@ -584,6 +617,7 @@ impl Lifecycle {
                         instance: name,
                         meta,
                         create: false,
+                        extras: golden::Extras::default(),
                     };
                     self.provision(plan, progress).await
                 }
@@ -618,6 +652,7 @@ impl Lifecycle {
             cpu: None,
             memory: None,
             disk: None,
+            provision: None,
         };
         self.put_meta(&name, &meta).await?;
         if let Err(e) = self
@@ -636,6 +671,7 @@ impl Lifecycle {
             instance: name,
             meta,
             create: false,
+            extras: golden::Extras::default(),
         };
         self.provision(plan, progress).await
     }
@@ -697,10 +733,10 @@ impl Lifecycle {
     /// Runs the steps of `plan`, recording each; a failure records
     /// `Failed { reason }` with the step and returns it.
     async fn provision(&self, plan: Plan, progress: Progress) -> Result<SandboxView> {
-        let steps = if plan.create {
-            CREATE_STEPS
+        let steps: &[&'static str] = if plan.create {
+            &CREATE_STEPS
         } else {
-            IMPORT_STEPS
+            &IMPORT_STEPS
         };
         let what = if plan.create { "create" } else { "import" };
         let total = steps.len() as u64;
@@ -773,28 +809,34 @@ impl Lifecycle {
                 progress.message(format!("address {ip}")).await;
                 Ok(())
             }
-            "ready" => {
-                let out = self
-                    .incus
-                    .exec(
-                        inst,
-                        &incusctl::ExecRequest::new(["systemctl", "is-system-running", "--wait"])
-                            .timeout(READY_TIMEOUT),
-                    )
-                    .await?;
-                let state = out.stdout_text().trim().to_string();
-                match state.as_str() {
-                    "running" | "degraded" => Ok(()),
-                    _ if out.exit_code == incusctl::EXIT_COMMAND_NOT_FOUND => {
-                        progress
-                            .message("no systemd in the container; not waiting for boot")
-                            .await;
-                        Ok(())
-                    }
-                    _ => Err(LifecycleError::Invalid(format!(
-                        "the container did not finish booting: systemd is {state:?}"
-                    ))),
+            "ready" => self.wait_booted(inst, progress).await,
+            "provision" => {
+                let mode = plan.meta.provision.unwrap_or(self.provision.mode);
+                let image = plan.meta.image.clone().unwrap_or_default();
+                let Some(phase) = self.phase_for(mode, &image).await? else {
+                    progress.message("provisioning: none asked").await;
+                    return Ok(());
+                };
+                let sb = self.require(&plan.name).await?;
+                let p = self.plan_for(phase, Some(&sb.user), sb.agent_port, &plan.extras)?;
+                progress
+                    .message(format!(
+                        "provisioning: {} steps",
+                        match phase {
+                            crate::provision::Phase::Sandbox => "per-sandbox",
+                            _ => "all",
+                        }
+                    ))
+                    .await;
+                self.run_plan(inst, &p, progress).await?;
+                Ok(())
+            }
+            "baseline" => {
+                let mode = plan.meta.provision.unwrap_or(self.provision.mode);
+                if mode == ProvisionMode::None {
+                    return Ok(());
                 }
+                self.baseline(inst, progress).await
             }
             "user" => {
                 let sb = self.require(&plan.name).await?;

@@ -34,6 +34,72 @@ pub struct CreateSandbox {
     pub auth: Option<SetAuth>,
     #[serde(default)]
     pub tls_mode: Option<String>,
+    /// `auto`, `full`, `sandbox` or `none`; the daemon's `provision.mode`
+    /// when absent.
+    #[serde(default)]
+    pub provision: Option<String>,
+    /// The LLM provider's key for this sandbox (else the daemon's
+    /// `provision.llm_key_file`). Travels only over the admin socket.
+    #[serde(default)]
+    pub llm: Option<LlmKey>,
+    /// A hook script run last in the container, as root (else the
+    /// daemon's `provision.hook`).
+    #[serde(default)]
+    pub hook: Option<String>,
+}
+
+/// An LLM provider's key as sent by the CLI. `Debug` hides the key.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlmKey {
+    /// `anthropic`, `openai` or `fireworks`.
+    pub provider: String,
+    pub key: String,
+    #[serde(default)]
+    pub base_url: Option<String>,
+}
+
+impl std::fmt::Debug for LlmKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LlmKey")
+            .field("provider", &self.provider)
+            .field("key", &"<hidden>")
+            .field("base_url", &self.base_url)
+            .finish()
+    }
+}
+
+/// `POST /v1/incus/images/build`: provision a container from `base` and
+/// publish it as the golden image.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageBuild {
+    /// Base image (local alias or `URL:ALIAS`); the daemon's
+    /// `default_image` when absent.
+    #[serde(default)]
+    pub base: Option<String>,
+    /// Alias to publish to; the daemon's `provision.golden_alias` when absent.
+    #[serde(default)]
+    pub alias: Option<String>,
+}
+
+/// A golden image as published by `image build`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageView {
+    pub alias: String,
+    pub fingerprint: String,
+    pub base: String,
+    pub size_bytes: i64,
+    /// Seconds the build took.
+    pub seconds: f64,
+}
+
+/// One provisioning step as reported by `update-agent`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepOutcome {
+    pub step: String,
+    pub changed: bool,
+    pub detail: String,
 }
 
 /// `POST /v1/incus/import`: adopt an existing, untracked instance.

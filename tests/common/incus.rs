@@ -67,7 +67,8 @@ impl Drop for InstanceGuard {
 /// every second; `tune` adds flags or replaces nothing else.
 pub fn daemon_with(tune: impl FnOnce(DaemonBuilder) -> DaemonBuilder) -> Daemon {
     tune(Daemon::builder().config(&format!(
-        "default_image = \"{TEST_IMAGE}\"\nincus_reconcile_secs = 1\n"
+        "default_image = \"{TEST_IMAGE}\"\nincus_reconcile_secs = 1\n\
+         [provision]\nmode = \"none\"\n"
     )))
     .start()
 }
