@@ -13,5 +13,6 @@ pub mod config;
 pub mod daemon;
 pub mod keys;
 pub mod lifecycle;
+pub mod provision;
 pub mod routes;
 pub mod watcher;

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Test-host setup for the provisioning tests (tests/provision.rs).
+#
+# Idempotent; for a fresh Debian 12 machine, run as root, without systemd as
+# PID 1 (run .ci/setup-incus.sh first: it makes the bridge sbx0):
+#   1. installs apt-cacher-ng (the package cache the containers use, since
+#      the bridge has no route outside) and shellcheck;
+#   2. starts apt-cacher-ng by hand with a PID file unless something already
+#      answers on the cache address;
+#   3. checks that the cache answers.
+# Containers then use it with SANDBOXD_APT_PROXY=http://198.18.0.1:3142 (the
+# provisioning step `apt-source` writes the apt proxy setting). The cache
+# fetches from whatever archive the container's own sources name; no archive
+# address is written by this script.
+#
+# Environment overrides (all optional):
+#   SANDBOXD_CACHE_ADDR     address:port the cache must answer on
+#                           (default 198.18.0.1:3142, the sbx0 bridge)
+#   ACNG_LOG_DIR            apt-cacher-ng log dir (default /var/log/apt-cacher-ng)
+#   ACNG_PIDFILE            PID file (default /run/sandboxd-test-acng.pid)
+set -euo pipefail
+
+CACHE_ADDR=${SANDBOXD_CACHE_ADDR:-198.18.0.1:3142}
+ACNG_LOG_DIR=${ACNG_LOG_DIR:-/var/log/apt-cacher-ng}
+ACNG_PIDFILE=${ACNG_PIDFILE:-/run/sandboxd-test-acng.pid}
+
+log() { printf '[setup-provision] %s\n' "$*" >&2; }
+
+if [ "$(id -u)" -ne 0 ]; then
+    log "must run as root"
+    exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+
+install_packages() {
+    if command -v apt-cacher-ng >/dev/null 2>&1 && command -v shellcheck >/dev/null 2>&1 &&
+        command -v curl >/dev/null 2>&1; then
+        log "apt-cacher-ng, shellcheck and curl already installed"
+        return
+    fi
+    apt-get update -q || log "apt-get update reported errors (continuing)"
+    # Without systemd, the package's init script may try to start the
+    # daemon; that is harmless (it listens on every address, port 3142), the
+    # check below accepts whichever instance answers.
+    apt-get install -y -q apt-cacher-ng shellcheck curl
+}
+
+cache_answers() {
+    # apt-cacher-ng answers its report page on any path it does not proxy.
+    curl -s --max-time 5 -o /dev/null -w '%{http_code}' "http://$CACHE_ADDR/acng-report.html" 2>/dev/null |
+        grep -q '^[2-4][0-9][0-9]$'
+}
+
+start_cache() {
+    if cache_answers; then
+        log "a package cache already answers on $CACHE_ADDR"
+        return
+    fi
+    if [ -f "$ACNG_PIDFILE" ]; then
+        local old
+        old=$(cat "$ACNG_PIDFILE" 2>/dev/null || true)
+        if [ -n "$old" ] && kill -0 "$old" 2>/dev/null; then
+            log "apt-cacher-ng (pid $old) runs but does not answer on $CACHE_ADDR"
+            exit 1
+        fi
+    fi
+    mkdir -p "$ACNG_LOG_DIR" /var/cache/apt-cacher-ng /run/apt-cacher-ng
+    chown apt-cacher-ng:apt-cacher-ng "$ACNG_LOG_DIR" /var/cache/apt-cacher-ng /run/apt-cacher-ng 2>/dev/null || true
+    local port=${CACHE_ADDR##*:}
+    # Options on the command line override /etc/apt-cacher-ng/acng.conf.
+    # Listen on the bridge and on loopback only; foreground + setsid so that
+    # the PID file holds the daemon's own PID.
+    setsid apt-cacher-ng -c /etc/apt-cacher-ng ForeGround=1 \
+        "BindAddress=${CACHE_ADDR%:*} 127.0.0.1" "Port=$port" \
+        "LogDir=$ACNG_LOG_DIR" "PidFile=" \
+        >>"$ACNG_LOG_DIR/foreground.log" 2>&1 </dev/null &
+    echo $! >"$ACNG_PIDFILE"
+    log "started apt-cacher-ng (pid $!, logs in $ACNG_LOG_DIR)"
+    local i
+    for i in $(seq 1 50); do
+        if cache_answers; then
+            log "cache answers on $CACHE_ADDR after ${i}x0.2 s"
+            return
+        fi
+        sleep 0.2
+    done
+    log "apt-cacher-ng did not answer on $CACHE_ADDR within 10 s"
+    tail -n 20 "$ACNG_LOG_DIR/foreground.log" >&2 || true
+    exit 1
+}
+
+install_packages
+start_cache
+log "ready: containers use SANDBOXD_APT_PROXY=http://$CACHE_ADDR"
