@@ -13,5 +13,7 @@ pub mod config;
 pub mod daemon;
 pub mod keys;
 pub mod lifecycle;
+pub mod notify;
 pub mod routes;
+pub mod setup;
 pub mod watcher;
