@@ -153,6 +153,10 @@ pub enum Command {
         #[arg(long, default_value_t = 2.0, value_name = "SECS")]
         interval: f64,
     },
+    /// Prepare this host (as root): Incus, storage, bridge, profile, the
+    /// sandboxd user, config, binary and systemd unit; then start the
+    /// daemon. Safe to run again: every step says ok, done or FAILED.
+    Setup(crate::setup::SetupArgs),
     /// Print shell completions.
     Completions {
         #[arg(value_enum)]
@@ -410,6 +414,7 @@ pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => crate::daemon::main(args, cli.admin_socket),
+        Command::Setup(args) => crate::setup::main(args),
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,
@@ -452,7 +457,7 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
     const NONE: Option<&()> = None;
     match command {
         // Handled in `main` without a client.
-        Command::Serve(_) | Command::Completions { .. } => {}
+        Command::Serve(_) | Command::Setup(_) | Command::Completions { .. } => {}
         Command::Add(a) => {
             let auth = a.access.auth()?;
             let req = AddSandbox {

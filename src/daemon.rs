@@ -156,6 +156,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     let started = Instant::now();
+    // sd_notify (issue 6): a no-op unless started by systemd.
+    let notify = crate::notify::Notifier::from_env()?;
     // Subscribe before the first build so that no change falls in between.
     let feed = store.subscribe();
     let defaults = Arc::new(Defaults {
@@ -298,8 +300,31 @@ pub async fn run(
         sandboxes = routes.snapshot().len(),
         "sandboxd ready"
     );
+    // sd_notify: listeners are bound and the routing snapshot is loaded.
+    notify.ready(&format!(
+        "serving {} sandboxes; ssh {}; https {}; http {}",
+        routes.snapshot().len(),
+        ctx.ssh_listen.join(","),
+        ctx.https_listen.join(","),
+        ctx.http_listen.join(","),
+    ));
+    let watchdog = tokio::spawn(notify.clone().watchdog({
+        let store = store.clone();
+        move || {
+            let store = store.clone();
+            async move {
+                // Healthy: the runtime schedules this, the blocking pool
+                // answers and the store reads.
+                tokio::task::spawn_blocking(move || store.get_record("health", "probe").is_ok())
+                    .await
+                    .unwrap_or(false)
+            }
+        }
+    }));
 
     shutdown.await;
+    notify.stopping();
+    watchdog.abort();
     ssh.shutdown();
     http.shutdown();
     follower.abort();

@@ -13,6 +13,8 @@ pub mod config;
 pub mod daemon;
 pub mod keys;
 pub mod lifecycle;
+pub mod notify;
 pub mod provision;
 pub mod routes;
+pub mod setup;
 pub mod watcher;

@@ -34,6 +34,7 @@ mod error;
 mod events;
 mod exec;
 mod files;
+mod host;
 mod images;
 mod operation;
 mod snapshots;
@@ -48,6 +49,7 @@ pub use exec::{
     ExecOutput, ExecProcess, ExecRequest, ExecStdin, OutputChunk, EXIT_COMMAND_NOT_FOUND,
 };
 pub use files::{FileKind, FileMeta, PulledFile, PushOptions};
+pub use host::{Network, Profile, StoragePool};
 pub use images::ImageTarballs;
 pub use operation::{OperationInfo, Progress, STATUS_CANCELLED, STATUS_FAILURE, STATUS_SUCCESS};
 pub use state::{
