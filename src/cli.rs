@@ -502,9 +502,7 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
         Command::Delete { name } => crate::cli_lifecycle::delete(&client, &name).await?,
         Command::Snapshot(cmd) => crate::cli_lifecycle::snapshot(&client, cmd).await?,
         Command::Image(cmd) => crate::cli_lifecycle::image(&client, cmd).await?,
-        Command::UpdateAgent { name } => {
-            crate::cli_lifecycle::update_agent(&client, &name).await?
-        }
+        Command::UpdateAgent { name } => crate::cli_lifecycle::update_agent(&client, &name).await?,
         Command::Import(a) => crate::cli_lifecycle::import(&client, a).await?,
         Command::Top { count, interval } => {
             crate::cli_lifecycle::top(&client, count, interval).await?

@@ -210,15 +210,18 @@ impl Lifecycle {
             )));
         }
         let source = image_source(&base)?;
-        let plan = self.plan_for(Phase::Image, None, store::DEFAULT_AGENT_PORT, &Extras::default())?;
+        let plan = self.plan_for(
+            Phase::Image,
+            None,
+            store::DEFAULT_AGENT_PORT,
+            &Extras::default(),
+        )?;
         self.incus.server_info().await?;
         if let incusctl::ImageSource::LocalAlias(a) = &source {
             self.incus.image_alias(a).await?;
         }
         let builder = format!("sandboxd-image-{}", &random_id()[..10]);
-        progress
-            .step("builder", 1, 4)
-            .await;
+        progress.step("builder", 1, 4).await;
         progress
             .message(format!("container {builder} from {base}"))
             .await;
@@ -265,12 +268,21 @@ impl Lifecycle {
         self.run_plan(builder, plan, progress).await?;
 
         progress.step("seal", 3, 4).await;
-        self.incus
-            .exec_ok(builder, &incusctl::ExecRequest::shell(SEAL_SCRIPT))
+        let sealed = self
+            .incus
+            .exec(
+                builder,
+                &incusctl::ExecRequest::new(["bash", "-c", SEAL_SCRIPT, "image-seal"]),
+            )
             .await?;
-        self.incus
-            .stop_or_kill(builder, super::STOP_GRACE)
-            .await?;
+        if !sealed.success() {
+            return Err(LifecycleError::Invalid(format!(
+                "sealing the image failed (exit {}): {}",
+                sealed.exit_code,
+                sealed.stderr_text().trim()
+            )));
+        }
+        self.incus.stop_or_kill(builder, super::STOP_GRACE).await?;
 
         progress.step("publish", 4, 4).await;
         let old = match self.incus.image_alias(alias).await {
@@ -355,7 +367,12 @@ impl Lifecycle {
                 hint: "start it first",
             });
         }
-        let plan = self.plan_for(Phase::Sandbox, Some(&sb.user), sb.agent_port, &Extras::default())?;
+        let plan = self.plan_for(
+            Phase::Sandbox,
+            Some(&sb.user),
+            sb.agent_port,
+            &Extras::default(),
+        )?;
         progress.step("agent", 1, 1).await;
         let t = Instant::now();
         let report = provision::update_agent(&self.incus, &inst, &plan)
@@ -377,7 +394,9 @@ impl Lifecycle {
             return Ok(());
         }
         let t = Instant::now();
-        self.incus.create_snapshot(instance, BASELINE_SNAPSHOT).await?;
+        self.incus
+            .create_snapshot(instance, BASELINE_SNAPSHOT)
+            .await?;
         progress
             .message(format!(
                 "snapshot {BASELINE_SNAPSHOT} in {:.1} s",

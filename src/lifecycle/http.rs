@@ -59,7 +59,9 @@ pub async fn handle(
         (&Method::POST, ["images", "build"]) => {
             let body: ImageBuild = read_json(req.into_body(), MAX_BODY).await?;
             let lc = lc.clone();
-            Ok(streamed(move |p| async move { lc.build_image(body, p).await }))
+            Ok(streamed(
+                move |p| async move { lc.build_image(body, p).await },
+            ))
         }
         (&Method::POST, ["sandboxes", name, "update-agent"]) => {
             let lc = lc.clone();

@@ -482,7 +482,10 @@ impl Lifecycle {
         store::validate_name(&req.name)?;
         let name = req.name.clone();
         let mode = match &req.provision {
-            Some(m) => Some(m.parse::<ProvisionMode>().map_err(LifecycleError::Invalid)?),
+            Some(m) => Some(
+                m.parse::<ProvisionMode>()
+                    .map_err(LifecycleError::Invalid)?,
+            ),
             None => None,
         };
         let extras = golden::Extras {
