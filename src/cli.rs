@@ -156,7 +156,7 @@ pub enum Command {
     /// Prepare this host (as root): Incus, storage, bridge, profile, the
     /// sandboxd user, config, binary and systemd unit; then start the
     /// daemon. Safe to run again: every step says ok, done or FAILED.
-    Setup(crate::setup::SetupArgs),
+    Setup(Box<crate::setup::SetupArgs>),
     /// Print shell completions.
     Completions {
         #[arg(value_enum)]
@@ -414,7 +414,7 @@ pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => crate::daemon::main(args, cli.admin_socket),
-        Command::Setup(args) => crate::setup::main(args),
+        Command::Setup(args) => crate::setup::main(*args),
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,

@@ -290,7 +290,7 @@ fn a_bad_flag_is_one_line_and_changes_nothing() {
     let f = Fixture::new(&["--no-start"]);
     for bad in [
         &["--storage", "ext4"][..],
-        &["--bridge-ipv4", "10.0.0.1"][..],
+        &["--incus-source", "ppa"][..],
         &["--ssh-listen", "nowhere"][..],
     ] {
         let out = f.run(bad);
