@@ -110,7 +110,11 @@ start_incusd() {
     fi
     if [ -z "${old:-}" ]; then
         mkdir -p "$(dirname "$INCUSD_LOG")" "$(dirname "$INCUSD_PIDFILE")"
-        setsid /usr/libexec/incus/incusd --group root >>"$INCUSD_LOG" 2>&1 </dev/null &
+        # The socket's group: the daemon, when `sandboxd setup` runs it as
+        # its own user, reaches Incus through it.
+        local group=root
+        if getent group incus-admin >/dev/null; then group=incus-admin; fi
+        setsid /usr/libexec/incus/incusd --group "$group" >>"$INCUSD_LOG" 2>&1 </dev/null &
         echo $! >"$INCUSD_PIDFILE"
         log "started incusd (pid $!, log $INCUSD_LOG)"
     fi

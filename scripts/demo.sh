@@ -1,79 +1,112 @@
 #!/usr/bin/env bash
-# One-command demo on this machine: builds sandboxd, starts the daemon on
-# unprivileged local ports with a private state directory, starts a local
-# sshd to stand in for a sandbox, routes a demo sandbox to it and shows how
-# to use it. Everything lives under $DEMO_DIR (default /tmp/sandboxd-demo).
-# Stop with: kill $(cat $DEMO_DIR/sandboxd.pid) $(cat $DEMO_DIR/sshd.pid) $(cat $DEMO_DIR/app.pid)
+# One-command start on a fresh Debian 12 machine (as root), offline:
+#   1. builds sandboxd and runs `sandboxd setup` (Incus from the
+#      distribution, storage pool, bridge, profile, the sandboxd user, config,
+#      binary in /usr/local/bin, the daemon started: by systemd when it is
+#      PID 1, detached otherwise);
+#   2. a package cache on the bridge for the containers (they reach nothing
+#      outside on a host without internet; on a connected server it only
+#      makes provisioning faster);
+#   3. a Debian 12 base image from the distribution's packages (no image
+#      server needed) and the golden image `sandboxd image build` makes
+#      from it (Docker, Go, Node.js, hardened sshd);
+#   4. the sandbox `demo` from the golden image, with a small web app on its
+#      app port, reachable by `ssh -p 2222 demo@localhost` and over HTTPS
+#      with the internal CA; then checks both and prints how to use them.
+# Safe to run again: what exists is kept. Settings (environment):
+#   DEMO_KEY   public key allowed into the sandbox (default ~/.ssh/id_ed25519.pub,
+#              made when missing)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DEMO_DIR=${DEMO_DIR:-/tmp/sandboxd-demo}
-SSH_PORT=${SSH_PORT:-2222}
-HTTPS_PORT=${HTTPS_PORT:-8443}
-HTTP_PORT=${HTTP_PORT:-8080}
-UPSTREAM_PORT=${UPSTREAM_PORT:-2022}
-APP_PORT=${APP_PORT:-8000}
+repo=$PWD
 
-if [ "$(id -u)" = 0 ]; then bash .ci/setup-base.sh; fi
-cargo build --release --quiet --bin sandboxd
-bin=$PWD/target/release/sandboxd
+log() { printf '\n== %s\n' "$*" >&2; }
 
-mkdir -p "$DEMO_DIR" && chmod 700 "$DEMO_DIR"
-for f in sandboxd.pid sshd.pid app.pid; do
-  if [ -f "$DEMO_DIR/$f" ] && kill -0 "$(cat "$DEMO_DIR/$f")" 2>/dev/null; then
-    echo "a demo is already running (pid $(cat "$DEMO_DIR/$f")); stop it first" >&2
+if [ "$(id -u)" -ne 0 ]; then
+    echo "run as root: it installs Incus and a system service" >&2
     exit 1
-  fi
-done
-export SANDBOXD_ADMIN_SOCKET=$DEMO_DIR/admin.sock
-
-# A stand-in sandbox: sshd on loopback for the current user.
-up=$DEMO_DIR/upstream
-mkdir -p "$up" /run/sshd 2>/dev/null || true
-[ -f "$up/host_ed25519" ] || ssh-keygen -q -t ed25519 -N '' -f "$up/host_ed25519"
-[ -f "$DEMO_DIR/client_ed25519" ] || ssh-keygen -q -t ed25519 -N '' -C demo-client -f "$DEMO_DIR/client_ed25519"
-: > "$up/authorized_keys"
-cat > "$up/sshd_config" <<CONF
-Port $UPSTREAM_PORT
-ListenAddress 127.0.0.1
-HostKey $up/host_ed25519
-AuthorizedKeysFile $up/authorized_keys
-PidFile $DEMO_DIR/sshd.pid
-UsePAM no
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-StrictModes no
-Subsystem sftp /usr/lib/openssh/sftp-server
-CONF
-/usr/sbin/sshd -f "$up/sshd_config"
-# A stand-in app: a static page on the app port.
-mkdir -p "$DEMO_DIR/app"
-echo "hello from the demo sandbox's app" > "$DEMO_DIR/app/index.html"
-python3 -m http.server --bind 127.0.0.1 --directory "$DEMO_DIR/app" "$APP_PORT" >/dev/null 2>&1 &
-echo $! > "$DEMO_DIR/app.pid"
-
-"$bin" serve --state-dir "$DEMO_DIR/state" \
-  --ssh-listen "127.0.0.1:$SSH_PORT" --https-listen "127.0.0.1:$HTTPS_PORT" \
-  --http-listen "127.0.0.1:$HTTP_PORT" >"$DEMO_DIR/sandboxd.log" 2>&1 &
-echo $! > "$DEMO_DIR/sandboxd.pid"
-for _ in $(seq 100); do "$bin" status >/dev/null 2>&1 && break; sleep 0.1; done
-"$bin" status
-
-if ! "$bin" show demo >/dev/null 2>&1; then
-  "$bin" add demo --domain demo.localhost --upstream 127.0.0.1 --ssh-port "$UPSTREAM_PORT" \
-    --app-port "$APP_PORT" \
-    --user "$(id -un)" --ssh-key "$DEMO_DIR/client_ed25519.pub" \
-    --upstream-host-key "$up/host_ed25519.pub"
 fi
-# Install the gateway's key for the upstream user.
-"$bin" show demo --json | sed -n 's/.*"upstream_public_key": "\(.*\)".*/\1/p' > "$up/authorized_keys"
-"$bin" routes
-"$bin" ca-cert > "$DEMO_DIR/ca.pem"
+export DEBIAN_FRONTEND=noninteractive
+BRIDGE=sbx0
+BRIDGE_IP=198.18.0.1
+CACHE_DIR=/var/cache/sandboxd-demo
+BASE_ALIAS=sandboxd/debian-12
+GOLDEN_ALIAS=sandboxd/golden
+CONFIG=/etc/sandboxd/sandboxd.toml
+export SANDBOXD_ADMIN_SOCKET=/run/sandboxd/admin.sock
+
+log "build"
+bash .ci/setup-base.sh >/dev/null
+cargo build --locked --quiet --bin sandboxd
+bin=$repo/target/debug/sandboxd
+
+log "host setup (install only)"
+"$bin" setup --no-start --bridge "$BRIDGE" --bridge-ipv4 "$BRIDGE_IP/24" --no-nat
+
+# Demo settings the plain setup does not write: the golden image is the
+# default image, containers use the host's package cache, and no coding
+# agent (shelley is built from sources on the internet).
+if ! grep -q '^\[provision\]' "$CONFIG"; then
+    cat >>"$CONFIG" <<TOML
+default_image = "$GOLDEN_ALIAS"
+
+[provision]
+apt_proxy = "http://$BRIDGE_IP:3142"
+agent = "none"
+TOML
+fi
+
+log "host setup (start)"
+"$bin" setup --bridge "$BRIDGE" --bridge-ipv4 "$BRIDGE_IP/24" --no-nat
+sandboxd=/usr/local/bin/sandboxd
+
+log "package cache for the containers"
+bash .ci/setup-provision.sh
+
+log "base image $BASE_ALIAS"
+command -v debootstrap >/dev/null 2>&1 || apt-get install -y -q debootstrap
+if ! incus image alias list --format csv | grep -q "^$BASE_ALIAS,"; then
+    bash provision/images/debian-12.sh "$CACHE_DIR/debian-12"
+    incus image import "$CACHE_DIR/debian-12/meta.tar.gz" "$CACHE_DIR/debian-12/rootfs.tar.gz" \
+        --alias "$BASE_ALIAS"
+fi
+
+log "golden image $GOLDEN_ALIAS"
+if ! incus image alias list --format csv | grep -q "^$GOLDEN_ALIAS,"; then
+    "$sandboxd" image build --base "$BASE_ALIAS"
+fi
+
+log "sandbox demo"
+key=${DEMO_KEY:-$HOME/.ssh/id_ed25519.pub}
+if [ ! -f "$key" ]; then
+    mkdir -p "$HOME/.ssh" && chmod 700 "$HOME/.ssh"
+    ssh-keygen -q -t ed25519 -N '' -f "${key%.pub}"
+fi
+if ! "$sandboxd" show demo >/dev/null 2>&1; then
+    "$sandboxd" create demo --domain demo.localhost --ssh-key "$key" \
+        --hook scripts/demo-app-hook.sh
+fi
+
+# Trust the gateway's host key for [localhost]:2222.
+known=$HOME/.ssh/known_hosts
+touch "$known"
+ssh-keygen -R '[localhost]:2222' -f "$known" >/dev/null 2>&1 || true
+"$sandboxd" host-key | awk '/^ssh-/ { print "[localhost]:2222 " $1 " " $2 }' >>"$known"
+"$sandboxd" ca-cert >/etc/sandboxd/demo-ca.pem
+
+log "check"
+ssh -o BatchMode=yes -i "${key%.pub}" -p 2222 demo@localhost \
+    'echo "ssh: logged in to $(hostname) as $(whoami)"'
+https_port=443
+curl -sS --fail --retry 5 --retry-connrefused --retry-delay 1 --cacert /etc/sandboxd/demo-ca.pem \
+    --resolve "demo.localhost:$https_port:127.0.0.1" "https://demo.localhost:$https_port/"
+
 cat <<TXT
 
-sandboxd is running (log: $DEMO_DIR/sandboxd.log).
-  export SANDBOXD_ADMIN_SOCKET=$DEMO_DIR/admin.sock
-  $bin list
-  ssh -p $SSH_PORT -i $DEMO_DIR/client_ed25519 demo@127.0.0.1
-  curl --cacert $DEMO_DIR/ca.pem --resolve demo.localhost:$HTTPS_PORT:127.0.0.1 https://demo.localhost:$HTTPS_PORT/
-Stop: kill \$(cat $DEMO_DIR/sandboxd.pid) \$(cat $DEMO_DIR/sshd.pid) \$(cat $DEMO_DIR/app.pid)
+The demo sandbox is up.
+  ssh -p 2222 demo@localhost
+  curl --cacert /etc/sandboxd/demo-ca.pem --resolve demo.localhost:$https_port:127.0.0.1 https://demo.localhost:$https_port/
+  sandboxd list          # also: top, snapshot list demo, stop/start demo, delete demo
+  sandboxd create NAME --domain NAME.example.com --ssh-key ~/.ssh/id_ed25519.pub
+Config: $CONFIG   Log: see \`sandboxd setup\` output above.
 TXT
