@@ -837,11 +837,13 @@ fn step_env(plan: &Plan, user: &str) -> BTreeMap<String, String> {
 
 /// `ubuntu` on Ubuntu, `debian` on Debian (from /etc/os-release).
 async fn default_user(incus: &Client, instance: &str) -> Result<String, ProvisionError> {
-    let f = incus
-        .pull_file(instance, "/etc/os-release")
+    // /etc/os-release is usually a symlink, which the files API does not
+    // follow: let the container read it.
+    let out = incus
+        .exec(instance, &ExecRequest::new(["cat", "/etc/os-release"]))
         .await
         .map_err(incus_err("reading /etc/os-release"))?;
-    let text = String::from_utf8_lossy(&f.data);
+    let text = out.stdout_text();
     let id = text
         .lines()
         .find_map(|l| l.strip_prefix("ID="))
