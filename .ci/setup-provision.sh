@@ -45,6 +45,23 @@ install_packages() {
     apt-get install -y -q apt-cacher-ng shellcheck curl
 }
 
+# The archive the host itself uses (first URIs line of its Debian source
+# file): apt-cacher-ng's built-in Debian backend list names mirrors this
+# machine cannot reach, so the cache is told to fetch from the host's own
+# archive. Read at run time: no address is written into any file.
+archive_uri() {
+    awk '/^URIs:/ { print $2; exit }' /etc/apt/sources.list.d/debian.sources 2>/dev/null
+}
+
+# True when a Debian index file comes through the cache.
+cache_fetches() {
+    local uri
+    uri=$(archive_uri)
+    [ -n "$uri" ] || return 0
+    curl -s --max-time 30 -o /dev/null -w '%{http_code}' -x "http://$CACHE_ADDR" \
+        "${uri%/}/dists/bookworm/InRelease" 2>/dev/null | grep -q '^200$'
+}
+
 cache_answers() {
     # apt-cacher-ng answers its report page on any path it does not proxy.
     curl -s --max-time 5 -o /dev/null -w '%{http_code}' "http://$CACHE_ADDR/acng-report.html" 2>/dev/null |
@@ -52,17 +69,38 @@ cache_answers() {
 }
 
 start_cache() {
-    if cache_answers; then
-        log "a package cache already answers on $CACHE_ADDR"
-        return
-    fi
+    local old=""
     if [ -f "$ACNG_PIDFILE" ]; then
-        local old
         old=$(cat "$ACNG_PIDFILE" 2>/dev/null || true)
-        if [ -n "$old" ] && kill -0 "$old" 2>/dev/null; then
-            log "apt-cacher-ng (pid $old) runs but does not answer on $CACHE_ADDR"
+        if [ -z "$old" ] || ! kill -0 "$old" 2>/dev/null; then
+            old=""
+        fi
+    fi
+    if cache_answers; then
+        if cache_fetches; then
+            log "a package cache already answers on $CACHE_ADDR and fetches from the archive"
+            return
+        fi
+        if [ -z "$old" ]; then
+            log "something answers on $CACHE_ADDR but does not fetch Debian index files"
             exit 1
         fi
+        log "apt-cacher-ng (pid $old) does not fetch from the archive: restarting it"
+        kill "$old"
+        local i
+        for i in $(seq 1 50); do
+            kill -0 "$old" 2>/dev/null || break
+            sleep 0.1
+        done
+    elif [ -n "$old" ]; then
+        log "apt-cacher-ng (pid $old) runs but does not answer on $CACHE_ADDR"
+        exit 1
+    fi
+    local remap=()
+    local uri
+    uri=$(archive_uri)
+    if [ -n "$uri" ]; then
+        remap=("Remap-debrep=file:deb_mirror*.gz /debian ; ${uri%/}")
     fi
     mkdir -p "$ACNG_LOG_DIR" /var/cache/apt-cacher-ng /run/apt-cacher-ng
     chown apt-cacher-ng:apt-cacher-ng "$ACNG_LOG_DIR" /var/cache/apt-cacher-ng /run/apt-cacher-ng 2>/dev/null || true
@@ -72,7 +110,7 @@ start_cache() {
     # the PID file holds the daemon's own PID.
     setsid apt-cacher-ng -c /etc/apt-cacher-ng ForeGround=1 \
         "BindAddress=${CACHE_ADDR%:*} 127.0.0.1" "Port=$port" \
-        "LogDir=$ACNG_LOG_DIR" "PidFile=" \
+        "LogDir=$ACNG_LOG_DIR" "PidFile=" "${remap[@]}" \
         >>"$ACNG_LOG_DIR/foreground.log" 2>&1 </dev/null &
     echo $! >"$ACNG_PIDFILE"
     log "started apt-cacher-ng (pid $!, logs in $ACNG_LOG_DIR)"
@@ -80,6 +118,7 @@ start_cache() {
     for i in $(seq 1 50); do
         if cache_answers; then
             log "cache answers on $CACHE_ADDR after ${i}x0.2 s"
+            cache_fetches || { log "the cache does not fetch Debian index files"; exit 1; }
             return
         fi
         sleep 0.2

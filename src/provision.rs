@@ -837,20 +837,18 @@ fn step_env(plan: &Plan, user: &str) -> BTreeMap<String, String> {
 
 /// `ubuntu` on Ubuntu, `debian` on Debian (from /etc/os-release).
 async fn default_user(incus: &Client, instance: &str) -> Result<String, ProvisionError> {
-    // /etc/os-release is usually a symlink, which the file API returns as
-    // such: fall back to the file it points at.
-    let mut id = String::new();
-    for path in ["/etc/os-release", "/usr/lib/os-release"] {
-        let f = incus
-            .pull_file(instance, path)
-            .await
-            .map_err(incus_err("reading os-release"))?;
-        let text = String::from_utf8_lossy(&f.data);
-        if let Some(v) = text.lines().find_map(|l| l.strip_prefix("ID=")) {
-            id = v.trim().trim_matches('"').to_string();
-            break;
-        }
-    }
+    // /etc/os-release is usually a symlink, which the files API does not
+    // follow: let the container read it.
+    let out = incus
+        .exec(instance, &ExecRequest::new(["cat", "/etc/os-release"]))
+        .await
+        .map_err(incus_err("reading /etc/os-release"))?;
+    let text = out.stdout_text();
+    let id = text
+        .lines()
+        .find_map(|l| l.strip_prefix("ID="))
+        .map(|v| v.trim().trim_matches('"').to_string())
+        .unwrap_or_default();
     match id.as_str() {
         "ubuntu" => Ok("ubuntu".into()),
         "debian" => Ok("debian".into()),
