@@ -16,6 +16,8 @@
 # Safe to run again: what exists is kept. Settings (environment):
 #   DEMO_KEY   public key allowed into the sandbox (default ~/.ssh/id_ed25519.pub,
 #              made when missing)
+#   DEMO_BASE_DIR  where the base image tarballs are built or found
+#              (default /var/cache/sandboxd-demo/debian-12)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -29,7 +31,7 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 BRIDGE=sbx0
 BRIDGE_IP=198.18.0.1
-CACHE_DIR=/var/cache/sandboxd-demo
+BASE_DIR=${DEMO_BASE_DIR:-/var/cache/sandboxd-demo/debian-12}
 BASE_ALIAS=sandboxd/debian-12
 GOLDEN_ALIAS=sandboxd/golden
 CONFIG=/etc/sandboxd/sandboxd.toml
@@ -66,9 +68,14 @@ bash .ci/setup-provision.sh
 log "base image $BASE_ALIAS"
 command -v debootstrap >/dev/null 2>&1 || apt-get install -y -q debootstrap
 if ! incus image alias list --format csv | grep -q "^$BASE_ALIAS,"; then
-    bash provision/images/debian-12.sh "$CACHE_DIR/debian-12"
-    incus image import "$CACHE_DIR/debian-12/meta.tar.gz" "$CACHE_DIR/debian-12/rootfs.tar.gz" \
-        --alias "$BASE_ALIAS"
+    bash provision/images/debian-12.sh "$BASE_DIR"
+    incus image import "$BASE_DIR/meta.tar.gz" "$BASE_DIR/rootfs.tar.gz" --alias "$BASE_ALIAS" ||
+        {
+            # The same tarballs may be in the store already under another
+            # alias (the test image): point the alias at that image.
+            fp=$(cat "$BASE_DIR/meta.tar.gz" "$BASE_DIR/rootfs.tar.gz" | sha256sum | cut -d' ' -f1)
+            incus image alias create "$BASE_ALIAS" "$fp"
+        }
 fi
 
 log "golden image $GOLDEN_ALIAS"
