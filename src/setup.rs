@@ -949,7 +949,7 @@ impl Host {
         }
     }
 
-    fn binary(&self) -> Result<Outcome> {
+    fn binary(&mut self) -> Result<Outcome> {
         let me = std::env::current_exe().context("finding the running executable")?;
         let target = self.bin();
         if me == target {
@@ -963,6 +963,9 @@ impl Host {
             std::fs::create_dir_all(parent)?;
         }
         write_atomic(&target, &mine, 0o755)?;
+        // A running service must move to the new binary: the start step
+        // restarts it as it does for a changed unit.
+        self.unit_changed = true;
         Ok(Outcome::Done(format!("installed {}", target.display())))
     }
 
@@ -1009,15 +1012,35 @@ impl Host {
         Ok(Outcome::Done(format!("installed {}", path.display())))
     }
 
-    /// The PID in the PID file, if that process is a live sandboxd.
-    fn running_pid(&self) -> Option<i32> {
+    /// The PID in the PID file, if that process is a live sandboxd, and
+    /// whether it runs a binary that has been replaced since it started.
+    fn running_pid(&self) -> Option<(i32, bool)> {
         let pid: i32 = std::fs::read_to_string(self.pid_file())
             .ok()?
             .trim()
             .parse()
             .ok()?;
         let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
-        (exe.file_name() == Some(std::ffi::OsStr::new("sandboxd"))).then_some(pid)
+        match exe.file_name()?.to_str()? {
+            "sandboxd" => Some((pid, false)),
+            "sandboxd (deleted)" => Some((pid, true)),
+            _ => None,
+        }
+    }
+
+    /// Stops a detached daemon (SIGTERM: it drains) and waits for it.
+    fn stop_detached(pid: i32) -> Result<()> {
+        use nix::sys::signal::{kill, Signal};
+        let pid = nix::unistd::Pid::from_raw(pid);
+        kill(pid, Signal::SIGTERM).with_context(|| format!("stopping sandboxd (pid {pid})"))?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Path::new(&format!("/proc/{pid}")).exists() {
+            if Instant::now() > deadline {
+                bail!("sandboxd (pid {pid}) did not stop within 30 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
     }
 
     fn start(&self) -> Result<Outcome> {
@@ -1042,11 +1065,25 @@ impl Host {
             run(Command::new("systemctl").args(["restart", "sandboxd.service"]))?;
             return Ok(Outcome::Done("sandboxd.service enabled and started".into()));
         }
-        if let Some(pid) = self.running_pid() {
-            return Ok(Outcome::Ok(format!(
-                "systemd not found; sandboxd runs detached (pid {pid}, {})",
-                self.pid_file().display()
-            )));
+        match self.running_pid() {
+            Some((pid, false)) => {
+                return Ok(Outcome::Ok(format!(
+                    "systemd not found; sandboxd runs detached (pid {pid}, {})",
+                    self.pid_file().display()
+                )))
+            }
+            Some((pid, true)) => {
+                // Its binary was replaced (by the binary step of this or an
+                // earlier run): restart it on the new one.
+                Self::stop_detached(pid)?;
+                return match self.start_detached()? {
+                    Outcome::Done(how) => Ok(Outcome::Done(format!(
+                        "restarted on the new binary (was pid {pid}); {how}"
+                    ))),
+                    other => Ok(other),
+                };
+            }
+            None => {}
         }
         self.start_detached()
     }
