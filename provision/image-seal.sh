@@ -5,28 +5,16 @@
 # Runs as root inside the builder, through the Incus exec API.
 set -euo pipefail
 
-# Host keys are made again at boot, before sshd starts.
-unit=/etc/systemd/system/sandboxd-ssh-hostkeys.service
-if [ ! -f "$unit" ]; then
-    cat >"$unit" <<'UNIT'
-[Unit]
-Description=Generate missing SSH host keys
-DefaultDependencies=no
-After=local-fs.target
-Before=network-pre.target ssh.service
-Wants=network-pre.target
-
-[Service]
-Type=oneshot
-ExecStart=/usr/bin/ssh-keygen -A
-
-[Install]
-WantedBy=sysinit.target
-UNIT
-    mkdir -p /etc/systemd/system/sysinit.target.wants
-    ln -sf ../sandboxd-ssh-hostkeys.service \
-        /etc/systemd/system/sysinit.target.wants/sandboxd-ssh-hostkeys.service
-fi
+# Host keys are made again at boot, before sshd starts, by
+# sandboxd-ssh-hostkeys.service (provision/units/, pushed by the builder
+# before this script runs).
+[ -f /etc/systemd/system/sandboxd-ssh-hostkeys.service ] || {
+    echo "sandboxd-ssh-hostkeys.service is missing: clones would have no host keys" >&2
+    exit 1
+}
+mkdir -p /etc/systemd/system/sysinit.target.wants
+ln -sf ../sandboxd-ssh-hostkeys.service \
+    /etc/systemd/system/sysinit.target.wants/sandboxd-ssh-hostkeys.service
 rm -f /etc/ssh/ssh_host_*
 
 # A new machine id at first boot (an empty file, not a missing one, keeps

@@ -48,21 +48,8 @@ printf 'auto lo\niface lo inet loopback\nauto eth0\niface eth0 inet dhcp\n' \
 # instance that has an address also has its host keys).
 : >"$rootfs/etc/machine-id"
 rm -f "$rootfs"/etc/ssh/ssh_host_*
-cat >"$rootfs/etc/systemd/system/sandboxd-ssh-hostkeys.service" <<'UNIT'
-[Unit]
-Description=Generate missing SSH host keys
-DefaultDependencies=no
-After=local-fs.target
-Before=network-pre.target ssh.service
-Wants=network-pre.target
-
-[Service]
-Type=oneshot
-ExecStart=/usr/bin/ssh-keygen -A
-
-[Install]
-WantedBy=sysinit.target
-UNIT
+install -m 0644 "$(dirname "$0")/../units/sandboxd-ssh-hostkeys.service" \
+    "$rootfs/etc/systemd/system/sandboxd-ssh-hostkeys.service"
 mkdir -p "$rootfs/etc/systemd/system/sysinit.target.wants"
 ln -sf ../sandboxd-ssh-hostkeys.service \
     "$rootfs/etc/systemd/system/sysinit.target.wants/sandboxd-ssh-hostkeys.service"

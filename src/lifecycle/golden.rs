@@ -33,6 +33,9 @@ const BUILDER_KEY: &str = "user.sandboxd.image-build";
 /// Run in a builder before it is published: every clone must make its own
 /// machine id and SSH host keys, and nothing of the build's caches stays.
 const SEAL_SCRIPT: &str = include_str!("../../provision/image-seal.sh");
+/// The boot unit that makes missing SSH host keys (also in the base image).
+const HOSTKEYS_UNIT: &str = include_str!("../../provision/units/sandboxd-ssh-hostkeys.service");
+const HOSTKEYS_UNIT_PATH: &str = "/etc/systemd/system/sandboxd-ssh-hostkeys.service";
 
 /// What the caller of `create` adds to the daemon's provisioning settings.
 #[derive(Debug, Clone, Default)]
@@ -268,6 +271,14 @@ impl Lifecycle {
         self.run_plan(builder, plan, progress).await?;
 
         progress.step("seal", 3, 4).await;
+        self.incus
+            .push_file(
+                builder,
+                HOSTKEYS_UNIT_PATH,
+                HOSTKEYS_UNIT.as_bytes().to_vec(),
+                &incusctl::PushOptions::mode(0o644).owner(0, 0),
+            )
+            .await?;
         let sealed = self
             .incus
             .exec(
@@ -404,5 +415,27 @@ impl Lifecycle {
             ))
             .await;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_key_file_others_may_read_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("llm.key");
+        std::fs::write(&path, "sk-test-value\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = read_private(&path, "provision.llm_key_file").unwrap_err();
+        assert!(err.to_string().contains("chmod 600"), "{err}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(
+            read_private(&path, "provision.llm_key_file").unwrap(),
+            "sk-test-value"
+        );
     }
 }
