@@ -4,8 +4,13 @@
 #     (ProxyCommand 'ssh -W' through a second local sshd);
 #   - `ssh host true` time: gateway vs direct (hyperfine);
 #   - gateway memory with IDLE idle proxied sessions (RSS and peak RSS).
+# "gateway" is the real daemon (`sandboxd serve`, release build) with a
+# static sandbox `bench` added through its admin socket, exactly as a user
+# would set it up. GATEWAY=example runs crates/sshgate/examples/gateway.rs
+# instead, which takes tuning overrides (window, packet size, ciphers...).
 # Everything binds 127.0.0.1; every process started here is stopped by PID.
-# Usage: bench/ssh.sh [gateway tuning key=value ...]   (see the example's doc)
+# Usage: bench/ssh.sh                         (the daemon)
+#        GATEWAY=example bench/ssh.sh [key=value ...]   (see the example's doc)
 # Env: SIZE_MIB (1024), RUNS (3), CONNECT_RUNS (20), IDLE (500).
 set -euo pipefail
 
@@ -16,13 +21,24 @@ IDLE=${IDLE:-500}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BYTES=$((SIZE_MIB * 1024 * 1024))
 TUNING=("$@")
+GATEWAY=${GATEWAY:-daemon}
+case $GATEWAY in
+  daemon) [ ${#TUNING[@]} -eq 0 ] || { echo "tuning overrides need GATEWAY=example" >&2; exit 2; } ;;
+  example) ;;
+  *) echo "GATEWAY must be daemon or example" >&2; exit 2 ;;
+esac
 
 for tool in ssh ssh-keygen /usr/sbin/sshd hyperfine jq ss; do
   command -v "$tool" >/dev/null || { echo "missing $tool (run .ci/setup-sshgate.sh)" >&2; exit 1; }
 done
 
-(cd "$ROOT" && cargo build --quiet --release -p sshgate --example gateway)
-GW_BIN=$ROOT/target/release/examples/gateway
+if [ "$GATEWAY" = daemon ]; then
+  (cd "$ROOT" && cargo build --quiet --release --bin sandboxd)
+  GW_BIN=$ROOT/target/release/sandboxd
+else
+  (cd "$ROOT" && cargo build --quiet --release -p sshgate --example gateway)
+  GW_BIN=$ROOT/target/release/examples/gateway
+fi
 
 WORK=$(mktemp -d /tmp/sshgate-bench.XXXXXX)
 PIDS=()
@@ -80,7 +96,8 @@ JP=$(free_port); start_sshd jump "$JP" "$WORK/host_jump" "$WORK/client.pub"
 
 GW_PID=
 GP=
-start_gateway() {
+GW_KEY=
+start_example() {
   rm -f "$WORK/gw.out"
   "$GW_BIN" listen=127.0.0.1:0 host_keys="$WORK/gwkeys" sandbox=bench target="127.0.0.1:$TP" \
     user="$ME" authorized_keys="$WORK/client.pub" upstream_key="$WORK/upstream" \
@@ -94,10 +111,40 @@ start_gateway() {
     sleep 0.1
   done
   [ -n "$GP" ] || { echo "gateway did not start" >&2; cat "$WORK/gw.log" >&2; exit 1; }
+  GW_KEY=$(ssh-keygen -y -f "$WORK/gwkeys/ssh_host_ed25519_key")
+}
+# The daemon keeps its state across restarts of this script's phases, as it
+# would in production: the sandbox is added once, on the first start.
+export SANDBOXD_ADMIN_SOCKET=$WORK/daemon/admin.sock
+start_daemon() {
+  mkdir -p "$WORK/daemon"
+  chmod 700 "$WORK/daemon"
+  "$GW_BIN" serve --state-dir "$WORK/daemon/state" --ssh-listen 127.0.0.1:0 \
+    --https-listen 127.0.0.1:0 --http-listen 127.0.0.1:0 >>"$WORK/gw.log" 2>&1 &
+  GW_PID=$!
+  PIDS+=("$GW_PID")
+  local i st=
+  for i in $(seq 600); do
+    st=$("$GW_BIN" status --json 2>/dev/null) && break
+    kill -0 "$GW_PID" 2>/dev/null || break
+    sleep 0.1
+  done
+  [ -n "$st" ] || { echo "daemon did not start" >&2; cat "$WORK/gw.log" >&2; exit 1; }
+  GP=$(jq -r '.ssh_listen[0]' <<<"$st" | sed 's/.*://')
+  if ! "$GW_BIN" show bench >/dev/null 2>&1; then
+    "$GW_BIN" add bench --domain bench.localhost --upstream 127.0.0.1 --ssh-port "$TP" \
+      --user "$ME" --ssh-key "$WORK/client.pub" --upstream-host-key "$WORK/host_target.pub" >/dev/null
+    # Install the gateway's per-sandbox key upstream (sshd rereads the file).
+    "$GW_BIN" show bench --json | jq -r .upstream_public_key >> "$WORK/target.auth"
+  fi
+  GW_KEY=$("$GW_BIN" host-key | awk '$1 == "ssh-ed25519" {print $1, $2; exit}')
+}
+start_gateway() {
+  if [ "$GATEWAY" = daemon ]; then start_daemon; else start_example; fi
   {
     echo "[127.0.0.1]:$TP $(cat "$WORK/host_target.pub")"
     echo "[127.0.0.1]:$JP $(cat "$WORK/host_jump.pub")"
-    echo "[127.0.0.1]:$GP $(ssh-keygen -y -f "$WORK/gwkeys/ssh_host_ed25519_key")"
+    echo "[127.0.0.1]:$GP $GW_KEY"
   } > "$WORK/known_hosts"
 }
 stop_gateway() { kill "$GW_PID"; wait "$GW_PID" 2>/dev/null || true; }
@@ -175,7 +222,7 @@ stop_gateway
 
 # ---- report ------------------------------------------------------------------
 echo "sshgate benchmark: loopback, ${SIZE_MIB} MiB transfers (median of $RUNS), $(nproc) cores"
-echo "gateway tuning: ${TUNING[*]:-defaults}"
+echo "gateway: $GATEWAY ($GW_BIN), tuning: ${TUNING[*]:-defaults}; load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
 printf '%-10s %12s %12s\n' mode "down MiB/s" "up MiB/s"
 for mode in direct gateway jump; do
   d=$(echo "${DOWN[$mode]}" | median); u=$(echo "${UP[$mode]}" | median)
