@@ -82,6 +82,124 @@ pub struct Config {
     pub incus: IncusConfig,
     /// What `create` and `image build` install in containers.
     pub provision: ProvisionConfig,
+    /// The `[http]` table: proxy limits, timeouts and trusted proxies.
+    pub http: HttpSettings,
+}
+
+/// The `[http]` table. `None` keeps the proxy's built-in default (see
+/// `httpgate::config`): the defaults suit most hosts, these are for hosts
+/// behind a load balancer (`trusted_proxies`) or with unusual clients.
+#[derive(Debug, Clone, Default)]
+pub struct HttpSettings {
+    /// Peers whose X-Forwarded-* headers are kept and appended to; from any
+    /// other peer they are replaced.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// Open client connections per listener; more are closed at once.
+    pub max_connections: Option<usize>,
+    /// Largest request head (request line and headers), in bytes.
+    pub max_header_bytes: Option<usize>,
+    /// TLS handshake of a client.
+    pub handshake_timeout: Option<std::time::Duration>,
+    /// Time a client has to send a complete request head.
+    pub header_timeout: Option<std::time::Duration>,
+    /// Idle client connections (HTTP/1 keep-alive, HTTP/2 with no stream) are closed after this.
+    pub idle_timeout: Option<std::time::Duration>,
+    /// TCP connect to a sandbox.
+    pub upstream_connect_timeout: Option<std::time::Duration>,
+    /// From the request sent to the response head received (then 504).
+    pub upstream_response_timeout: Option<std::time::Duration>,
+}
+
+impl HttpSettings {
+    /// Applies the configured values over the proxy's defaults.
+    pub fn apply(&self, cfg: &mut httpgate::HttpConfig) {
+        cfg.trusted_proxies.clone_from(&self.trusted_proxies);
+        let set = |slot: &mut std::time::Duration, v: Option<std::time::Duration>| {
+            if let Some(v) = v {
+                *slot = v;
+            }
+        };
+        set(&mut cfg.timeouts.handshake, self.handshake_timeout);
+        set(&mut cfg.timeouts.header_read, self.header_timeout);
+        set(&mut cfg.timeouts.idle, self.idle_timeout);
+        set(
+            &mut cfg.timeouts.upstream_connect,
+            self.upstream_connect_timeout,
+        );
+        set(
+            &mut cfg.timeouts.upstream_response,
+            self.upstream_response_timeout,
+        );
+        if let Some(n) = self.max_connections {
+            cfg.limits.max_connections = n;
+        }
+        if let Some(n) = self.max_header_bytes {
+            cfg.limits.max_header_bytes = n;
+        }
+    }
+}
+
+/// An integer `http.KEY` within `lo..=hi`.
+fn ranged(t: &toml::Table, key: &str, lo: i64, hi: i64, errs: &mut Vec<String>) -> Option<u64> {
+    let n = take_int(t, key, errs)?;
+    if (lo..=hi).contains(&n) {
+        Some(n.unsigned_abs())
+    } else {
+        errs.push(format!(
+            "`http.{key}` must be between {lo} and {hi}, not {n}"
+        ));
+        None
+    }
+}
+
+const HTTP_KEYS: &[&str] = &[
+    "trusted_proxies",
+    "max_connections",
+    "max_header_bytes",
+    "handshake_timeout_secs",
+    "header_timeout_secs",
+    "idle_timeout_secs",
+    "upstream_connect_timeout_secs",
+    "upstream_response_timeout_secs",
+];
+
+fn read_http(table: &toml::Table, errs: &mut Vec<String>) -> HttpSettings {
+    let mut h = HttpSettings::default();
+    let Some(value) = table.get("http") else {
+        return h;
+    };
+    let Some(t) = value.as_table() else {
+        errs.push(format!("`http` must be a table, not {}", value.type_str()));
+        return h;
+    };
+    for key in t.keys() {
+        if !HTTP_KEYS.contains(&key.as_str()) {
+            errs.push(format!(
+                "unknown key `http.{key}` (known: {})",
+                HTTP_KEYS.join(", ")
+            ));
+        }
+    }
+    for ip in take_list(t, "trusted_proxies", errs).unwrap_or_default() {
+        match ip.parse() {
+            Ok(a) => h.trusted_proxies.push(a),
+            Err(_) => errs.push(format!(
+                "`http.trusted_proxies`: {ip:?} is not an IP address"
+            )),
+        }
+    }
+    let size = |n: u64| usize::try_from(n).ok();
+    h.max_connections = ranged(t, "max_connections", 1, 1_000_000, errs).and_then(size);
+    h.max_header_bytes = ranged(t, "max_header_bytes", 1024, 1024 * 1024, errs).and_then(size);
+    let secs = |key: &str, errs: &mut Vec<String>| {
+        ranged(t, key, 1, 86_400, errs).map(std::time::Duration::from_secs)
+    };
+    h.handshake_timeout = secs("handshake_timeout_secs", errs);
+    h.header_timeout = secs("header_timeout_secs", errs);
+    h.idle_timeout = secs("idle_timeout_secs", errs);
+    h.upstream_connect_timeout = secs("upstream_connect_timeout_secs", errs);
+    h.upstream_response_timeout = secs("upstream_response_timeout_secs", errs);
+    h
 }
 
 /// How much provisioning `create` runs.
@@ -336,6 +454,7 @@ const KNOWN_KEYS: &[&str] = &[
     "default_image",
     "incus_reconcile_secs",
     "provision",
+    "http",
 ];
 
 /// Raw values, before validation; `None` means not given.
@@ -357,6 +476,7 @@ struct Raw {
     default_image: Option<String>,
     incus_reconcile_secs: Option<i64>,
     provision: ProvisionConfig,
+    http: HttpSettings,
 }
 
 fn take_int(table: &toml::Table, key: &str, errs: &mut Vec<String>) -> Option<i64> {
@@ -456,6 +576,7 @@ fn read_file(path: &Path, errs: &mut Vec<String>) -> Raw {
         default_image: take_string(&table, "default_image", errs),
         incus_reconcile_secs: take_int(&table, "incus_reconcile_secs", errs),
         provision: read_provision(&table, errs),
+        http: read_http(&table, errs),
     }
 }
 
@@ -604,6 +725,7 @@ pub fn load(args: &ServeArgs, admin_socket: Option<PathBuf>) -> Result<Config, C
         ssh_banner: file.ssh_banner,
         incus,
         provision: file.provision,
+        http: file.http,
     })
 }
 
@@ -665,6 +787,35 @@ mod tests {
         let p = load(&args, None).unwrap().provision;
         assert_eq!(p.mode, ProvisionMode::None);
         assert_eq!(p.golden_alias, DEFAULT_GOLDEN_ALIAS);
+    }
+
+    #[test]
+    fn http_table_is_checked_key_by_key() {
+        let (_f, args) = with_file(
+            "[http]\ntrusted_proxies = [\"10.0.0.1\", \"nope\"]\nmax_connections = 0\nidle_timeout_secs = \"x\"\nbogus = 1\n",
+        );
+        let text = load(&args, None).unwrap_err().to_string();
+        for needle in [
+            "\"nope\"",
+            "http.max_connections",
+            "idle_timeout_secs",
+            "http.bogus",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from {text}");
+        }
+        let (_f, args) = with_file(
+            "[http]\ntrusted_proxies = [\"10.0.0.1\", \"::1\"]\nidle_timeout_secs = 30\n",
+        );
+        let h = load(&args, None).unwrap().http;
+        let mut cfg = httpgate::HttpConfig::default();
+        let before = cfg.timeouts.upstream_connect;
+        h.apply(&mut cfg);
+        assert_eq!(cfg.trusted_proxies.len(), 2);
+        assert_eq!(cfg.timeouts.idle, std::time::Duration::from_secs(30));
+        assert_eq!(
+            cfg.timeouts.upstream_connect, before,
+            "unset keys keep the default"
+        );
     }
 
     #[test]

@@ -210,18 +210,20 @@ pub async fn run(
         .and_then(|l| l.local_addr().ok())
         .map(|a| a.port())
         .unwrap_or(443);
-    let http = httpgate::HttpGateway::new(
-        httpgate::HttpConfig {
-            default_tls: match config.tls_mode {
-                TlsMode::Acme => httpgate::TlsModeKind::Acme,
-                TlsMode::Internal => httpgate::TlsModeKind::Internal,
-            },
-            acme_directory: Some(config.acme_directory.clone()),
-            acme_ca_root_pem,
-            acme_email: config.acme_email.clone(),
-            https_port,
-            ..Default::default()
+    let mut http_config = httpgate::HttpConfig {
+        default_tls: match config.tls_mode {
+            TlsMode::Acme => httpgate::TlsModeKind::Acme,
+            TlsMode::Internal => httpgate::TlsModeKind::Internal,
         },
+        acme_directory: Some(config.acme_directory.clone()),
+        acme_ca_root_pem,
+        acme_email: config.acme_email.clone(),
+        https_port,
+        ..Default::default()
+    };
+    config.http.apply(&mut http_config);
+    let http = httpgate::HttpGateway::new(
+        http_config,
         Arc::new(routes::HttpRoutes(routes.clone())),
         Arc::new(StoreCerts(store.clone())),
     )

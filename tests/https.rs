@@ -266,3 +266,111 @@ fn app_and_agent_hosts_with_internal_certificates() {
     d.restart();
     assert_eq!(d.ok(&["ca-cert"]), std::fs::read_to_string(&ca).unwrap());
 }
+
+/// An upstream that answers every request with the request head it received,
+/// so a test sees exactly which headers the proxy forwarded.
+fn echo_upstream() -> u16 {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut out = stream;
+                loop {
+                    let mut head = String::new();
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        head.push_str(&line.to_ascii_lowercase());
+                    }
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{head}",
+                        head.len()
+                    );
+                    if out.write_all(resp.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// The `[http]` table reaches the proxy: a client-supplied X-Forwarded-For is
+/// replaced unless the peer is a configured trusted proxy, and the request
+/// head limit is the configured one.
+#[test]
+fn http_table_sets_trusted_proxies_and_limits() {
+    let echo = echo_upstream();
+    let run = |config: &str| -> (String, u16) {
+        let d = Daemon::builder()
+            .arg("--tls-mode")
+            .arg("internal")
+            .config(config)
+            .start();
+        let key = d.keygen("k");
+        d.ok(&[
+            "add",
+            "echo",
+            "--domain",
+            "echo.test",
+            "--upstream",
+            "127.0.0.1",
+            "--app-port",
+            &echo.to_string(),
+            "--ssh-key",
+            key.to_str().unwrap(),
+        ]);
+        let https = port_of(&d.json(&["status", "--json"])["https_listen"][0]);
+        let ca = d.dir.path().join("ca.pem");
+        std::fs::write(&ca, d.ok(&["ca-cert"])).unwrap();
+        let resolve = format!("echo.test:{https}:127.0.0.1");
+        let url = format!("https://echo.test:{https}/");
+        let (code, head, err) = curl(&[
+            "--cacert",
+            ca.to_str().unwrap(),
+            "--resolve",
+            &resolve,
+            "-H",
+            "X-Forwarded-For: 203.0.113.9",
+            &url,
+        ]);
+        assert_eq!(code, 200, "{err}\n{}", d.log_text());
+        // A 16 KiB header: within the default limit (32 KiB), over an 8 KiB one.
+        let big = format!("X-Big: {}", "a".repeat(16 * 1024));
+        let (big_code, _, _) = curl(&[
+            "--cacert",
+            ca.to_str().unwrap(),
+            "--resolve",
+            &resolve,
+            "-H",
+            &big,
+            &url,
+        ]);
+        (head, big_code)
+    };
+
+    let (head, big) = run("");
+    assert!(
+        head.contains("x-forwarded-for: 127.0.0.1\r\n"),
+        "an untrusted peer's X-Forwarded-For must be replaced:\n{head}"
+    );
+    assert!(!head.contains("203.0.113.9"), "{head}");
+    assert_eq!(big, 200);
+
+    let (head, big) = run("[http]\ntrusted_proxies = [\"127.0.0.1\"]\nmax_header_bytes = 8192\n");
+    assert!(
+        head.contains("x-forwarded-for: 203.0.113.9, 127.0.0.1\r\n"),
+        "a trusted proxy's X-Forwarded-For must be kept and appended to:\n{head}"
+    );
+    assert_eq!(big, 431, "a head over max_header_bytes is refused");
+}
