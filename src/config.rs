@@ -78,6 +78,9 @@ pub struct Config {
     pub log: String,
     /// Text shown to SSH clients before authentication.
     pub ssh_banner: Option<String>,
+    /// HTTPS/HTTP client connections with no request open this long are
+    /// closed (HTTP/2 with a GOAWAY).
+    pub http_idle_timeout: std::time::Duration,
     /// Incus settings (socket, default image, reconcile period).
     pub incus: IncusConfig,
     /// What `create` and `image build` install in containers.
@@ -285,6 +288,8 @@ fn read_provision(table: &toml::Table, errs: &mut Vec<String>) -> ProvisionConfi
 
 /// Default image alias of `sandboxd create`.
 pub const DEFAULT_IMAGE: &str = "debian/12";
+/// Default idle timeout of HTTP client connections, in seconds.
+pub const DEFAULT_HTTP_IDLE_SECS: u64 = 120;
 /// Default period of the Incus reconcile, in seconds.
 pub const DEFAULT_RECONCILE_SECS: u64 = 30;
 
@@ -335,6 +340,7 @@ const KNOWN_KEYS: &[&str] = &[
     "incus_socket",
     "default_image",
     "incus_reconcile_secs",
+    "http_idle_timeout_secs",
     "provision",
 ];
 
@@ -356,6 +362,7 @@ struct Raw {
     incus_socket: Option<String>,
     default_image: Option<String>,
     incus_reconcile_secs: Option<i64>,
+    http_idle_timeout_secs: Option<i64>,
     provision: ProvisionConfig,
 }
 
@@ -455,6 +462,7 @@ fn read_file(path: &Path, errs: &mut Vec<String>) -> Raw {
         incus_socket: take_string(&table, "incus_socket", errs),
         default_image: take_string(&table, "default_image", errs),
         incus_reconcile_secs: take_int(&table, "incus_reconcile_secs", errs),
+        http_idle_timeout_secs: take_int(&table, "http_idle_timeout_secs", errs),
         provision: read_provision(&table, errs),
     }
 }
@@ -583,6 +591,16 @@ pub fn load(args: &ServeArgs, admin_socket: Option<PathBuf>) -> Result<Config, C
             }
         },
     };
+    let http_idle_timeout = match file.http_idle_timeout_secs {
+        None => std::time::Duration::from_secs(DEFAULT_HTTP_IDLE_SECS),
+        Some(n) if (1..=86_400).contains(&n) => std::time::Duration::from_secs(n.unsigned_abs()),
+        Some(n) => {
+            errs.push(format!(
+                "`http_idle_timeout_secs` must be between 1 and 86400, not {n}"
+            ));
+            std::time::Duration::from_secs(DEFAULT_HTTP_IDLE_SECS)
+        }
+    };
     if incus.default_image.trim().is_empty() {
         errs.push("`default_image` must not be empty".to_string());
     }
@@ -602,6 +620,7 @@ pub fn load(args: &ServeArgs, admin_socket: Option<PathBuf>) -> Result<Config, C
         acme_email,
         log,
         ssh_banner: file.ssh_banner,
+        http_idle_timeout,
         incus,
         provision: file.provision,
     })

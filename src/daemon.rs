@@ -220,6 +220,10 @@ pub async fn run(
             acme_ca_root_pem,
             acme_email: config.acme_email.clone(),
             https_port,
+            timeouts: httpgate::Timeouts {
+                idle: config.http_idle_timeout,
+                ..Default::default()
+            },
             ..Default::default()
         },
         Arc::new(routes::HttpRoutes(routes.clone())),

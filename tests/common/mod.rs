@@ -3,6 +3,7 @@
 //! 127.0.0.1:0, and drives it through the real CLI.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod pki;
 pub mod sshd;
 
 use std::path::{Path, PathBuf};

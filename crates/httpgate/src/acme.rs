@@ -72,6 +72,8 @@ pub(crate) struct Managed {
     pub ari_check_ms: i64,
 }
 
+/// PEM files of `manual` mode are re-read this often, besides on a forced
+/// renewal (`sandboxd certs renew DOMAIN`) and when a route names other files.
 const MANUAL_RELOAD_MS: i64 = 5 * 60 * 1000;
 
 fn now_ms() -> i64 {
@@ -240,20 +242,30 @@ fn issue_internal(shared: &Shared, m: &mut Managed, now: i64) {
 }
 
 fn load_manual(m: &mut Managed, cert: &PathBuf, key: &PathBuf, now: i64) {
-    let res = std::fs::read(cert)
-        .map_err(|e| format!("{}: {e}", cert.display()))
-        .and_then(|c| {
-            std::fs::read(key)
-                .map_err(|e| format!("{}: {e}", key.display()))
-                .map(|k| (c, k))
-        })
-        .and_then(|(c, k)| certs::load_pem(&c, &k));
+    let read = |what: &str, p: &PathBuf| {
+        std::fs::read(p).map_err(|e| format!("cannot read {what} file {}: {e}", p.display()))
+    };
+    let res = read("certificate", cert)
+        .and_then(|c| read("key", key).map(|k| (c, k)))
+        .and_then(|(c, k)| {
+            certs::load_pem(&c, &k)
+                .map_err(|e| format!("{} and {}: {e}", cert.display(), key.display()))
+        });
     match res {
         Ok(loaded) => {
+            let missing: Vec<&str> = m
+                .names
+                .iter()
+                .filter(|n| !loaded.names.contains(n))
+                .map(String::as_str)
+                .collect();
+            // Served for the names it covers; the others are refused and said so.
+            m.last_error = (!missing.is_empty())
+                .then(|| format!("{} does not cover {}", cert.display(), missing.join(", ")));
             m.current = Some(loaded);
-            m.last_error = None;
             m.failures = 0;
         }
+        // The certificate loaded before (if any) keeps serving.
         Err(e) => m.last_error = Some(e),
     }
     m.due_ms = Some(now + MANUAL_RELOAD_MS);
