@@ -74,7 +74,7 @@ impl Ca {
         }
     }
 
-    /// A leaf for `names` signed by this CA, written as `FILE.pem` (the
+    /// A leaf for `names` (host names or IP addresses) signed by this CA, written as `FILE.pem` (the
     /// chain: leaf, then this CA) and `FILE.key` (0600). Returns both paths.
     pub fn leaf(&self, file: &str, names: &[&str]) -> (PathBuf, PathBuf) {
         let dir = &self.dir;
@@ -94,7 +94,13 @@ impl Ca {
             ],
         );
         let ext = dir.join(format!("{file}.ext"));
-        let sans: Vec<String> = names.iter().map(|n| format!("DNS:{n}")).collect();
+        let sans: Vec<String> = names
+            .iter()
+            .map(|n| match n.parse::<std::net::IpAddr>() {
+                Ok(_) => format!("IP:{n}"),
+                Err(_) => format!("DNS:{n}"),
+            })
+            .collect();
         std::fs::write(&ext, format!("subjectAltName={}\n", sans.join(","))).unwrap();
         let leaf = dir.join(format!("{file}.leaf.pem"));
         let serial = format!("0x{:016x}", rand::random::<u64>() >> 1);

@@ -504,6 +504,22 @@ async fn run_job(shared: &Arc<Shared>, acme: &mut AcmeClient, job: &Job) -> Resu
     }
 }
 
+/// An error and its causes, `outer: inner: innermost`, so that a refused
+/// connection or a certificate the ACME server's TLS fails with is named.
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let s = c.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cur = c.source();
+    }
+    out
+}
+
 fn pick_challenge(prefs: &[ChallengeKind], failures: u32) -> ChallengeKind {
     if prefs.is_empty() {
         return ChallengeKind::Http01;
@@ -618,7 +634,7 @@ impl AcmeClient {
                 builder()?
                     .from_credentials(creds)
                     .await
-                    .map_err(|e| format!("ACME account: {e}"))?
+                    .map_err(|e| format!("ACME account: {}", causes(&e)))?
             }
             None => {
                 let contact = shared
@@ -638,7 +654,7 @@ impl AcmeClient {
                         None,
                     )
                     .await
-                    .map_err(|e| format!("ACME account: {e}"))?;
+                    .map_err(|e| format!("ACME account: {}", causes(&e)))?;
                 let creds = serde_json::to_string(&creds).map_err(|e| e.to_string())?;
                 shared
                     .store
@@ -700,13 +716,13 @@ impl AcmeClient {
                     account
                         .new_order(&NewOrder::new(&ids))
                         .await
-                        .map_err(|e| format!("new order: {e}"))?
+                        .map_err(|e| format!("new order: {}", causes(&e)))?
                 }
             },
             None => account
                 .new_order(&NewOrder::new(&ids))
                 .await
-                .map_err(|e| format!("new order: {e}"))?,
+                .map_err(|e| format!("new order: {}", causes(&e)))?,
         };
         let mut guard = ChallengeGuard {
             shared,
@@ -716,7 +732,7 @@ impl AcmeClient {
         {
             let mut authzs = order.authorizations();
             while let Some(authz) = authzs.next().await {
-                let mut authz = authz.map_err(|e| format!("authorization: {e}"))?;
+                let mut authz = authz.map_err(|e| format!("authorization: {}", causes(&e)))?;
                 match authz.status {
                     AuthorizationStatus::Valid => continue,
                     AuthorizationStatus::Pending => {}
@@ -752,7 +768,7 @@ impl AcmeClient {
                 }
                 ch.set_ready()
                     .await
-                    .map_err(|e| format!("challenge ready: {e}"))?;
+                    .map_err(|e| format!("challenge ready: {}", causes(&e)))?;
             }
         }
         let retry = RetryPolicy::new()
@@ -762,7 +778,7 @@ impl AcmeClient {
         let status = order
             .poll_ready(&retry)
             .await
-            .map_err(|e| format!("order: {e}"))?;
+            .map_err(|e| format!("order: {}", causes(&e)))?;
         if status != OrderStatus::Ready {
             let detail = order
                 .state()
@@ -780,11 +796,11 @@ impl AcmeClient {
         order
             .finalize_csr(csr.der())
             .await
-            .map_err(|e| format!("finalize: {e}"))?;
+            .map_err(|e| format!("finalize: {}", causes(&e)))?;
         let chain = order
             .poll_certificate(&retry)
             .await
-            .map_err(|e| format!("certificate: {e}"))?;
+            .map_err(|e| format!("certificate: {}", causes(&e)))?;
         Ok((chain, key.serialize_pem()))
     }
 }
