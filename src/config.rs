@@ -550,8 +550,13 @@ pub fn load(args: &ServeArgs, admin_socket: Option<PathBuf>) -> Result<Config, C
         .clone()
         .or(file.acme_ca_root.map(PathBuf::from));
     if let Some(p) = &acme_ca_root {
-        if let Err(e) = std::fs::metadata(p) {
-            errs.push(format!("`acme_ca_root` {}: {e}", p.display()));
+        match std::fs::read_to_string(p) {
+            Err(e) => errs.push(format!("`acme_ca_root` {}: {e}", p.display())),
+            Ok(pem) if !pem.contains("-----BEGIN CERTIFICATE-----") => errs.push(format!(
+                "`acme_ca_root` {}: no PEM certificate in it (the ACME server's TLS root, `-----BEGIN CERTIFICATE-----`)",
+                p.display()
+            )),
+            Ok(_) => {}
         }
     }
     let acme_email = args.acme_email.clone().or(file.acme_email);
@@ -684,6 +689,24 @@ mod tests {
         let p = load(&args, None).unwrap().provision;
         assert_eq!(p.mode, ProvisionMode::None);
         assert_eq!(p.golden_alias, DEFAULT_GOLDEN_ALIAS);
+    }
+
+    #[test]
+    fn acme_and_http_settings_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let not_pem = dir.path().join("root.txt");
+        std::fs::write(&not_pem, "hello").unwrap();
+        let (_f, args) = with_file(&format!(
+            "acme_ca_root = \"{}\"\nhttp_idle_timeout_secs = 0\n",
+            not_pem.display()
+        ));
+        let text = load(&args, None).unwrap_err().to_string();
+        assert!(text.contains("no PEM certificate"), "{text}");
+        assert!(text.contains("http_idle_timeout_secs"), "{text}");
+        let (_f, args) = with_file("http_idle_timeout_secs = 5\n");
+        let c = load(&args, None).unwrap();
+        assert_eq!(c.http_idle_timeout, std::time::Duration::from_secs(5));
+        assert!(c.acme_ca_root.is_none());
     }
 
     #[test]

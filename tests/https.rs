@@ -472,3 +472,89 @@ fn manual_certificates_from_pem_files() {
     let https = port_of(&d.json(&["status", "--json"])["https_listen"][0]);
     assert_eq!(served_serial("man.test", https).unwrap(), second);
 }
+
+/// Open a TLS connection with `openssl s_client` (ALPN `alpn`), write
+/// `send`, keep stdin open, and return how long the server kept the
+/// connection open (bounded by `max`) and what it sent.
+fn open_for(
+    port: u16,
+    host: &str,
+    ca: &Path,
+    alpn: &str,
+    send: &str,
+    max: Duration,
+) -> (Duration, String) {
+    use std::io::{Read, Write};
+    let mut child = Command::new("openssl")
+        .args(["s_client", "-quiet", "-verify_return_error", "-alpn", alpn])
+        .args([
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+            "-servername",
+            host,
+        ])
+        .arg("-CAfile")
+        .arg(ca)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(send.as_bytes()).unwrap();
+    let t = Instant::now();
+    let mut out = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = out.read_to_end(&mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
+    });
+    while child.try_wait().unwrap().is_none() && t.elapsed() < max {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let took = t.elapsed();
+    let _ = child.kill();
+    let _ = child.wait();
+    drop(stdin);
+    (took, reader.join().unwrap())
+}
+
+#[test]
+fn idle_client_connections_closed_after_the_configured_timeout() {
+    let d = Daemon::builder()
+        .arg("--tls-mode")
+        .arg("internal")
+        .config("http_idle_timeout_secs = 1\n")
+        .start();
+    let app = upstream(d.dir.path(), "app", "idle-app");
+    let key = d.keygen("k");
+    d.ok(&[
+        "add",
+        "idle",
+        "--domain",
+        "idle.test",
+        "--upstream",
+        "127.0.0.1",
+        "--app-port",
+        &app.port.to_string(),
+        "--ssh-key",
+        key.to_str().unwrap(),
+    ]);
+    let https = port_of(&d.json(&["status", "--json"])["https_listen"][0]);
+    let ca = d.dir.path().join("ca.pem");
+    std::fs::write(&ca, d.ok(&["ca-cert"])).unwrap();
+    let max = Duration::from_secs(10);
+    // An HTTP/1.1 connection that sends nothing: closed after about a
+    // second, well before the 15 s header-read timeout.
+    let (took, _) = open_for(https, "idle.test", &ca, "http/1.1", "", max);
+    assert!(
+        took >= Duration::from_millis(800) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
+    // HTTP/2 with no stream: a GOAWAY, then closed.
+    let (took, _) = open_for(https, "idle.test", &ca, "h2", "", max);
+    assert!(
+        took >= Duration::from_millis(800) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
+}

@@ -10,7 +10,7 @@
 //! `keep_alive_interval`) close a connection whose peer stops answering.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -22,6 +22,8 @@ use tokio::time::Instant;
 pub(crate) struct Activity {
     start: Instant,
     open: AtomicUsize,
+    /// Whether any request was ever opened.
+    seen: AtomicBool,
     /// When a request last began or ended, milliseconds since `start`.
     last_ms: AtomicU64,
 }
@@ -31,6 +33,7 @@ impl Activity {
         Arc::new(Self {
             start: Instant::now(),
             open: AtomicUsize::new(0),
+            seen: AtomicBool::new(false),
             last_ms: AtomicU64::new(0),
         })
     }
@@ -43,8 +46,18 @@ impl Activity {
     /// A request began; it stays open until the returned guard is dropped.
     pub(crate) fn begin(self: &Arc<Self>) -> OpenRequest {
         self.open.fetch_add(1, Ordering::AcqRel);
+        if !self.seen.load(Ordering::Relaxed) {
+            self.seen.store(true, Ordering::Relaxed);
+        }
         self.touch();
         OpenRequest(self.clone())
+    }
+
+    /// Whether the connection ever carried a request (an HTTP/2 client that
+    /// never sent its preface has not; hyper defers its graceful close until
+    /// the handshake ends, so such a connection is dropped outright).
+    pub(crate) fn seen_any(&self) -> bool {
+        self.seen.load(Ordering::Relaxed)
     }
 
     /// Resolves once no request has been open for `limit`.

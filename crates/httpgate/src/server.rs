@@ -227,7 +227,9 @@ macro_rules! drive {
             _ = activity.idle(idle) => {
                 tracing::debug!("idle connection closed");
                 conn.as_mut().graceful_shutdown();
-                let _ = tokio::time::timeout(grace, conn).await;
+                // A live client acknowledges the GOAWAY within a PING's time.
+                let bound = if activity.seen_any() { grace } else { Duration::ZERO };
+                let _ = tokio::time::timeout(bound, conn).await;
             }
         }
     }};
@@ -248,7 +250,11 @@ async fn serve_conn<I>(
     let idle = (
         activity.clone(),
         shared.config.timeouts.idle,
-        shared.config.timeouts.shutdown_grace,
+        shared
+            .config
+            .timeouts
+            .shutdown_grace
+            .min(shared.config.timeouts.h2_ping_timeout),
     );
     let svc = service_fn(move |req| {
         let shared = shared.clone();
