@@ -74,6 +74,8 @@ pub struct Config {
     pub acme_directory: String,
     pub acme_ca_root: Option<PathBuf>,
     pub acme_email: Option<String>,
+    /// ACME challenge types in order of preference (a failed attempt moves to the next).
+    pub acme_challenges: Vec<httpgate::ChallengeKind>,
     /// `tracing` filter, e.g. `info` or `sandboxd=debug,info`.
     pub log: String,
     /// Text shown to SSH clients before authentication.
@@ -335,6 +337,7 @@ const KNOWN_KEYS: &[&str] = &[
     "acme_directory",
     "acme_ca_root",
     "acme_email",
+    "acme_challenges",
     "log",
     "ssh_banner",
     "incus_socket",
@@ -357,6 +360,7 @@ struct Raw {
     acme_directory: Option<String>,
     acme_ca_root: Option<String>,
     acme_email: Option<String>,
+    acme_challenges: Option<Vec<String>>,
     log: Option<String>,
     ssh_banner: Option<String>,
     incus_socket: Option<String>,
@@ -457,6 +461,7 @@ fn read_file(path: &Path, errs: &mut Vec<String>) -> Raw {
         acme_directory: take_string(&table, "acme_directory", errs),
         acme_ca_root: take_string(&table, "acme_ca_root", errs),
         acme_email: take_string(&table, "acme_email", errs),
+        acme_challenges: take_list(&table, "acme_challenges", errs),
         log: take_string(&table, "log", errs),
         ssh_banner: take_string(&table, "ssh_banner", errs),
         incus_socket: take_string(&table, "incus_socket", errs),
@@ -565,6 +570,30 @@ pub fn load(args: &ServeArgs, admin_socket: Option<PathBuf>) -> Result<Config, C
             errs.push(format!("`acme_email` {e:?} is not an e-mail address"));
         }
     }
+    let mut acme_challenges = Vec::new();
+    for c in file
+        .acme_challenges
+        .unwrap_or_else(|| vec!["tls-alpn-01".into(), "http-01".into()])
+    {
+        let kind = match c.as_str() {
+            "http-01" => httpgate::ChallengeKind::Http01,
+            "tls-alpn-01" => httpgate::ChallengeKind::TlsAlpn01,
+            other => {
+                errs.push(format!(
+                    "`acme_challenges`: {other:?} is not http-01 or tls-alpn-01"
+                ));
+                continue;
+            }
+        };
+        if acme_challenges.contains(&kind) {
+            errs.push(format!("`acme_challenges`: {c} is listed twice"));
+        } else {
+            acme_challenges.push(kind);
+        }
+    }
+    if acme_challenges.is_empty() && !errs.iter().any(|e| e.contains("acme_challenges")) {
+        errs.push("`acme_challenges` must name http-01, tls-alpn-01 or both".into());
+    }
     let admin_group = file.admin_group;
     if let Some(g) = &admin_group {
         match nix::unistd::Group::from_name(g) {
@@ -623,6 +652,7 @@ pub fn load(args: &ServeArgs, admin_socket: Option<PathBuf>) -> Result<Config, C
         acme_directory,
         acme_ca_root,
         acme_email,
+        acme_challenges,
         log,
         ssh_banner: file.ssh_banner,
         http_idle_timeout,
@@ -703,6 +733,17 @@ mod tests {
         let text = load(&args, None).unwrap_err().to_string();
         assert!(text.contains("no PEM certificate"), "{text}");
         assert!(text.contains("http_idle_timeout_secs"), "{text}");
+        let (_f, args) = with_file("acme_challenges = [\"dns-01\"]\n");
+        let text = load(&args, None).unwrap_err().to_string();
+        assert!(
+            text.contains("\"dns-01\" is not http-01 or tls-alpn-01"),
+            "{text}"
+        );
+        let (_f, args) = with_file("acme_challenges = []\n");
+        assert!(load(&args, None).is_err());
+        let (_f, args) = with_file("acme_challenges = [\"http-01\"]\n");
+        let c = load(&args, None).unwrap();
+        assert_eq!(c.acme_challenges, vec![httpgate::ChallengeKind::Http01]);
         let (_f, args) = with_file("http_idle_timeout_secs = 5\n");
         let c = load(&args, None).unwrap();
         assert_eq!(c.http_idle_timeout, std::time::Duration::from_secs(5));

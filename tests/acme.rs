@@ -2,7 +2,9 @@
 //! certificate for the domain and its agent host, served and verified
 //! against Pebble's root; a restart serves the same certificate without a
 //! new order; with Pebble gone, `certs renew` fails, the error shows in
-//! `certs`, and the old certificate keeps serving.
+//! `certs`, and the old certificate keeps serving; removal stops it. Both
+//! challenge types go through the daemon's own listeners: TLS-ALPN-01 (the
+//! default first choice) on HTTPS, HTTP-01 (`acme_challenges`) on HTTP.
 //!
 //! Every Pebble test of the daemon lives in this binary; Pebble runs on free
 //! ports under a file lock shared with the httpgate crate's ACME tests.
@@ -85,6 +87,39 @@ fn cert_status(d: &Daemon, domain: &str) -> Option<serde_json::Value> {
         .cloned()
 }
 
+/// `certs --json` entry of `domain` once it holds a certificate (bounded wait).
+fn wait_issued(d: &Daemon, pebble: &Pebble, domain: &str) -> serde_json::Value {
+    let t = Instant::now();
+    loop {
+        if let Some(c) = cert_status(d, domain).filter(|c| !c["not_after"].is_null()) {
+            return c;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "no certificate:\n{}\n{}",
+            d.log_text(),
+            pebble.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn add(d: &Daemon, name: &str, domain: &str, app_port: u16) {
+    let key = d.keygen(&format!("k-{name}"));
+    d.ok(&[
+        "add",
+        name,
+        "--domain",
+        domain,
+        "--upstream",
+        "127.0.0.1",
+        "--app-port",
+        &app_port.to_string(),
+        "--ssh-key",
+        key.to_str().unwrap(),
+    ]);
+}
+
 fn now_rfc3339_after(v: &serde_json::Value) -> bool {
     // RFC 3339 UTC strings of the same shape compare in time order.
     let now = Command::new("date")
@@ -106,36 +141,13 @@ fn acme_issue_restart_and_outage_in_the_daemon() {
         .args(&["--http-listen", &format!("127.0.0.1:{}", pebble.http_port)])
         .start();
     let app = upstream(d.dir.path(), "acme-app");
-    let key = d.keygen("k");
     let port = pebble.tls_port;
     let (domain, agent) = ("acme.test", "shelley.acme.test");
 
     // `add` orders a certificate for both hosts at once.
     let t = Instant::now();
-    d.ok(&[
-        "add",
-        "acme",
-        "--domain",
-        domain,
-        "--upstream",
-        "127.0.0.1",
-        "--app-port",
-        &app.port.to_string(),
-        "--ssh-key",
-        key.to_str().unwrap(),
-    ]);
-    let issued = loop {
-        if let Some(c) = cert_status(&d, domain).filter(|c| !c["not_after"].is_null()) {
-            break c;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "no certificate:\n{}\n{}",
-            d.log_text(),
-            pebble.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    add(&d, "acme", domain, app.port);
+    let issued = wait_issued(&d, &pebble, domain);
     eprintln!(
         "sandboxd add to an ACME certificate (Pebble): {:?}",
         t.elapsed()
@@ -206,4 +218,47 @@ fn acme_issue_restart_and_outage_in_the_daemon() {
     d.ok(&["remove", "acme"]);
     assert!(cert_status(&d, domain).is_none());
     assert!(served_serial(domain, port).is_none());
+}
+
+#[test]
+fn acme_http01_through_the_daemons_http_listener() {
+    let pebble = Pebble::start();
+    // HTTP-01 only, and the HTTPS listener is not where Pebble would look
+    // for TLS-ALPN-01: the certificate can only come through the HTTP listener.
+    let d = Daemon::builder()
+        .config("acme_challenges = [\"http-01\"]\n")
+        .args(&["--tls-mode", "acme"])
+        .args(&["--acme-directory", &pebble.directory()])
+        .args(&["--acme-ca-root", pebble.cert_file.to_str().unwrap()])
+        .args(&["--http-listen", &format!("127.0.0.1:{}", pebble.http_port)])
+        .start();
+    let app = upstream(d.dir.path(), "http01-app");
+    let t = Instant::now();
+    add(&d, "web", "web.test", app.port);
+    let issued = wait_issued(&d, &pebble, "web.test");
+    eprintln!(
+        "sandboxd add to an HTTP-01 certificate (Pebble): {:?}",
+        t.elapsed()
+    );
+    assert!(
+        issued["issuer"].as_str().unwrap().contains("Pebble"),
+        "{issued}"
+    );
+    assert!(
+        d.log_text().contains("challenge=Http01"),
+        "{}",
+        d.log_text()
+    );
+    let st = d.json(&["status", "--json"]);
+    let https: u16 = st["https_listen"][0]
+        .as_str()
+        .unwrap()
+        .rsplit_once(':')
+        .unwrap()
+        .1
+        .parse()
+        .unwrap();
+    let root = pebble.root_file();
+    let (code, body, err) = get("web.test", https, &root);
+    assert_eq!((code, body.as_str()), (200, "http01-app"), "{err}");
 }
