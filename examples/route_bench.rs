@@ -46,6 +46,8 @@ fn sandbox(i: usize, key: &str) -> Sandbox {
         upstream_host_key: Some(key.to_string()),
         basic_auth: None,
         tls_mode: None,
+        tls_cert_file: None,
+        tls_key_file: None,
         status: SandboxStatus::Running,
         addresses: vec![],
         created_at: 1,
@@ -88,6 +90,8 @@ async fn main() {
             upstream_host_key: None,
             auth: None,
             tls_mode: None,
+            tls_cert_file: None,
+            tls_key_file: None,
         };
         let t = Instant::now();
         let _: serde_json::Value = client
@@ -154,6 +158,8 @@ async fn main() {
             upstream_host_key: None,
             auth: None,
             tls_mode: None,
+            tls_cert_file: None,
+            tls_key_file: None,
         };
         let t = Instant::now();
         let _: serde_json::Value = client

@@ -497,6 +497,8 @@ pub(crate) struct NewSandbox {
     pub upstream_host_key: Option<String>,
     pub auth: Option<SetAuth>,
     pub tls_mode: Option<String>,
+    /// `manual` mode's PEM files (certificate chain, key).
+    pub tls_files: Option<(String, String)>,
     pub status: SandboxStatus,
 }
 
@@ -535,6 +537,33 @@ pub(crate) async fn new_sandbox(req: NewSandbox) -> Result<Sandbox, ApiError> {
             )));
         }
     }
+    let manual = req.tls_mode.as_deref() == Some("manual");
+    match &req.tls_files {
+        None if manual => {
+            return Err(ApiError::bad(
+                "tls mode manual needs a certificate file and a key file (--tls-cert-file, --tls-key-file)",
+            ))
+        }
+        Some(_) if !manual => {
+            return Err(ApiError::bad(
+                "certificate and key files are for tls mode manual (--tls-mode manual)",
+            ))
+        }
+        Some((cert, key)) => {
+            for (what, p) in [("certificate", cert), ("key", key)] {
+                if !std::path::Path::new(p).is_absolute() || p.contains('\n') {
+                    return Err(ApiError::bad(format!(
+                        "{what} file {p:?}: give an absolute path"
+                    )));
+                }
+            }
+        }
+        None => {}
+    }
+    let (tls_cert_file, tls_key_file) = match req.tls_files {
+        Some((c, k)) => (Some(c), Some(k)),
+        None => (None, None),
+    };
     let (private, public) = keys::generate_ed25519(&format!("sandboxd@{}", req.name))
         .map_err(|e| ApiError::internal(e.to_string()))?;
     Ok(Sandbox {
@@ -554,6 +583,8 @@ pub(crate) async fn new_sandbox(req: NewSandbox) -> Result<Sandbox, ApiError> {
         upstream_host_key,
         basic_auth,
         tls_mode: req.tls_mode,
+        tls_cert_file,
+        tls_key_file,
         status: req.status,
         addresses: vec![],
         created_at: 0,
@@ -579,6 +610,15 @@ async fn add(ctx: &Arc<AdminContext>, body: Incoming) -> Result<Response<Body>, 
         ssh_keys: req.ssh_keys,
         upstream_host_key: req.upstream_host_key,
         auth: req.auth,
+        tls_files: match (req.tls_cert_file, req.tls_key_file) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            _ => {
+                return Err(ApiError::bad(
+                    "give both the certificate file and the key file, or neither",
+                ))
+            }
+        },
         tls_mode: req.tls_mode,
         status: SandboxStatus::Running,
         name: req.name,

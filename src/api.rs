@@ -32,6 +32,11 @@ pub struct AddSandbox {
     pub auth: Option<SetAuth>,
     #[serde(default)]
     pub tls_mode: Option<String>,
+    /// `manual` TLS mode: certificate chain and key PEM files (absolute paths).
+    #[serde(default)]
+    pub tls_cert_file: Option<String>,
+    #[serde(default)]
+    pub tls_key_file: Option<String>,
 }
 
 /// `PUT /v1/sandboxes/{name}/auth`: the password travels only in this body.

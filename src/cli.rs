@@ -191,6 +191,13 @@ pub struct AddArgs {
     pub upstream_host_key: Option<String>,
     #[command(flatten)]
     pub access: AccessArgs,
+    /// `--tls-mode manual`: PEM certificate chain file (leaf first), read by
+    /// the daemon, again on `certs renew DOMAIN` and every 5 minutes.
+    #[arg(long, value_name = "FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// `--tls-mode manual`: PEM private key file of that certificate.
+    #[arg(long, value_name = "FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
 }
 
 /// Agent-host login and certificate options of `add` and `create`.
@@ -203,7 +210,7 @@ pub struct AccessArgs {
     #[arg(long, value_name = "FILE", requires = "auth_user")]
     pub auth_password_file: Option<PathBuf>,
     /// Certificate source for this sandbox's hosts.
-    #[arg(long, value_parser = ["acme", "internal"])]
+    #[arg(long, value_parser = ["acme", "internal", "manual"])]
     pub tls_mode: Option<String>,
 }
 
@@ -477,6 +484,8 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
                     .transpose()?,
                 auth,
                 tls_mode: a.access.tls_mode,
+                tls_cert_file: a.tls_cert_file.as_deref().map(absolute).transpose()?,
+                tls_key_file: a.tls_key_file.as_deref().map(absolute).transpose()?,
             };
             let sb: SandboxView = client
                 .call(Method::POST, "/v1/sandboxes", Some(&req))
@@ -690,8 +699,12 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
             let status: serde_json::Value = client
                 .call(Method::POST, &format!("/v1/certs/{domain}/renew"), NONE)
                 .await?;
+            let done = match status["mode"].as_str() {
+                Some("manual") => "reloaded from its files",
+                _ => "renewed",
+            };
             println!(
-                "{domain}: renewed, valid until {}",
+                "{domain}: {done}, valid until {}",
                 status["not_after"].as_str().unwrap_or("?")
             );
         }
@@ -767,4 +780,13 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A path made absolute against the current directory, since the daemon
+/// reads it from elsewhere.
+fn absolute(p: &Path) -> Result<String> {
+    let abs = std::path::absolute(p).with_context(|| format!("{}", p.display()))?;
+    abs.to_str()
+        .map(str::to_string)
+        .ok_or_else(|| anyhow::anyhow!("{}: not a UTF-8 path", abs.display()))
 }

@@ -74,6 +74,8 @@ pub struct Config {
     pub acme_directory: String,
     pub acme_ca_root: Option<PathBuf>,
     pub acme_email: Option<String>,
+    /// ACME challenge types in order of preference (a failed attempt moves to the next).
+    pub acme_challenges: Vec<httpgate::ChallengeKind>,
     /// `tracing` filter, e.g. `info` or `sandboxd=debug,info`.
     pub log: String,
     /// Text shown to SSH clients before authentication.
@@ -448,6 +450,7 @@ const KNOWN_KEYS: &[&str] = &[
     "acme_directory",
     "acme_ca_root",
     "acme_email",
+    "acme_challenges",
     "log",
     "ssh_banner",
     "incus_socket",
@@ -470,6 +473,7 @@ struct Raw {
     acme_directory: Option<String>,
     acme_ca_root: Option<String>,
     acme_email: Option<String>,
+    acme_challenges: Option<Vec<String>>,
     log: Option<String>,
     ssh_banner: Option<String>,
     incus_socket: Option<String>,
@@ -570,6 +574,7 @@ fn read_file(path: &Path, errs: &mut Vec<String>) -> Raw {
         acme_directory: take_string(&table, "acme_directory", errs),
         acme_ca_root: take_string(&table, "acme_ca_root", errs),
         acme_email: take_string(&table, "acme_email", errs),
+        acme_challenges: take_list(&table, "acme_challenges", errs),
         log: take_string(&table, "log", errs),
         ssh_banner: take_string(&table, "ssh_banner", errs),
         incus_socket: take_string(&table, "incus_socket", errs),
@@ -663,8 +668,13 @@ pub fn load(args: &ServeArgs, admin_socket: Option<PathBuf>) -> Result<Config, C
         .clone()
         .or(file.acme_ca_root.map(PathBuf::from));
     if let Some(p) = &acme_ca_root {
-        if let Err(e) = std::fs::metadata(p) {
-            errs.push(format!("`acme_ca_root` {}: {e}", p.display()));
+        match std::fs::read_to_string(p) {
+            Err(e) => errs.push(format!("`acme_ca_root` {}: {e}", p.display())),
+            Ok(pem) if !pem.contains("-----BEGIN CERTIFICATE-----") => errs.push(format!(
+                "`acme_ca_root` {}: no PEM certificate in it (the ACME server's TLS root, `-----BEGIN CERTIFICATE-----`)",
+                p.display()
+            )),
+            Ok(_) => {}
         }
     }
     let acme_email = args.acme_email.clone().or(file.acme_email);
@@ -672,6 +682,30 @@ pub fn load(args: &ServeArgs, admin_socket: Option<PathBuf>) -> Result<Config, C
         if !e.contains('@') || e.contains(char::is_whitespace) {
             errs.push(format!("`acme_email` {e:?} is not an e-mail address"));
         }
+    }
+    let mut acme_challenges = Vec::new();
+    for c in file
+        .acme_challenges
+        .unwrap_or_else(|| vec!["tls-alpn-01".into(), "http-01".into()])
+    {
+        let kind = match c.as_str() {
+            "http-01" => httpgate::ChallengeKind::Http01,
+            "tls-alpn-01" => httpgate::ChallengeKind::TlsAlpn01,
+            other => {
+                errs.push(format!(
+                    "`acme_challenges`: {other:?} is not http-01 or tls-alpn-01"
+                ));
+                continue;
+            }
+        };
+        if acme_challenges.contains(&kind) {
+            errs.push(format!("`acme_challenges`: {c} is listed twice"));
+        } else {
+            acme_challenges.push(kind);
+        }
+    }
+    if acme_challenges.is_empty() && !errs.iter().any(|e| e.contains("acme_challenges")) {
+        errs.push("`acme_challenges` must name http-01, tls-alpn-01 or both".into());
     }
     let admin_group = file.admin_group;
     if let Some(g) = &admin_group {
@@ -721,6 +755,7 @@ pub fn load(args: &ServeArgs, admin_socket: Option<PathBuf>) -> Result<Config, C
         acme_directory,
         acme_ca_root,
         acme_email,
+        acme_challenges,
         log,
         ssh_banner: file.ssh_banner,
         incus,
@@ -816,6 +851,28 @@ mod tests {
             cfg.timeouts.upstream_connect, before,
             "unset keys keep the default"
         );
+    }
+
+    #[test]
+    fn acme_and_http_settings_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let not_pem = dir.path().join("root.txt");
+        std::fs::write(&not_pem, "hello").unwrap();
+        let (_f, args) = with_file(&format!("acme_ca_root = \"{}\"\n", not_pem.display()));
+        let text = load(&args, None).unwrap_err().to_string();
+        assert!(text.contains("no PEM certificate"), "{text}");
+        let (_f, args) = with_file("acme_challenges = [\"dns-01\"]\n");
+        let text = load(&args, None).unwrap_err().to_string();
+        assert!(
+            text.contains("\"dns-01\" is not http-01 or tls-alpn-01"),
+            "{text}"
+        );
+        let (_f, args) = with_file("acme_challenges = []\n");
+        assert!(load(&args, None).is_err());
+        let (_f, args) = with_file("acme_challenges = [\"http-01\"]\n");
+        let c = load(&args, None).unwrap();
+        assert_eq!(c.acme_challenges, vec![httpgate::ChallengeKind::Http01]);
+        assert!(c.acme_ca_root.is_none());
     }
 
     #[test]

@@ -218,6 +218,7 @@ pub async fn run(
         acme_directory: Some(config.acme_directory.clone()),
         acme_ca_root_pem,
         acme_email: config.acme_email.clone(),
+        acme_challenges: config.acme_challenges.clone(),
         https_port,
         ..Default::default()
     };

@@ -120,6 +120,13 @@ impl SandboxRoute {
         let tls = match sb.tls_mode.as_deref() {
             Some("acme") => httpgate::TlsMode::Acme,
             Some("internal") => httpgate::TlsMode::Internal,
+            Some("manual") => match (&sb.tls_cert_file, &sb.tls_key_file) {
+                (Some(cert), Some(key)) => httpgate::TlsMode::Manual {
+                    cert_pem_path: cert.into(),
+                    key_pem_path: key.into(),
+                },
+                _ => defaults.tls.clone(),
+            },
             _ => defaults.tls.clone(),
         };
         let (kind, basic_auth) = match service {

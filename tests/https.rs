@@ -374,3 +374,295 @@ fn http_table_sets_trusted_proxies_and_limits() {
     );
     assert_eq!(big, 431, "a head over max_header_bytes is refused");
 }
+
+/// The `certs --json` entry of `domain`.
+fn cert_status(d: &Daemon, domain: &str) -> serde_json::Value {
+    let certs = d.json(&["certs", "--json"]);
+    certs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["domain"] == domain)
+        .cloned()
+        .unwrap_or_else(|| panic!("{domain} not in {certs}"))
+}
+
+#[test]
+fn manual_certificates_from_pem_files() {
+    use common::pki::{file_serial, served_serial, Ca};
+    let d = Daemon::builder().arg("--tls-mode").arg("internal").start();
+    let app = upstream(d.dir.path(), "app", "manual-app");
+    let pki_dir = d.dir.path().join("pki");
+    std::fs::create_dir(&pki_dir).unwrap();
+    let ca = Ca::new(&pki_dir, "sandboxd-test-ca");
+    let (cert, key) = ca.leaf("site", &["man.test", "shelley.man.test"]);
+    let key_s = key.to_str().unwrap();
+    let cert_s = cert.to_str().unwrap();
+    let ssh_key = d.keygen("k");
+    let add = |name: &str, domain: &str, extra: &[&str]| {
+        let mut args = vec![
+            "add",
+            name,
+            "--domain",
+            domain,
+            "--upstream",
+            "127.0.0.1",
+            "--app-port",
+        ];
+        let port = app.port.to_string();
+        args.push(&port);
+        args.extend(["--ssh-key", ssh_key.to_str().unwrap()]);
+        args.extend(extra);
+        d.cli(&args)
+    };
+
+    // Bad requests are refused with a clear message, and nothing is added.
+    let out = add("nofiles", "nofiles.test", &["--tls-mode", "manual"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--tls-cert-file"), "{err}");
+    let out = add(
+        "notmanual",
+        "notmanual.test",
+        &["--tls-cert-file", cert_s, "--tls-key-file", key_s],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--tls-mode manual"));
+
+    // A relative path is made absolute by the CLI (the daemon runs elsewhere).
+    let out = Command::new(common::BIN)
+        .arg("--admin-socket")
+        .arg(&d.socket)
+        .args([
+            "add",
+            "man",
+            "--domain",
+            "man.test",
+            "--upstream",
+            "127.0.0.1",
+            "--app-port",
+            &app.port.to_string(),
+            "--ssh-key",
+            ssh_key.to_str().unwrap(),
+            "--tls-mode",
+            "manual",
+            "--tls-cert-file",
+            "site.pem",
+            "--tls-key-file",
+            "site.key",
+        ])
+        .current_dir(&pki_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A second sandbox whose files are missing: added, its error shown in
+    // `certs`, its name refused at the handshake, the first one unharmed.
+    let missing = pki_dir.join("missing.pem");
+    let out = add(
+        "broken",
+        "broken.test",
+        &[
+            "--tls-mode",
+            "manual",
+            "--tls-cert-file",
+            missing.to_str().unwrap(),
+            "--tls-key-file",
+            key_s,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let st = d.json(&["status", "--json"]);
+    let https = port_of(&st["https_listen"][0]);
+    let resolve = |host: &str| format!("{host}:{https}:127.0.0.1");
+    let url = |host: &str| format!("https://{host}:{https}/index.txt");
+    let ca_s = ca.cert.to_str().unwrap();
+    let get = |host: &str| curl(&["--cacert", ca_s, "--resolve", &resolve(host), &url(host)]);
+
+    // Served from the files, verified against the test CA.
+    let (code, body, err) = get("man.test");
+    assert_eq!(
+        (code, body.as_str()),
+        (200, "manual-app"),
+        "{err}\n{}",
+        d.log_text()
+    );
+    assert_eq!(
+        served_serial("man.test", https).unwrap(),
+        file_serial(&cert)
+    );
+    assert!(served_serial("shelley.man.test", https).is_some());
+    let c = cert_status(&d, "man.test");
+    assert_eq!(c["mode"], "manual");
+    assert!(
+        c["issuer"].as_str().unwrap().contains("sandboxd-test-ca"),
+        "{c}"
+    );
+    assert!(c["last_error"].is_null(), "{c}");
+    let b = cert_status(&d, "broken.test");
+    let b_err = b["last_error"].as_str().unwrap_or_default().to_string();
+    assert!(
+        b_err.contains("cannot read certificate file") && b_err.contains("missing.pem"),
+        "{b}"
+    );
+    let (code, _, _) = get("broken.test");
+    assert_eq!(code, 0, "a name without a certificate is refused");
+    assert!(d.ok(&["certs"]).contains("cannot read certificate file"));
+
+    // New files in place: served after `certs renew`.
+    let first = file_serial(&cert);
+    let (new_cert, new_key) = ca.leaf("site2", &["man.test", "shelley.man.test"]);
+    std::fs::copy(&new_cert, &cert).unwrap();
+    std::fs::copy(&new_key, &key).unwrap();
+    assert_eq!(served_serial("man.test", https).unwrap(), first);
+    let out = d.ok(&["certs", "renew", "man.test"]);
+    assert!(out.contains("reloaded"), "{out}");
+    let second = file_serial(&new_cert);
+    assert_ne!(first, second);
+    assert_eq!(served_serial("man.test", https).unwrap(), second);
+    assert_eq!(get("man.test").0, 200);
+
+    // Bad files: the renewal fails with a clear error, shown in `certs`,
+    // and the loaded certificate keeps serving.
+    let other_key = common::pki::key(&pki_dir, "other.key");
+    let cases: [(&dyn Fn(), &str); 3] = [
+        (
+            &|| {
+                std::fs::copy(&other_key, &key).unwrap();
+            },
+            "does not match the certificate",
+        ),
+        (
+            &|| std::fs::write(&key, "not a key\n").unwrap(),
+            "no private key",
+        ),
+        (
+            &|| std::fs::remove_file(&cert).unwrap(),
+            "cannot read certificate file",
+        ),
+    ];
+    for (break_it, expected) in cases {
+        break_it();
+        let err = d.fails(&["certs", "renew", "man.test"]);
+        assert!(err.contains(expected), "{expected}: {err}");
+        let c = cert_status(&d, "man.test");
+        assert!(
+            c["last_error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(expected),
+            "{c}"
+        );
+        assert!(d.ok(&["certs"]).contains(expected));
+        assert_eq!(served_serial("man.test", https).unwrap(), second);
+        let (code, body, _) = get("man.test");
+        assert_eq!((code, body.as_str()), (200, "manual-app"));
+        // Restore good files for the next case.
+        std::fs::copy(&new_cert, &cert).unwrap();
+        std::fs::copy(&new_key, &key).unwrap();
+    }
+    // Fixed files clear the error.
+    d.ok(&["certs", "renew", "man.test"]);
+    assert!(cert_status(&d, "man.test")["last_error"].is_null());
+
+    // A restart loads the files again.
+    let mut d = d;
+    assert!(d.terminate().success());
+    d.restart();
+    let https = port_of(&d.json(&["status", "--json"])["https_listen"][0]);
+    assert_eq!(served_serial("man.test", https).unwrap(), second);
+}
+
+/// Open a TLS connection with `openssl s_client` (ALPN `alpn`), write
+/// `send`, keep stdin open, and return how long the server kept the
+/// connection open (bounded by `max`) and what it sent.
+fn open_for(
+    port: u16,
+    host: &str,
+    ca: &Path,
+    alpn: &str,
+    send: &str,
+    max: Duration,
+) -> (Duration, String) {
+    use std::io::{Read, Write};
+    let mut child = Command::new("openssl")
+        .args(["s_client", "-quiet", "-verify_return_error", "-alpn", alpn])
+        .args([
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+            "-servername",
+            host,
+        ])
+        .arg("-CAfile")
+        .arg(ca)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(send.as_bytes()).unwrap();
+    let t = Instant::now();
+    let mut out = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = out.read_to_end(&mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
+    });
+    while child.try_wait().unwrap().is_none() && t.elapsed() < max {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let took = t.elapsed();
+    let _ = child.kill();
+    let _ = child.wait();
+    drop(stdin);
+    (took, reader.join().unwrap())
+}
+
+#[test]
+fn idle_client_connections_closed_after_the_configured_timeout() {
+    let d = Daemon::builder()
+        .arg("--tls-mode")
+        .arg("internal")
+        .config("[http]\nidle_timeout_secs = 1\n")
+        .start();
+    let app = upstream(d.dir.path(), "app", "idle-app");
+    let key = d.keygen("k");
+    d.ok(&[
+        "add",
+        "idle",
+        "--domain",
+        "idle.test",
+        "--upstream",
+        "127.0.0.1",
+        "--app-port",
+        &app.port.to_string(),
+        "--ssh-key",
+        key.to_str().unwrap(),
+    ]);
+    let https = port_of(&d.json(&["status", "--json"])["https_listen"][0]);
+    let ca = d.dir.path().join("ca.pem");
+    std::fs::write(&ca, d.ok(&["ca-cert"])).unwrap();
+    let max = Duration::from_secs(10);
+    // An HTTP/1.1 connection that sends nothing: closed after about a
+    // second, well before the 15 s header-read timeout.
+    let (took, _) = open_for(https, "idle.test", &ca, "http/1.1", "", max);
+    assert!(
+        took >= Duration::from_millis(800) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
+    // HTTP/2 with no stream: a GOAWAY, then closed.
+    let (took, _) = open_for(https, "idle.test", &ca, "h2", "", max);
+    assert!(
+        took >= Duration::from_millis(800) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
+}

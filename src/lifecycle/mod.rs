@@ -706,6 +706,7 @@ impl Lifecycle {
             upstream_host_key: None,
             auth,
             tls_mode,
+            tls_files: None,
             status: SandboxStatus::Creating {
                 step: "record".into(),
             },

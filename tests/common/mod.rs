@@ -3,6 +3,8 @@
 //! 127.0.0.1:0, and drives it through the real CLI.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod pebble;
+pub mod pki;
 pub mod sshd;
 
 use std::path::{Path, PathBuf};
@@ -37,6 +39,11 @@ impl DaemonBuilder {
 
     pub fn arg(mut self, a: &str) -> Self {
         self.args.push(a.to_string());
+        self
+    }
+
+    pub fn args(mut self, args: &[&str]) -> Self {
+        self.args.extend(args.iter().map(|a| a.to_string()));
         self
     }
 

@@ -72,6 +72,8 @@ pub(crate) struct Managed {
     pub ari_check_ms: i64,
 }
 
+/// PEM files of `manual` mode are re-read this often, besides on a forced
+/// renewal (`sandboxd certs renew DOMAIN`) and when a route names other files.
 const MANUAL_RELOAD_MS: i64 = 5 * 60 * 1000;
 
 fn now_ms() -> i64 {
@@ -240,20 +242,30 @@ fn issue_internal(shared: &Shared, m: &mut Managed, now: i64) {
 }
 
 fn load_manual(m: &mut Managed, cert: &PathBuf, key: &PathBuf, now: i64) {
-    let res = std::fs::read(cert)
-        .map_err(|e| format!("{}: {e}", cert.display()))
-        .and_then(|c| {
-            std::fs::read(key)
-                .map_err(|e| format!("{}: {e}", key.display()))
-                .map(|k| (c, k))
-        })
-        .and_then(|(c, k)| certs::load_pem(&c, &k));
+    let read = |what: &str, p: &PathBuf| {
+        std::fs::read(p).map_err(|e| format!("cannot read {what} file {}: {e}", p.display()))
+    };
+    let res = read("certificate", cert)
+        .and_then(|c| read("key", key).map(|k| (c, k)))
+        .and_then(|(c, k)| {
+            certs::load_pem(&c, &k)
+                .map_err(|e| format!("{} and {}: {e}", cert.display(), key.display()))
+        });
     match res {
         Ok(loaded) => {
+            let missing: Vec<&str> = m
+                .names
+                .iter()
+                .filter(|n| !loaded.names.contains(n))
+                .map(String::as_str)
+                .collect();
+            // Served for the names it covers; the others are refused and said so.
+            m.last_error = (!missing.is_empty())
+                .then(|| format!("{} does not cover {}", cert.display(), missing.join(", ")));
             m.current = Some(loaded);
-            m.last_error = None;
             m.failures = 0;
         }
+        // The certificate loaded before (if any) keeps serving.
         Err(e) => m.last_error = Some(e),
     }
     m.due_ms = Some(now + MANUAL_RELOAD_MS);
@@ -492,6 +504,22 @@ async fn run_job(shared: &Arc<Shared>, acme: &mut AcmeClient, job: &Job) -> Resu
     }
 }
 
+/// An error and its causes, `outer: inner: innermost`, so that a refused
+/// connection or a certificate the ACME server's TLS fails with is named.
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let s = c.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cur = c.source();
+    }
+    out
+}
+
 fn pick_challenge(prefs: &[ChallengeKind], failures: u32) -> ChallengeKind {
     if prefs.is_empty() {
         return ChallengeKind::Http01;
@@ -606,7 +634,7 @@ impl AcmeClient {
                 builder()?
                     .from_credentials(creds)
                     .await
-                    .map_err(|e| format!("ACME account: {e}"))?
+                    .map_err(|e| format!("ACME account: {}", causes(&e)))?
             }
             None => {
                 let contact = shared
@@ -626,7 +654,7 @@ impl AcmeClient {
                         None,
                     )
                     .await
-                    .map_err(|e| format!("ACME account: {e}"))?;
+                    .map_err(|e| format!("ACME account: {}", causes(&e)))?;
                 let creds = serde_json::to_string(&creds).map_err(|e| e.to_string())?;
                 shared
                     .store
@@ -688,13 +716,13 @@ impl AcmeClient {
                     account
                         .new_order(&NewOrder::new(&ids))
                         .await
-                        .map_err(|e| format!("new order: {e}"))?
+                        .map_err(|e| format!("new order: {}", causes(&e)))?
                 }
             },
             None => account
                 .new_order(&NewOrder::new(&ids))
                 .await
-                .map_err(|e| format!("new order: {e}"))?,
+                .map_err(|e| format!("new order: {}", causes(&e)))?,
         };
         let mut guard = ChallengeGuard {
             shared,
@@ -704,7 +732,7 @@ impl AcmeClient {
         {
             let mut authzs = order.authorizations();
             while let Some(authz) = authzs.next().await {
-                let mut authz = authz.map_err(|e| format!("authorization: {e}"))?;
+                let mut authz = authz.map_err(|e| format!("authorization: {}", causes(&e)))?;
                 match authz.status {
                     AuthorizationStatus::Valid => continue,
                     AuthorizationStatus::Pending => {}
@@ -740,7 +768,7 @@ impl AcmeClient {
                 }
                 ch.set_ready()
                     .await
-                    .map_err(|e| format!("challenge ready: {e}"))?;
+                    .map_err(|e| format!("challenge ready: {}", causes(&e)))?;
             }
         }
         let retry = RetryPolicy::new()
@@ -750,7 +778,7 @@ impl AcmeClient {
         let status = order
             .poll_ready(&retry)
             .await
-            .map_err(|e| format!("order: {e}"))?;
+            .map_err(|e| format!("order: {}", causes(&e)))?;
         if status != OrderStatus::Ready {
             let detail = order
                 .state()
@@ -768,11 +796,11 @@ impl AcmeClient {
         order
             .finalize_csr(csr.der())
             .await
-            .map_err(|e| format!("finalize: {e}"))?;
+            .map_err(|e| format!("finalize: {}", causes(&e)))?;
         let chain = order
             .poll_certificate(&retry)
             .await
-            .map_err(|e| format!("certificate: {e}"))?;
+            .map_err(|e| format!("certificate: {}", causes(&e)))?;
         Ok((chain, key.serialize_pem()))
     }
 }

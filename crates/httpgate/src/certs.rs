@@ -16,11 +16,15 @@ pub(crate) struct Loaded {
     pub not_after: i64,
 }
 
-/// Parse a PEM chain (leaf first) and a PEM private key.
+/// Parse a PEM chain (leaf first) and a PEM private key; the key must be the
+/// certificate's.
 pub(crate) fn load_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<Loaded, String> {
     let chain: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut &cert_pem[..])
         .collect::<Result<_, _>>()
         .map_err(|e| format!("certificate PEM: {e}"))?;
+    if chain.is_empty() {
+        return Err("no certificate in PEM".to_owned());
+    }
     let key = rustls_pemfile::private_key(&mut &key_pem[..])
         .map_err(|e| format!("key PEM: {e}"))?
         .ok_or_else(|| "no private key in PEM".to_owned())?;
@@ -39,6 +43,12 @@ pub(crate) fn from_der(
     let signer = rustls::crypto::ring::sign::any_supported_type(&key)
         .map_err(|e| format!("unsupported private key: {e}"))?;
     let ck = CertifiedKey::new(chain, signer);
+    ck.keys_match().map_err(|e| match e {
+        rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+            "the private key does not match the certificate".to_owned()
+        }
+        other => format!("certificate and key: {other}"),
+    })?;
     Ok(Loaded {
         key: Arc::new(ck),
         names: facts.names,

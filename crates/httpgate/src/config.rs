@@ -26,10 +26,21 @@ pub enum ChallengeKind {
 pub struct Timeouts {
     /// TLS handshake of a client.
     pub handshake: Duration,
-    /// Time for a client to send a complete request head (HTTP/1).
+    /// Time for a client to send a complete request head (HTTP/1). hyper's
+    /// timer also runs while a keep-alive connection waits for its next
+    /// request, so HTTP/1 connections close after `min(idle, header_read)`
+    /// without a request.
     pub header_read: Duration,
-    /// Idle HTTP/2 connections are pinged at this interval and closed if silent.
+    /// A client connection (HTTP/1 or HTTP/2) with no request open for this
+    /// long is closed: HTTP/2 gets a GOAWAY first. An open request (a slow
+    /// upstream, a long streamed response) keeps it.
     pub idle: Duration,
+    /// HTTP/2 keep-alive: a PING is sent when nothing was received from the
+    /// client for this long, open streams or not.
+    pub h2_ping_interval: Duration,
+    /// HTTP/2 keep-alive: a connection whose PING is not acknowledged within
+    /// this time is closed (a dead peer), even with streams open.
+    pub h2_ping_timeout: Duration,
     /// TCP connect to an upstream.
     pub upstream_connect: Duration,
     /// From request sent to response head received from an upstream.
@@ -46,6 +57,8 @@ impl Default for Timeouts {
             handshake: Duration::from_secs(10),
             header_read: Duration::from_secs(15),
             idle: Duration::from_secs(120),
+            h2_ping_interval: Duration::from_secs(30),
+            h2_ping_timeout: Duration::from_secs(20),
             upstream_connect: Duration::from_secs(5),
             upstream_response: Duration::from_secs(120),
             upstream_pool_idle: Duration::from_secs(60),

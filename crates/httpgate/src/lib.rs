@@ -18,6 +18,7 @@ mod config;
 mod error;
 mod framing;
 mod gateway;
+mod idle;
 mod pages;
 mod proxy;
 mod server;

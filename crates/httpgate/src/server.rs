@@ -21,6 +21,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::framing::{FramingFlags, FramingIo};
 use crate::gateway::Shared;
+use crate::idle::Activity;
 use crate::proxy::{self, ConnInfo};
 use crate::tls;
 
@@ -45,8 +46,8 @@ fn builders(shared: &Shared) -> Builders {
     h2.timer(TokioTimer::new())
         .max_header_list_size(header_list)
         .max_concurrent_streams(cfg.limits.max_h2_streams)
-        .keep_alive_interval(Some(cfg.timeouts.idle))
-        .keep_alive_timeout(Duration::from_secs(20));
+        .keep_alive_interval(Some(cfg.timeouts.h2_ping_interval))
+        .keep_alive_timeout(cfg.timeouts.h2_ping_timeout);
     let mut auto = auto::Builder::new(TokioExecutor::new());
     auto.http1()
         .timer(TokioTimer::new())
@@ -57,8 +58,8 @@ fn builders(shared: &Shared) -> Builders {
         .timer(TokioTimer::new())
         .max_header_list_size(header_list)
         .max_concurrent_streams(cfg.limits.max_h2_streams)
-        .keep_alive_interval(Some(cfg.timeouts.idle))
-        .keep_alive_timeout(Duration::from_secs(20));
+        .keep_alive_interval(Some(cfg.timeouts.h2_ping_interval))
+        .keep_alive_timeout(cfg.timeouts.h2_ping_timeout);
     Builders { h1, h2, auto }
 }
 
@@ -203,14 +204,16 @@ async fn connection(
     }
 }
 
-/// Drive a hyper connection until it ends; on shutdown, finish gracefully.
+/// Drive a hyper connection until it ends; on shutdown, or when no request
+/// has been open for the idle timeout, finish gracefully (HTTP/2: GOAWAY).
 macro_rules! drive {
-    ($conn:expr, $shutdown:expr) => {{
+    ($conn:expr, $shutdown:expr, $idle:expr) => {{
         let conn = $conn;
         tokio::pin!(conn);
         if *$shutdown.borrow() {
             conn.as_mut().graceful_shutdown();
         }
+        let (activity, idle, grace) = $idle;
         tokio::select! {
             res = conn.as_mut() => {
                 if let Err(e) = res {
@@ -220,6 +223,13 @@ macro_rules! drive {
             _ = $shutdown.changed() => {
                 conn.as_mut().graceful_shutdown();
                 let _ = conn.await;
+            }
+            _ = activity.idle(idle) => {
+                tracing::debug!("idle connection closed");
+                conn.as_mut().graceful_shutdown();
+                // A live client acknowledges the GOAWAY within a PING's time.
+                let bound = if activity.seen_any() { grace } else { Duration::ZERO };
+                let _ = tokio::time::timeout(bound, conn).await;
             }
         }
     }};
@@ -236,21 +246,34 @@ async fn serve_conn<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let info = Arc::new(info);
+    let activity = Activity::new();
+    let idle = (
+        activity.clone(),
+        shared.config.timeouts.idle,
+        shared
+            .config
+            .timeouts
+            .shutdown_grace
+            .min(shared.config.timeouts.h2_ping_timeout),
+    );
     let svc = service_fn(move |req| {
         let shared = shared.clone();
         let info = info.clone();
-        async move { Ok::<_, Infallible>(proxy::handle(shared, info, req).await) }
+        let open = activity.begin();
+        async move { Ok::<_, Infallible>(proxy::handle(shared, info, req).await.map(|b| open.wrap(b))) }
     });
     let io = TokioIo::new(io);
     match proto {
         Proto::H1 => drive!(
             builder.h1.serve_connection(io, svc).with_upgrades(),
-            shutdown
+            shutdown,
+            idle
         ),
-        Proto::H2 => drive!(builder.h2.serve_connection(io, svc), shutdown),
+        Proto::H2 => drive!(builder.h2.serve_connection(io, svc), shutdown, idle),
         Proto::Auto => drive!(
             builder.auto.serve_connection_with_upgrades(io, svc),
-            shutdown
+            shutdown,
+            idle
         ),
     }
 }

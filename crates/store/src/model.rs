@@ -89,6 +89,12 @@ pub struct Sandbox {
     /// TLS mode override for this sandbox's hosts (`acme`, `internal`, `manual`).
     #[serde(default)]
     pub tls_mode: Option<String>,
+    /// `manual` mode: the PEM certificate chain file (absolute path on the host).
+    #[serde(default)]
+    pub tls_cert_file: Option<String>,
+    /// `manual` mode: the PEM private key file (absolute path on the host).
+    #[serde(default)]
+    pub tls_key_file: Option<String>,
     #[serde(default)]
     pub status: SandboxStatus,
     /// Addresses last seen for an Incus instance (IPv4 first).

@@ -25,6 +25,8 @@ fn sandbox(name: &str, domain: &str) -> Sandbox {
         upstream_host_key: None,
         basic_auth: None,
         tls_mode: None,
+        tls_cert_file: None,
+        tls_key_file: None,
         status: SandboxStatus::Running,
         addresses: vec![],
         created_at: 0,

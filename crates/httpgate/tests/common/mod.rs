@@ -361,7 +361,7 @@ impl CurlOut {
 // ---------- upstream ----------
 
 /// A real HTTP/1.1 server (hyper) answering:
-/// `/slow` after 10 s, `/upload` with the number of body bytes it read,
+/// `/slow` after 10 s, `/sleep/MS` after MS milliseconds, `/upload` with the number of body bytes it read,
 /// `/big` with 100 KiB, anything else with a JSON echo of the request.
 pub struct Upstream {
     pub addr: SocketAddr,
@@ -406,6 +406,10 @@ async fn upstream_handle(
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path().to_owned();
+    if let Some(ms) = path.strip_prefix("/sleep/").and_then(|m| m.parse().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        return Ok(Response::new(Full::new(Bytes::from_static(b"slept"))));
+    }
     match path.as_str() {
         "/slow" => {
             tokio::time::sleep(Duration::from_secs(10)).await;
