@@ -11,7 +11,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,37 +26,43 @@ impl Drop for Kill {
 }
 
 /// Run a command to its end, failing the test if it takes longer than
-/// `limit` (a stalled connection would hang it forever).
+/// `limit` (a stalled connection would hang it forever). Output goes to
+/// files: a multiplexed ssh hands its descriptors to the master, so pipes
+/// would not close when it ends.
 fn run_within(c: &mut Command, limit: Duration) -> Output {
-    let child = c
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let dir = tempfile::tempdir().unwrap();
+    let n = SEQ.fetch_add(1, Ordering::SeqCst);
+    let (out_path, err_path) = (
+        dir.path().join(format!("out{n}")),
+        dir.path().join(format!("err{n}")),
+    );
+    let mut child = c
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap())
         .spawn()
         .unwrap();
-    let pid = child.id();
-    let done = Arc::new(AtomicBool::new(false));
-    let d = done.clone();
-    let watchdog = std::thread::spawn(move || {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if d.load(Ordering::SeqCst) {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
         }
-        // Still running: end this command (our own child, by its pid).
-        let _ = Command::new("kill").arg(pid.to_string()).status();
-        true
-    });
-    let out = child.wait_with_output().unwrap();
-    done.store(true, Ordering::SeqCst);
-    let timed_out = watchdog.join().unwrap();
-    assert!(
-        !timed_out,
-        "{c:?} did not finish within {limit:?}: the connection stalled"
-    );
-    out
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{c:?} did not finish within {limit:?}: the connection stalled ({})",
+                std::fs::read_to_string(&err_path).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: std::fs::read(&out_path).unwrap(),
+        stderr: std::fs::read(&err_path).unwrap(),
+    }
 }
 
 /// Wait until `counter` reached `min` and then stopped moving for a second:
@@ -134,6 +140,7 @@ fn master(h: &Harness, extra: &[String]) -> Master {
             .arg(format!("127.0.0.1:{echo_port}:127.0.0.1:{echo}"))
             .args(extra)
             .stdin(Stdio::null())
+            .stderr(Stdio::null())
             .spawn()
             .unwrap(),
     );
@@ -163,7 +170,12 @@ impl Master {
                 self.ssh(h).arg(format!("echo exec-{i}")),
                 Duration::from_secs(15),
             );
-            assert_eq!(text(&out.stdout), format!("exec-{i}\n"), "{}", text(&out.stderr));
+            assert_eq!(
+                text(&out.stdout),
+                format!("exec-{i}\n"),
+                "{}",
+                text(&out.stderr)
+            );
             assert!(t.elapsed() < Duration::from_secs(10));
         }
         // A terminal session.
@@ -172,7 +184,10 @@ impl Master {
             Duration::from_secs(15),
         );
         let shown = text(&out.stdout);
-        assert!(shown.contains("/dev/pts/") && shown.contains("pty-ok"), "{shown}");
+        assert!(
+            shown.contains("/dev/pts/") && shown.contains("pty-ok"),
+            "{shown}"
+        );
         // Another -L channel on the same connection.
         let mut s = connect_when_ready(self.echo_port);
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -188,7 +203,10 @@ fn a_destination_that_stops_reading_does_not_stall_the_connection() {
     let h = harness().start();
     let (sink, _held) = sink_server();
     let lp = free_port();
-    let m = master(&h, &["-L".into(), format!("127.0.0.1:{lp}:127.0.0.1:{sink}")]);
+    let m = master(
+        &h,
+        &["-L".into(), format!("127.0.0.1:{lp}:127.0.0.1:{sink}")],
+    );
     // Push 64 MiB towards a service that never reads.
     let s = connect_when_ready(lp);
     let closer = s.try_clone().unwrap();
@@ -220,7 +238,10 @@ fn a_client_that_stops_reading_does_not_stall_the_connection() {
     let sent = Arc::new(AtomicU64::new(0));
     let hose = firehose_server(sent.clone());
     let lp = free_port();
-    let m = master(&h, &["-L".into(), format!("127.0.0.1:{lp}:127.0.0.1:{hose}")]);
+    let m = master(
+        &h,
+        &["-L".into(), format!("127.0.0.1:{lp}:127.0.0.1:{hose}")],
+    );
     // Open the forward and never read from it.
     let s = connect_when_ready(lp);
     let stuck_at = wait_stalled(&sent, 1 << 20);
