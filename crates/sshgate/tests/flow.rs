@@ -2,7 +2,8 @@
 //! OpenSSH client multiplexing channels over one connection (ControlMaster)
 //! and a real sshd upstream: a channel whose far end stops reading, in
 //! either direction, leaves the connection's other channels working; a
-//! request the upstream refuses is reported to the client as refused.
+//! request the upstream refuses (subsystem, pty, remote forward) is
+//! reported to the client as refused, by the client itself.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -295,4 +296,25 @@ fn refused_requests_are_reported_as_refused() {
         Duration::from_secs(20),
     );
     assert_eq!(text(&out.stdout), "yes\n", "{}", text(&out.stderr));
+}
+
+#[test]
+fn a_pty_the_upstream_refuses_is_reported_by_the_client_itself() {
+    // sshd answers pty-req with failure; OpenSSH prints its own message
+    // only when it really gets that failure, and behaves as it does
+    // against that sshd directly.
+    let h = harness().sshd_config("PermitTTY no\n").start();
+    let direct = run_within(
+        h.ssh_direct().args(["-tt", "true"]),
+        Duration::from_secs(20),
+    );
+    let out = run_within(h.ssh().args(["-tt", "true"]), Duration::from_secs(20));
+    for o in [&direct, &out] {
+        assert!(
+            text(&o.stderr).contains("PTY allocation request failed on channel"),
+            "{}",
+            text(&o.stderr)
+        );
+    }
+    assert_eq!(out.status.code(), direct.status.code());
 }
