@@ -3,12 +3,15 @@
 //! connection's lifetime (login grace, ban check, kill, upstream loss, the
 //! closing log line).
 //!
-//! Handler callbacks never wait on channel I/O: channel opens spawn a task
-//! that opens the upstream twin and only then accepts the client's channel.
-//! Two things do wait on the upstream inside a callback, both bounded:
-//! the upstream login (inside public-key authentication, before any channel
-//! exists) and `tcpip-forward` replies (russh answers global requests from
-//! the callback's return value).
+//! Handler callbacks never wait on channel I/O or on the upstream once the
+//! session is up: channel opens spawn a task that opens the upstream twin
+//! and only then accepts the client's channel; channel requests are
+//! answered by the relay with the upstream's answer; forwarding requests
+//! (`tcpip-forward`, `streamlocal-forward` and their cancels) take over
+//! their reply (`Session::defer_request_reply`, a patch of the vendored
+//! russh) and answer from a task once the upstream answered, bounded by a
+//! timeout. The one bounded wait inside a callback is the upstream login
+//! (inside public-key authentication, before any channel exists).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -354,71 +357,70 @@ impl server::Handler for ClientHandler {
     }
 
     // Channel requests: russh hands each one to the channel's queue as well,
-    // where the relay forwards it upstream in order. The client gets its
-    // reply here, at once (russh tracks one pending reply per channel, so
-    // replies cannot be deferred); a refused shell/exec/subsystem upstream
-    // ends the channel with a line on stderr.
+    // where the relay forwards it upstream in order and answers the client
+    // with the upstream's answer (X11 is refused there, in order). So the
+    // callbacks below do nothing: replying here would answer too early.
 
     async fn pty_request(
         &mut self,
-        channel: ChannelId,
+        _channel: ChannelId,
         _term: &str,
         _col_width: u32,
         _row_height: u32,
         _pix_width: u32,
         _pix_height: u32,
         _modes: &[(Pty, u32)],
-        session: &mut Session,
+        _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        session.channel_success(channel)
+        Ok(())
     }
 
     async fn x11_request(
         &mut self,
-        channel: ChannelId,
+        _channel: ChannelId,
         _single_connection: bool,
         _x11_auth_protocol: &str,
         _x11_auth_cookie: &str,
         _x11_screen_number: u32,
-        session: &mut Session,
+        _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        session.channel_failure(channel)
+        Ok(())
     }
 
     async fn env_request(
         &mut self,
-        channel: ChannelId,
+        _channel: ChannelId,
         _variable_name: &str,
         _variable_value: &str,
-        session: &mut Session,
+        _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        session.channel_success(channel)
+        Ok(())
     }
 
     async fn shell_request(
         &mut self,
-        channel: ChannelId,
-        session: &mut Session,
+        _channel: ChannelId,
+        _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        session.channel_success(channel)
+        Ok(())
     }
 
     async fn exec_request(
         &mut self,
-        channel: ChannelId,
+        _channel: ChannelId,
         _data: &[u8],
-        session: &mut Session,
+        _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        session.channel_success(channel)
+        Ok(())
     }
 
     async fn subsystem_request(
         &mut self,
-        channel: ChannelId,
+        _channel: ChannelId,
         _name: &str,
-        session: &mut Session,
+        _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        session.channel_success(channel)
+        Ok(())
     }
 
     async fn agent_request(
@@ -442,72 +444,96 @@ impl server::Handler for ClientHandler {
         &mut self,
         address: &str,
         port: &mut u32,
-        _session: &mut Session,
+        session: &mut Session,
     ) -> Result<bool, Self::Error> {
         let Some(up) = self.upstream.clone() else {
             return Ok(false);
         };
-        match tokio::time::timeout(FORWARD_REQUEST_TIMEOUT, up.tcpip_forward(address, *port)).await
-        {
-            Ok(Ok(bound)) => {
-                if *port == 0 {
-                    *port = bound;
+        let (address, asked) = (address.to_owned(), *port);
+        answer_later(session, async move {
+            match up.tcpip_forward(address, asked).await {
+                // The bound port goes back only when the client asked for 0.
+                Ok(bound) => Some((asked == 0).then_some(bound)),
+                Err(e) => {
+                    tracing::debug!(error = %e, "upstream refused tcpip-forward");
+                    None
                 }
-                Ok(true)
             }
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "upstream refused tcpip-forward");
-                Ok(false)
-            }
-            Err(_) => Ok(false),
-        }
+        });
+        Ok(true)
     }
 
     async fn cancel_tcpip_forward(
         &mut self,
         address: &str,
         port: u32,
-        _session: &mut Session,
+        session: &mut Session,
     ) -> Result<bool, Self::Error> {
         let Some(up) = self.upstream.clone() else {
             return Ok(false);
         };
-        let r = tokio::time::timeout(
-            FORWARD_REQUEST_TIMEOUT,
-            up.cancel_tcpip_forward(address, port),
-        )
-        .await;
-        Ok(matches!(r, Ok(Ok(()))))
+        let address = address.to_owned();
+        answer_later(session, async move {
+            up.cancel_tcpip_forward(address, port)
+                .await
+                .ok()
+                .map(|()| None)
+        });
+        Ok(true)
     }
 
     async fn streamlocal_forward(
         &mut self,
         socket_path: &str,
-        _session: &mut Session,
+        session: &mut Session,
     ) -> Result<bool, Self::Error> {
         let Some(up) = self.upstream.clone() else {
             return Ok(false);
         };
-        let r = tokio::time::timeout(FORWARD_REQUEST_TIMEOUT, up.streamlocal_forward(socket_path))
-            .await;
-        Ok(matches!(r, Ok(Ok(()))))
+        let path = socket_path.to_owned();
+        answer_later(session, async move {
+            up.streamlocal_forward(path).await.ok().map(|()| None)
+        });
+        Ok(true)
     }
 
     async fn cancel_streamlocal_forward(
         &mut self,
         socket_path: &str,
-        _session: &mut Session,
+        session: &mut Session,
     ) -> Result<bool, Self::Error> {
         let Some(up) = self.upstream.clone() else {
             return Ok(false);
         };
-        let r = tokio::time::timeout(
-            FORWARD_REQUEST_TIMEOUT,
-            up.cancel_streamlocal_forward(socket_path),
-        )
-        .await;
-        Ok(matches!(r, Ok(Ok(()))))
+        let path = socket_path.to_owned();
+        answer_later(session, async move {
+            up.cancel_streamlocal_forward(path)
+                .await
+                .ok()
+                .map(|()| None)
+        });
+        Ok(true)
     }
+}
+
+/// Forward a global request upstream from a task and answer the client
+/// with the upstream's answer (`Some(port to report)` or `None` for a
+/// refusal), or with a failure after [`FORWARD_REQUEST_TIMEOUT`]. The
+/// session loop goes on serving meanwhile; russh keeps replies in request
+/// order.
+fn answer_later<F>(session: &mut Session, upstream: F)
+where
+    F: Future<Output = Option<Option<u32>>> + Send + 'static,
+{
+    let reply = session.defer_request_reply();
+    tokio::spawn(async move {
+        let answer = tokio::time::timeout(FORWARD_REQUEST_TIMEOUT, upstream).await;
+        match (reply, answer) {
+            (Some(reply), Ok(Some(port))) => reply.success(port),
+            (Some(reply), _) => reply.failure(),
+            (None, _) => {}
+        }
+    });
 }
 
 /// Serve one accepted TCP connection to its end.

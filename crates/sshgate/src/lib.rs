@@ -123,7 +123,8 @@ pub struct GatewayConfig {
     pub window_size: u32,
     /// Maximum channel packet size advertised on both legs, in bytes.
     pub max_packet_size: u32,
-    /// Messages buffered per channel before backpressure reaches TCP.
+    /// Non-data messages (requests, EOF, close) a channel's queue holds on
+    /// top of one window of data (data is bounded by the window itself).
     pub channel_buffer_size: usize,
     /// Disable Nagle's algorithm on both legs.
     pub nodelay: bool,

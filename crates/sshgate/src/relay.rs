@@ -1,37 +1,76 @@
 //! Channel relay: once a client channel and its upstream twin are both open,
 //! two tasks copy messages between them, one per direction. Each direction
 //! awaits the destination's window before sending, so a slow reader slows
-//! its writer only (russh's bounded per-channel queues carry the pressure
-//! back to TCP). Channel requests (pty, env, shell, exec, subsystem,
-//! window-change, signal, agent) go client -> upstream; exit-status,
-//! exit-signal, EOF and close go both ways as the protocol allows.
+//! its writer only. The pressure reaches the sender through the SSH window
+//! of the source channel alone: the vendored russh (third_party/russh)
+//! re-opens a channel's receive window only as its consumer (this relay)
+//! takes data out, and its session loop never waits on a channel's queue,
+//! so a stuck channel never stalls the connection's other channels.
+//!
+//! Channel requests (pty, env, shell, exec, subsystem, window-change,
+//! signal, agent) go client -> upstream with the client's want_reply; the
+//! upstream's answers go back to the client through the server handle, in
+//! request order (X11 is refused here, in its place in that order).
+//! Exit-status, exit-signal, EOF and close go both ways as the protocol
+//! allows.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use russh::{client, server, Channel, ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
+use russh::{client, server, Channel, ChannelId, ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
+use tokio::sync::Mutex;
 
 use crate::conn::ConnShared;
 
-/// A request we forwarded upstream with want_reply, awaiting its answer.
-#[derive(Debug, Clone, Copy)]
-enum Pending {
-    Pty,
-    Start(&'static str),
+/// Replies owed to the client for one channel, in request order: `None`
+/// while the upstream has not answered, `Some(success)` once known.
+#[derive(Default)]
+struct Replies {
+    slots: VecDeque<Option<bool>>,
 }
 
-type PendingQueue = Arc<Mutex<VecDeque<Pending>>>;
+type ReplyQueue = Arc<Mutex<Replies>>;
 
-fn push(q: &PendingQueue, p: Pending) {
-    q.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .push_back(p);
+impl Replies {
+    /// Send every reply that is next in line. Called with the queue locked,
+    /// so replies leave in order even though two tasks answer.
+    async fn flush(&mut self, shared: &ConnShared, id: ChannelId) {
+        while let Some(Some(ok)) = self.slots.front().copied() {
+            self.slots.pop_front();
+            if let Some(h) = shared.server_handle() {
+                let _ = if ok {
+                    h.channel_success(id).await
+                } else {
+                    h.channel_failure(id).await
+                };
+            }
+        }
+    }
 }
 
-fn pop(q: &PendingQueue) -> Option<Pending> {
-    q.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .pop_front()
+/// Note a request forwarded upstream with want_reply (before forwarding, so
+/// the answer always finds its slot).
+async fn expect_reply(q: &ReplyQueue, want_reply: bool) -> bool {
+    if want_reply {
+        q.lock().await.slots.push_back(None);
+    }
+    want_reply
+}
+
+/// Answer a request here (X11 forwarding is not relayed).
+async fn answer_locally(q: &ReplyQueue, shared: &ConnShared, id: ChannelId, ok: bool) {
+    let mut replies = q.lock().await;
+    replies.slots.push_back(Some(ok));
+    replies.flush(shared, id).await;
+}
+
+/// The upstream answered the oldest request still waiting for it.
+async fn upstream_answered(q: &ReplyQueue, shared: &ConnShared, id: ChannelId, ok: bool) {
+    let mut replies = q.lock().await;
+    if let Some(slot) = replies.slots.iter_mut().find(|s| s.is_none()) {
+        *slot = Some(ok);
+    }
+    replies.flush(shared, id).await;
 }
 
 /// Relay a client-opened channel (session, direct-tcpip, direct-streamlocal)
@@ -43,13 +82,15 @@ pub(crate) fn spawn_client_initiated(
 ) {
     let (c_read, c_write) = client_chan.split();
     let (u_read, u_write) = up_chan.split();
-    let pending: PendingQueue = Arc::default();
+    let replies: ReplyQueue = Arc::default();
     let guard = shared.channel_started();
     let s1 = shared.clone();
-    let p1 = pending.clone();
-    let up_task = tokio::spawn(async move { client_to_upstream(s1, c_read, u_write, p1).await });
+    let r1 = replies.clone();
+    let id = c_write.id();
+    let up_task =
+        tokio::spawn(async move { client_to_upstream(s1, id, c_read, u_write, r1).await });
     tokio::spawn(async move {
-        upstream_to_client(shared, u_read, c_write, pending).await;
+        upstream_to_client(shared, u_read, c_write, replies).await;
         // The upstream side is finished: the other direction has nothing
         // left to deliver to, so stop it if the client has not closed yet.
         up_task.abort();
@@ -69,9 +110,10 @@ pub(crate) fn spawn_upstream_initiated(
 
 async fn client_to_upstream(
     shared: Arc<ConnShared>,
+    id: ChannelId,
     mut from: ChannelReadHalf,
     to: ChannelWriteHalf<client::Msg>,
-    pending: PendingQueue,
+    replies: ReplyQueue,
 ) {
     while let Some(msg) = from.wait().await {
         let sent = match msg {
@@ -89,17 +131,16 @@ async fn client_to_upstream(
                 return;
             }
             ChannelMsg::RequestPty {
+                want_reply,
                 term,
                 col_width,
                 row_height,
                 pix_width,
                 pix_height,
                 terminal_modes,
-                ..
             } => {
-                push(&pending, Pending::Pty);
                 to.request_pty(
-                    true,
+                    expect_reply(&replies, want_reply).await,
                     &term,
                     col_width,
                     row_height,
@@ -109,23 +150,39 @@ async fn client_to_upstream(
                 )
                 .await
             }
-            ChannelMsg::RequestShell { .. } => {
-                push(&pending, Pending::Start("shell"));
-                to.request_shell(true).await
+            ChannelMsg::RequestShell { want_reply } => {
+                to.request_shell(expect_reply(&replies, want_reply).await)
+                    .await
             }
-            ChannelMsg::Exec { command, .. } => {
-                push(&pending, Pending::Start("exec"));
-                to.exec(true, command).await
+            ChannelMsg::Exec {
+                want_reply,
+                command,
+            } => {
+                to.exec(expect_reply(&replies, want_reply).await, command)
+                    .await
             }
-            ChannelMsg::RequestSubsystem { name, .. } => {
-                push(&pending, Pending::Start("subsystem"));
-                to.request_subsystem(true, name).await
+            ChannelMsg::RequestSubsystem { want_reply, name } => {
+                to.request_subsystem(expect_reply(&replies, want_reply).await, name)
+                    .await
             }
             ChannelMsg::SetEnv {
+                want_reply,
                 variable_name,
                 variable_value,
-                ..
-            } => to.set_env(false, variable_name, variable_value).await,
+            } => {
+                to.set_env(
+                    expect_reply(&replies, want_reply).await,
+                    variable_name,
+                    variable_value,
+                )
+                .await
+            }
+            ChannelMsg::RequestX11 { want_reply, .. } => {
+                if want_reply {
+                    answer_locally(&replies, &shared, id, false).await;
+                }
+                Ok(())
+            }
             ChannelMsg::WindowChange {
                 col_width,
                 row_height,
@@ -136,6 +193,8 @@ async fn client_to_upstream(
                     .await
             }
             ChannelMsg::Signal { signal } => to.signal(signal).await,
+            // russh answers agent requests itself, from the handler's
+            // return value.
             ChannelMsg::AgentForward { .. } => to.agent_forward(false).await,
             _ => Ok(()),
         };
@@ -152,7 +211,7 @@ async fn upstream_to_client(
     shared: Arc<ConnShared>,
     mut from: ChannelReadHalf,
     to: ChannelWriteHalf<server::Msg>,
-    pending: PendingQueue,
+    replies: ReplyQueue,
 ) {
     let id = to.id();
     while let Some(msg) = from.wait().await {
@@ -191,25 +250,14 @@ async fn upstream_to_client(
                 None => Ok(()),
             },
             ChannelMsg::Success => {
-                pop(&pending);
+                upstream_answered(&replies, &shared, id, true).await;
                 Ok(())
             }
-            ChannelMsg::Failure => match pop(&pending) {
-                Some(Pending::Start(what)) => {
-                    tracing::info!(sandbox = %shared.sandbox, what, "upstream refused a channel request");
-                    let line = format!("sandbox {}: {what} request refused\r\n", shared.sandbox);
-                    let _ = to.extended_data_bytes(1, line.into_bytes()).await;
-                    let _ = to.exit_status(255).await;
-                    let _ = to.eof().await;
-                    let _ = to.close().await;
-                    return;
-                }
-                Some(Pending::Pty) => {
-                    let line = "PTY allocation request failed\r\n";
-                    to.extended_data_bytes(1, line.as_bytes().to_vec()).await
-                }
-                None => Ok(()),
-            },
+            ChannelMsg::Failure => {
+                tracing::debug!(sandbox = %shared.sandbox, "upstream refused a channel request");
+                upstream_answered(&replies, &shared, id, false).await;
+                Ok(())
+            }
             _ => Ok(()),
         };
         if sent.is_err() {

@@ -81,8 +81,9 @@ pub fn read_pub(path: &Path) -> PublicKey {
 }
 
 impl Sshd {
-    /// Start sshd that accepts `authorized` keys (OpenSSH lines).
-    pub fn start(dir: &Path, authorized: &[String]) -> Sshd {
+    /// Start sshd that accepts `authorized` keys (OpenSSH lines); `extra`
+    /// config lines come first, so they win over the defaults.
+    pub fn start(dir: &Path, authorized: &[String], extra: &str) -> Sshd {
         std::fs::create_dir_all("/run/sshd").unwrap();
         let dir = dir.join("sshd");
         std::fs::create_dir_all(&dir).unwrap();
@@ -96,7 +97,7 @@ impl Sshd {
             std::fs::write(
                 &config,
                 format!(
-                    "Port {port}\nListenAddress 127.0.0.1\nHostKey {hk}\nAuthorizedKeysFile {auth}\n\
+                    "{extra}Port {port}\nListenAddress 127.0.0.1\nHostKey {hk}\nAuthorizedKeysFile {auth}\n\
                      PidFile {pid}\nUsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
                      PermitRootLogin prohibit-password\nStrictModes no\nSubsystem sftp /usr/lib/openssh/sftp-server\n\
                      AllowTcpForwarding yes\nAllowAgentForwarding yes\nAllowStreamLocalForwarding yes\n\
@@ -162,6 +163,7 @@ pub struct HarnessBuilder {
     pin: Pin,
     host_key_dir: bool,
     ipv6: bool,
+    sshd_extra: String,
 }
 
 enum Pin {
@@ -207,6 +209,11 @@ impl HarnessBuilder {
         self.host_key_dir = true;
         self
     }
+    /// Extra upstream sshd config lines (they override the defaults).
+    pub fn sshd_config(mut self, lines: &str) -> Self {
+        self.sshd_extra.push_str(lines);
+        self
+    }
     /// Serve a second listener on [::1]:0 with the same gateway.
     pub fn ipv6(mut self) -> Self {
         self.ipv6 = true;
@@ -239,7 +246,7 @@ impl HarnessBuilder {
             upstream_key.public_key().to_openssh().unwrap(),
             read_pub(&direct_key).to_openssh().unwrap(),
         ];
-        let sshd = Sshd::start(dir.path(), &authorized);
+        let sshd = Sshd::start(dir.path(), &authorized, &self.sshd_extra);
         let pinned = match self.pin {
             Pin::Sshd => Some(sshd.host_key.clone()),
             Pin::None => None,
@@ -383,6 +390,7 @@ pub fn harness() -> HarnessBuilder {
         pin: Pin::Sshd,
         host_key_dir: false,
         ipv6: false,
+        sshd_extra: String::new(),
     }
 }
 
