@@ -22,6 +22,7 @@ mod pages;
 mod proxy;
 mod server;
 mod tls;
+mod upstream;
 
 use std::path::PathBuf;
 use std::sync::Arc;

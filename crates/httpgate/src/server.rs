@@ -6,7 +6,6 @@
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -134,13 +133,7 @@ async fn connection(
 ) {
     let Some(acceptor) = acceptor else {
         let flags = FramingFlags::new();
-        let info = ConnInfo {
-            peer,
-            sni: None,
-            tls: false,
-            framing: Some(flags.clone()),
-            seq: AtomicU64::new(0),
-        };
+        let info = ConnInfo::new(peer, None, false, Some(flags.clone()), false);
         serve_conn(
             shared,
             builder,
@@ -174,23 +167,11 @@ async fn connection(
         .server_name()
         .map(|s| s.trim_end_matches('.').to_ascii_lowercase());
     if alpn.as_deref() == Some(b"h2") {
-        let info = ConnInfo {
-            peer,
-            sni,
-            tls: true,
-            framing: None,
-            seq: AtomicU64::new(0),
-        };
+        let info = ConnInfo::new(peer, sni, true, None, false);
         serve_conn(shared, builder, Proto::H2, tls, info, shutdown).await;
     } else {
         let flags = FramingFlags::new();
-        let info = ConnInfo {
-            peer,
-            sni,
-            tls: true,
-            framing: Some(flags.clone()),
-            seq: AtomicU64::new(0),
-        };
+        let info = ConnInfo::new(peer, sni, true, Some(flags.clone()), true);
         serve_conn(
             shared,
             builder,
@@ -203,24 +184,24 @@ async fn connection(
     }
 }
 
-/// Drive a hyper connection until it ends; on shutdown, finish gracefully.
+/// Drive a hyper connection (and the upstream connections it owns, in the
+/// same task) until it ends; on shutdown, finish gracefully.
 macro_rules! drive {
-    ($conn:expr, $shutdown:expr) => {{
+    ($conn:expr, $shutdown:expr, $info:expr) => {{
         let conn = $conn;
         tokio::pin!(conn);
         if *$shutdown.borrow() {
             conn.as_mut().graceful_shutdown();
         }
-        tokio::select! {
-            res = conn.as_mut() => {
-                if let Err(e) = res {
-                    tracing::debug!(error = %e, "connection ended with an error");
-                }
-            }
+        let res = tokio::select! {
+            res = proxy::drive(&$info, conn.as_mut()) => res,
             _ = $shutdown.changed() => {
                 conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
+                proxy::drive(&$info, conn.as_mut()).await
             }
+        };
+        if let Err(e) = res {
+            tracing::debug!(error = %e, "connection ended with an error");
         }
     }};
 }
@@ -236,6 +217,7 @@ async fn serve_conn<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let info = Arc::new(info);
+    let conn_info = info.clone();
     let svc = service_fn(move |req| {
         let shared = shared.clone();
         let info = info.clone();
@@ -245,12 +227,14 @@ async fn serve_conn<I>(
     match proto {
         Proto::H1 => drive!(
             builder.h1.serve_connection(io, svc).with_upgrades(),
-            shutdown
+            shutdown,
+            conn_info
         ),
-        Proto::H2 => drive!(builder.h2.serve_connection(io, svc), shutdown),
+        Proto::H2 => drive!(builder.h2.serve_connection(io, svc), shutdown, conn_info),
         Proto::Auto => drive!(
             builder.auto.serve_connection_with_upgrades(io, svc),
-            shutdown
+            shutdown,
+            conn_info
         ),
     }
 }
