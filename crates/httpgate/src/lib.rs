@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 
 pub use config::{ChallengeKind, HttpConfig, Limits, Timeouts, TlsModeKind};
 pub use error::{Error, StoreError};
-pub use gateway::HttpGateway;
+pub use gateway::{bind_per_thread, HttpGateway, ThreadListeners};
 
 /// Which port of a sandbox a host name leads to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
