@@ -109,7 +109,9 @@ fn init_tracing(filter: &str) {
         .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(filter));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        // Standard error; the HTTPS threads' access-log lines are written in
+        // batches when the thread goes idle.
+        .with_writer(httpgate::LogWriter::default)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }

@@ -166,10 +166,16 @@ impl HttpGateway {
             let h = std::thread::Builder::new()
                 .name(format!("httpgate-{i}"))
                 .spawn(move || -> io::Result<()> {
+                    // Log lines (see LogWriter) are written when the thread goes idle.
+                    crate::logbuf::start();
                     let rt = tokio::runtime::Builder::new_current_thread()
                         .enable_all()
+                        .on_thread_park(crate::logbuf::flush)
                         .build()?;
-                    rt.block_on(gw.serve_thread(ls))
+                    let res = rt.block_on(gw.serve_thread(ls));
+                    drop(rt);
+                    crate::logbuf::stop();
+                    res
                 })?;
             handles.push(h);
         }

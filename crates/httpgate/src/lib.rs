@@ -18,6 +18,7 @@ mod config;
 mod error;
 mod framing;
 mod gateway;
+mod logbuf;
 mod pages;
 mod proxy;
 mod server;
@@ -32,6 +33,7 @@ use serde::{Deserialize, Serialize};
 pub use config::{ChallengeKind, HttpConfig, Limits, Timeouts, TlsModeKind};
 pub use error::{Error, StoreError};
 pub use gateway::{bind_per_thread, HttpGateway, ThreadListeners};
+pub use logbuf::LogWriter;
 
 /// Which port of a sandbox a host name leads to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
