@@ -425,6 +425,10 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 ];
 
 fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names, no lookups.
+    if !h.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
+    }
     let listed: Vec<HeaderName> = h
         .get_all(CONNECTION)
         .iter()
