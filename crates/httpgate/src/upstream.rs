@@ -14,9 +14,8 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll, Wake, Waker};
+use std::sync::{Mutex, PoisonError};
+use std::task::{Context, Waker};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -46,44 +45,6 @@ pub(crate) enum UpstreamError {
 
 type ConnFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
-/// Rounds of [`ConnUpstreams::drive`]'s local polling before it yields to
-/// the scheduler (other connections must get their turn).
-const LOCAL_ROUNDS: usize = 4;
-
-/// The waker [`ConnUpstreams::drive`] gives to what it polls: while it is
-/// polling, a wake-up only asks for another round; otherwise it wakes the task.
-#[derive(Default)]
-struct LocalWake {
-    polling: AtomicBool,
-    woken: AtomicBool,
-    task: Mutex<Option<Waker>>,
-}
-
-impl LocalWake {
-    fn set_task(&self, w: &Waker) {
-        let mut t = self.task.lock().unwrap_or_else(PoisonError::into_inner);
-        if t.as_ref().is_none_or(|t| !t.will_wake(w)) {
-            *t = Some(w.clone());
-        }
-    }
-}
-
-impl Wake for LocalWake {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.woken.store(true, Ordering::SeqCst);
-        if !self.polling.load(Ordering::SeqCst) {
-            let t = self.task.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some(t) = t.as_ref() {
-                t.wake_by_ref();
-            }
-        }
-    }
-}
-
 struct Entry {
     host: String,
     port: u16,
@@ -111,36 +72,10 @@ impl ConnUpstreams {
 
     /// Poll `fut` (the client connection) together with this set's upstream
     /// connections, in the caller's task, until `fut` completes.
-    ///
-    /// One side often wakes the other while being polled (a request handed
-    /// to an upstream connection, a response handed back): such wake-ups
-    /// are served by polling again at once, in a bounded loop, instead of
-    /// rescheduling the task; wake-ups from elsewhere (sockets, timers,
-    /// other threads) wake the task as usual.
     pub(crate) async fn drive<F: Future + Unpin>(&self, mut fut: F) -> F::Output {
-        let local = Arc::new(LocalWake::default());
-        let waker = Waker::from(local.clone());
         std::future::poll_fn(|cx| {
-            local.set_task(cx.waker());
-            local.polling.store(true, Ordering::SeqCst);
-            let mut inner = Context::from_waker(&waker);
-            for _ in 0..LOCAL_ROUNDS {
-                local.woken.store(false, Ordering::SeqCst);
-                self.poll_conns(&mut inner);
-                if let Poll::Ready(out) = Pin::new(&mut fut).poll(&mut inner) {
-                    local.polling.store(false, Ordering::SeqCst);
-                    return Poll::Ready(out);
-                }
-                if !local.woken.load(Ordering::SeqCst) {
-                    break;
-                }
-            }
-            local.polling.store(false, Ordering::SeqCst);
-            // Woken in the last round, or from another thread just now.
-            if local.woken.load(Ordering::SeqCst) {
-                cx.waker().wake_by_ref();
-            }
-            Poll::Pending
+            self.poll_conns(cx);
+            Pin::new(&mut fut).poll(cx)
         })
         .await
     }
