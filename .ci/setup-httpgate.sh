@@ -2,7 +2,7 @@
 # Installs what the httpgate tests and benchmark need (Debian 12, root, idempotent).
 set -euo pipefail
 need=()
-for pkg in pebble curl openssl python3 python3-websockets wrk caddy nginx-light; do
+for pkg in pebble curl openssl python3 python3-websockets wrk caddy nginx-light openssh-client util-linux; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || need+=("$pkg")
 done
 if [ "${#need[@]}" -gt 0 ]; then

@@ -1,18 +1,27 @@
 #!/usr/bin/env bash
-# HTTPS reverse-proxy benchmark, loopback only, bounded in time:
-# httpgate (crates/httpgate/examples/gateway.rs) vs Caddy vs nginx, side by
-# side in one run, in front of the same upstream (an nginx serving static
+# HTTPS reverse-proxy benchmark, loopback only, bounded in time: the real
+# sandboxd daemon (release build, temporary state directory, internal-CA
+# certificates, one route added with `sandboxd add`) vs Caddy vs nginx, side
+# by side in one run, in front of the same upstream (an nginx serving static
 # files). wrk over TLS with keep-alive and with a new connection per request
-# ('Connection: close'), small and 100 KiB responses. Prints req/s, p50/p99
-# latency, peak memory, and the gateway's ratios to Caddy and nginx.
+# ('Connection: close'), small and 100 KiB responses, in interleaved rounds.
+# Prints req/s, p50/p99 latency, peak memory, load average, and sandboxd's
+# ratios to Caddy and nginx.
 #
-# Usage: bench/https.sh   (DUR=5 s per run, ROUNDS=2, CONNS=50, THREADS=2 by default;
-#                          about 2 minutes with the defaults)
-# Needs: wrk caddy nginx openssl curl python3 (.ci/setup-httpgate.sh installs them).
+# The routed name (bench.test) resolves only inside a private mount
+# namespace whose /etc/hosts maps it to 127.0.0.1 (unshare -m, run as root);
+# the machine's own /etc/hosts is untouched.
+#
+# Usage: bench/https.sh   (DUR=5 s per run, ROUNDS=3, CONNS=50, THREADS=2 by default;
+#                          about 4 minutes with the defaults)
+#   SCENARIOS="keepalive small,close big" runs a subset;
+#   PERF_OUT=/tmp/p records a perf profile of sandboxd in round 1 (/tmp/p.MODE-SIZE).
+# Needs: wrk caddy nginx openssl curl python3 ssh-keygen unshare, root
+# (.ci/setup-httpgate.sh installs the packages).
 set -euo pipefail
 
 DUR=${DUR:-5}
-ROUNDS=${ROUNDS:-2}
+ROUNDS=${ROUNDS:-3}
 CONNS=${CONNS:-50}
 THREADS=${THREADS:-2}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -33,16 +42,21 @@ ss = [socket.socket() for _ in range(4)]
 for s in ss: s.bind(("127.0.0.1", 0))
 print(*[s.getsockname()[1] for s in ss])
 ')
+HOST=bench.test
 
-echo "building the gateway (release, LTO)..." >&2
-(cd "$ROOT" && CARGO_PROFILE_RELEASE_LTO=fat CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1 \
-  cargo build --quiet --release -p httpgate --example gateway)
-GATEWAY_BIN="$ROOT/target/release/examples/gateway"
+echo "building sandboxd (release)..." >&2
+(cd "$ROOT" && cargo build --quiet --release --bin sandboxd)
+SBX="$ROOT/target/release/sandboxd"
 
-# Certificate for nginx and Caddy (the gateway issues its own from its internal CA).
+# The routed name resolves inside a private mount namespace only.
+printf '127.0.0.1 localhost\n127.0.0.1 %s shelley.%s\n' "$HOST" "$HOST" > "$WORK/hosts"
+# shellcheck disable=SC2016 # $0 and $@ expand in the inner shell
+in_ns() { unshare -m sh -c 'mount --bind "$0" /etc/hosts && exec "$@"' "$WORK/hosts" "$@"; }
+
+# Certificate for nginx and Caddy (sandboxd issues its own from its internal CA).
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
-  -keyout "$WORK/key.pem" -out "$WORK/cert.pem" -days 2 -subj /CN=localhost \
-  -addext subjectAltName=DNS:localhost 2>/dev/null
+  -keyout "$WORK/key.pem" -out "$WORK/cert.pem" -days 2 -subj "/CN=$HOST" \
+  -addext "subjectAltName=DNS:$HOST" 2>/dev/null
 
 mkdir -p "$WORK/www" "$WORK/tmp"
 printf 'hello\n' > "$WORK/www/small"
@@ -77,7 +91,7 @@ http {
   upstream up { server 127.0.0.1:$UP; keepalive 64; }
   server {
     listen 127.0.0.1:$NGINX ssl http2;
-    server_name localhost;
+    server_name $HOST;
     ssl_certificate $WORK/cert.pem;
     ssl_certificate_key $WORK/key.pem;
     ssl_session_cache shared:SSL:10m;
@@ -98,30 +112,43 @@ cat > "$WORK/Caddyfile" <<EOF
   admin off
   auto_https off
 }
-https://localhost:$CADDY {
+https://$HOST:$CADDY {
   tls $WORK/cert.pem $WORK/key.pem
   reverse_proxy 127.0.0.1:$UP
 }
 EOF
 
 nginx -c "$WORK/upstream.conf" -p "$WORK" & PIDS+=($!)
-"$GATEWAY_BIN" --listen "127.0.0.1:$GW" --host localhost --upstream "127.0.0.1:$UP" \
-  --threads "$(nproc)" --ca-out "$WORK/gw-ca.pem" & PIDS+=($!); GW_PID=$!
+# sandboxd as a service would run it: default log level (info, so one
+# access-log line per request, here to a file), internal-CA certificates.
+mkdir -m 700 "$WORK/sbx"
+SOCK="$WORK/sbx/admin.sock"
+"$SBX" serve --state-dir "$WORK/sbx/state" --admin-socket "$SOCK" \
+  --ssh-listen 127.0.0.1:0 --https-listen "127.0.0.1:$GW" --http-listen 127.0.0.1:0 \
+  --tls-mode internal 2>"$WORK/sandboxd.log" & PIDS+=($!); GW_PID=$!
+for _ in $(seq 1 100); do
+  "$SBX" --admin-socket "$SOCK" status >/dev/null 2>&1 && break
+  sleep 0.1
+done
+ssh-keygen -q -t ed25519 -N '' -f "$WORK/sbx/key" >/dev/null
+"$SBX" --admin-socket "$SOCK" add bench --domain "$HOST" --upstream 127.0.0.1 \
+  --app-port "$UP" --ssh-key "$WORK/sbx/key.pub" >/dev/null
+"$SBX" --admin-socket "$SOCK" ca-cert > "$WORK/gw-ca.pem"
 XDG_DATA_HOME="$WORK/caddy" XDG_CONFIG_HOME="$WORK/caddy" \
   caddy run --config "$WORK/Caddyfile" --adapter caddyfile >"$WORK/caddy.log" 2>&1 & PIDS+=($!); CADDY_PID=$!
 nginx -c "$WORK/nginx.conf" -p "$WORK" & PIDS+=($!); NGINX_PID=$!
 
 wait_ok() { # url cacert
   for _ in $(seq 1 100); do
-    if curl -fsS --max-time 2 --cacert "$2" -o /dev/null "$1" 2>/dev/null; then return 0; fi
+    if in_ns curl -fsS --max-time 2 --cacert "$2" -o /dev/null "$1" 2>/dev/null; then return 0; fi
     sleep 0.1
   done
   echo "not ready: $1" >&2; exit 1
 }
 wait_ok "http://127.0.0.1:$UP/small" /dev/null
-wait_ok "https://localhost:$GW/small" "$WORK/gw-ca.pem"
-wait_ok "https://localhost:$CADDY/small" "$WORK/cert.pem"
-wait_ok "https://localhost:$NGINX/small" "$WORK/cert.pem"
+wait_ok "https://$HOST:$GW/small" "$WORK/gw-ca.pem"
+wait_ok "https://$HOST:$CADDY/small" "$WORK/cert.pem"
+wait_ok "https://$HOST:$NGINX/small" "$WORK/cert.pem"
 
 # Peak resident memory (KiB) of a process and its children.
 peak_kib() {
@@ -142,62 +169,107 @@ to_ms() { # "1.23ms" / "456.00us" / "1.10s" -> ms
     else printf "%s", v }'
 }
 
-declare -A RPS P50 P99 MEM
-SERVERS=(httpgate caddy nginx)
-declare -A PORT=([httpgate]=$GW [caddy]=$CADDY [nginx]=$NGINX)
-declare -A PID=([httpgate]=$GW_PID [caddy]=$CADDY_PID [nginx]=$NGINX_PID)
-SCENARIOS=("keepalive small" "keepalive big" "close small" "close big")
+# CPU time (clock ticks) of a process and its children so far.
+cpu_ticks() {
+  local total=0 p
+  for p in "$1" $(ps -o pid= --ppid "$1"); do
+    local t
+    t=$(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0)
+    total=$((total + ${t:-0}))
+  done
+  echo "$total"
+}
+HZ=$(getconf CLK_TCK)
+
+declare -A RPS P50 P99 CPU MEM
+SERVERS=(sandboxd caddy nginx)
+declare -A PORT=([sandboxd]=$GW [caddy]=$CADDY [nginx]=$NGINX)
+declare -A PID=([sandboxd]=$GW_PID [caddy]=$CADDY_PID [nginx]=$NGINX_PID)
+IFS=, read -r -a SCENARIOS <<<"${SCENARIOS:-keepalive small,keepalive big,close small,close big}"
 
 run_wrk() { # server mode size
-  local url="https://localhost:${PORT[$1]}/$3" extra=()
+  local url="https://$HOST:${PORT[$1]}/$3" extra=()
   [ "$2" = close ] && extra=(-H 'Connection: close')
-  timeout $((DUR + 30)) wrk -t"$THREADS" -c"$CONNS" -d"${DUR}s" --latency "${extra[@]}" "$url"
+  in_ns timeout $((DUR + 30)) wrk -t"$THREADS" -c"$CONNS" -d"${DUR}s" --latency "${extra[@]}" "$url"
 }
 
 # Warm-up, then ROUNDS rounds; each round runs every scenario on every
-# server, in an order that alternates between rounds, so that load from
-# elsewhere on the machine hits all three alike. The best round is kept.
+# server, in an order that rotates between rounds, so that load from
+# elsewhere on the machine hits all three alike. Ratios are taken within a
+# round (the servers ran seconds apart) and reported as min–median–max.
 for s in "${SERVERS[@]}"; do run_wrk "$s" keepalive small >/dev/null 2>&1 || true; done
+LOADS=()
 for round in $(seq 1 "$ROUNDS"); do
-  order=("${SERVERS[@]}")
-  [ $((round % 2)) -eq 0 ] && order=(nginx caddy httpgate)
+  case $((round % 3)) in
+    1) order=(sandboxd caddy nginx) ;;
+    2) order=(nginx sandboxd caddy) ;;
+    0) order=(caddy nginx sandboxd) ;;
+  esac
   for sc in "${SCENARIOS[@]}"; do
     read -r mode size <<<"$sc"
     for s in "${order[@]}"; do
       echo "round $round: $s $mode $size" >&2
+      perf_pid=
+      if [ -n "${PERF_OUT:-}" ] && [ "$s" = sandboxd ] && [ "$round" = 1 ]; then
+        perf record -q -F 499 -g -p "$GW_PID" -o "$PERF_OUT.${mode}-${size}" -- sleep "$DUR" \
+          >/dev/null 2>&1 & perf_pid=$!
+      fi
+      c0=$(cpu_ticks "${PID[$s]}")
       out=$(run_wrk "$s" "$mode" "$size" 2>&1 || true)
+      c1=$(cpu_ticks "${PID[$s]}")
+      [ -n "$perf_pid" ] && wait "$perf_pid"
       rps=$(awk '/^Requests\/sec:/ {printf "%.0f", $2}' <<<"$out")
+      reqs=$(awk '/requests in/ {print $1}' <<<"$out")
       errs=$(awk '/Non-2xx|Socket errors/' <<<"$out")
       [ -n "$errs" ] && echo "  $s $sc: $errs" >&2
-      if [ "${rps:-0}" -gt "${RPS[$s,$sc]:-0}" ]; then
-        RPS[$s,$sc]=$rps
-        P50[$s,$sc]=$(to_ms "$(awk '$1 == "50%" {print $2}' <<<"$out")")
-        P99[$s,$sc]=$(to_ms "$(awk '$1 == "99%" {print $2}' <<<"$out")")
-      fi
+      RPS[$round,$s,$sc]=${rps:-0}
+      P50[$round,$s,$sc]=$(to_ms "$(awk '$1 == "50%" {print $2}' <<<"$out")")
+      P99[$round,$s,$sc]=$(to_ms "$(awk '$1 == "99%" {print $2}' <<<"$out")")
+      CPU[$round,$s,$sc]=$(awk -v t=$((c1 - c0)) -v hz="$HZ" -v n="${reqs:-0}" \
+        'BEGIN { if (n > 0) printf "%.0f", t / hz * 1e6 / n; else print "-" }')
     done
   done
+  LOADS+=("$(cut -d' ' -f1 /proc/loadavg)")
 done
 for s in "${SERVERS[@]}"; do MEM[$s]=$(peak_kib "${PID[$s]}"); done
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
+# min–median–max of the arguments
+spread() {
+  printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END {
+    if (NR == 0) { print "-"; exit }
+    m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
+    printf "%s–%.2f–%s", v[1], m, v[NR] }'
+}
 
 echo
-echo "wrk -t$THREADS -c$CONNS -d${DUR}s over TLS, best of $ROUNDS interleaved rounds (loopback, $(nproc) cores shared by client, proxy and upstream)"
+echo "wrk -t$THREADS -c$CONNS -d${DUR}s over TLS, $ROUNDS interleaved rounds (loopback, $(nproc) cores shared by client, proxies and upstream)"
+echo "load average (1 min) after each round: ${LOADS[*]}"
 echo
-printf '| %-16s | %-8s | %9s | %8s | %8s |\n' scenario server "req/s" "p50 ms" "p99 ms"
-printf '|%s|%s|%s|%s|%s|\n' ------------------ ---------- ----------- ---------- ----------
-for sc in "${SCENARIOS[@]}"; do
-  for s in "${SERVERS[@]}"; do
-    printf '| %-16s | %-8s | %9s | %8s | %8s |\n' "$sc" "$s" "${RPS[$s,$sc]:-?}" "${P50[$s,$sc]:-?}" "${P99[$s,$sc]:-?}"
+printf '| %5s | %-16s | %-8s | %9s | %8s | %8s | %10s |\n' round scenario server "req/s" "p50 ms" "p99 ms" "CPU µs/req"
+printf '|%s|%s|%s|%s|%s|%s|%s|\n' ------- ------------------ ---------- ----------- ---------- ---------- ------------
+for round in $(seq 1 "$ROUNDS"); do
+  for sc in "${SCENARIOS[@]}"; do
+    for s in "${SERVERS[@]}"; do
+      printf '| %5s | %-16s | %-8s | %9s | %8s | %8s | %10s |\n' "$round" "$sc" "$s" \
+        "${RPS[$round,$s,$sc]}" "${P50[$round,$s,$sc]}" "${P99[$round,$s,$sc]}" "${CPU[$round,$s,$sc]}"
+    done
   done
 done
 echo
-printf '| %-16s | %14s | %14s |\n' scenario "httpgate/caddy" "httpgate/nginx"
-printf '|%s|%s|%s|\n' ------------------ ---------------- ----------------
+echo "Ratios within each round, min–median–max over the rounds (req/s: higher is better for sandboxd; p99: lower is better for sandboxd)"
+echo
+printf '| %-16s | %22s | %22s | %24s |\n' scenario "req/s sandboxd/caddy" "req/s sandboxd/nginx" "p99 sandboxd/nginx"
+printf '|%s|%s|%s|%s|\n' ------------------ ------------------------ ------------------------ --------------------------
 for sc in "${SCENARIOS[@]}"; do
-  printf '| %-16s | %14s | %14s |\n' "$sc" \
-    "$(ratio "${RPS[httpgate,$sc]:-0}" "${RPS[caddy,$sc]:-0}")" \
-    "$(ratio "${RPS[httpgate,$sc]:-0}" "${RPS[nginx,$sc]:-0}")"
+  rc=() rn=() pn=()
+  for round in $(seq 1 "$ROUNDS"); do
+    rc+=("$(ratio "${RPS[$round,sandboxd,$sc]}" "${RPS[$round,caddy,$sc]}")")
+    rn+=("$(ratio "${RPS[$round,sandboxd,$sc]}" "${RPS[$round,nginx,$sc]}")")
+    pn+=("$(ratio "${P99[$round,sandboxd,$sc]}" "${P99[$round,nginx,$sc]}")")
+  done
+  printf '| %-16s | %22s | %22s | %24s |\n' "$sc" "$(spread "${rc[@]}")" "$(spread "${rn[@]}")" "$(spread "${pn[@]}")"
 done
 echo
-echo "peak RSS: httpgate $((MEM[httpgate] / 1024)) MiB, caddy $((MEM[caddy] / 1024)) MiB, nginx (master + workers) $((MEM[nginx] / 1024)) MiB"
+echo "peak RSS: sandboxd $((MEM[sandboxd] / 1024)) MiB, caddy $((MEM[caddy] / 1024)) MiB, nginx (master + workers) $((MEM[nginx] / 1024)) MiB"
+echo "sandboxd access log: $(wc -l < "$WORK/sandboxd.log") lines"

@@ -25,10 +25,23 @@ const GRACE: Duration = Duration::from_secs(10);
 /// Every listener the daemon serves, bound before it starts.
 pub struct Bound {
     pub ssh: Vec<TcpListener>,
-    pub https: Vec<TcpListener>,
-    pub http: Vec<TcpListener>,
+    /// The HTTPS and HTTP sockets of each web serving thread: every address
+    /// is bound once per thread with SO_REUSEPORT (see
+    /// [`httpgate::HttpGateway::spawn_threads`]).
+    pub web: Vec<httpgate::ThreadListeners>,
+    pub https_addrs: Vec<SocketAddr>,
+    pub http_addrs: Vec<SocketAddr>,
     pub admin: UnixListener,
 }
+
+/// The listeners of [`bind_all`]: ssh sockets, then the web threads' sockets
+/// and the HTTPS and HTTP addresses they listen on.
+type BoundTcp = (
+    Vec<std::net::TcpListener>,
+    Vec<httpgate::ThreadListeners>,
+    Vec<SocketAddr>,
+    Vec<SocketAddr>,
+);
 
 fn bind_tcp(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let domain = socket2::Domain::for_address(addr);
@@ -44,32 +57,49 @@ fn bind_tcp(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
-/// Binds all TCP listeners of `config`; every failure is reported.
-fn bind_all(
-    config: &Config,
-) -> Result<(
-    Vec<std::net::TcpListener>,
-    Vec<std::net::TcpListener>,
-    Vec<std::net::TcpListener>,
-)> {
+/// Binds all TCP listeners of `config`, the web ones once per serving
+/// thread (`threads`); every failure is reported.
+fn bind_all(config: &Config, threads: usize) -> Result<BoundTcp> {
     let mut problems = Vec::new();
-    let mut bind_group = |what: &str, addrs: &[SocketAddr]| {
-        let mut out = Vec::new();
+    let mut ssh = Vec::new();
+    for addr in &config.ssh_listen {
+        match bind_tcp(*addr) {
+            Ok(l) => ssh.push(l),
+            Err(e) => problems.push(format!("cannot listen for ssh on {addr}: {e}")),
+        }
+    }
+    let threads = threads.max(1);
+    let mut web: Vec<httpgate::ThreadListeners> =
+        (0..threads).map(|_| Default::default()).collect();
+    let mut bind_web = |what: &str, addrs: &[SocketAddr], https: bool| {
+        let mut bound = Vec::new();
         for addr in addrs {
-            match bind_tcp(*addr) {
-                Ok(l) => out.push(l),
+            match httpgate::bind_per_thread(*addr, threads)
+                .and_then(|ls| Ok((ls[0].local_addr()?, ls)))
+            {
+                Ok((local, ls)) => {
+                    bound.push(local);
+                    for (t, l) in web.iter_mut().zip(ls) {
+                        match https {
+                            true => t.https.push(l),
+                            false => t.http.push(l),
+                        }
+                    }
+                }
                 Err(e) => problems.push(format!("cannot listen for {what} on {addr}: {e}")),
             }
         }
-        out
+        bound
     };
-    let ssh = bind_group("ssh", &config.ssh_listen);
-    let https = bind_group("https", &config.https_listen);
-    let http = bind_group("http", &config.http_listen);
+    let https = bind_web("https", &config.https_listen, true);
+    let http = bind_web("http", &config.http_listen, false);
     if !problems.is_empty() {
         return Err(anyhow!(problems.join("; ")));
     }
-    Ok((ssh, https, http))
+    if https.is_empty() && http.is_empty() {
+        web.clear();
+    }
+    Ok((ssh, web, https, http))
 }
 
 fn init_tracing(filter: &str) {
@@ -79,7 +109,9 @@ fn init_tracing(filter: &str) {
         .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(filter));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        // Standard error; the HTTPS threads' access-log lines are written in
+        // batches when the thread goes idle.
+        .with_writer(httpgate::LogWriter::default)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
@@ -101,7 +133,9 @@ pub fn main(args: ServeArgs, admin_socket: Option<PathBuf>) -> Result<()> {
                 .await
                 .context("opening the store")??
         };
-        let (ssh, https, http) = bind_all(&config)?;
+        // One web serving thread per core (a connection never changes threads).
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let (ssh, web, https_addrs, http_addrs) = bind_all(&config, threads)?;
         let group = match &config.admin_group {
             Some(name) => nix::unistd::Group::from_name(name)?.map(|g| g.gid),
             None => None,
@@ -116,8 +150,9 @@ pub fn main(args: ServeArgs, admin_socket: Option<PathBuf>) -> Result<()> {
         };
         let bound = Bound {
             ssh: to_tokio(ssh)?,
-            https: to_tokio(https)?,
-            http: to_tokio(http)?,
+            web,
+            https_addrs,
+            http_addrs,
             admin,
         };
         run(config, Arc::new(store), bound, shutdown_signal()).await
@@ -151,6 +186,10 @@ fn addrs(listeners: &[TcpListener]) -> Vec<String> {
         .filter_map(|l| l.local_addr().ok())
         .map(|a| a.to_string())
         .collect()
+}
+
+fn addr_strings(addrs: &[SocketAddr]) -> Vec<String> {
+    addrs.iter().map(ToString::to_string).collect()
 }
 
 /// Runs the daemon on already-bound listeners until `shutdown` resolves.
@@ -204,12 +243,7 @@ pub async fn run(
         }
         None => None,
     };
-    let https_port = bound
-        .https
-        .first()
-        .and_then(|l| l.local_addr().ok())
-        .map(|a| a.port())
-        .unwrap_or(443);
+    let https_port = bound.https_addrs.first().map_or(443, |a| a.port());
     let mut http_config = httpgate::HttpConfig {
         default_tls: match config.tls_mode {
             TlsMode::Acme => httpgate::TlsModeKind::Acme,
@@ -256,8 +290,8 @@ pub async fn run(
         started,
         admin_socket: config.admin_socket.clone(),
         ssh_listen: addrs(&bound.ssh),
-        https_listen: addrs(&bound.https),
-        http_listen: addrs(&bound.http),
+        https_listen: addr_strings(&bound.https_addrs),
+        http_listen: addr_strings(&bound.http_addrs),
         lifecycle: lifecycle.clone(),
     });
     let access = Access {
@@ -276,22 +310,26 @@ pub async fn run(
             }
         });
     }
-    for l in bound.https {
-        let gate = http.clone();
-        tasks.spawn(async move {
-            if let Err(e) = gate.serve_https(l).await {
-                tracing::error!(error = %e, "https listener failed");
+    // HTTPS and HTTP: one single-threaded runtime per core, off this runtime.
+    let web = http
+        .spawn_threads(bound.web)
+        .context("starting the web threads")?;
+    tasks.spawn(async move {
+        let joined = tokio::task::spawn_blocking(move || {
+            web.into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(std::io::Error::other("panicked")))
+                })
+                .collect::<Vec<_>>()
+        })
+        .await;
+        for r in joined.unwrap_or_default() {
+            if let Err(e) = r {
+                tracing::error!(error = %e, "web listener failed");
             }
-        });
-    }
-    for l in bound.http {
-        let gate = http.clone();
-        tasks.spawn(async move {
-            if let Err(e) = gate.serve_http(l).await {
-                tracing::error!(error = %e, "http listener failed");
-            }
-        });
-    }
+        }
+    });
     tasks.spawn(crate::watcher::run(lifecycle, stop_rx.clone()));
     tasks.spawn(admin::serve(
         bound.admin,

@@ -1,5 +1,6 @@
-//! A stand-alone gateway for benchmarks and manual tries, until the daemon is
-//! wired: routes one host (internal CA certificate) to one upstream.
+//! A stand-alone gateway for manual tries and profiling of the proxy alone
+//! (no store, no CLI): routes one host (internal CA certificate) to one
+//! upstream. The benchmark (bench/https.sh) runs the real daemon instead.
 //!
 //! ```text
 //! cargo run --release -p httpgate --example gateway -- \

@@ -19,10 +19,12 @@ mod error;
 mod framing;
 mod gateway;
 mod idle;
+mod logbuf;
 mod pages;
 mod proxy;
 mod server;
 mod tls;
+mod upstream;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -31,7 +33,8 @@ use serde::{Deserialize, Serialize};
 
 pub use config::{ChallengeKind, HttpConfig, Limits, Timeouts, TlsModeKind};
 pub use error::{Error, StoreError};
-pub use gateway::HttpGateway;
+pub use gateway::{bind_per_thread, HttpGateway, ThreadListeners};
+pub use logbuf::LogWriter;
 
 /// Which port of a sandbox a host name leads to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -25,6 +25,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use crate::framing::FramingFlags;
 use crate::gateway::Shared;
+use crate::upstream::{self, ConnUpstreams, UpstreamError};
 use crate::{pages, HttpConfig, Route, Target};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -39,6 +40,44 @@ pub(crate) struct ConnInfo {
     pub tls: bool,
     pub framing: Option<Arc<FramingFlags>>,
     pub seq: AtomicU64,
+    /// The peer's address as a header value (X-Forwarded-For), made once.
+    peer_ip: HeaderValue,
+    /// HTTP/1 clients: upstream connections owned by this connection's task
+    /// (driven by [`drive`]). HTTP/2 clients use the shared pool.
+    upstreams: Option<ConnUpstreams>,
+}
+
+impl ConnInfo {
+    /// `own_upstreams`: forward over connections owned by this client
+    /// connection, which the caller must then serve through [`drive`].
+    pub(crate) fn new(
+        peer: SocketAddr,
+        sni: Option<String>,
+        tls: bool,
+        framing: Option<Arc<FramingFlags>>,
+        own_upstreams: bool,
+    ) -> Self {
+        let peer_ip = HeaderValue::from_str(&peer.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        Self {
+            peer,
+            sni,
+            tls,
+            framing,
+            seq: AtomicU64::new(0),
+            peer_ip,
+            upstreams: own_upstreams.then(ConnUpstreams::default),
+        }
+    }
+}
+
+/// Poll a client connection's future `fut` together with the upstream
+/// connections it owns, in the current task.
+pub(crate) async fn drive<F: std::future::Future + Unpin>(conn: &ConnInfo, fut: F) -> F::Output {
+    match &conn.upstreams {
+        Some(u) => u.drive(fut).await,
+        None => fut.await,
+    }
 }
 
 /// The pooled clients to upstreams: one pool per shard, a thread always
@@ -386,6 +425,10 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 ];
 
 fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names, no lookups.
+    if !h.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
+    }
     let listed: Vec<HeaderName> = h
         .get_all(CONNECTION)
         .iter()
@@ -415,15 +458,15 @@ fn is_upgrade<B>(req: &Request<B>) -> bool {
 
 fn set_forwarded(shared: &Shared, conn: &ConnInfo, h: &mut HeaderMap, host: &str) {
     let trusted = shared.config.trusted_proxies.contains(&conn.peer.ip());
-    let peer = conn.peer.ip().to_string();
-    let xff = match (
-        trusted,
-        h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()),
-    ) {
-        (true, Some(prev)) => format!("{prev}, {peer}"),
-        _ => peer,
+    let prev = match trusted {
+        true => h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()),
+        false => None,
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    let xff = match prev {
+        Some(prev) => HeaderValue::from_str(&format!("{prev}, {}", conn.peer.ip())).ok(),
+        None => Some(conn.peer_ip.clone()),
+    };
+    if let Some(v) = xff {
         h.insert(X_FORWARDED_FOR.clone(), v);
     }
     if !(trusted && h.contains_key(&X_FORWARDED_PROTO)) {
@@ -484,40 +527,55 @@ async fn forward(
         parts.headers.remove(AUTHORIZATION);
     }
     set_forwarded(shared, conn, &mut parts.headers, host);
-    let pq = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    let authority = if up_host.contains(':') {
-        format!("[{up_host}]:{port}")
-    } else {
-        format!("{up_host}:{port}")
-    };
-    parts.uri = match Uri::builder()
-        .scheme("http")
-        .authority(authority.as_str())
-        .path_and_query(pq)
-        .build()
-    {
-        Ok(u) => u,
-        Err(_) => return pages::bad_request("Malformed request target."),
-    };
     parts.version = Version::HTTP_11;
     let client_fault = Arc::new(AtomicBool::new(false));
-    let up_req = Request::from_parts(
-        parts,
-        ReqBody {
-            inner: Some(body),
-            client_fault: client_fault.clone(),
-        },
-    );
+    let body = ReqBody {
+        inner: Some(body),
+        client_fault: client_fault.clone(),
+    };
+    let timeouts = &shared.config.timeouts;
     let t0 = Instant::now();
-    let result = tokio::time::timeout(
-        shared.config.timeouts.upstream_response,
-        shared.upstreams.pick().request(up_req),
-    )
-    .await;
+    let result = match (&conn.upstreams, upgrade) {
+        (Some(own), false) => {
+            origin_form(&mut parts.uri);
+            let up_req = Request::from_parts(parts, body);
+            let send = own.send(up_host, port, timeouts.upstream_connect, up_req);
+            tokio::time::timeout(timeouts.upstream_response, send).await
+        }
+        (_, true) => {
+            origin_form(&mut parts.uri);
+            let up_req = Request::from_parts(parts, body);
+            let send = upstream::send_upgrade(up_host, port, timeouts.upstream_connect, up_req);
+            tokio::time::timeout(timeouts.upstream_response, send).await
+        }
+        (None, false) => {
+            let pq = parts
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/");
+            let authority = if up_host.contains(':') {
+                format!("[{up_host}]:{port}")
+            } else {
+                format!("{up_host}:{port}")
+            };
+            parts.uri = match Uri::builder()
+                .scheme("http")
+                .authority(authority.as_str())
+                .path_and_query(pq)
+                .build()
+            {
+                Ok(u) => u,
+                Err(_) => return pages::bad_request("Malformed request target."),
+            };
+            let up_req = Request::from_parts(parts, body);
+            let send = shared.upstreams.pick().request(up_req);
+            tokio::time::timeout(timeouts.upstream_response, async {
+                send.await.map_err(UpstreamError::Pooled)
+            })
+            .await
+        }
+    };
     *upstream_ms = Some(t0.elapsed().as_millis());
     let mut resp = match result {
         Err(_) => {
@@ -526,7 +584,7 @@ async fn forward(
                 &format!(
                     "Sandbox {} did not answer within {} s.",
                     route.sandbox,
-                    shared.config.timeouts.upstream_response.as_secs()
+                    timeouts.upstream_response.as_secs()
                 ),
             )
         }
@@ -534,7 +592,7 @@ async fn forward(
             if client_fault.load(Ordering::Relaxed) {
                 return pages::bad_request("Malformed request body.");
             }
-            tracing::debug!(sandbox = %route.sandbox, error = %e, "upstream error");
+            tracing::debug!(sandbox = %route.sandbox, error = ?e, "upstream error");
             return pages::error(
                 StatusCode::BAD_GATEWAY,
                 &upstream_error_text(route, port, &e),
@@ -577,25 +635,54 @@ async fn forward(
     )
 }
 
-fn upstream_error_text(route: &Route, port: u16, e: &hyper_util::client::legacy::Error) -> String {
-    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+/// Rewrite an absolute-form request target to origin form (what an
+/// HTTP/1.1 connection to the upstream sends).
+fn origin_form(uri: &mut Uri) {
+    if uri.scheme().is_none() && uri.authority().is_none() {
+        return;
+    }
+    let pq = uri.path_and_query().map_or("/", |p| p.as_str());
+    if let Ok(u) = Uri::try_from(pq) {
+        *uri = u;
+    }
+}
+
+fn io_error_text(route: &Route, port: u16, io: &std::io::Error) -> String {
+    match io.kind() {
+        std::io::ErrorKind::ConnectionRefused => format!(
+            "Sandbox {} is running but nothing answers on port {port} (connection refused).",
+            route.sandbox
+        ),
+        std::io::ErrorKind::TimedOut => format!(
+            "Sandbox {} could not be reached on port {port} (connect timed out).",
+            route.sandbox
+        ),
+        _ => format!(
+            "Sandbox {} could not be reached on port {port} ({io}).",
+            route.sandbox
+        ),
+    }
+}
+
+fn upstream_error_text(route: &Route, port: u16, e: &UpstreamError) -> String {
+    let (mut src, connect): (Option<&(dyn std::error::Error + 'static)>, bool) = match e {
+        UpstreamError::Connect(io) => return io_error_text(route, port, io),
+        UpstreamError::ConnectTimeout => {
+            return format!(
+                "Sandbox {} could not be reached on port {port} (connect timed out).",
+                route.sandbox
+            )
+        }
+        UpstreamError::Http(e) => (std::error::Error::source(e), false),
+        UpstreamError::Pooled(e) => (std::error::Error::source(e), e.is_connect()),
+    };
     while let Some(s) = src {
         if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            return match io.kind() {
-                std::io::ErrorKind::ConnectionRefused => format!(
-                    "Sandbox {} is running but nothing answers on port {port} (connection refused).",
-                    route.sandbox
-                ),
-                std::io::ErrorKind::TimedOut => format!(
-                    "Sandbox {} could not be reached on port {port} (connect timed out).",
-                    route.sandbox
-                ),
-                _ => format!("Sandbox {} could not be reached on port {port} ({io}).", route.sandbox),
-            };
+            return io_error_text(route, port, io);
         }
         src = s.source();
     }
-    if e.is_connect() {
+    if connect {
         format!(
             "Sandbox {} could not be reached on port {port}.",
             route.sandbox

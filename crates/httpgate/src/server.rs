@@ -6,7 +6,6 @@
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -135,13 +134,7 @@ async fn connection(
 ) {
     let Some(acceptor) = acceptor else {
         let flags = FramingFlags::new();
-        let info = ConnInfo {
-            peer,
-            sni: None,
-            tls: false,
-            framing: Some(flags.clone()),
-            seq: AtomicU64::new(0),
-        };
+        let info = ConnInfo::new(peer, None, false, Some(flags.clone()), false);
         serve_conn(
             shared,
             builder,
@@ -175,23 +168,11 @@ async fn connection(
         .server_name()
         .map(|s| s.trim_end_matches('.').to_ascii_lowercase());
     if alpn.as_deref() == Some(b"h2") {
-        let info = ConnInfo {
-            peer,
-            sni,
-            tls: true,
-            framing: None,
-            seq: AtomicU64::new(0),
-        };
+        let info = ConnInfo::new(peer, sni, true, None, false);
         serve_conn(shared, builder, Proto::H2, tls, info, shutdown).await;
     } else {
         let flags = FramingFlags::new();
-        let info = ConnInfo {
-            peer,
-            sni,
-            tls: true,
-            framing: Some(flags.clone()),
-            seq: AtomicU64::new(0),
-        };
+        let info = ConnInfo::new(peer, sni, true, Some(flags.clone()), true);
         serve_conn(
             shared,
             builder,
@@ -204,33 +185,35 @@ async fn connection(
     }
 }
 
-/// Drive a hyper connection until it ends; on shutdown, or when no request
-/// has been open for the idle timeout, finish gracefully (HTTP/2: GOAWAY).
+/// Drive a hyper connection (and the upstream connections it owns, in the
+/// same task) until it ends; on shutdown, or when no request has been open
+/// for the idle timeout, finish gracefully (HTTP/2: GOAWAY).
 macro_rules! drive {
-    ($conn:expr, $shutdown:expr, $idle:expr) => {{
+    ($conn:expr, $shutdown:expr, $info:expr, $idle:expr) => {{
         let conn = $conn;
         tokio::pin!(conn);
         if *$shutdown.borrow() {
             conn.as_mut().graceful_shutdown();
         }
         let (activity, idle, grace) = $idle;
-        tokio::select! {
-            res = conn.as_mut() => {
-                if let Err(e) = res {
-                    tracing::debug!(error = %e, "connection ended with an error");
-                }
-            }
+        let res = tokio::select! {
+            res = proxy::drive(&$info, conn.as_mut()) => res,
             _ = $shutdown.changed() => {
                 conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
+                proxy::drive(&$info, conn.as_mut()).await
             }
             _ = activity.idle(idle) => {
                 tracing::debug!("idle connection closed");
                 conn.as_mut().graceful_shutdown();
                 // A live client acknowledges the GOAWAY within a PING's time.
                 let bound = if activity.seen_any() { grace } else { Duration::ZERO };
-                let _ = tokio::time::timeout(bound, conn).await;
+                tokio::time::timeout(bound, proxy::drive(&$info, conn.as_mut()))
+                    .await
+                    .unwrap_or(Ok(()))
             }
+        };
+        if let Err(e) = res {
+            tracing::debug!(error = %e, "connection ended with an error");
         }
     }};
 }
@@ -256,6 +239,7 @@ async fn serve_conn<I>(
             .shutdown_grace
             .min(shared.config.timeouts.h2_ping_timeout),
     );
+    let conn_info = info.clone();
     let svc = service_fn(move |req| {
         let shared = shared.clone();
         let info = info.clone();
@@ -267,12 +251,19 @@ async fn serve_conn<I>(
         Proto::H1 => drive!(
             builder.h1.serve_connection(io, svc).with_upgrades(),
             shutdown,
+            conn_info,
             idle
         ),
-        Proto::H2 => drive!(builder.h2.serve_connection(io, svc), shutdown, idle),
+        Proto::H2 => drive!(
+            builder.h2.serve_connection(io, svc),
+            shutdown,
+            conn_info,
+            idle
+        ),
         Proto::Auto => drive!(
             builder.auto.serve_connection_with_upgrades(io, svc),
             shutdown,
+            conn_info,
             idle
         ),
     }
