@@ -157,6 +157,16 @@ fn app_and_agent_hosts_with_internal_certificates() {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "200 2");
+    // Python's http.server answers in HTTP/1.0; the client still gets
+    // HTTP/1.1 and keeps its connection for the next request.
+    let url_txt = url("myapp.test", "/index.txt");
+    let out = Command::new("curl")
+        .args(["-sS", "--http1.1", "-o", "/dev/null", "-o", "/dev/null"])
+        .args(["-w", "%{http_version} %{num_connects};", "--cacert", ca_s])
+        .args(["--resolve", &resolve("myapp.test"), &url_txt, &url_txt])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "1.1 1;1.1 0;");
 
     // The agent host asks for basic auth.
     let agent_host = "shelley.myapp.test";

@@ -625,7 +625,11 @@ async fn forward(
         );
     }
     strip_hop_by_hop(resp.headers_mut());
-    let (parts, body) = resp.into_parts();
+    let (mut parts, body) = resp.into_parts();
+    // The response to the client is ours: an HTTP/1.0 upstream must not turn
+    // it into HTTP/1.0 (hyper would then close the client's keep-alive
+    // connection). hyper still answers an HTTP/1.0 client in HTTP/1.0.
+    parts.version = Version::HTTP_11;
     Response::from_parts(
         parts,
         RespBody {
