@@ -13,44 +13,12 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::pebble::{free_port, wait_port, Pebble};
+use common::pebble::Pebble;
 use common::pki::served_serial;
-use common::Daemon;
-
-/// Python's http.server on a free loopback port, serving `index.txt`.
-struct Upstream {
-    port: u16,
-    _child: common::pebble::Proc,
-}
-
-fn upstream(dir: &Path, content: &str) -> Upstream {
-    let root = dir.join("www");
-    std::fs::create_dir_all(&root).unwrap();
-    std::fs::write(root.join("index.txt"), content).unwrap();
-    let port = free_port();
-    let child: Child = Command::new("python3")
-        .args([
-            "-m",
-            "http.server",
-            "--bind",
-            "127.0.0.1",
-            &port.to_string(),
-        ])
-        .current_dir(&root)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let child = common::pebble::Proc(child);
-    wait_port(port);
-    Upstream {
-        port,
-        _child: child,
-    }
-}
+use common::{python_upstream, Daemon};
 
 /// curl `https://HOST:PORT/index.txt` with `host` resolved to loopback,
 /// trusting `ca`: (status, body, stderr).
@@ -140,7 +108,7 @@ fn acme_issue_restart_and_outage_in_the_daemon() {
         .args(&["--https-listen", &format!("127.0.0.1:{}", pebble.tls_port)])
         .args(&["--http-listen", &format!("127.0.0.1:{}", pebble.http_port)])
         .start();
-    let app = upstream(d.dir.path(), "acme-app");
+    let app = python_upstream(d.dir.path(), "www", "acme-app");
     let port = pebble.tls_port;
     let (domain, agent) = ("acme.test", "shelley.acme.test");
 
@@ -232,7 +200,7 @@ fn acme_http01_through_the_daemons_http_listener() {
         .args(&["--acme-ca-root", pebble.cert_file.to_str().unwrap()])
         .args(&["--http-listen", &format!("127.0.0.1:{}", pebble.http_port)])
         .start();
-    let app = upstream(d.dir.path(), "http01-app");
+    let app = python_upstream(d.dir.path(), "www", "http01-app");
     let t = Instant::now();
     add(&d, "web", "web.test", app.port);
     let issued = wait_issued(&d, &pebble, "web.test");

@@ -5,52 +5,10 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::Daemon;
-
-struct Upstream {
-    port: u16,
-    child: Child,
-}
-
-impl Drop for Upstream {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn upstream(dir: &Path, name: &str, content: &str) -> Upstream {
-    let root = dir.join(name);
-    std::fs::create_dir_all(&root).unwrap();
-    std::fs::write(root.join("index.txt"), content).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new("python3")
-        .args([
-            "-m",
-            "http.server",
-            "--bind",
-            "127.0.0.1",
-            &port.to_string(),
-        ])
-        .current_dir(&root)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "upstream did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Upstream { port, child }
-}
+use common::{python_upstream, Daemon};
 
 fn port_of(addr: &serde_json::Value) -> u16 {
     addr.as_str()
@@ -88,8 +46,8 @@ fn curl_inner(args: &[&str]) -> (u16, String, String) {
 #[test]
 fn app_and_agent_hosts_with_internal_certificates() {
     let d = Daemon::builder().arg("--tls-mode").arg("internal").start();
-    let app = upstream(d.dir.path(), "app", "app-content");
-    let agent = upstream(d.dir.path(), "agent", "agent-content");
+    let app = python_upstream(d.dir.path(), "app", "app-content");
+    let agent = python_upstream(d.dir.path(), "agent", "agent-content");
     let key = d.keygen("k");
     let pw = d.dir.path().join("pw");
     std::fs::write(&pw, "correct horse\n").unwrap();
@@ -401,7 +359,7 @@ fn cert_status(d: &Daemon, domain: &str) -> serde_json::Value {
 fn manual_certificates_from_pem_files() {
     use common::pki::{file_serial, served_serial, Ca};
     let d = Daemon::builder().arg("--tls-mode").arg("internal").start();
-    let app = upstream(d.dir.path(), "app", "manual-app");
+    let app = python_upstream(d.dir.path(), "app", "manual-app");
     let pki_dir = d.dir.path().join("pki");
     std::fs::create_dir(&pki_dir).unwrap();
     let ca = Ca::new(&pki_dir, "sandboxd-test-ca");
@@ -644,7 +602,7 @@ fn idle_client_connections_closed_after_the_configured_timeout() {
         .arg("internal")
         .config("[http]\nidle_timeout_secs = 1\n")
         .start();
-    let app = upstream(d.dir.path(), "app", "idle-app");
+    let app = python_upstream(d.dir.path(), "app", "idle-app");
     let key = d.keygen("k");
     d.ok(&[
         "add",

@@ -283,3 +283,47 @@ pub fn keygen(dir: &Path, name: &str) -> PathBuf {
     }
     PathBuf::from(format!("{}.pub", path.display()))
 }
+
+/// Python's http.server on a free loopback port, serving `index.txt` with
+/// `content` from `DIR/NAME` (an HTTP/1.0 app, like many real ones).
+pub struct Upstream {
+    pub port: u16,
+    child: Child,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn python_upstream(dir: &Path, name: &str, content: &str) -> Upstream {
+    let root = dir.join(name);
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("index.txt"), content).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            "--bind",
+            "127.0.0.1",
+            &port.to_string(),
+        ])
+        .current_dir(&root)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "upstream did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Upstream { port, child }
+}
