@@ -92,6 +92,13 @@ fi
 if ! "$sandboxd" show demo >/dev/null 2>&1; then
     "$sandboxd" create demo --domain demo.localhost --ssh-key "$key" \
         --hook scripts/demo-app-hook.sh
+else
+    # Kept from an earlier run, perhaps made with another key or stopped
+    # since: allow this key (adding a known key changes nothing) and start it.
+    "$sandboxd" key add demo "$key" >/dev/null
+    if ! "$sandboxd" show demo | grep -q '^status: *running'; then
+        "$sandboxd" start demo
+    fi
 fi
 
 # Trust the gateway's host key for [localhost]:2222.
@@ -102,8 +109,15 @@ ssh-keygen -R '[localhost]:2222' -f "$known" >/dev/null 2>&1 || true
 "$sandboxd" ca-cert >/etc/sandboxd/demo-ca.pem
 
 log "check"
-ssh -o BatchMode=yes -i "${key%.pub}" -p 2222 demo@localhost \
-    'echo "ssh: logged in to $(hostname) as $(whoami)"'
+# A container just started may need a moment before its sshd answers.
+for try in 1 2 3 4 5; do
+    if ssh -o BatchMode=yes -i "${key%.pub}" -p 2222 demo@localhost \
+        'echo "ssh: logged in to $(hostname) as $(whoami)"'; then
+        break
+    fi
+    [ "$try" -lt 5 ] || exit 1
+    sleep 2
+done
 https_port=443
 curl -sS --fail --retry 5 --retry-connrefused --retry-delay 1 --cacert /etc/sandboxd/demo-ca.pem \
     --resolve "demo.localhost:$https_port:127.0.0.1" "https://demo.localhost:$https_port/"
