@@ -95,6 +95,19 @@ fn app_and_agent_hosts_with_internal_certificates() {
         "{err}\n{}",
         d.log_text()
     );
+    // One access-log line for it, once the serving thread has gone idle.
+    let logged = (0..50).any(|_| {
+        let found = d.log_text().lines().any(|l| {
+            l.contains(" INFO httpgate::access: request peer=127.0.0.1:")
+                && l.contains(" host=myapp.test method=GET path=/index.txt status=200 bytes=11 ms=")
+                && l.contains(" upstream_ms=")
+        });
+        if !found {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        found
+    });
+    assert!(logged, "no access-log line:\n{}", d.log_text());
     // HTTP/2 is offered.
     let out = Command::new("curl")
         .args([

@@ -4,11 +4,16 @@
 //! go when the thread goes idle or has 32 KiB pending, instead of one
 //! `write` per line. Elsewhere it writes each line at once.
 //!
-//! It owns no log format: the daemon's tracing subscriber formats lines and
-//! hands them to [`LogWriter`].
+//! The daemon's tracing subscriber formats its lines and hands them to
+//! [`LogWriter`]. Access-log lines, one per request, skip the subscriber:
+//! [`access_line`] writes them in the same layout straight into the
+//! thread's pending bytes, with the date part of the timestamp formatted
+//! once a second (the subscriber's generic field formatting cost about a
+//! fifth of the CPU of a small proxied request).
 
 use std::cell::RefCell;
 use std::io::{self, Write};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Pending bytes at which a serving thread writes without waiting to be idle.
 const FLUSH_AT: usize = 32 * 1024;
@@ -81,4 +86,112 @@ pub(crate) fn stop() {
             *p = None;
         }
     });
+}
+
+thread_local! {
+    /// The last whole second formatted on this thread and its text,
+    /// `YYYY-MM-DDTHH:MM:SS`.
+    static CLOCK: RefCell<(u64, Vec<u8>)> = const { RefCell::new((u64::MAX, Vec::new())) };
+}
+
+/// Appends the current UTC time as `YYYY-MM-DDTHH:MM:SS.ffffffZ`.
+fn timestamp(out: &mut Vec<u8>) {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = now.as_secs();
+    CLOCK.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.0 != secs {
+            c.1.clear();
+            let t = i64::try_from(secs)
+                .ok()
+                .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
+                .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+            let _ = write!(
+                c.1,
+                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
+                t.year(),
+                u8::from(t.month()),
+                t.day(),
+                t.hour(),
+                t.minute(),
+                t.second()
+            );
+            c.0 = secs;
+        }
+        out.extend_from_slice(&c.1);
+    });
+    let _ = write!(out, ".{:06}Z", now.subsec_micros());
+}
+
+/// Appends `s`, with spaces, control bytes and non-ASCII bytes written as
+/// `\xNN` so that a value can neither split a field nor forge a line.
+pub(crate) fn push_clean(out: &mut Vec<u8>, s: &str) {
+    for &b in s.as_bytes() {
+        if b.is_ascii_graphic() && b != b'\\' {
+            out.push(b);
+        } else {
+            let _ = write!(out, "\\x{b:02x}");
+        }
+    }
+}
+
+/// Writes one access-log line: the timestamp and the prefix the daemon's
+/// subscriber gives `INFO` events of target `httpgate::access`, then what
+/// `fields` appends (` key=value` pairs), then a newline. On a serving thread
+/// the line goes to the pending bytes, elsewhere straight to standard error.
+pub(crate) fn access_line(fields: impl FnOnce(&mut Vec<u8>)) {
+    let mut fields = Some(fields);
+    let mut compose = |out: &mut Vec<u8>| {
+        timestamp(out);
+        out.extend_from_slice(b"  INFO httpgate::access: request");
+        if let Some(f) = fields.take() {
+            f(out);
+        }
+        out.push(b'\n');
+    };
+    let buffered = PENDING.with(|p| {
+        let Ok(mut p) = p.try_borrow_mut() else {
+            return false;
+        };
+        let Some(v) = p.as_mut() else {
+            return false;
+        };
+        compose(v);
+        if v.len() >= FLUSH_AT {
+            let _ = io::stderr().lock().write_all(v);
+            v.clear();
+        }
+        true
+    });
+    if !buffered {
+        let mut line = Vec::with_capacity(160);
+        compose(&mut line);
+        let _ = io::stderr().lock().write_all(&line);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn access_lines_have_the_subscriber_layout_and_clean_values() {
+        let mut out = Vec::new();
+        timestamp(&mut out);
+        let ts = String::from_utf8(out.clone()).unwrap();
+        // 2026-11-23T16:30:01.123456Z
+        assert_eq!(ts.len(), 27, "{ts}");
+        assert!(
+            ts.ends_with('Z') && &ts[10..11] == "T" && &ts[19..20] == ".",
+            "{ts}"
+        );
+        let year: i32 = ts[..4].parse().unwrap();
+        assert!(year >= 2024, "{ts}");
+
+        out.clear();
+        push_clean(&mut out, "/a b\nINFO\\x");
+        assert_eq!(String::from_utf8(out).unwrap(), "/a\\x20b\\x0aINFO\\x5cx");
+    }
 }

@@ -238,18 +238,25 @@ pub(crate) struct AccessLog {
 
 impl Drop for AccessLog {
     fn drop(&mut self) {
-        tracing::info!(
-            target: "httpgate::access",
-            peer = %self.peer,
-            host = %self.host,
-            method = %self.method,
-            path = %self.path,
-            status = self.status,
-            bytes = self.bytes,
-            ms = self.start.elapsed().as_millis() as u64,
-            upstream_ms = self.upstream_ms.map(|m| m as u64),
-            "request"
-        );
+        use std::io::Write as _;
+        crate::logbuf::access_line(|out| {
+            let _ = write!(out, " peer={} host=", self.peer);
+            crate::logbuf::push_clean(out, &self.host);
+            let _ = write!(out, " method=");
+            crate::logbuf::push_clean(out, self.method.as_str());
+            let _ = write!(out, " path=");
+            crate::logbuf::push_clean(out, &self.path);
+            let _ = write!(
+                out,
+                " status={} bytes={} ms={}",
+                self.status,
+                self.bytes,
+                self.start.elapsed().as_millis()
+            );
+            if let Some(m) = self.upstream_ms {
+                let _ = write!(out, " upstream_ms={m}");
+            }
+        });
     }
 }
 
