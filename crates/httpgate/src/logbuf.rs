@@ -174,6 +174,7 @@ pub(crate) fn access_line(fields: impl FnOnce(&mut Vec<u8>)) {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
