@@ -15,7 +15,10 @@
 # Usage: bench/https.sh   (DUR=5 s per run, ROUNDS=3, CONNS=50, THREADS=2 by default;
 #                          about 4 minutes with the defaults)
 #   SCENARIOS="keepalive small,close big" runs a subset;
-#   PERF_OUT=/tmp/p records a perf profile of sandboxd in round 1 (/tmp/p.MODE-SIZE).
+#   PERF_OUT=/tmp/p records a perf profile of sandboxd in round 1 (/tmp/p.MODE-SIZE);
+#   PEER_LOGS=off runs nginx and Caddy without their access logs (the default,
+#   on, has each of the three write one line per request to a file, batched
+#   where the server can batch: nginx buffer=32k, sandboxd per thread).
 # Needs: wrk caddy nginx openssl curl python3 ssh-keygen unshare, root
 # (.ci/setup-httpgate.sh installs the packages).
 set -euo pipefail
@@ -24,6 +27,7 @@ DUR=${DUR:-5}
 ROUNDS=${ROUNDS:-3}
 CONNS=${CONNS:-50}
 THREADS=${THREADS:-2}
+PEER_LOGS=${PEER_LOGS:-on}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORK=$(mktemp -d /tmp/https-bench.XXXXXX)
 chmod 755 "$WORK"   # nginx workers (www-data) read the static files
@@ -77,6 +81,16 @@ http {
 }
 EOF
 
+if [ "$PEER_LOGS" = on ]; then
+  NGINX_LOG="access_log $WORK/nginx-access.log combined buffer=32k flush=1s;"
+  CADDY_LOG="log {
+    output file $WORK/caddy-access.log
+  }"
+else
+  NGINX_LOG="access_log off;"
+  CADDY_LOG=""
+fi
+
 cat > "$WORK/nginx.conf" <<EOF
 worker_processes 2;
 daemon off;
@@ -84,7 +98,7 @@ pid $WORK/nginx.pid;
 error_log $WORK/nginx.err warn;
 events { worker_connections 4096; }
 http {
-  access_log off;
+  $NGINX_LOG
   client_body_temp_path $WORK/tmp; proxy_temp_path $WORK/tmp; fastcgi_temp_path $WORK/tmp;
   uwsgi_temp_path $WORK/tmp; scgi_temp_path $WORK/tmp;
   keepalive_requests 1000000;
@@ -115,6 +129,7 @@ cat > "$WORK/Caddyfile" <<EOF
 https://$HOST:$CADDY {
   tls $WORK/cert.pem $WORK/key.pem
   reverse_proxy 127.0.0.1:$UP
+  $CADDY_LOG
 }
 EOF
 
@@ -243,6 +258,7 @@ spread() {
 }
 
 echo
+echo "peer access logs: $PEER_LOGS"
 echo "wrk -t$THREADS -c$CONNS -d${DUR}s over TLS, $ROUNDS interleaved rounds (loopback, $(nproc) cores shared by client, proxies and upstream)"
 echo "load average (1 min) after each round: ${LOADS[*]}"
 echo
@@ -272,4 +288,6 @@ for sc in "${SCENARIOS[@]}"; do
 done
 echo
 echo "peak RSS: sandboxd $((MEM[sandboxd] / 1024)) MiB, caddy $((MEM[caddy] / 1024)) MiB, nginx (master + workers) $((MEM[nginx] / 1024)) MiB"
-echo "sandboxd access log: $(wc -l < "$WORK/sandboxd.log") lines"
+lines() { if [ -f "$1" ]; then wc -l < "$1"; else echo 0; fi; }
+echo "access-log lines: sandboxd $(grep -c 'httpgate::access' "$WORK/sandboxd.log")," \
+  "caddy $(lines "$WORK/caddy-access.log"), nginx $(lines "$WORK/nginx-access.log") (PEER_LOGS=$PEER_LOGS)"
