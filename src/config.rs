@@ -110,6 +110,12 @@ pub struct HttpSettings {
     pub upstream_connect_timeout: Option<std::time::Duration>,
     /// From the request sent to the response head received (then 504).
     pub upstream_response_timeout: Option<std::time::Duration>,
+    /// Kept-alive connections to a sandbox unused for this long are closed.
+    pub upstream_idle_timeout: Option<std::time::Duration>,
+    /// HTTP/2: a PING when nothing came from the client for this long.
+    pub h2_ping_interval: Option<std::time::Duration>,
+    /// HTTP/2: a connection whose PING is not answered in this time is closed.
+    pub h2_ping_timeout: Option<std::time::Duration>,
 }
 
 impl HttpSettings {
@@ -132,6 +138,12 @@ impl HttpSettings {
             &mut cfg.timeouts.upstream_response,
             self.upstream_response_timeout,
         );
+        set(
+            &mut cfg.timeouts.upstream_pool_idle,
+            self.upstream_idle_timeout,
+        );
+        set(&mut cfg.timeouts.h2_ping_interval, self.h2_ping_interval);
+        set(&mut cfg.timeouts.h2_ping_timeout, self.h2_ping_timeout);
         if let Some(n) = self.max_connections {
             cfg.limits.max_connections = n;
         }
@@ -163,6 +175,9 @@ const HTTP_KEYS: &[&str] = &[
     "idle_timeout_secs",
     "upstream_connect_timeout_secs",
     "upstream_response_timeout_secs",
+    "upstream_idle_timeout_secs",
+    "h2_ping_interval_secs",
+    "h2_ping_timeout_secs",
 ];
 
 fn read_http(table: &toml::Table, errs: &mut Vec<String>) -> HttpSettings {
@@ -201,6 +216,9 @@ fn read_http(table: &toml::Table, errs: &mut Vec<String>) -> HttpSettings {
     h.idle_timeout = secs("idle_timeout_secs", errs);
     h.upstream_connect_timeout = secs("upstream_connect_timeout_secs", errs);
     h.upstream_response_timeout = secs("upstream_response_timeout_secs", errs);
+    h.upstream_idle_timeout = secs("upstream_idle_timeout_secs", errs);
+    h.h2_ping_interval = secs("h2_ping_interval_secs", errs);
+    h.h2_ping_timeout = secs("h2_ping_timeout_secs", errs);
     h
 }
 
@@ -839,7 +857,8 @@ mod tests {
             assert!(text.contains(needle), "{needle} missing from {text}");
         }
         let (_f, args) = with_file(
-            "[http]\ntrusted_proxies = [\"10.0.0.1\", \"::1\"]\nidle_timeout_secs = 30\n",
+            "[http]\ntrusted_proxies = [\"10.0.0.1\", \"::1\"]\nidle_timeout_secs = 30\n\
+             upstream_idle_timeout_secs = 7\nh2_ping_interval_secs = 11\nh2_ping_timeout_secs = 13\n",
         );
         let h = load(&args, None).unwrap().http;
         let mut cfg = httpgate::HttpConfig::default();
@@ -847,6 +866,18 @@ mod tests {
         h.apply(&mut cfg);
         assert_eq!(cfg.trusted_proxies.len(), 2);
         assert_eq!(cfg.timeouts.idle, std::time::Duration::from_secs(30));
+        assert_eq!(
+            (
+                cfg.timeouts.upstream_pool_idle,
+                cfg.timeouts.h2_ping_interval,
+                cfg.timeouts.h2_ping_timeout
+            ),
+            (
+                std::time::Duration::from_secs(7),
+                std::time::Duration::from_secs(11),
+                std::time::Duration::from_secs(13)
+            )
+        );
         assert_eq!(
             cfg.timeouts.upstream_connect, before,
             "unset keys keep the default"

@@ -546,7 +546,13 @@ async fn forward(
         (Some(own), false) => {
             origin_form(&mut parts.uri);
             let up_req = Request::from_parts(parts, body);
-            let send = own.send(up_host, port, timeouts.upstream_connect, up_req);
+            let send = own.send(
+                up_host,
+                port,
+                timeouts.upstream_connect,
+                timeouts.upstream_pool_idle,
+                up_req,
+            );
             tokio::time::timeout(timeouts.upstream_response, send).await
         }
         (_, true) => {

@@ -6,8 +6,11 @@
 //! then costs no cross-task wake-up, no pool lock and no channel between
 //! tasks. A connection the upstream closed is dropped and the next request
 //! opens a new one; a request that never reached a connection closed under
-//! it is retried once on a fresh one. Upgrades (websockets) get a dedicated
-//! connection driven by its own task, since it outlives the exchange.
+//! it is retried once on a fresh one. A connection is closed with its client
+//! connection (whose idle timeout bounds it), or when a request finds it
+//! unused for longer than the pool's idle timeout. Upgrades (websockets) get
+//! a dedicated connection driven by its own task, since it outlives the
+//! exchange.
 //!
 //! It does not own routing, header rewriting or error pages (the proxy does).
 
@@ -16,7 +19,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::{Mutex, PoisonError};
 use std::task::{Context, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -50,6 +53,8 @@ struct Entry {
     port: u16,
     sender: http1::SendRequest<ReqBody>,
     conn: ConnFuture,
+    /// When a request was last sent on it.
+    used: Instant,
 }
 
 #[derive(Default)]
@@ -90,24 +95,32 @@ impl ConnUpstreams {
     }
 
     /// Send `req` to `host:port` on an idle connection of this set, or on a
-    /// new one. The request's URI must be in origin form.
+    /// new one; connections idle for longer than `idle_limit` are closed
+    /// first. The request's URI must be in origin form.
     pub(crate) async fn send(
         &self,
         host: &str,
         port: u16,
         connect_timeout: Duration,
+        idle_limit: Duration,
         mut req: Request<ReqBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         // A reused connection may have been closed by the upstream just
         // now; a request it did not take is retried once on a new one.
+        let now = Instant::now();
         let reused = {
             let mut g = self.lock();
+            g.entries
+                .retain(|e| !(e.sender.is_ready() && now.duration_since(e.used) > idle_limit));
             match g
                 .entries
                 .iter_mut()
                 .find(|e| e.port == port && e.host == host && e.sender.is_ready())
             {
-                Some(e) => Ok(e.sender.try_send_request(req)),
+                Some(e) => {
+                    e.used = now;
+                    Ok(e.sender.try_send_request(req))
+                }
                 None => Err(req),
             }
         };
@@ -145,6 +158,7 @@ impl ConnUpstreams {
                 port,
                 sender,
                 conn,
+                used: now,
             });
             if let Some(w) = &g.waker {
                 w.wake_by_ref();

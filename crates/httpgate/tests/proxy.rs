@@ -490,3 +490,51 @@ async fn per_thread_https_listeners_serve() {
     }
     gw.stop().await;
 }
+
+/// One curl process sending `GET /` three times, half a second apart, over
+/// one keep-alive connection.
+async fn three_spaced_requests(gw: &Gateway) {
+    let port = gw.https.port();
+    let url = format!("https://app.test:{port}/");
+    let out = gw
+        .curl("app.test", "/")
+        .arg("--http1.1")
+        .arg("--rate")
+        .arg("2/s")
+        .arg("-o")
+        .arg("/dev/null")
+        .arg("-o")
+        .arg("/dev/null")
+        .arg(&url)
+        .arg(&url)
+        .run()
+        .await;
+    assert!(out.ok && out.status == 200, "{out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_upstream_connections_are_replaced() {
+    // Default pool idle timeout (60 s): the client's three requests share
+    // one upstream connection (which also shows that curl kept its one
+    // connection to the gateway: each client connection has its own).
+    let app = Upstream::start("app").await;
+    let gw = GatewayBuilder::new()
+        .route("app.test", app_route("app", app.addr, TlsMode::Internal))
+        .start()
+        .await;
+    three_spaced_requests(&gw).await;
+    assert_eq!(app.accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    gw.stop().await;
+
+    // 200 ms: each request finds the previous upstream connection idle for
+    // too long and opens a new one.
+    let app = Upstream::start("app").await;
+    let gw = GatewayBuilder::new()
+        .config(|c| c.timeouts.upstream_pool_idle = Duration::from_millis(200))
+        .route("app.test", app_route("app", app.addr, TlsMode::Internal))
+        .start()
+        .await;
+    three_spaced_requests(&gw).await;
+    assert_eq!(app.accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
+    gw.stop().await;
+}

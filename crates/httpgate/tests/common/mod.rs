@@ -366,6 +366,8 @@ impl CurlOut {
 pub struct Upstream {
     pub addr: SocketAddr,
     pub name: String,
+    /// TCP connections accepted so far.
+    pub accepted: Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -380,9 +382,12 @@ impl Upstream {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let n = name.to_owned();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((s, _)) = l.accept().await else { return };
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let n = n.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| upstream_handle(n.clone(), req));
@@ -396,6 +401,7 @@ impl Upstream {
         Self {
             addr,
             name: name.to_owned(),
+            accepted,
             task,
         }
     }
