@@ -45,20 +45,34 @@ fn create_serves_manual_certificates_and_refuses_a_mismatched_key() {
     std::fs::create_dir(&pki).unwrap();
     let ca = Ca::new(&pki, "sandboxd-manual-ca");
     let (cert, key) = ca.leaf("site", &[&domain, &agent]);
-    let other_key = common::pki::key(&pki, "other.key");
+    common::pki::key(&pki, "other.key");
     let ssh_key = d.keygen("client");
-    let (cert_s, key_s) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    // The CLI runs in the pki directory: relative file names are made
+    // absolute by it (the daemon reads them from elsewhere).
+    let cli = |args: &[&str]| {
+        Command::new(common::BIN)
+            .arg("--admin-socket")
+            .arg(&d.socket)
+            .args(args)
+            .current_dir(&pki)
+            .output()
+            .unwrap()
+    };
+    let manual = |cert: &'static str, key: &'static str| {
+        [
+            "--tls-mode",
+            "manual",
+            "--tls-cert-file",
+            cert,
+            "--tls-key-file",
+            key,
+        ]
+    };
     let create = |tls: &[&str]| {
-        let mut args = vec![
-            "create",
-            name.as_str(),
-            "--domain",
-            domain.as_str(),
-            "--ssh-key",
-            ssh_key.to_str().unwrap(),
-        ];
+        let mut args = vec!["create", &name, "--domain", &domain, "--ssh-key"];
+        args.push(ssh_key.to_str().unwrap());
         args.extend_from_slice(tls);
-        d.cli(&args)
+        cli(&args)
     };
     let nothing_made = || {
         assert!(listed(&d, &name).is_none(), "no record");
@@ -70,14 +84,7 @@ fn create_serves_manual_certificates_and_refuses_a_mismatched_key() {
 
     // A key that is not the certificate's: refused at once, nothing made.
     let t = Instant::now();
-    let out = create(&[
-        "--tls-mode",
-        "manual",
-        "--tls-cert-file",
-        cert_s,
-        "--tls-key-file",
-        other_key.to_str().unwrap(),
-    ]);
+    let out = create(&manual("site.pem", "other.key"));
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(
@@ -85,10 +92,10 @@ fn create_serves_manual_certificates_and_refuses_a_mismatched_key() {
         "{err}"
     );
     assert!(!err.contains("[1/10]"), "refused before any step: {err}");
-    eprintln!("mismatch refused in {:?}", t.elapsed());
+    eprintln!("mismatch refused in {:?}: {err}", t.elapsed());
     nothing_made();
     // Files without the manual mode: refused the same way as by `add`.
-    let out = create(&["--tls-cert-file", cert_s, "--tls-key-file", key_s]);
+    let out = create(&manual("site.pem", "site.key")[2..]);
     assert!(!out.status.success());
     assert!(
         stderr(&out).contains("--tls-mode manual"),
@@ -97,44 +104,18 @@ fn create_serves_manual_certificates_and_refuses_a_mismatched_key() {
     );
     nothing_made();
     // `add` shares the check.
-    let out = d.cli(&[
-        "add",
-        "static-mismatch",
-        "--domain",
-        "static-mismatch.test",
-        "--upstream",
-        "127.0.0.1",
-        "--ssh-key",
-        ssh_key.to_str().unwrap(),
-        "--tls-mode",
-        "manual",
-        "--tls-cert-file",
-        cert_s,
-        "--tls-key-file",
-        other_key.to_str().unwrap(),
-    ]);
+    let mut add = vec!["add", "static-mismatch", "--domain", "static-mismatch.test"];
+    add.extend(["--upstream", "127.0.0.1", "--ssh-key"]);
+    add.push(ssh_key.to_str().unwrap());
+    add.extend(manual("site.pem", "other.key"));
+    let out = cli(&add);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("does not match"), "{}", stderr(&out));
     assert!(listed(&d, "static-mismatch").is_none());
 
-    // The good pair, given relative to the CLI's directory (made absolute).
+    // The good pair.
     let t = Instant::now();
-    let out = Command::new(common::BIN)
-        .arg("--admin-socket")
-        .arg(&d.socket)
-        .args(["create", &name, "--domain", &domain, "--ssh-key"])
-        .arg(&ssh_key)
-        .args([
-            "--tls-mode",
-            "manual",
-            "--tls-cert-file",
-            "site.pem",
-            "--tls-key-file",
-            "site.key",
-        ])
-        .current_dir(&pki)
-        .output()
-        .unwrap();
+    let out = create(&manual("site.pem", "site.key"));
     assert!(
         out.status.success(),
         "create failed: {}\n{}",
