@@ -30,6 +30,7 @@ use crate::api::{
 };
 use crate::keys;
 use crate::routes::Routes;
+use crate::tlsfiles;
 
 pub(crate) type Body = UnsyncBoxBody<Bytes, Infallible>;
 
@@ -497,12 +498,15 @@ pub(crate) struct NewSandbox {
     pub upstream_host_key: Option<String>,
     pub auth: Option<SetAuth>,
     pub tls_mode: Option<String>,
-    /// `manual` mode's PEM files (certificate chain, key).
-    pub tls_files: Option<(String, String)>,
+    /// `manual` mode's PEM files (certificate chain, key), absolute paths;
+    /// checked by [`crate::tlsfiles`].
+    pub tls_cert_file: Option<String>,
+    pub tls_key_file: Option<String>,
     pub status: SandboxStatus,
 }
 
-/// Checks what the store cannot (client keys, host key, auth, TLS mode),
+/// Checks what the store cannot (client keys, host key, auth, TLS mode
+/// and manual files),
 /// hashes the password and makes the gateway's key pair. The record is
 /// not stored yet; its shape is checked by the store's insert.
 pub(crate) async fn new_sandbox(req: NewSandbox) -> Result<Sandbox, ApiError> {
@@ -530,38 +534,18 @@ pub(crate) async fn new_sandbox(req: NewSandbox) -> Result<Sandbox, ApiError> {
         }
         None => None,
     };
-    if let Some(mode) = &req.tls_mode {
-        if !["acme", "internal", "manual"].contains(&mode.as_str()) {
-            return Err(ApiError::bad(format!(
-                "tls mode {mode:?}: use acme, internal or manual"
-            )));
+    let tls_files =
+        tlsfiles::settings(req.tls_mode.as_deref(), req.tls_cert_file, req.tls_key_file)
+            .map_err(|e| ApiError::bad(e.to_string()))?;
+    let (tls_cert_file, tls_key_file) = match tls_files {
+        Some(files) => {
+            let checked = files.clone();
+            blocking(move || {
+                tlsfiles::check_files(&checked).map_err(|e| ApiError::bad(e.to_string()))
+            })
+            .await?;
+            (Some(files.cert), Some(files.key))
         }
-    }
-    let manual = req.tls_mode.as_deref() == Some("manual");
-    match &req.tls_files {
-        None if manual => {
-            return Err(ApiError::bad(
-                "tls mode manual needs a certificate file and a key file (--tls-cert-file, --tls-key-file)",
-            ))
-        }
-        Some(_) if !manual => {
-            return Err(ApiError::bad(
-                "certificate and key files are for tls mode manual (--tls-mode manual)",
-            ))
-        }
-        Some((cert, key)) => {
-            for (what, p) in [("certificate", cert), ("key", key)] {
-                if !std::path::Path::new(p).is_absolute() || p.contains('\n') {
-                    return Err(ApiError::bad(format!(
-                        "{what} file {p:?}: give an absolute path"
-                    )));
-                }
-            }
-        }
-        None => {}
-    }
-    let (tls_cert_file, tls_key_file) = match req.tls_files {
-        Some((c, k)) => (Some(c), Some(k)),
         None => (None, None),
     };
     let (private, public) = keys::generate_ed25519(&format!("sandboxd@{}", req.name))
@@ -610,15 +594,8 @@ async fn add(ctx: &Arc<AdminContext>, body: Incoming) -> Result<Response<Body>, 
         ssh_keys: req.ssh_keys,
         upstream_host_key: req.upstream_host_key,
         auth: req.auth,
-        tls_files: match (req.tls_cert_file, req.tls_key_file) {
-            (Some(c), Some(k)) => Some((c, k)),
-            (None, None) => None,
-            _ => {
-                return Err(ApiError::bad(
-                    "give both the certificate file and the key file, or neither",
-                ))
-            }
-        },
+        tls_cert_file: req.tls_cert_file,
+        tls_key_file: req.tls_key_file,
         tls_mode: req.tls_mode,
         status: SandboxStatus::Running,
         name: req.name,

@@ -191,13 +191,6 @@ pub struct AddArgs {
     pub upstream_host_key: Option<String>,
     #[command(flatten)]
     pub access: AccessArgs,
-    /// `--tls-mode manual`: PEM certificate chain file (leaf first), read by
-    /// the daemon, again on `certs renew DOMAIN` and every 5 minutes.
-    #[arg(long, value_name = "FILE", requires = "tls_key_file")]
-    pub tls_cert_file: Option<PathBuf>,
-    /// `--tls-mode manual`: PEM private key file of that certificate.
-    #[arg(long, value_name = "FILE", requires = "tls_cert_file")]
-    pub tls_key_file: Option<PathBuf>,
 }
 
 /// Agent-host login and certificate options of `add` and `create`.
@@ -212,6 +205,13 @@ pub struct AccessArgs {
     /// Certificate source for this sandbox's hosts.
     #[arg(long, value_parser = ["acme", "internal", "manual"])]
     pub tls_mode: Option<String>,
+    /// `--tls-mode manual`: PEM certificate chain file (leaf first), read by
+    /// the daemon, again on `certs renew DOMAIN` and every 5 minutes.
+    #[arg(long, value_name = "FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// `--tls-mode manual`: PEM private key file of that certificate.
+    #[arg(long, value_name = "FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
 }
 
 impl AccessArgs {
@@ -224,6 +224,15 @@ impl AccessArgs {
             }),
             _ => None,
         })
+    }
+
+    /// The `manual` mode's certificate and key files as absolute paths
+    /// (the daemon reads them from its own working directory).
+    pub(crate) fn tls_files(&self) -> Result<(Option<String>, Option<String>)> {
+        Ok((
+            self.tls_cert_file.as_deref().map(absolute).transpose()?,
+            self.tls_key_file.as_deref().map(absolute).transpose()?,
+        ))
     }
 }
 
@@ -467,6 +476,7 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
         Command::Serve(_) | Command::Setup(_) | Command::Completions { .. } => {}
         Command::Add(a) => {
             let auth = a.access.auth()?;
+            let (tls_cert_file, tls_key_file) = a.access.tls_files()?;
             let req = AddSandbox {
                 name: a.name,
                 domain: a.domain,
@@ -484,8 +494,8 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
                     .transpose()?,
                 auth,
                 tls_mode: a.access.tls_mode,
-                tls_cert_file: a.tls_cert_file.as_deref().map(absolute).transpose()?,
-                tls_key_file: a.tls_key_file.as_deref().map(absolute).transpose()?,
+                tls_cert_file,
+                tls_key_file,
             };
             let sb: SandboxView = client
                 .call(Method::POST, "/v1/sandboxes", Some(&req))

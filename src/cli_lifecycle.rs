@@ -141,6 +141,7 @@ fn print_live(sb: &SandboxView, verb: &str) {
 }
 
 pub async fn create(client: &Client, a: CreateArgs) -> Result<()> {
+    let (tls_cert_file, tls_key_file) = a.access.tls_files()?;
     let req = CreateSandbox {
         name: a.name,
         domain: a.domain,
@@ -153,6 +154,8 @@ pub async fn create(client: &Client, a: CreateArgs) -> Result<()> {
         disk: a.disk,
         auth: a.access.auth()?,
         tls_mode: a.access.tls_mode,
+        tls_cert_file,
+        tls_key_file,
         provision: a.provision.map(|m| {
             serde_json::to_value(m)
                 .ok()

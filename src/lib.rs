@@ -17,4 +17,5 @@ pub mod notify;
 pub mod provision;
 pub mod routes;
 pub mod setup;
+pub mod tlsfiles;
 pub mod watcher;

@@ -313,6 +313,15 @@ struct Plan {
     extras: golden::Extras,
 }
 
+/// A new sandbox's certificate settings as the request gave them; checked
+/// with `add`'s rules by [`crate::admin::new_sandbox`].
+#[derive(Debug, Default)]
+struct Tls {
+    mode: Option<String>,
+    cert_file: Option<String>,
+    key_file: Option<String>,
+}
+
 impl Lifecycle {
     /// A lifecycle service; does not contact Incus (the daemon starts and
     /// serves static sandboxes while Incus is absent).
@@ -473,7 +482,9 @@ impl Lifecycle {
 
     /// `sandboxd create`: preflight (nothing stored on failure), record,
     /// then the provisioning steps. Running it again for a sandbox that
-    /// failed or was interrupted resumes it.
+    /// failed or was interrupted resumes it with the settings recorded by
+    /// the first run (domain, image, limits, auth, TLS mode and files): the
+    /// request's own are not read then.
     pub async fn create(
         self: &Arc<Self>,
         req: CreateSandbox,
@@ -549,7 +560,11 @@ impl Lifecycle {
                 &req.ssh_keys,
                 req.app_port,
                 req.auth.clone(),
-                req.tls_mode.clone(),
+                Tls {
+                    mode: req.tls_mode.clone(),
+                    cert_file: req.tls_cert_file.clone(),
+                    key_file: req.tls_key_file.clone(),
+                },
             )
             .await?;
         if self.incus.instance_exists(&name).await? {
@@ -646,7 +661,7 @@ impl Lifecycle {
                 &req.ssh_keys,
                 req.app_port,
                 req.auth.clone(),
-                None,
+                Tls::default(),
             )
             .await?;
         let meta = Meta {
@@ -689,7 +704,7 @@ impl Lifecycle {
         ssh_keys: &[String],
         app_port: Option<u16>,
         auth: Option<crate::api::SetAuth>,
-        tls_mode: Option<String>,
+        tls: Tls,
     ) -> Result<Sandbox> {
         let sandbox = crate::admin::new_sandbox(crate::admin::NewSandbox {
             name: name.to_string(),
@@ -705,8 +720,9 @@ impl Lifecycle {
             ssh_keys: ssh_keys.to_vec(),
             upstream_host_key: None,
             auth,
-            tls_mode,
-            tls_files: None,
+            tls_mode: tls.mode,
+            tls_cert_file: tls.cert_file,
+            tls_key_file: tls.key_file,
             status: SandboxStatus::Creating {
                 step: "record".into(),
             },

@@ -34,6 +34,12 @@ pub struct CreateSandbox {
     pub auth: Option<SetAuth>,
     #[serde(default)]
     pub tls_mode: Option<String>,
+    /// `manual` TLS mode: certificate chain and key PEM files (absolute
+    /// paths), as in [`crate::api::AddSandbox`].
+    #[serde(default)]
+    pub tls_cert_file: Option<String>,
+    #[serde(default)]
+    pub tls_key_file: Option<String>,
     /// `auto`, `full`, `sandbox` or `none`; the daemon's `provision.mode`
     /// when absent.
     #[serde(default)]

@@ -1,0 +1,240 @@
+//! A sandbox's TLS settings as `add` and `create` give them: the mode, and
+//! for `manual` the PEM files, checked before anything is recorded (so a
+//! `create` refused here leaves no record and no container).
+//!
+//! It does not serve or reload the files: httpgate loads them when the
+//! route appears, on `certs renew DOMAIN`, every 5 minutes and at start,
+//! and reports what fails in `sandboxd certs`. A file that is not there yet
+//! is therefore accepted here (it is reported there until it appears);
+//! files that are there must be a certificate chain and its leaf's key.
+
+use std::path::Path;
+
+use rustls::pki_types::CertificateDer;
+use rustls::sign::CertifiedKey;
+
+/// The certificate modes a sandbox may name.
+pub const MODES: [&str; 3] = ["acme", "internal", "manual"];
+
+/// A TLS setting refused before anything is recorded.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("tls mode {0:?}: use acme, internal or manual")]
+    UnknownMode(String),
+    #[error("give both the certificate file and the key file, or neither")]
+    HalfPair,
+    #[error(
+        "tls mode manual needs a certificate file and a key file (--tls-cert-file, --tls-key-file)"
+    )]
+    FilesMissing,
+    #[error("certificate and key files are for tls mode manual (--tls-mode manual)")]
+    NotManual,
+    #[error("{what} file {path:?}: give an absolute path")]
+    NotAbsolute { what: &'static str, path: String },
+    #[error("cannot read {what} file {path}: {source}")]
+    Read {
+        what: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {detail}")]
+    Pem { path: String, detail: String },
+    #[error("{cert} and {key}: the private key does not match the certificate")]
+    Mismatch { cert: String, key: String },
+}
+
+/// The manual mode's files: certificate chain (leaf first) and key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManualFiles {
+    pub cert: String,
+    pub key: String,
+}
+
+/// Checks the mode and the files given with it (without reading them):
+/// `manual` needs both files as absolute paths, the others take none.
+pub fn settings(
+    mode: Option<&str>,
+    cert: Option<String>,
+    key: Option<String>,
+) -> Result<Option<ManualFiles>, TlsError> {
+    let files = match (cert, key) {
+        (Some(cert), Some(key)) => Some(ManualFiles { cert, key }),
+        (None, None) => None,
+        _ => return Err(TlsError::HalfPair),
+    };
+    if let Some(m) = mode.filter(|m| !MODES.contains(m)) {
+        return Err(TlsError::UnknownMode(m.to_string()));
+    }
+    let manual = mode == Some("manual");
+    match &files {
+        None if manual => return Err(TlsError::FilesMissing),
+        Some(_) if !manual => return Err(TlsError::NotManual),
+        Some(f) => {
+            for (what, p) in [("certificate", &f.cert), ("key", &f.key)] {
+                if !Path::new(p).is_absolute() || p.contains('\n') {
+                    return Err(TlsError::NotAbsolute {
+                        what,
+                        path: p.clone(),
+                    });
+                }
+            }
+        }
+        None => {}
+    }
+    Ok(files)
+}
+
+/// Reads the files as the daemon will: when both are there they must be a
+/// PEM certificate chain and the private key of its leaf. A missing file
+/// passes (it may be put in place later); any other read error does not.
+/// Blocking (small reads): call it off the async threads.
+pub fn check_files(files: &ManualFiles) -> Result<(), TlsError> {
+    let read = |what: &'static str, path: &str| match std::fs::read(path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(TlsError::Read {
+            what,
+            path: path.to_string(),
+            source,
+        }),
+    };
+    let (Some(cert_pem), Some(key_pem)) =
+        (read("certificate", &files.cert)?, read("key", &files.key)?)
+    else {
+        return Ok(());
+    };
+    let pem = |path: &str, detail: String| TlsError::Pem {
+        path: path.to_string(),
+        detail,
+    };
+    let chain: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut &cert_pem[..])
+        .collect::<Result<_, _>>()
+        .map_err(|e| pem(&files.cert, format!("certificate PEM: {e}")))?;
+    if chain.is_empty() {
+        return Err(pem(&files.cert, "no certificate in PEM".into()));
+    }
+    let key = rustls_pemfile::private_key(&mut &key_pem[..])
+        .map_err(|e| pem(&files.key, format!("key PEM: {e}")))?
+        .ok_or_else(|| pem(&files.key, "no private key in PEM".into()))?;
+    let signer = rustls::crypto::ring::sign::any_supported_type(&key)
+        .map_err(|e| pem(&files.key, format!("unsupported private key: {e}")))?;
+    CertifiedKey::new(chain, signer)
+        .keys_match()
+        .map_err(|e| match e {
+            rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+                TlsError::Mismatch {
+                    cert: files.cert.clone(),
+                    key: files.key.clone(),
+                }
+            }
+            other => pem(&files.cert, format!("certificate and key: {other}")),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    fn s(v: &str) -> Option<String> {
+        Some(v.to_string())
+    }
+
+    #[test]
+    fn files_go_with_manual_mode_only() {
+        let manual = Some("manual");
+        assert!(matches!(
+            settings(None, s("/c.pem"), s("/k.pem")),
+            Err(TlsError::NotManual)
+        ));
+        assert!(matches!(
+            settings(Some("acme"), s("/c.pem"), s("/k.pem")),
+            Err(TlsError::NotManual)
+        ));
+        assert!(matches!(
+            settings(manual, None, None),
+            Err(TlsError::FilesMissing)
+        ));
+        assert!(matches!(
+            settings(manual, s("/c.pem"), None),
+            Err(TlsError::HalfPair)
+        ));
+        assert!(matches!(
+            settings(Some("self"), None, None),
+            Err(TlsError::UnknownMode(_))
+        ));
+        assert!(matches!(
+            settings(manual, s("c.pem"), s("/k.pem")),
+            Err(TlsError::NotAbsolute {
+                what: "certificate",
+                ..
+            })
+        ));
+        assert_eq!(
+            settings(manual, s("/c.pem"), s("/k.pem")).unwrap(),
+            Some(ManualFiles {
+                cert: "/c.pem".into(),
+                key: "/k.pem".into()
+            })
+        );
+        assert_eq!(settings(Some("internal"), None, None).unwrap(), None);
+        assert_eq!(settings(None, None, None).unwrap(), None);
+        // The messages name the flags a user has to give.
+        assert!(TlsError::NotManual
+            .to_string()
+            .contains("--tls-mode manual"));
+        assert!(TlsError::FilesMissing
+            .to_string()
+            .contains("--tls-cert-file"));
+    }
+
+    fn write_pair(dir: &Path, name: &str) -> ManualFiles {
+        let ck = rcgen::generate_simple_self_signed(vec!["a.test".to_string()]).unwrap();
+        let cert = dir.join(format!("{name}.pem"));
+        let key = dir.join(format!("{name}.key"));
+        std::fs::write(&cert, ck.cert.pem()).unwrap();
+        std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+        ManualFiles {
+            cert: cert.display().to_string(),
+            key: key.display().to_string(),
+        }
+    }
+
+    #[test]
+    fn a_pair_must_match_when_its_files_are_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = write_pair(dir.path(), "a");
+        let b = write_pair(dir.path(), "b");
+        check_files(&a).unwrap();
+        let crossed = ManualFiles {
+            cert: a.cert.clone(),
+            key: b.key.clone(),
+        };
+        let err = check_files(&crossed).unwrap_err();
+        assert!(matches!(err, TlsError::Mismatch { .. }), "{err}");
+        assert!(err.to_string().contains("does not match"), "{err}");
+        // Not there yet: accepted (httpgate reports it until it appears).
+        let later = ManualFiles {
+            cert: dir.path().join("later.pem").display().to_string(),
+            key: a.key.clone(),
+        };
+        check_files(&later).unwrap();
+        // There but not PEM: refused, naming the file.
+        let junk = dir.path().join("junk.key");
+        std::fs::write(&junk, "not a key\n").unwrap();
+        let err = check_files(&ManualFiles {
+            cert: a.cert.clone(),
+            key: junk.display().to_string(),
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("no private key"), "{err}");
+        // A directory where a file should be: a read error, refused.
+        let err = check_files(&ManualFiles {
+            cert: dir.path().display().to_string(),
+            key: a.key,
+        })
+        .unwrap_err();
+        assert!(matches!(err, TlsError::Read { .. }), "{err}");
+    }
+}
