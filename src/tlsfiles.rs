@@ -10,9 +10,6 @@
 
 use std::path::Path;
 
-use rustls::pki_types::CertificateDer;
-use rustls::sign::CertifiedKey;
-
 /// The certificate modes a sandbox may name.
 pub const MODES: [&str; 3] = ["acme", "internal", "manual"];
 
@@ -103,32 +100,20 @@ pub fn check_files(files: &ManualFiles) -> Result<(), TlsError> {
     else {
         return Ok(());
     };
-    let pem = |path: &str, detail: String| TlsError::Pem {
-        path: path.to_string(),
-        detail,
-    };
-    let chain: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut &cert_pem[..])
-        .collect::<Result<_, _>>()
-        .map_err(|e| pem(&files.cert, format!("certificate PEM: {e}")))?;
-    if chain.is_empty() {
-        return Err(pem(&files.cert, "no certificate in PEM".into()));
-    }
-    let key = rustls_pemfile::private_key(&mut &key_pem[..])
-        .map_err(|e| pem(&files.key, format!("key PEM: {e}")))?
-        .ok_or_else(|| pem(&files.key, "no private key in PEM".into()))?;
-    let signer = rustls::crypto::ring::sign::any_supported_type(&key)
-        .map_err(|e| pem(&files.key, format!("unsupported private key: {e}")))?;
-    CertifiedKey::new(chain, signer)
-        .keys_match()
-        .map_err(|e| match e {
-            rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
-                TlsError::Mismatch {
-                    cert: files.cert.clone(),
-                    key: files.key.clone(),
-                }
-            }
-            other => pem(&files.cert, format!("certificate and key: {other}")),
-        })
+    httpgate::check_pem_pair(&cert_pem, &key_pem).map_err(|e| match e {
+        httpgate::PemError::Mismatch => TlsError::Mismatch {
+            cert: files.cert.clone(),
+            key: files.key.clone(),
+        },
+        httpgate::PemError::Key(_) => TlsError::Pem {
+            path: files.key.clone(),
+            detail: e.to_string(),
+        },
+        httpgate::PemError::Cert(_) | httpgate::PemError::Pair(_) => TlsError::Pem {
+            path: files.cert.clone(),
+            detail: e.to_string(),
+        },
+    })
 }
 
 #[cfg(test)]

@@ -47,12 +47,7 @@ fn get(host: &str, port: u16, ca: &Path) -> (u16, String, String) {
 }
 
 fn cert_status(d: &Daemon, domain: &str) -> Option<serde_json::Value> {
-    d.json(&["certs", "--json"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["domain"] == domain)
-        .cloned()
+    d.cert_entry(domain)
 }
 
 /// `certs --json` entry of `domain` once it holds a certificate (bounded wait).
@@ -217,15 +212,7 @@ fn acme_http01_through_the_daemons_http_listener() {
         "{}",
         d.log_text()
     );
-    let st = d.json(&["status", "--json"]);
-    let https: u16 = st["https_listen"][0]
-        .as_str()
-        .unwrap()
-        .rsplit_once(':')
-        .unwrap()
-        .1
-        .parse()
-        .unwrap();
+    let https = d.listen_port("https_listen");
     let root = pebble.root_file();
     let (code, body, err) = get("web.test", https, &root);
     assert_eq!((code, body.as_str()), (200, "http01-app"), "{err}");

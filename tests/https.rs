@@ -10,16 +10,6 @@ use std::time::{Duration, Instant};
 
 use common::{python_upstream, Daemon};
 
-fn port_of(addr: &serde_json::Value) -> u16 {
-    addr.as_str()
-        .unwrap()
-        .rsplit_once(':')
-        .unwrap()
-        .1
-        .parse()
-        .unwrap()
-}
-
 /// curl: returns (status code, body, stderr).
 fn curl(args: &[&str]) -> (u16, String, String) {
     let t = Instant::now();
@@ -69,9 +59,8 @@ fn app_and_agent_hosts_with_internal_certificates() {
         "--auth-password-file",
         pw.to_str().unwrap(),
     ]);
-    let st = d.json(&["status", "--json"]);
-    let https = port_of(&st["https_listen"][0]);
-    let http = port_of(&st["http_listen"][0]);
+    let https = d.listen_port("https_listen");
+    let http = d.listen_port("http_listen");
     let ca = d.dir.path().join("ca.pem");
     std::fs::write(&ca, d.ok(&["ca-cert"])).unwrap();
     assert!(std::fs::read_to_string(&ca)
@@ -311,7 +300,7 @@ fn http_table_sets_trusted_proxies_and_limits() {
             "--ssh-key",
             key.to_str().unwrap(),
         ]);
-        let https = port_of(&d.json(&["status", "--json"])["https_listen"][0]);
+        let https = d.listen_port("https_listen");
         let ca = d.dir.path().join("ca.pem");
         std::fs::write(&ca, d.ok(&["ca-cert"])).unwrap();
         let resolve = format!("echo.test:{https}:127.0.0.1");
@@ -358,14 +347,8 @@ fn http_table_sets_trusted_proxies_and_limits() {
 
 /// The `certs --json` entry of `domain`.
 fn cert_status(d: &Daemon, domain: &str) -> serde_json::Value {
-    let certs = d.json(&["certs", "--json"]);
-    certs
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["domain"] == domain)
-        .cloned()
-        .unwrap_or_else(|| panic!("{domain} not in {certs}"))
+    d.cert_entry(domain)
+        .unwrap_or_else(|| panic!("{domain} not in certs"))
 }
 
 #[test]
@@ -461,8 +444,7 @@ fn manual_certificates_from_pem_files() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let st = d.json(&["status", "--json"]);
-    let https = port_of(&st["https_listen"][0]);
+    let https = d.listen_port("https_listen");
     let resolve = |host: &str| format!("{host}:{https}:127.0.0.1");
     let url = |host: &str| format!("https://{host}:{https}/index.txt");
     let ca_s = ca.cert.to_str().unwrap();
@@ -558,7 +540,7 @@ fn manual_certificates_from_pem_files() {
     let mut d = d;
     assert!(d.terminate().success());
     d.restart();
-    let https = port_of(&d.json(&["status", "--json"])["https_listen"][0]);
+    let https = d.listen_port("https_listen");
     assert_eq!(served_serial("man.test", https).unwrap(), second);
 }
 
@@ -629,7 +611,7 @@ fn idle_client_connections_closed_after_the_configured_timeout() {
         "--ssh-key",
         key.to_str().unwrap(),
     ]);
-    let https = port_of(&d.json(&["status", "--json"])["https_listen"][0]);
+    let https = d.listen_port("https_listen");
     let ca = d.dir.path().join("ca.pem");
     std::fs::write(&ca, d.ok(&["ca-cert"])).unwrap();
     let max = Duration::from_secs(10);

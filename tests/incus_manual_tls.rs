@@ -24,14 +24,8 @@ fn stderr(out: &std::process::Output) -> String {
 
 /// The sandbox's entry in `certs --json`.
 fn cert_status(d: &common::Daemon, domain: &str) -> serde_json::Value {
-    let certs = d.json(&["certs", "--json"]);
-    certs
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["domain"] == domain)
-        .cloned()
-        .unwrap_or_else(|| panic!("{domain} not in {certs}"))
+    d.cert_entry(domain)
+        .unwrap_or_else(|| panic!("{domain} not in certs"))
 }
 
 #[test]
@@ -129,15 +123,7 @@ fn create_serves_manual_certificates_and_refuses_a_mismatched_key() {
 
     // Served from the files: the exact certificate, verified by curl
     // against the test CA (the container's app port is closed: 502 page).
-    let st = d.json(&["status", "--json"]);
-    let https: u16 = st["https_listen"][0]
-        .as_str()
-        .unwrap()
-        .rsplit_once(':')
-        .unwrap()
-        .1
-        .parse()
-        .unwrap();
+    let https = d.listen_port("https_listen");
     let curl = |host: &str| {
         let out = Command::new("curl")
             .args(["-sS", "--max-time", "10", "-o", "-", "-w", "\n%{http_code}"])

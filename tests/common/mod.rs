@@ -205,6 +205,26 @@ impl Daemon {
         serde_json::from_str(&self.ok(args)).unwrap()
     }
 
+    /// The port of the first address of `status --json`'s `key`
+    /// (`https_listen`, `http_listen`, `ssh_listen`).
+    pub fn listen_port(&self, key: &str) -> u16 {
+        let st = self.json(&["status", "--json"]);
+        let addr = st[key][0]
+            .as_str()
+            .unwrap_or_else(|| panic!("{key} in {st}"));
+        addr.rsplit_once(':').unwrap().1.parse().unwrap()
+    }
+
+    /// The `certs --json` entry of `domain`, if it has one.
+    pub fn cert_entry(&self, domain: &str) -> Option<serde_json::Value> {
+        self.json(&["certs", "--json"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["domain"] == domain)
+            .cloned()
+    }
+
     /// The SSH gate's port, and a known_hosts file for `[127.0.0.1]:PORT`
     /// made from `sandboxd host-key`, so clients check the gateway strictly.
     pub fn gateway_known_hosts(&self) -> (String, PathBuf) {

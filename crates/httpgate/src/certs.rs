@@ -16,18 +16,67 @@ pub(crate) struct Loaded {
     pub not_after: i64,
 }
 
+/// Why a PEM certificate chain and private key cannot serve together.
+#[derive(Debug, thiserror::Error)]
+pub enum PemError {
+    /// The certificate file is not a PEM chain.
+    #[error("certificate PEM: {0}")]
+    Cert(String),
+    /// The key file is not a usable PEM private key.
+    #[error("key PEM: {0}")]
+    Key(String),
+    /// The key is not the leaf certificate's.
+    #[error("the private key does not match the certificate")]
+    Mismatch,
+    /// The pair fails otherwise.
+    #[error("certificate and key: {0}")]
+    Pair(String),
+}
+
+/// Checks that `cert_pem` is a PEM certificate chain (leaf first) and
+/// `key_pem` the leaf's private key in a form the proxy can serve, as it
+/// does when it loads manual certificate files.
+pub fn check_pem_pair(cert_pem: &[u8], key_pem: &[u8]) -> Result<(), PemError> {
+    parse_pem(cert_pem, key_pem).and_then(|(chain, key)| certified(chain, &key).map(drop))
+}
+
+fn parse_pem(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), PemError> {
+    let chain: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut &cert_pem[..])
+        .collect::<Result<_, _>>()
+        .map_err(|e| PemError::Cert(e.to_string()))?;
+    if chain.is_empty() {
+        return Err(PemError::Cert("no certificate in PEM".to_owned()));
+    }
+    let key = rustls_pemfile::private_key(&mut &key_pem[..])
+        .map_err(|e| PemError::Key(e.to_string()))?
+        .ok_or_else(|| PemError::Key("no private key in PEM".to_owned()))?;
+    Ok((chain, key))
+}
+
+/// The chain with a signer made from `key`, which must be the leaf's.
+fn certified(
+    chain: Vec<CertificateDer<'static>>,
+    key: &PrivateKeyDer<'static>,
+) -> Result<CertifiedKey, PemError> {
+    let signer = rustls::crypto::ring::sign::any_supported_type(key)
+        .map_err(|e| PemError::Key(format!("unsupported private key: {e}")))?;
+    let ck = CertifiedKey::new(chain, signer);
+    ck.keys_match().map_err(|e| match e {
+        rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+            PemError::Mismatch
+        }
+        other => PemError::Pair(other.to_string()),
+    })?;
+    Ok(ck)
+}
+
 /// Parse a PEM chain (leaf first) and a PEM private key; the key must be the
 /// certificate's.
 pub(crate) fn load_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<Loaded, String> {
-    let chain: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut &cert_pem[..])
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("certificate PEM: {e}"))?;
-    if chain.is_empty() {
-        return Err("no certificate in PEM".to_owned());
-    }
-    let key = rustls_pemfile::private_key(&mut &key_pem[..])
-        .map_err(|e| format!("key PEM: {e}"))?
-        .ok_or_else(|| "no private key in PEM".to_owned())?;
+    let (chain, key) = parse_pem(cert_pem, key_pem).map_err(|e| e.to_string())?;
     from_der(chain, key)
 }
 
@@ -40,15 +89,7 @@ pub(crate) fn from_der(
         .first()
         .ok_or_else(|| "empty certificate chain".to_owned())?;
     let facts = leaf_facts(leaf)?;
-    let signer = rustls::crypto::ring::sign::any_supported_type(&key)
-        .map_err(|e| format!("unsupported private key: {e}"))?;
-    let ck = CertifiedKey::new(chain, signer);
-    ck.keys_match().map_err(|e| match e {
-        rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
-            "the private key does not match the certificate".to_owned()
-        }
-        other => format!("certificate and key: {other}"),
-    })?;
+    let ck = certified(chain, &key).map_err(|e| e.to_string())?;
     Ok(Loaded {
         key: Arc::new(ck),
         names: facts.names,

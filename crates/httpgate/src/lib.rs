@@ -31,6 +31,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+pub use certs::{check_pem_pair, PemError};
 pub use config::{ChallengeKind, HttpConfig, Limits, Timeouts, TlsModeKind};
 pub use error::{Error, StoreError};
 pub use gateway::{bind_per_thread, HttpGateway, ThreadListeners};
