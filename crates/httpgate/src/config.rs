@@ -26,10 +26,10 @@ pub enum ChallengeKind {
 pub struct Timeouts {
     /// TLS handshake of a client.
     pub handshake: Duration,
-    /// Time for a client to send a complete request head (HTTP/1). hyper's
-    /// timer also runs while a keep-alive connection waits for its next
-    /// request, so HTTP/1 connections close after `min(idle, header_read)`
-    /// without a request.
+    /// Time for a client to send a complete request head (HTTP/1), counted
+    /// from the connection's start or the end of its previous exchange, so
+    /// HTTP/1 keep-alive connections without a request close after
+    /// `min(idle, header_read)`.
     pub header_read: Duration,
     /// A client connection (HTTP/1 or HTTP/2) with no request open for this
     /// long is closed: HTTP/2 gets a GOAWAY first. An open request (a slow

@@ -36,11 +36,11 @@ fn builders(shared: &Shared) -> Builders {
     let cfg = &shared.config;
     let max_buf = cfg.limits.max_header_bytes.max(8192);
     let header_list = u32::try_from(cfg.limits.max_header_bytes).unwrap_or(u32::MAX);
+    // HTTPS HTTP/1 connections: no hyper header-read timer (it costs a timer
+    // registration and an allocation per request); the connection's idle
+    // timer bounds the wait for a head instead (see `serve_conn`).
     let mut h1 = http1::Builder::new();
-    h1.timer(TokioTimer::new())
-        .header_read_timeout(cfg.timeouts.header_read)
-        .max_buf_size(max_buf)
-        .keep_alive(true);
+    h1.max_buf_size(max_buf).keep_alive(true);
     let mut h2 = http2::Builder::new(TokioExecutor::new());
     h2.timer(TokioTimer::new())
         .max_header_list_size(header_list)
@@ -230,9 +230,20 @@ async fn serve_conn<I>(
 {
     let info = Arc::new(info);
     let activity = Activity::new();
+    // HTTP/1 over TLS: a head must be complete within `header_read` of the
+    // connection's start or of the previous exchange's end (hyper's own
+    // header-read timer, as the other listeners use it, behaves alike).
+    let idle_limit = match proto {
+        Proto::H1 => shared
+            .config
+            .timeouts
+            .idle
+            .min(shared.config.timeouts.header_read),
+        Proto::H2 | Proto::Auto => shared.config.timeouts.idle,
+    };
     let idle = (
         activity.clone(),
-        shared.config.timeouts.idle,
+        idle_limit,
         shared
             .config
             .timeouts

@@ -372,6 +372,36 @@ async fn smuggling_attempts_get_400() {
     gw.stop().await;
 }
 
+/// Sends a request head one header line every 300 ms (12 s at most);
+/// true once the gateway closes the connection or answers.
+async fn trickle_is_cut_off<S>(s: &mut S) -> bool
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if s.write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n")
+        .await
+        .is_err()
+    {
+        return true;
+    }
+    let mut buf = [0u8; 1024];
+    for i in 0..40 {
+        if s.write_all(format!("X-{i}: y\r\n").as_bytes())
+            .await
+            .is_err()
+        {
+            return true;
+        }
+        if let Ok(Ok(_) | Err(_)) =
+            tokio::time::timeout(Duration::from_millis(300), s.read(&mut buf)).await
+        {
+            return true;
+        }
+    }
+    false
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_and_oversized_headers_are_cut_off() {
     let app = Upstream::start("app").await;
@@ -383,36 +413,34 @@ async fn slow_and_oversized_headers_are_cut_off() {
         .route("app.test", app_route("app", app.addr, TlsMode::Internal))
         .start()
         .await;
-    // Trickling headers: one line every 300 ms, forever.
+    // Trickling headers: one line every 300 ms, forever; on a new
+    // connection, and on one that has just finished an exchange.
     let mut s = tls_connect(gw.https, "app.test", &gw.ca_file)
         .await
         .unwrap();
     let t = Instant::now();
+    assert!(
+        trickle_is_cut_off(&mut s).await,
+        "trickling client was never cut off"
+    );
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+    let mut s = tls_connect(gw.https, "app.test", &gw.ca_file)
+        .await
+        .unwrap();
     {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        s.write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n")
+        s.write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n")
             .await
             .unwrap();
-        let mut closed = false;
-        let mut buf = [0u8; 1024];
-        for i in 0..40 {
-            if s.write_all(format!("X-{i}: y\r\n").as_bytes())
-                .await
-                .is_err()
-            {
-                closed = true;
-                break;
-            }
-            match tokio::time::timeout(Duration::from_millis(300), s.read(&mut buf)).await {
-                Ok(Ok(_)) | Ok(Err(_)) => {
-                    closed = true;
-                    break;
-                }
-                Err(_) => {}
-            }
-        }
-        assert!(closed, "trickling client was never cut off");
+        let mut buf = [0u8; 4096];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
     }
+    let t = Instant::now();
+    assert!(
+        trickle_is_cut_off(&mut s).await,
+        "trickling after an exchange was never cut off"
+    );
     assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
 
     // Oversized headers: 431 (hyper) and nothing reaches the upstream.
