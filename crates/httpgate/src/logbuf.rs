@@ -122,7 +122,49 @@ fn timestamp(out: &mut Vec<u8>) {
         }
         out.extend_from_slice(&c.1);
     });
-    let _ = write!(out, ".{:06}Z", now.subsec_micros());
+    out.push(b'.');
+    push_padded(out, u64::from(now.subsec_micros()), 6);
+    out.push(b'Z');
+}
+
+/// Appends `n` in decimal, zero-padded to `width` digits.
+fn push_padded(out: &mut Vec<u8>, mut n: u64, width: usize) {
+    let mut digits = [b'0'; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    let start = i.min(digits.len().saturating_sub(width));
+    out.extend_from_slice(&digits[start..]);
+}
+
+/// Appends `n` in decimal (the access log's numbers, without `fmt`).
+pub(crate) fn push_num(out: &mut Vec<u8>, n: u64) {
+    push_padded(out, n, 1);
+}
+
+/// Appends a client address as `ip:port` (`[ip]:port` for IPv6).
+pub(crate) fn push_addr(out: &mut Vec<u8>, addr: &std::net::SocketAddr) {
+    match addr {
+        std::net::SocketAddr::V4(a) => {
+            for (i, o) in a.ip().octets().iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                push_num(out, u64::from(*o));
+            }
+            out.push(b':');
+            push_num(out, u64::from(a.port()));
+        }
+        std::net::SocketAddr::V6(_) => {
+            let _ = write!(out, "{addr}");
+        }
+    }
 }
 
 /// Appends `s`, with spaces, control bytes and non-ASCII bytes written as
@@ -191,6 +233,21 @@ mod tests {
         let year: i32 = ts[..4].parse().unwrap();
         assert!(year >= 2024, "{ts}");
 
+        for (n, w, want) in [(0, 6, "000000"), (42, 6, "000042"), (123456, 6, "123456")] {
+            out.clear();
+            push_padded(&mut out, n, w);
+            assert_eq!(out, want.as_bytes());
+        }
+        for n in [0u64, 7, 10, 65535, u64::MAX] {
+            out.clear();
+            push_num(&mut out, n);
+            assert_eq!(out, n.to_string().as_bytes());
+        }
+        for a in ["10.0.0.255:443", "127.0.0.1:0", "[::1]:8080"] {
+            out.clear();
+            push_addr(&mut out, &a.parse().unwrap());
+            assert_eq!(out, a.as_bytes());
+        }
         out.clear();
         push_clean(&mut out, "/a b\nINFO\\x");
         assert_eq!(String::from_utf8(out).unwrap(), "/a\\x20b\\x0aINFO\\x5cx");

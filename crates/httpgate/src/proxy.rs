@@ -228,7 +228,8 @@ impl Body for RespBody {
 pub(crate) struct AccessLog {
     host: String,
     method: Method,
-    path: String,
+    /// The request's URI (a clone shares its bytes): its path is logged.
+    uri: Uri,
     status: u16,
     bytes: u64,
     start: Instant,
@@ -238,23 +239,26 @@ pub(crate) struct AccessLog {
 
 impl Drop for AccessLog {
     fn drop(&mut self) {
-        use std::io::Write as _;
+        use crate::logbuf::{push_addr, push_clean, push_num};
         crate::logbuf::access_line(|out| {
-            let _ = write!(out, " peer={} host=", self.peer);
-            crate::logbuf::push_clean(out, &self.host);
-            let _ = write!(out, " method=");
-            crate::logbuf::push_clean(out, self.method.as_str());
-            let _ = write!(out, " path=");
-            crate::logbuf::push_clean(out, &self.path);
-            let _ = write!(
-                out,
-                " status={} bytes={} ms={}",
-                self.status,
-                self.bytes,
-                self.start.elapsed().as_millis()
-            );
+            out.extend_from_slice(b" peer=");
+            push_addr(out, &self.peer);
+            out.extend_from_slice(b" host=");
+            push_clean(out, &self.host);
+            out.extend_from_slice(b" method=");
+            push_clean(out, self.method.as_str());
+            out.extend_from_slice(b" path=");
+            push_clean(out, self.uri.path());
+            out.extend_from_slice(b" status=");
+            push_num(out, u64::from(self.status));
+            out.extend_from_slice(b" bytes=");
+            push_num(out, self.bytes);
+            out.extend_from_slice(b" ms=");
+            let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+            push_num(out, ms);
             if let Some(m) = self.upstream_ms {
-                let _ = write!(out, " upstream_ms={m}");
+                out.extend_from_slice(b" upstream_ms=");
+                push_num(out, u64::try_from(m).unwrap_or(u64::MAX));
             }
         });
     }
@@ -275,7 +279,7 @@ pub(crate) async fn handle(
         Box::new(AccessLog {
             host: String::new(),
             method: req.method().clone(),
-            path: req.uri().path().to_owned(),
+            uri: req.uri().clone(),
             status: 0,
             bytes: 0,
             start,
