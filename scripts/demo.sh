@@ -89,16 +89,22 @@ if [ ! -f "$key" ]; then
     mkdir -p "$HOME/.ssh" && chmod 700 "$HOME/.ssh"
     ssh-keygen -q -t ed25519 -N '' -f "${key%.pub}"
 fi
-if ! "$sandboxd" show demo >/dev/null 2>&1; then
+create_demo() {
     "$sandboxd" create demo --domain demo.localhost --ssh-key "$key" \
         --hook scripts/demo-app-hook.sh
+}
+if ! "$sandboxd" show demo >/dev/null 2>&1; then
+    create_demo
 else
-    # Kept from an earlier run, perhaps made with another key or stopped
-    # since: allow this key (adding a known key changes nothing) and start it.
+    # Kept from an earlier run, perhaps made with another key, stopped or
+    # interrupted since: allow this key (adding a known key changes
+    # nothing), then start it or let `create` resume where it stopped.
     "$sandboxd" key add demo "$key" >/dev/null
-    if ! "$sandboxd" show demo | grep -q '^status: *running'; then
-        "$sandboxd" start demo
-    fi
+    case $("$sandboxd" show demo | awk '$1 == "status:" { print $2 }') in
+        running) ;;
+        stopped) "$sandboxd" start demo ;;
+        creating | failed) create_demo ;;
+    esac
 fi
 
 # Trust the gateway's host key for [localhost]:2222.
