@@ -66,21 +66,48 @@ fn local_forward_tcp_and_unix_socket() {
     );
 }
 
+/// True if `port` answers a SOCKS5 greeting (no authentication) as ssh's
+/// `-D` listener does.
+fn socks_greets(port: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut reply = [0u8; 2];
+    s.write_all(&[5, 1, 0]).is_ok() && s.read_exact(&mut reply).is_ok() && reply == [5, 0]
+}
+
+/// `ssh -N -D 127.0.0.1:PORT` (from `ssh`) on a free port, returned once the
+/// port answers as a SOCKS5 proxy. A parallel test can take the port between
+/// `free_port` and ssh's bind: ssh then exits (ExitOnForwardFailure) and
+/// another port is tried.
+fn socks_forward(ssh: impl Fn() -> Command) -> (u16, Kill) {
+    for _ in 0..5 {
+        let dp = free_port();
+        let mut child = Kill(
+            ssh()
+                .args(["-N", "-o", "ExitOnForwardFailure=yes", "-D"])
+                .arg(format!("127.0.0.1:{dp}"))
+                .stdin(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline && child.0.try_wait().unwrap().is_none() {
+            if socks_greets(dp) {
+                return (dp, child);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    panic!("ssh -D never came up");
+}
+
 #[test]
 fn dynamic_forward_socks() {
     let h = harness().start();
     let web = http_server("hello through socks");
-    let dp = free_port();
-    let _ssh = Kill(
-        h.ssh()
-            .arg("-N")
-            .arg("-D")
-            .arg(format!("127.0.0.1:{dp}"))
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    drop(connect_when_ready(dp));
+    let (dp, _ssh) = socks_forward(|| h.ssh());
     let out = run(Command::new("curl")
         .args(["-sS", "--max-time", "20", "--socks5-hostname"])
         .arg(format!("127.0.0.1:{dp}"))
