@@ -23,27 +23,10 @@ use common::{python_upstream, Daemon};
 /// curl `https://HOST:PORT/index.txt` with `host` resolved to loopback,
 /// trusting `ca`: (status, body, stderr).
 fn get(host: &str, port: u16, ca: &Path) -> (u16, String, String) {
-    let out = Command::new("curl")
-        .args([
-            "-sS",
-            "--max-time",
-            "10",
-            "-w",
-            "\n%{http_code}",
-            "--cacert",
-        ])
-        .arg(ca)
-        .args(["--resolve", &format!("{host}:{port}:127.0.0.1")])
-        .arg(format!("https://{host}:{port}/index.txt"))
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (
-        code.parse().unwrap_or(0),
-        body.to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
+    let ca = ca.to_str().unwrap();
+    let resolve = format!("{host}:{port}:127.0.0.1");
+    let url = format!("https://{host}:{port}/index.txt");
+    common::curl(&["--cacert", ca, "--resolve", &resolve, &url])
 }
 
 fn cert_status(d: &Daemon, domain: &str) -> Option<serde_json::Value> {

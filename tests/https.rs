@@ -13,24 +13,9 @@ use common::{python_upstream, Daemon};
 /// curl: returns (status code, body, stderr).
 fn curl(args: &[&str]) -> (u16, String, String) {
     let t = Instant::now();
-    let r = curl_inner(args);
+    let r = common::curl(args);
     eprintln!("curl {:?} -> {} in {:?}", args.last(), r.0, t.elapsed());
     r
-}
-
-fn curl_inner(args: &[&str]) -> (u16, String, String) {
-    let out = Command::new("curl")
-        .args(["-sS", "--max-time", "10", "-o", "-", "-w", "\n%{http_code}"])
-        .args(args)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (
-        code.parse().unwrap_or(0),
-        body.to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
 }
 
 #[test]

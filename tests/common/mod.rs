@@ -272,6 +272,24 @@ impl Drop for Daemon {
     }
 }
 
+/// curl with `args` (URL last): (status code, body, stderr); status 0 if
+/// curl got no answer.
+#[allow(dead_code)] // not every test binary fetches over HTTP
+pub fn curl(args: &[&str]) -> (u16, String, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "-o", "-", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (
+        code.parse().unwrap_or(0),
+        body.to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
 pub fn run_with_stdin(cmd: &mut Command, stdin: &[u8]) -> Output {
     use std::io::Write;
     let mut child = cmd

@@ -32,21 +32,7 @@ pub struct LogWriter;
 
 impl Write for LogWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let buffered = PENDING.with(|p| {
-            let Ok(mut p) = p.try_borrow_mut() else {
-                return false;
-            };
-            let Some(v) = p.as_mut() else {
-                return false;
-            };
-            v.extend_from_slice(buf);
-            if v.len() >= FLUSH_AT {
-                let _ = io::stderr().lock().write_all(v);
-                v.clear();
-            }
-            true
-        });
-        if !buffered {
+        if append_pending(|v| v.extend_from_slice(buf)).is_err() {
             io::stderr().lock().write_all(buf)?;
         }
         Ok(buf.len())
@@ -55,6 +41,25 @@ impl Write for LogWriter {
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
+}
+
+/// On a serving thread, has `f` append to the pending bytes and writes them
+/// once they reach [`FLUSH_AT`]; elsewhere hands `f` back unused.
+fn append_pending<F: FnOnce(&mut Vec<u8>)>(f: F) -> Result<(), F> {
+    PENDING.with(|p| {
+        let Ok(mut p) = p.try_borrow_mut() else {
+            return Err(f);
+        };
+        let Some(v) = p.as_mut() else {
+            return Err(f);
+        };
+        f(v);
+        if v.len() >= FLUSH_AT {
+            let _ = io::stderr().lock().write_all(v);
+            v.clear();
+        }
+        Ok(())
+    })
 }
 
 /// Start gathering this thread's lines.
@@ -184,30 +189,13 @@ pub(crate) fn push_clean(out: &mut Vec<u8>, s: &str) {
 /// `fields` appends (` key=value` pairs), then a newline. On a serving thread
 /// the line goes to the pending bytes, elsewhere straight to standard error.
 pub(crate) fn access_line(fields: impl FnOnce(&mut Vec<u8>)) {
-    let mut fields = Some(fields);
-    let mut compose = |out: &mut Vec<u8>| {
+    let compose = |out: &mut Vec<u8>| {
         timestamp(out);
         out.extend_from_slice(b"  INFO httpgate::access: request");
-        if let Some(f) = fields.take() {
-            f(out);
-        }
+        fields(out);
         out.push(b'\n');
     };
-    let buffered = PENDING.with(|p| {
-        let Ok(mut p) = p.try_borrow_mut() else {
-            return false;
-        };
-        let Some(v) = p.as_mut() else {
-            return false;
-        };
-        compose(v);
-        if v.len() >= FLUSH_AT {
-            let _ = io::stderr().lock().write_all(v);
-            v.clear();
-        }
-        true
-    });
-    if !buffered {
+    if let Err(compose) = append_pending(compose) {
         let mut line = Vec::with_capacity(160);
         compose(&mut line);
         let _ = io::stderr().lock().write_all(&line);
