@@ -16,6 +16,7 @@ mod ca;
 mod certs;
 mod config;
 mod error;
+mod exchange;
 mod framing;
 mod gateway;
 mod idle;

@@ -23,6 +23,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
+use crate::exchange::{self, ExchangeError, UpBody};
 use crate::framing::FramingFlags;
 use crate::gateway::Shared;
 use crate::upstream::{self, ConnUpstreams, UpstreamError};
@@ -168,8 +169,12 @@ impl Body for ReqBody {
 
 enum RespInner {
     Upstream(Incoming),
+    /// From a bodiless exchange, read off the upstream socket as polled.
+    Fast(UpBody),
     Full(Option<Bytes>),
 }
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Response body to the client: the upstream's, streamed, or a page of ours.
 /// Counts bytes for the access log, written when the body is dropped.
@@ -189,15 +194,16 @@ impl RespBody {
 
 impl Body for RespBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         let res = match &mut this.inner {
-            RespInner::Upstream(b) => Pin::new(b).poll_frame(cx),
+            RespInner::Upstream(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
+            RespInner::Fast(b) => Pin::new(b).poll_frame(cx),
             RespInner::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
         };
         if let (Poll::Ready(Some(Ok(f))), Some(log)) = (&res, this.log.as_mut()) {
@@ -211,6 +217,7 @@ impl Body for RespBody {
     fn is_end_stream(&self) -> bool {
         match &self.inner {
             RespInner::Upstream(b) => b.is_end_stream(),
+            RespInner::Fast(b) => b.is_end_stream(),
             RespInner::Full(b) => b.is_none(),
         }
     }
@@ -218,6 +225,7 @@ impl Body for RespBody {
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
             RespInner::Upstream(b) => b.size_hint(),
+            RespInner::Fast(b) => b.size_hint(),
             RespInner::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             RespInner::Full(None) => SizeHint::with_exact(0),
         }
@@ -440,6 +448,26 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     if !h.keys().any(|k| HOP_BY_HOP.contains(k)) {
         return;
     }
+    // Usually Connection lists only options ("keep-alive", "close") or
+    // names removed below anyway: no list to build.
+    let only_known = h
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .all(|t| {
+            let t = t.trim();
+            t.eq_ignore_ascii_case("close")
+                || HOP_BY_HOP
+                    .iter()
+                    .any(|n| t.eq_ignore_ascii_case(n.as_str()))
+        });
+    if only_known {
+        for n in &HOP_BY_HOP {
+            h.remove(n);
+        }
+        return;
+    }
     let listed: Vec<HeaderName> = h
         .get_all(CONNECTION)
         .iter()
@@ -539,12 +567,33 @@ async fn forward(
     }
     set_forwarded(shared, conn, &mut parts.headers, host);
     parts.version = Version::HTTP_11;
+    let timeouts = &shared.config.timeouts;
+    if let Some(own) = conn.upstreams.as_ref() {
+        if !upgrade && exchange::eligible(&parts.method, body.is_end_stream()) {
+            origin_form(&mut parts.uri);
+            let t0 = Instant::now();
+            let send = exchange::exchange(
+                &own.idle,
+                up_host,
+                port,
+                timeouts.upstream_connect,
+                timeouts.upstream_pool_idle,
+                shared.config.limits.max_header_bytes.max(8192),
+                &parts,
+            );
+            let result = tokio::time::timeout(timeouts.upstream_response, send).await;
+            *upstream_ms = Some(t0.elapsed().as_millis());
+            return match upstream_result(shared, route, port, result, false) {
+                Ok(r) => relay(r.map(RespInner::Fast)),
+                Err(page) => *page,
+            };
+        }
+    }
     let client_fault = Arc::new(AtomicBool::new(false));
     let body = ReqBody {
         inner: Some(body),
         client_fault: client_fault.clone(),
     };
-    let timeouts = &shared.config.timeouts;
     let t0 = Instant::now();
     let result = match (&conn.upstreams, upgrade) {
         (Some(own), false) => {
@@ -594,28 +643,10 @@ async fn forward(
         }
     };
     *upstream_ms = Some(t0.elapsed().as_millis());
-    let mut resp = match result {
-        Err(_) => {
-            return pages::error(
-                StatusCode::GATEWAY_TIMEOUT,
-                &format!(
-                    "Sandbox {} did not answer within {} s.",
-                    route.sandbox,
-                    timeouts.upstream_response.as_secs()
-                ),
-            )
-        }
-        Ok(Err(e)) => {
-            if client_fault.load(Ordering::Relaxed) {
-                return pages::bad_request("Malformed request body.");
-            }
-            tracing::debug!(sandbox = %route.sandbox, error = ?e, "upstream error");
-            return pages::error(
-                StatusCode::BAD_GATEWAY,
-                &upstream_error_text(route, port, &e),
-            );
-        }
-        Ok(Ok(r)) => r,
+    let client_fault = client_fault.load(Ordering::Relaxed);
+    let mut resp = match upstream_result(shared, route, port, result, client_fault) {
+        Ok(r) => r,
+        Err(page) => return *page,
     };
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_up) = client_upgrade {
@@ -641,19 +672,47 @@ async fn forward(
             },
         );
     }
+    relay(resp.map(RespInner::Upstream))
+}
+
+/// The upstream's response, or the error page for how the exchange failed.
+fn upstream_result<T>(
+    shared: &Shared,
+    route: &Route,
+    port: u16,
+    result: Result<Result<Response<T>, UpstreamError>, tokio::time::error::Elapsed>,
+    client_fault: bool,
+) -> Result<Response<T>, Box<Response<RespBody>>> {
+    let page = match result {
+        Ok(Ok(r)) => return Ok(r),
+        Err(_) => pages::error(
+            StatusCode::GATEWAY_TIMEOUT,
+            &format!(
+                "Sandbox {} did not answer within {} s.",
+                route.sandbox,
+                shared.config.timeouts.upstream_response.as_secs()
+            ),
+        ),
+        Ok(Err(_)) if client_fault => pages::bad_request("Malformed request body."),
+        Ok(Err(e)) => {
+            tracing::debug!(sandbox = %route.sandbox, error = ?e, "upstream error");
+            pages::error(
+                StatusCode::BAD_GATEWAY,
+                &upstream_error_text(route, port, &e),
+            )
+        }
+    };
+    Err(Box::new(page))
+}
+
+/// The upstream's (non-101) response as the client's.
+fn relay(mut resp: Response<RespInner>) -> Response<RespBody> {
     strip_hop_by_hop(resp.headers_mut());
-    let (mut parts, body) = resp.into_parts();
     // The response to the client is ours: an HTTP/1.0 upstream must not turn
     // it into HTTP/1.0 (hyper would then close the client's keep-alive
     // connection). hyper still answers an HTTP/1.0 client in HTTP/1.0.
-    parts.version = Version::HTTP_11;
-    Response::from_parts(
-        parts,
-        RespBody {
-            inner: RespInner::Upstream(body),
-            log: None,
-        },
-    )
+    *resp.version_mut() = Version::HTTP_11;
+    resp.map(|inner| RespBody { inner, log: None })
 }
 
 /// Rewrite an absolute-form request target to origin form (what an
@@ -696,6 +755,14 @@ fn upstream_error_text(route: &Route, port: u16, e: &UpstreamError) -> String {
         }
         UpstreamError::Http(e) => (std::error::Error::source(e), false),
         UpstreamError::Pooled(e) => (std::error::Error::source(e), e.is_connect()),
+        UpstreamError::Exchange(ExchangeError::Io(io)) => return io_error_text(route, port, io),
+        UpstreamError::Exchange(ExchangeError::Malformed(what)) => {
+            return format!(
+                "Sandbox {} sent a malformed response on port {port} ({what}).",
+                route.sandbox
+            )
+        }
+        UpstreamError::Exchange(ExchangeError::Closed) => (None, false),
     };
     while let Some(s) = src {
         if let Some(io) = s.downcast_ref::<std::io::Error>() {

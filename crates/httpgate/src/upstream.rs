@@ -44,6 +44,8 @@ pub(crate) enum UpstreamError {
     Http(hyper::Error),
     /// The shared pool (HTTP/2 clients) failed.
     Pooled(hyper_util::client::legacy::Error),
+    /// A bodiless exchange (see `exchange.rs`) failed after connecting.
+    Exchange(crate::exchange::ExchangeError),
 }
 
 type ConnFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -68,6 +70,9 @@ struct Inner {
 #[derive(Default)]
 pub(crate) struct ConnUpstreams {
     inner: Mutex<Inner>,
+    /// Idle connections of bodiless exchanges (`exchange.rs`), which need
+    /// no polling between exchanges.
+    pub(crate) idle: std::sync::Arc<crate::exchange::IdlePool>,
 }
 
 impl ConnUpstreams {
@@ -202,7 +207,11 @@ async fn connect(host: &str, port: u16, timeout: Duration) -> Result<Handshake, 
         .map_err(UpstreamError::Http)
 }
 
-async fn tcp_connect(host: &str, port: u16, timeout: Duration) -> Result<TcpStream, UpstreamError> {
+pub(crate) async fn tcp_connect(
+    host: &str,
+    port: u16,
+    timeout: Duration,
+) -> Result<TcpStream, UpstreamError> {
     let attempt = async {
         match host.parse::<std::net::IpAddr>() {
             Ok(ip) => TcpStream::connect((ip, port)).await,

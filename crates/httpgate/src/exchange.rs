@@ -1,0 +1,686 @@
+//! Bodiless HTTP/1.1 exchanges with an upstream (GET and HEAD without a
+//! request body: nearly all proxied requests), run in the client
+//! connection's own task without hyper's client machinery. The request head
+//! is written straight to the socket, the response head parsed with
+//! httparse, and the response body read from the socket when the client's
+//! side polls for it: no connection task, no channel between the two, no
+//! extra wake-ups. Requests with a body and upgrades go through hyper's
+//! client (see `upstream.rs`).
+//!
+//! A connection is reused only when its response was complete, framed by
+//! Content-Length or chunked encoding, HTTP/1.1 and not marked `close`, and
+//! nothing followed it. Idle connections sit in the client connection's
+//! [`IdlePool`]; one closed by the upstream while idle is noticed before use
+//! or, at the latest, when it gives no byte of response, and the (idempotent)
+//! request is then sent once more on a new connection.
+//!
+//! It does not own routing, header rewriting or error pages (the proxy does).
+
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http::header::TRANSFER_ENCODING;
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH};
+use http::{Method, Response, StatusCode, Version};
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::upstream::{tcp_connect, UpstreamError};
+
+/// Most response headers accepted from an upstream.
+const MAX_HEADERS: usize = 128;
+/// Longest chunk-size or trailer line accepted.
+const MAX_LINE: usize = 4096;
+/// Most trailer bytes accepted (they are read and dropped).
+const MAX_TRAILERS: usize = 32 * 1024;
+/// Read buffer space kept free before a read.
+const READ_SPACE: usize = 16 * 1024;
+/// Most idle connections kept per client connection.
+const MAX_IDLE: usize = 4;
+
+/// Why an exchange failed, beyond connecting.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ExchangeError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("the upstream closed the connection before responding")]
+    Closed,
+    #[error("malformed response from the upstream: {0}")]
+    Malformed(&'static str),
+}
+
+/// One upstream connection used by this module.
+pub(crate) struct Conn {
+    stream: TcpStream,
+    /// Bytes read and not consumed yet.
+    buf: BytesMut,
+    /// The request head being written (kept to reuse its allocation).
+    head: Vec<u8>,
+    host: Box<str>,
+    port: u16,
+    used: Instant,
+}
+
+/// The idle connections of one client connection.
+#[derive(Default)]
+pub(crate) struct IdlePool {
+    conns: Mutex<Vec<Conn>>,
+}
+
+impl IdlePool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Conn>> {
+        self.conns.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// An idle connection to `host:port` still usable: not idle for longer
+    /// than `idle_limit`, not closed by the upstream, and without stray
+    /// bytes. Others found on the way are dropped.
+    fn take(&self, host: &str, port: u16, idle_limit: Duration) -> Option<Conn> {
+        let now = Instant::now();
+        let mut g = self.lock();
+        g.retain(|c| now.duration_since(c.used) <= idle_limit);
+        while let Some(i) = g.iter().position(|c| c.port == port && &*c.host == host) {
+            let c = g.swap_remove(i);
+            // No syscall unless the socket was seen readable: an idle
+            // connection has nothing to read unless it was closed.
+            let mut probe = [0u8; 1];
+            if let Err(e) = c.stream.try_read(&mut probe) {
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    return Some(c);
+                }
+            }
+        }
+        None
+    }
+
+    fn put(&self, mut c: Conn) {
+        c.used = Instant::now();
+        let mut g = self.lock();
+        if g.len() >= MAX_IDLE {
+            g.remove(0);
+        }
+        g.push(c);
+    }
+}
+
+/// Whether a request can take this path: GET or HEAD, without a body.
+pub(crate) fn eligible(method: &Method, body_empty: bool) -> bool {
+    body_empty && (*method == Method::GET || *method == Method::HEAD)
+}
+
+/// Send the bodiless request `parts` (URI in origin form) to `host:port`
+/// on an idle connection of `pool` or a new one; the response's body reads
+/// from the connection as it is polled.
+pub(crate) async fn exchange(
+    pool: &Arc<IdlePool>,
+    host: &str,
+    port: u16,
+    connect_timeout: Duration,
+    idle_limit: Duration,
+    max_head: usize,
+    parts: &http::request::Parts,
+) -> Result<Response<UpBody>, UpstreamError> {
+    let mut idle = pool.take(host, port, idle_limit);
+    loop {
+        let (mut conn, reused) = match idle.take() {
+            Some(c) => (c, true),
+            None => {
+                let stream = tcp_connect(host, port, connect_timeout).await?;
+                let conn = Conn {
+                    stream,
+                    buf: BytesMut::new(),
+                    head: Vec::with_capacity(512),
+                    host: host.into(),
+                    port,
+                    used: Instant::now(),
+                };
+                (conn, false)
+            }
+        };
+        encode_head(&mut conn.head, parts);
+        match round_trip(&mut conn, parts.method == Method::HEAD, max_head).await {
+            Ok((resp, framing, keep)) => {
+                return Ok(finish(resp, framing, keep, conn, pool));
+            }
+            // A reused connection closed by the upstream just now: the
+            // request (GET or HEAD) is sent once more on a new one.
+            Err(ExchangeError::Closed) if reused => continue,
+            Err(ExchangeError::Io(e)) if reused && is_reset(&e) => continue,
+            Err(e) => return Err(UpstreamError::Exchange(e)),
+        }
+    }
+}
+
+fn is_reset(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionAborted
+    )
+}
+
+fn encode_head(out: &mut Vec<u8>, parts: &http::request::Parts) {
+    out.clear();
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    out.extend_from_slice(pq.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in &parts.headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// How the response body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+    UntilClose,
+}
+
+async fn round_trip(
+    conn: &mut Conn,
+    head_request: bool,
+    max_head: usize,
+) -> Result<(Response<()>, Framing, bool), ExchangeError> {
+    conn.stream.write_all(&conn.head).await?;
+    let mut got_any = false;
+    loop {
+        // Parse what is there; read more if the head is incomplete.
+        if !conn.buf.is_empty() {
+            got_any = true;
+            if let Some(parsed) = parse_head(&mut conn.buf, head_request, max_head)? {
+                return Ok(parsed);
+            }
+            if conn.buf.len() > max_head {
+                return Err(ExchangeError::Malformed("response head too large"));
+            }
+        }
+        let n = std::future::poll_fn(|cx| poll_fill(&conn.stream, &mut conn.buf, cx)).await?;
+        if n == 0 {
+            return Err(match got_any {
+                false => ExchangeError::Closed,
+                true => ExchangeError::Malformed("connection closed inside the response head"),
+            });
+        }
+    }
+}
+
+/// Parse one response head at the start of `buf`, consuming it. Informational
+/// (1xx) heads are consumed and skipped. `None`: incomplete.
+fn parse_head(
+    buf: &mut BytesMut,
+    head_request: bool,
+    max_head: usize,
+) -> Result<Option<(Response<()>, Framing, bool)>, ExchangeError> {
+    loop {
+        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut r = httparse::Response::new(&mut slots);
+        let len = match r.parse(buf) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(ExchangeError::Malformed("too many headers"))
+            }
+            Err(_) => return Err(ExchangeError::Malformed("invalid response head")),
+        };
+        if len > max_head {
+            return Err(ExchangeError::Malformed("response head too large"));
+        }
+        let code = r.code.unwrap_or(0);
+        let status =
+            StatusCode::from_u16(code).map_err(|_| ExchangeError::Malformed("invalid status"))?;
+        if status.is_informational() {
+            if status == StatusCode::SWITCHING_PROTOCOLS {
+                return Err(ExchangeError::Malformed(
+                    "unexpected 101 Switching Protocols",
+                ));
+            }
+            // 100 Continue, 102, 103 Early Hints: not relayed.
+            let _ = buf.split_to(len);
+            continue;
+        }
+        let http11 = r.version == Some(1);
+        // Header values are slices of the head, shared (no copy).
+        let base = buf.as_ptr() as usize;
+        let mut spans = [(0usize, 0usize); MAX_HEADERS];
+        let mut names: [Option<HeaderName>; MAX_HEADERS] = [const { None }; MAX_HEADERS];
+        let count = r.headers.len();
+        for (i, h) in r.headers.iter().enumerate() {
+            names[i] = Some(
+                HeaderName::from_bytes(h.name.as_bytes())
+                    .map_err(|_| ExchangeError::Malformed("invalid header name"))?,
+            );
+            let start = h.value.as_ptr() as usize - base;
+            spans[i] = (start, start + h.value.len());
+        }
+        let head = buf.split_to(len).freeze();
+        let mut headers = HeaderMap::with_capacity(count);
+        for (name, &(s, e)) in names.iter_mut().zip(spans.iter()).take(count) {
+            let Some(name) = name.take() else { continue };
+            let value = HeaderValue::from_maybe_shared(head.slice(s..e))
+                .map_err(|_| ExchangeError::Malformed("invalid header value"))?;
+            headers.append(name, value);
+        }
+        let (framing, keep) = framing(&mut headers, status, head_request, http11)?;
+        let mut resp = Response::new(());
+        *resp.status_mut() = status;
+        *resp.version_mut() = if http11 {
+            Version::HTTP_11
+        } else {
+            Version::HTTP_10
+        };
+        *resp.headers_mut() = headers;
+        return Ok(Some((resp, framing, keep)));
+    }
+}
+
+/// The body's framing (RFC 9112 section 6.3) and whether the connection can
+/// be reused after it. Content-Length is dropped when Transfer-Encoding
+/// frames the body.
+fn framing(
+    headers: &mut HeaderMap,
+    status: StatusCode,
+    head_request: bool,
+    http11: bool,
+) -> Result<(Framing, bool), ExchangeError> {
+    let close = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("close"));
+    let keep = http11 && !close;
+    if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        return Ok((Framing::Empty, keep));
+    }
+    if headers.contains_key(TRANSFER_ENCODING) {
+        let chunked = headers
+            .get_all(TRANSFER_ENCODING)
+            .iter()
+            .next_back()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit(',').next())
+            .is_some_and(|t| t.trim().eq_ignore_ascii_case("chunked"));
+        headers.remove(CONTENT_LENGTH);
+        return Ok(match chunked {
+            true => (Framing::Chunked, keep),
+            false => (Framing::UntilClose, false),
+        });
+    }
+    let mut len = None;
+    for v in headers.get_all(CONTENT_LENGTH) {
+        for part in v.as_bytes().split(|&b| b == b',') {
+            let n = parse_decimal(trim_ows(part))
+                .ok_or(ExchangeError::Malformed("invalid Content-Length"))?;
+            if len.is_some_and(|l| l != n) {
+                return Err(ExchangeError::Malformed("conflicting Content-Length"));
+            }
+            len = Some(n);
+        }
+    }
+    Ok(match len {
+        Some(0) => (Framing::Empty, keep),
+        Some(n) => (Framing::Length(n), keep),
+        None => (Framing::UntilClose, false),
+    })
+}
+
+fn trim_ows(mut b: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = b {
+        b = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = b {
+        b = rest;
+    }
+    b
+}
+
+fn parse_decimal(b: &[u8]) -> Option<u64> {
+    if b.is_empty() || b.len() > 19 {
+        return None;
+    }
+    b.iter().try_fold(0u64, |acc, &d| {
+        d.is_ascii_digit().then(|| acc * 10 + u64::from(d - b'0'))
+    })
+}
+
+/// Read what the socket has into `buf`, keeping [`READ_SPACE`] free.
+/// `Ok(0)`: end of stream.
+fn poll_fill(
+    stream: &TcpStream,
+    buf: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    if buf.capacity() - buf.len() < READ_SPACE / 2 {
+        buf.reserve(READ_SPACE);
+    }
+    loop {
+        match stream.try_read_buf(buf) {
+            Ok(n) => return Poll::Ready(Ok(n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready!(stream.poll_read_ready(cx))?,
+            Err(e) => return Poll::Ready(Err(e)),
+        }
+    }
+}
+
+fn finish(
+    resp: Response<()>,
+    framing: Framing,
+    keep: bool,
+    conn: Conn,
+    pool: &Arc<IdlePool>,
+) -> Response<UpBody> {
+    let mut body = UpBody {
+        conn: Some(conn),
+        state: match framing {
+            Framing::Empty => State::Done,
+            Framing::Length(n) => State::Length(n),
+            Framing::Chunked => State::ChunkSize,
+            Framing::UntilClose => State::UntilClose,
+        },
+        keep,
+        pool: pool.clone(),
+        trailer_bytes: 0,
+    };
+    if body.state == State::Done {
+        body.release();
+    }
+    resp.map(|()| body)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Length(u64),
+    UntilClose,
+    ChunkSize,
+    ChunkData(u64),
+    ChunkEnd,
+    Trailers,
+    Done,
+}
+
+/// A response body read from its upstream connection as it is polled; the
+/// connection goes back to its pool once the body is complete (or is closed
+/// if the body is dropped before that).
+pub(crate) struct UpBody {
+    conn: Option<Conn>,
+    state: State,
+    keep: bool,
+    pool: Arc<IdlePool>,
+    trailer_bytes: usize,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl UpBody {
+    /// The body is complete: hand the connection back if it can be reused.
+    fn release(&mut self) {
+        self.state = State::Done;
+        if let Some(c) = self.conn.take() {
+            if self.keep && c.buf.is_empty() {
+                self.pool.put(c);
+            }
+        }
+    }
+
+    fn fail(&mut self, what: &'static str) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.conn = None;
+        self.state = State::Done;
+        Poll::Ready(Some(Err(ExchangeError::Malformed(what).into())))
+    }
+
+    /// One line (without its CR LF) from the front of the buffer, if whole.
+    fn line(buf: &mut BytesMut) -> Option<BytesMut> {
+        let i = buf.iter().position(|&b| b == b'\n')?;
+        let mut line = buf.split_to(i + 1);
+        line.truncate(i);
+        if line.last() == Some(&b'\r') {
+            line.truncate(i - 1);
+        }
+        Some(line)
+    }
+}
+
+impl Body for UpBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        loop {
+            let state = this.state;
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let buf = &mut conn.buf;
+            match state {
+                State::Done => {
+                    this.release();
+                    return Poll::Ready(None);
+                }
+                State::Length(left) if !buf.is_empty() => {
+                    let k = usize::try_from(left).map_or(buf.len(), |l| l.min(buf.len()));
+                    let data = buf.split_to(k).freeze();
+                    let left = left - k as u64;
+                    this.state = State::Length(left);
+                    if left == 0 {
+                        this.release();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                State::UntilClose if !buf.is_empty() => {
+                    let data = buf.split().freeze();
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                State::ChunkData(left) if !buf.is_empty() => {
+                    let k = usize::try_from(left).map_or(buf.len(), |l| l.min(buf.len()));
+                    let data = buf.split_to(k).freeze();
+                    let left = left - k as u64;
+                    this.state = match left {
+                        0 => State::ChunkEnd,
+                        n => State::ChunkData(n),
+                    };
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                State::ChunkSize | State::ChunkEnd | State::Trailers => {
+                    if let Some(line) = Self::line(buf) {
+                        match state {
+                            State::ChunkSize => match parse_chunk_size(&line) {
+                                Some(0) => this.state = State::Trailers,
+                                Some(n) => this.state = State::ChunkData(n),
+                                None => return this.fail("invalid chunk size"),
+                            },
+                            State::ChunkEnd if line.is_empty() => this.state = State::ChunkSize,
+                            State::ChunkEnd => return this.fail("missing CRLF after chunk data"),
+                            _ if line.is_empty() => this.state = State::Done,
+                            _ => {
+                                this.trailer_bytes += line.len();
+                                if this.trailer_bytes > MAX_TRAILERS {
+                                    return this.fail("trailers too large");
+                                }
+                            }
+                        }
+                        continue;
+                    }
+                    if buf.len() > MAX_LINE {
+                        return this.fail("chunk line too long");
+                    }
+                }
+                _ => {}
+            }
+            // Nothing usable buffered: read more.
+            match ready!(poll_fill(&conn.stream, &mut conn.buf, cx)) {
+                Ok(0) if state == State::UntilClose => {
+                    this.conn = None;
+                    this.state = State::Done;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => return this.fail("connection closed inside the response body"),
+                Ok(_) => {}
+                Err(e) => {
+                    this.conn = None;
+                    this.state = State::Done;
+                    return Poll::Ready(Some(Err(ExchangeError::Io(e).into())));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.state == State::Done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.state {
+            State::Done => SizeHint::with_exact(0),
+            State::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+/// A chunk-size line: hex digits, then optional whitespace and extensions.
+fn parse_chunk_size(line: &[u8]) -> Option<u64> {
+    let end = line
+        .iter()
+        .position(|b| !b.is_ascii_hexdigit())
+        .unwrap_or(line.len());
+    let (digits, rest) = line.split_at(end);
+    if digits.is_empty() || digits.len() > 15 {
+        return None;
+    }
+    let rest = trim_ows(rest);
+    if !(rest.is_empty() || rest.first() == Some(&b';')) {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |acc, &d| {
+        let v = (d as char).to_digit(16)?;
+        Some(acc * 16 + u64::from(v))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn parse(
+        raw: &[u8],
+        head: bool,
+    ) -> Result<Option<(Response<()>, Framing, bool)>, ExchangeError> {
+        let mut b = BytesMut::from(raw);
+        parse_head(&mut b, head, 32 * 1024)
+    }
+
+    #[test]
+    fn framing_follows_rfc9112() {
+        let (r, f, keep) = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", false)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (r.status(), f, keep),
+            (StatusCode::OK, Framing::Length(5), true)
+        );
+        let (_, f, keep) = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", true)
+            .unwrap()
+            .unwrap();
+        assert_eq!((f, keep), (Framing::Empty, true), "HEAD: no body");
+        let (r, f, _) = parse(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\nTransfer-Encoding: chunked\r\n\r\n",
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(f, Framing::Chunked);
+        assert!(r.headers().get(CONTENT_LENGTH).is_none(), "TE overrides CL");
+        let (_, f, keep) = parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", false)
+            .unwrap()
+            .unwrap();
+        assert_eq!((f, keep), (Framing::UntilClose, false));
+        let (_, f, keep) = parse(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n", false)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (f, keep),
+            (Framing::Length(2), false),
+            "HTTP/1.0: not reused"
+        );
+        let (_, _, keep) = parse(
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\n",
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(!keep);
+        let (_, f, _) = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 3, 3\r\n\r\n", false)
+            .unwrap()
+            .unwrap();
+        assert_eq!(f, Framing::Length(3));
+        assert!(parse(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+            false
+        )
+        .is_err());
+        assert!(parse(b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", false).is_err());
+        assert!(parse(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n", false)
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn informational_heads_are_skipped() {
+        let (r, f, _) = parse(
+            b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n",
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!((r.status(), f), (StatusCode::NO_CONTENT, Framing::Empty));
+        assert!(r.headers().get("link").is_none());
+        assert!(parse(b"HTTP/1.1 101 Switching Protocols\r\n\r\n", false).is_err());
+    }
+
+    #[test]
+    fn chunk_sizes() {
+        assert_eq!(parse_chunk_size(b"1a"), Some(26));
+        assert_eq!(parse_chunk_size(b"1A;name=value"), Some(26));
+        assert_eq!(parse_chunk_size(b"0 ;x"), Some(0));
+        assert_eq!(parse_chunk_size(b""), None);
+        assert_eq!(parse_chunk_size(b"-1"), None);
+        assert_eq!(parse_chunk_size(b"1 2"), None);
+        assert_eq!(parse_chunk_size(b"0x10"), None);
+        assert_eq!(parse_chunk_size(b"ffffffffffffffff"), None);
+    }
+
+    #[test]
+    fn request_head_is_written_in_origin_form() {
+        let req = http::Request::get("/a?b=c")
+            .header("host", "example.test")
+            .header("x-forwarded-for", "192.0.2.1")
+            .body(())
+            .unwrap();
+        let (parts, ()) = req.into_parts();
+        let mut out = Vec::new();
+        encode_head(&mut out, &parts);
+        assert_eq!(
+            out,
+            b"GET /a?b=c HTTP/1.1\r\nhost: example.test\r\nx-forwarded-for: 192.0.2.1\r\n\r\n"
+        );
+    }
+}
