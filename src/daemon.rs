@@ -26,7 +26,7 @@ const GRACE: Duration = Duration::from_secs(10);
 pub struct Bound {
     pub ssh: Vec<TcpListener>,
     /// The HTTPS and HTTP sockets of each web serving thread: every address
-    /// is bound once per thread with SO_REUSEPORT (see
+    /// is bound once, with a handle of the socket per thread (see
     /// [`httpgate::HttpGateway::spawn_threads`]).
     pub web: Vec<httpgate::ThreadListeners>,
     pub https_addrs: Vec<SocketAddr>,

@@ -6,8 +6,8 @@
 //! cargo run --release -p httpgate --example gateway -- \
 //!     --listen 127.0.0.1:8443 --host localhost --upstream 127.0.0.1:8080 --ca-out /tmp/ca.pem
 //! ```
-//! `--threads N` runs N single-threaded runtimes, each accepting on its own
-//! SO_REUSEPORT socket (0, the default: one multi-threaded runtime).
+//! `--threads N` runs N single-threaded runtimes, each accepting from the
+//! one listening socket (0, the default: one multi-threaded runtime).
 //! Stops on SIGINT or SIGTERM. `RUST_LOG=httpgate::access=info` prints the access log.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

@@ -38,8 +38,17 @@ const MAX_HEADERS: usize = 128;
 const MAX_LINE: usize = 4096;
 /// Most trailer bytes accepted (they are read and dropped).
 const MAX_TRAILERS: usize = 32 * 1024;
-/// Read buffer space kept free before a read.
+/// Read buffer space made free before a read of a response head, or of a
+/// body of unknown length.
 const READ_SPACE: usize = 16 * 1024;
+/// Most read buffer space made free for a body of known length (fewer
+/// reads for large bodies).
+const READ_MAX: usize = 64 * 1024;
+/// Largest read buffer an idle connection keeps.
+const IDLE_BUF: usize = 32 * 1024;
+/// Idle time after which a connection is checked for the upstream's close
+/// before it is used.
+const PROBE_AFTER: Duration = Duration::from_secs(1);
 /// Most idle connections kept per client connection.
 const MAX_IDLE: usize = 4;
 
@@ -86,8 +95,13 @@ impl IdlePool {
         g.retain(|c| now.duration_since(c.used) <= idle_limit);
         while let Some(i) = g.iter().position(|c| c.port == port && &*c.host == host) {
             let c = g.swap_remove(i);
-            // No syscall unless the socket was seen readable: an idle
-            // connection has nothing to read unless it was closed.
+            // A connection used less than a second ago is taken as it is
+            // (probing costs a syscall, and a request it turns out the
+            // upstream closed is sent again); an older one is checked for
+            // the upstream's close (an idle connection has nothing to read).
+            if now.duration_since(c.used) < PROBE_AFTER {
+                return Some(c);
+            }
             let mut probe = [0u8; 1];
             if let Err(e) = c.stream.try_read(&mut probe) {
                 if e.kind() == io::ErrorKind::WouldBlock {
@@ -208,7 +222,8 @@ async fn round_trip(
                 return Err(ExchangeError::Malformed("response head too large"));
             }
         }
-        let n = std::future::poll_fn(|cx| poll_fill(&conn.stream, &mut conn.buf, cx)).await?;
+        let n = std::future::poll_fn(|cx| poll_fill(&conn.stream, &mut conn.buf, READ_SPACE, cx))
+            .await?;
         if n == 0 {
             return Err(match got_any {
                 false => ExchangeError::Closed,
@@ -357,15 +372,17 @@ fn parse_decimal(b: &[u8]) -> Option<u64> {
     })
 }
 
-/// Read what the socket has into `buf`, keeping [`READ_SPACE`] free.
-/// `Ok(0)`: end of stream.
+/// Read what the socket has into `buf`, with room for `want` bytes (at
+/// least 4 KiB). `Ok(0)`: end of stream.
 fn poll_fill(
     stream: &TcpStream,
     buf: &mut BytesMut,
+    want: usize,
     cx: &mut Context<'_>,
 ) -> Poll<io::Result<usize>> {
-    if buf.capacity() - buf.len() < READ_SPACE / 2 {
-        buf.reserve(READ_SPACE);
+    let want = want.max(4096);
+    if buf.capacity() - buf.len() < want {
+        buf.reserve(want);
     }
     loop {
         match stream.try_read_buf(buf) {
@@ -429,8 +446,11 @@ impl UpBody {
     /// The body is complete: hand the connection back if it can be reused.
     fn release(&mut self) {
         self.state = State::Done;
-        if let Some(c) = self.conn.take() {
+        if let Some(mut c) = self.conn.take() {
             if self.keep && c.buf.is_empty() {
+                if c.buf.capacity() > IDLE_BUF {
+                    c.buf = BytesMut::new();
+                }
                 self.pool.put(c);
             }
         }
@@ -525,7 +545,11 @@ impl Body for UpBody {
                 _ => {}
             }
             // Nothing usable buffered: read more.
-            match ready!(poll_fill(&conn.stream, &mut conn.buf, cx)) {
+            let want = match state {
+                State::Length(left) => usize::try_from(left).map_or(READ_MAX, |l| l.min(READ_MAX)),
+                _ => READ_SPACE,
+            };
+            match ready!(poll_fill(&conn.stream, &mut conn.buf, want, cx)) {
                 Ok(0) if state == State::UntilClose => {
                     this.conn = None;
                     this.state = State::Done;

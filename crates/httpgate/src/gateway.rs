@@ -26,19 +26,23 @@ pub struct ThreadListeners {
     pub http: Vec<std::net::TcpListener>,
 }
 
-/// Bind `addr` `threads` times (at least once) with `SO_REUSEPORT`, one
-/// socket per serving thread. With port 0, the first socket picks the port
-/// and the others share it.
+/// Bind `addr` once and give each of `threads` serving threads (at least
+/// one) its own handle on that one listening socket. Every thread waits for
+/// connections on the same queue and the first free one takes each, so a
+/// busy thread is not handed more (with one `SO_REUSEPORT` socket per
+/// thread the kernel would pick by hash, and an unlucky spread of
+/// keep-alive connections loads one thread for their whole life). Without
+/// `SO_REUSEPORT`, no other process can bind the port alongside.
 pub fn bind_per_thread(
     addr: std::net::SocketAddr,
     threads: usize,
 ) -> io::Result<Vec<std::net::TcpListener>> {
-    let first = crate::server::reuseport_listener(addr)?;
-    let addr = first.local_addr()?;
-    let mut out = vec![first];
+    let first = crate::server::listener(addr)?;
+    let mut out = Vec::with_capacity(threads.max(1));
     for _ in 1..threads.max(1) {
-        out.push(crate::server::reuseport_listener(addr)?);
+        out.push(first.try_clone()?);
     }
+    out.insert(0, first);
     Ok(out)
 }
 
@@ -130,7 +134,7 @@ impl HttpGateway {
     }
 
     /// Serve HTTPS on `addr` from `threads` dedicated threads, each with a
-    /// single-threaded runtime accepting on its own `SO_REUSEPORT` socket.
+    /// single-threaded runtime accepting from the same listening socket.
     /// Same as [`bind_per_thread`] then [`HttpGateway::spawn_threads`].
     pub fn spawn_https_threads(
         &self,
@@ -148,9 +152,9 @@ impl HttpGateway {
     }
 
     /// Serve from one dedicated thread per element of `per_thread`, each
-    /// with a single-threaded runtime accepting on its own sockets (bound
-    /// with [`bind_per_thread`], so the kernel spreads connections over the
-    /// threads), so that a connection, its TLS session and its upstream
+    /// with a single-threaded runtime accepting on its handles of the
+    /// listening sockets (from [`bind_per_thread`]: the first free thread
+    /// takes each new connection), so that a connection, its TLS session and its upstream
     /// connections never change threads (measured: about 20% less CPU per
     /// request than one multi-threaded runtime). Routes and certificates
     /// are shared with every thread and stay live. Stops at

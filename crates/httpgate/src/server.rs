@@ -280,16 +280,14 @@ async fn serve_conn<I>(
     }
 }
 
-/// A listening socket with `SO_REUSEPORT`, so that several threads can each
-/// accept on the same address.
-pub(crate) fn reuseport_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+/// A listening socket (`SO_REUSEADDR`, IPv6 sockets IPv6-only), non-blocking.
+pub(crate) fn listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let sock = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
         None,
     )?;
     sock.set_reuse_address(true)?;
-    sock.set_reuse_port(true)?;
     if addr.is_ipv6() {
         sock.set_only_v6(true)?;
     }
