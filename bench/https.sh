@@ -109,6 +109,7 @@ http {
     ssl_certificate $WORK/cert.pem;
     ssl_certificate_key $WORK/key.pem;
     ssl_session_cache shared:SSL:10m;
+    ssl_protocols TLSv1.2 TLSv1.3;  # as Debian's nginx.conf (1.22's built-in default lacks 1.3)
     location / {
       proxy_pass http://up;
       proxy_http_version 1.1;
@@ -273,18 +274,19 @@ for round in $(seq 1 "$ROUNDS"); do
   done
 done
 echo
-echo "Ratios within each round, min–median–max over the rounds (req/s: higher is better for sandboxd; p99: lower is better for sandboxd)"
+echo "Ratios within each round, min–median–max over the rounds (req/s: higher is better for sandboxd; p99 and CPU per request: lower is better for sandboxd)"
 echo
-printf '| %-16s | %22s | %22s | %24s |\n' scenario "req/s sandboxd/caddy" "req/s sandboxd/nginx" "p99 sandboxd/nginx"
-printf '|%s|%s|%s|%s|\n' ------------------ ------------------------ ------------------------ --------------------------
+printf '| %-16s | %22s | %22s | %24s | %22s |\n' scenario "req/s sandboxd/caddy" "req/s sandboxd/nginx" "p99 sandboxd/nginx" "CPU/req sandboxd/nginx"
+printf '|%s|%s|%s|%s|%s|\n' ------------------ ------------------------ ------------------------ -------------------------- ------------------------
 for sc in "${SCENARIOS[@]}"; do
-  rc=() rn=() pn=()
+  rc=() rn=() pn=() cn=()
   for round in $(seq 1 "$ROUNDS"); do
     rc+=("$(ratio "${RPS[$round,sandboxd,$sc]}" "${RPS[$round,caddy,$sc]}")")
     rn+=("$(ratio "${RPS[$round,sandboxd,$sc]}" "${RPS[$round,nginx,$sc]}")")
     pn+=("$(ratio "${P99[$round,sandboxd,$sc]}" "${P99[$round,nginx,$sc]}")")
+    cn+=("$(ratio "${CPU[$round,sandboxd,$sc]}" "${CPU[$round,nginx,$sc]}")")
   done
-  printf '| %-16s | %22s | %22s | %24s |\n' "$sc" "$(spread "${rc[@]}")" "$(spread "${rn[@]}")" "$(spread "${pn[@]}")"
+  printf '| %-16s | %22s | %22s | %24s | %22s |\n' "$sc" "$(spread "${rc[@]}")" "$(spread "${rn[@]}")" "$(spread "${pn[@]}")" "$(spread "${cn[@]}")"
 done
 echo
 echo "peak RSS: sandboxd $((MEM[sandboxd] / 1024)) MiB, caddy $((MEM[caddy] / 1024)) MiB, nginx (master + workers) $((MEM[nginx] / 1024)) MiB"

@@ -17,6 +17,7 @@
 //! It does not own routing, header rewriting or error pages (the proxy does).
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{ready, Context, Poll};
@@ -32,8 +33,8 @@ use tokio::net::TcpStream;
 
 use crate::upstream::{tcp_connect, UpstreamError};
 
-/// Most response headers accepted from an upstream.
-const MAX_HEADERS: usize = 128;
+/// Most response headers accepted from an upstream (as hyper).
+const MAX_HEADERS: usize = 100;
 /// Longest chunk-size or trailer line accepted.
 const MAX_LINE: usize = 4096;
 /// Most trailer bytes accepted (they are read and dropped).
@@ -241,9 +242,11 @@ fn parse_head(
     max_head: usize,
 ) -> Result<Option<(Response<()>, Framing, bool)>, ExchangeError> {
     loop {
-        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut r = httparse::Response::new(&mut slots);
-        let len = match r.parse(buf) {
+        let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut r = httparse::Response::new(&mut []);
+        let parsed = httparse::ParserConfig::default()
+            .parse_response_with_uninit_headers(&mut r, buf, &mut slots);
+        let len = match parsed {
             Ok(httparse::Status::Complete(n)) => n,
             Ok(httparse::Status::Partial) => return Ok(None),
             Err(httparse::Error::TooManyHeaders) => {
@@ -268,24 +271,30 @@ fn parse_head(
             continue;
         }
         let http11 = r.version == Some(1);
-        // Header values are slices of the head, shared (no copy).
+        // Names and values are slices of the head, the values shared (no
+        // copy): their offsets are noted, then the head is split off.
         let base = buf.as_ptr() as usize;
-        let mut spans = [(0usize, 0usize); MAX_HEADERS];
-        let mut names: [Option<HeaderName>; MAX_HEADERS] = [const { None }; MAX_HEADERS];
+        let mut spans = [[0u32; 4]; MAX_HEADERS];
         let count = r.headers.len();
-        for (i, h) in r.headers.iter().enumerate() {
-            names[i] = Some(
-                HeaderName::from_bytes(h.name.as_bytes())
-                    .map_err(|_| ExchangeError::Malformed("invalid header name"))?,
-            );
-            let start = h.value.as_ptr() as usize - base;
-            spans[i] = (start, start + h.value.len());
+        for (span, h) in spans.iter_mut().zip(r.headers.iter()) {
+            let name = h.name.as_ptr() as usize - base;
+            let value = h.value.as_ptr() as usize - base;
+            // Offsets within a head of at most `max_head` bytes.
+            *span = [name, name + h.name.len(), value, value + h.value.len()]
+                .map(|o| u32::try_from(o).unwrap_or(u32::MAX));
         }
         let head = buf.split_to(len).freeze();
         let mut headers = HeaderMap::with_capacity(count);
-        for (name, &(s, e)) in names.iter_mut().zip(spans.iter()).take(count) {
-            let Some(name) = name.take() else { continue };
-            let value = HeaderValue::from_maybe_shared(head.slice(s..e))
+        for &[ns, ne, vs, ve] in spans.iter().take(count) {
+            let (ns, ne, vs, ve) = (ns as usize, ne as usize, vs as usize, ve as usize);
+            let name = head
+                .get(ns..ne)
+                .and_then(|n| HeaderName::from_bytes(n).ok())
+                .ok_or(ExchangeError::Malformed("invalid header name"))?;
+            if vs > ve || ve > head.len() {
+                return Err(ExchangeError::Malformed("invalid header value"));
+            }
+            let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
                 .map_err(|_| ExchangeError::Malformed("invalid header value"))?;
             headers.append(name, value);
         }
@@ -440,7 +449,8 @@ pub(crate) struct UpBody {
     trailer_bytes: usize,
 }
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The error type of response bodies.
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl UpBody {
     /// The body is complete: hand the connection back if it can be reused.

@@ -23,7 +23,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
-use crate::exchange::{self, ExchangeError, UpBody};
+use crate::exchange::{self, BoxError, ExchangeError, UpBody};
 use crate::framing::FramingFlags;
 use crate::gateway::Shared;
 use crate::upstream::{self, ConnUpstreams, UpstreamError};
@@ -173,8 +173,6 @@ enum RespInner {
     Fast(UpBody),
     Full(Option<Bytes>),
 }
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Response body to the client: the upstream's, streamed, or a page of ours.
 /// Counts bytes for the access log, written when the body is dropped.

@@ -503,6 +503,14 @@ async fn per_thread_https_listeners_serve() {
         .gw
         .spawn_https_threads(([127, 0, 0, 1], port).into(), 2)
         .unwrap();
+    // One listening socket for both threads, without SO_REUSEPORT: another
+    // socket cannot bind the port alongside and take a share of connections.
+    let intruder =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    intruder.set_reuse_port(true).unwrap();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let err = intruder.bind(&addr.into()).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse, "{err}");
     for _ in 0..4 {
         let r = Curl::new("app.test", port, "/")
             .cacert(&gw.ca_file)
