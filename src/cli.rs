@@ -193,7 +193,7 @@ pub struct AddArgs {
     pub access: AccessArgs,
 }
 
-/// Agent-host login and certificate options of `add` and `create`.
+/// Agent-host login and certificate options of `add`, `create` and `import`.
 #[derive(Debug, clap::Args)]
 pub struct AccessArgs {
     /// Basic-auth login for the agent host.

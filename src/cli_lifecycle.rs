@@ -102,6 +102,8 @@ pub struct ImportArgs {
     /// With no INSTANCE: print a JSON array.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub access: crate::cli::AccessArgs,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -260,6 +262,12 @@ pub async fn update_agent(client: &Client, name: &str) -> Result<()> {
 
 pub async fn import(client: &Client, a: ImportArgs) -> Result<()> {
     let Some(instance) = a.instance else {
+        if a.access.auth_user.is_some()
+            || a.access.tls_mode.is_some()
+            || a.access.tls_cert_file.is_some()
+        {
+            bail!("--auth-user and --tls-* options need the INSTANCE to adopt");
+        }
         let list: Vec<UnmanagedInstance> = client
             .call(Method::GET, "/v1/incus/unmanaged", NONE)
             .await?;
@@ -279,13 +287,17 @@ pub async fn import(client: &Client, a: ImportArgs) -> Result<()> {
     if a.ssh_keys.is_empty() {
         bail!("adopting {instance} needs at least one --ssh-key FILE");
     }
+    let (tls_cert_file, tls_key_file) = a.access.tls_files()?;
     let req = ImportSandbox {
         instance,
         domain,
         ssh_keys: read_key_files(&a.ssh_keys)?,
         app_port: Some(a.app_port),
         user: Some(a.user),
-        auth: None,
+        auth: a.access.auth()?,
+        tls_mode: a.access.tls_mode,
+        tls_cert_file,
+        tls_key_file,
     };
     let body = serde_json::to_vec(&req)?;
     let result = client

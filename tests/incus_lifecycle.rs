@@ -200,6 +200,8 @@ fn import_adopts_an_instance_made_outside() {
         "{unmanaged}"
     );
     let key = d.keygen("client");
+    let pw = d.dir.path().join("agent-password");
+    std::fs::write(&pw, "import-s3cret\n").unwrap();
     d.ok(&[
         "import",
         &name,
@@ -207,18 +209,32 @@ fn import_adopts_an_instance_made_outside() {
         &format!("{name}.test"),
         "--ssh-key",
         key.to_str().unwrap(),
+        "--auth-user",
+        "alice",
+        "--auth-password-file",
+        pw.to_str().unwrap(),
+        "--tls-mode",
+        "internal",
     ]);
     let sb = listed(&d, &name).unwrap();
     assert_eq!(sb["status"], "running");
+    // The agent login and certificate mode given to import are the sandbox's.
+    assert_eq!(sb["auth_user"], "alice", "{sb}");
+    assert_eq!(sb["tls_mode"], "internal", "{sb}");
     let ip = address(&d, &name);
     assert_eq!(ssh_target(&d, &name).unwrap(), format!("{ip}:22"));
     assert_eq!(ssh_as_gateway(&d, &name, &ip), name);
 
-    // `top` refreshes a bounded number of times; CPU % comes from deltas.
-    let top = d.ok(&["top", "--count", "2", "--interval", "0.3"]);
-    assert_eq!(top.matches("NAME").count(), 2, "{top}");
+    // `top` refreshes a bounded number of times; CPU % comes from deltas
+    // between samples the daemon keeps at least 200 ms apart (three
+    // refreshes: a slow first answer under load cannot leave the last
+    // without a delta).
+    let top = d.ok(&["top", "--count", "3", "--interval", "0.5"]);
+    assert_eq!(top.matches("NAME").count(), 3, "{top}");
     let row = top.lines().rev().find(|l| l.starts_with(&name)).unwrap();
     assert!(row.contains('%') && row.contains(&ip), "{row}");
+    // `list --json` too, once a sample at least 200 ms older exists.
+    std::thread::sleep(std::time::Duration::from_millis(300));
     let sb = listed(&d, &name).unwrap();
     assert!(sb["cpu_percent"].is_f64(), "{sb}");
 

@@ -661,7 +661,11 @@ impl Lifecycle {
                 &req.ssh_keys,
                 req.app_port,
                 req.auth.clone(),
-                Tls::default(),
+                Tls {
+                    mode: req.tls_mode.clone(),
+                    cert_file: req.tls_cert_file.clone(),
+                    key_file: req.tls_key_file.clone(),
+                },
             )
             .await?;
         let meta = Meta {

@@ -122,6 +122,13 @@ pub struct ImportSandbox {
     pub user: Option<String>,
     #[serde(default)]
     pub auth: Option<SetAuth>,
+    /// As in [`CreateSandbox`].
+    #[serde(default)]
+    pub tls_mode: Option<String>,
+    #[serde(default)]
+    pub tls_cert_file: Option<String>,
+    #[serde(default)]
+    pub tls_key_file: Option<String>,
 }
 
 /// An Incus instance that no sandbox manages (`GET /v1/incus/unmanaged`).
