@@ -407,6 +407,8 @@ pub fn view(sb: &Sandbox) -> SandboxView {
         upstream_host_key: sb.upstream_host_key.clone(),
         auth_user: sb.basic_auth.as_ref().map(|a| a.user.clone()),
         tls_mode: sb.tls_mode.clone(),
+        tls_cert_file: sb.tls_cert_file.clone(),
+        tls_key_file: sb.tls_key_file.clone(),
         created_at: sb.created_at,
         updated_at: sb.updated_at,
     }

@@ -101,6 +101,11 @@ pub struct SandboxView {
     pub upstream_host_key: Option<String>,
     pub auth_user: Option<String>,
     pub tls_mode: Option<String>,
+    /// `manual` TLS mode: the certificate and key files the daemon reads.
+    #[serde(default)]
+    pub tls_cert_file: Option<String>,
+    #[serde(default)]
+    pub tls_key_file: Option<String>,
     pub created_at: u64,
     pub updated_at: u64,
 }

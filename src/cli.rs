@@ -399,6 +399,12 @@ fn print_sandbox(sb: &SandboxView) {
         "basic auth:        {}",
         sb.auth_user.as_deref().unwrap_or("none")
     );
+    let certs = match (&sb.tls_mode, &sb.tls_cert_file, &sb.tls_key_file) {
+        (Some(m), Some(c), Some(k)) => format!("{m} (certificate {c}, key {k})"),
+        (Some(m), _, _) => m.clone(),
+        (None, _, _) => "the daemon's default mode".into(),
+    };
+    println!("certificates:      {certs}");
     println!(
         "upstream host key: {}",
         sb.upstream_host_key.as_deref().unwrap_or("not pinned")

@@ -455,6 +455,14 @@ fn manual_certificates_from_pem_files() {
         "{c}"
     );
     assert!(c["last_error"].is_null(), "{c}");
+    // `show` names the files, as the daemon reads them (absolute).
+    let shown = d.ok(&["show", "man"]);
+    let expect = format!(
+        "certificates:      manual (certificate {}, key {})",
+        pki_dir.join("site.pem").display(),
+        pki_dir.join("site.key").display()
+    );
+    assert!(shown.contains(&expect), "{shown}");
     let b = cert_status(&d, "broken.test");
     let b_err = b["last_error"].as_str().unwrap_or_default().to_string();
     assert!(
