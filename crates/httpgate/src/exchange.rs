@@ -10,9 +10,10 @@
 //! A connection is reused only when its response was complete, framed by
 //! Content-Length or chunked encoding, HTTP/1.1 and not marked `close`, and
 //! nothing followed it. Idle connections sit in the client connection's
-//! [`IdlePool`]; one closed by the upstream while idle is noticed before use
-//! or, at the latest, when it gives no byte of response, and the (idempotent)
-//! request is then sent once more on a new connection.
+//! [`IdlePool`]; one on which anything became readable while idle (the
+//! upstream's close, stray bytes) is dropped before use. One closed just as
+//! it is used gives no byte of response, and the (idempotent) request is
+//! then sent once more on a new connection.
 //!
 //! It does not own routing, header rewriting or error pages (the proxy does).
 
@@ -28,7 +29,9 @@ use http::header::TRANSFER_ENCODING;
 use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH};
 use http::{Method, Response, StatusCode, Version};
 use hyper::body::{Body, Frame, SizeHint};
-use tokio::io::AsyncWriteExt;
+use std::future::Future;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::upstream::{tcp_connect, UpstreamError};
@@ -47,9 +50,8 @@ const READ_SPACE: usize = 16 * 1024;
 const READ_MAX: usize = 64 * 1024;
 /// Largest read buffer an idle connection keeps.
 const IDLE_BUF: usize = 32 * 1024;
-/// Idle time after which a connection is checked for the upstream's close
-/// before it is used.
-const PROBE_AFTER: Duration = Duration::from_secs(1);
+/// Largest response head accepted (hyper's client default).
+const MAX_HEAD: usize = 8192 + 4096 * 100;
 /// Most idle connections kept per client connection.
 const MAX_IDLE: usize = 4;
 
@@ -96,13 +98,11 @@ impl IdlePool {
         g.retain(|c| now.duration_since(c.used) <= idle_limit);
         while let Some(i) = g.iter().position(|c| c.port == port && &*c.host == host) {
             let c = g.swap_remove(i);
-            // A connection used less than a second ago is taken as it is
-            // (probing costs a syscall, and a request it turns out the
-            // upstream closed is sent again); an older one is checked for
-            // the upstream's close (an idle connection has nothing to read).
-            if now.duration_since(c.used) < PROBE_AFTER {
-                return Some(c);
-            }
+            // Anything readable on an idle connection (the upstream's close,
+            // or stray bytes that would pass for the next response) makes it
+            // unusable. No syscall unless the socket became readable since
+            // its last read (`poll_fill` reads through tokio's `poll_read`,
+            // whose short reads clear the readiness).
             let mut probe = [0u8; 1];
             if let Err(e) = c.stream.try_read(&mut probe) {
                 if e.kind() == io::ErrorKind::WouldBlock {
@@ -137,7 +137,6 @@ pub(crate) async fn exchange(
     port: u16,
     connect_timeout: Duration,
     idle_limit: Duration,
-    max_head: usize,
     parts: &http::request::Parts,
 ) -> Result<Response<UpBody>, UpstreamError> {
     let mut idle = pool.take(host, port, idle_limit);
@@ -158,14 +157,13 @@ pub(crate) async fn exchange(
             }
         };
         encode_head(&mut conn.head, parts);
-        match round_trip(&mut conn, parts.method == Method::HEAD, max_head).await {
+        match round_trip(&mut conn, parts.method == Method::HEAD).await {
             Ok((resp, framing, keep)) => {
                 return Ok(finish(resp, framing, keep, conn, pool));
             }
             // A reused connection closed by the upstream just now: the
             // request (GET or HEAD) is sent once more on a new one.
             Err(ExchangeError::Closed) if reused => continue,
-            Err(ExchangeError::Io(e)) if reused && is_reset(&e) => continue,
             Err(e) => return Err(UpstreamError::Exchange(e)),
         }
     }
@@ -205,26 +203,35 @@ enum Framing {
     UntilClose,
 }
 
+/// Write the request head, read the response head. A connection closed or
+/// reset before any byte of response is [`ExchangeError::Closed`].
 async fn round_trip(
     conn: &mut Conn,
     head_request: bool,
-    max_head: usize,
 ) -> Result<(Response<()>, Framing, bool), ExchangeError> {
-    conn.stream.write_all(&conn.head).await?;
+    let closed = |e: io::Error| match is_reset(&e) {
+        true => ExchangeError::Closed,
+        false => ExchangeError::Io(e),
+    };
+    conn.stream.write_all(&conn.head).await.map_err(closed)?;
     let mut got_any = false;
     loop {
         // Parse what is there; read more if the head is incomplete.
         if !conn.buf.is_empty() {
             got_any = true;
-            if let Some(parsed) = parse_head(&mut conn.buf, head_request, max_head)? {
+            if let Some(parsed) = parse_head(&mut conn.buf, head_request, MAX_HEAD)? {
                 return Ok(parsed);
             }
-            if conn.buf.len() > max_head {
+            if conn.buf.len() > MAX_HEAD {
                 return Err(ExchangeError::Malformed("response head too large"));
             }
         }
-        let n = std::future::poll_fn(|cx| poll_fill(&conn.stream, &mut conn.buf, READ_SPACE, cx))
-            .await?;
+        let (stream, buf) = (&mut conn.stream, &mut conn.buf);
+        let n = match std::future::poll_fn(|cx| poll_fill(stream, buf, READ_SPACE, cx)).await {
+            Ok(n) => n,
+            Err(e) if !got_any => return Err(closed(e)),
+            Err(e) => return Err(ExchangeError::Io(e)),
+        };
         if n == 0 {
             return Err(match got_any {
                 false => ExchangeError::Closed,
@@ -331,6 +338,15 @@ fn framing(
         return Ok((Framing::Empty, keep));
     }
     if headers.contains_key(TRANSFER_ENCODING) {
+        if !http11 {
+            // RFC 9112 section 6.1: faulty framing.
+            return Err(ExchangeError::Malformed(
+                "Transfer-Encoding in an HTTP/1.0 response",
+            ));
+        }
+        // Content-Length beside it: handled, but the connection is not
+        // trusted with another exchange (RFC 9112 section 6.3).
+        let keep = keep && !headers.contains_key(CONTENT_LENGTH);
         let chunked = headers
             .get_all(TRANSFER_ENCODING)
             .iter()
@@ -384,7 +400,7 @@ fn parse_decimal(b: &[u8]) -> Option<u64> {
 /// Read what the socket has into `buf`, with room for `want` bytes (at
 /// least 4 KiB). `Ok(0)`: end of stream.
 fn poll_fill(
-    stream: &TcpStream,
+    stream: &mut TcpStream,
     buf: &mut BytesMut,
     want: usize,
     cx: &mut Context<'_>,
@@ -393,13 +409,10 @@ fn poll_fill(
     if buf.capacity() - buf.len() < want {
         buf.reserve(want);
     }
-    loop {
-        match stream.try_read_buf(buf) {
-            Ok(n) => return Poll::Ready(Ok(n)),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready!(stream.poll_read_ready(cx))?,
-            Err(e) => return Poll::Ready(Err(e)),
-        }
-    }
+    // Through `poll_read`: a short read clears the socket's readiness, so
+    // that `IdlePool::take` can tell an idle connection had nothing since.
+    let read = stream.read_buf(buf);
+    std::pin::pin!(read).poll(cx)
 }
 
 fn finish(
@@ -472,15 +485,24 @@ impl UpBody {
         Poll::Ready(Some(Err(ExchangeError::Malformed(what).into())))
     }
 
-    /// One line (without its CR LF) from the front of the buffer, if whole.
-    fn line(buf: &mut BytesMut) -> Option<BytesMut> {
-        let i = buf.iter().position(|&b| b == b'\n')?;
-        let mut line = buf.split_to(i + 1);
-        line.truncate(i);
-        if line.last() == Some(&b'\r') {
-            line.truncate(i - 1);
+    /// One CRLF-terminated line (without its CRLF) from the front of the
+    /// buffer, if whole. A bare LF or an over-long line is an error.
+    fn line(buf: &mut BytesMut) -> Result<Option<BytesMut>, &'static str> {
+        let Some(i) = buf.iter().position(|&b| b == b'\n') else {
+            return match buf.len() > MAX_LINE {
+                true => Err("chunk line too long"),
+                false => Ok(None),
+            };
+        };
+        if i > MAX_LINE {
+            return Err("chunk line too long");
         }
-        Some(line)
+        if i == 0 || buf[i - 1] != b'\r' {
+            return Err("bare LF in chunked framing");
+        }
+        let mut line = buf.split_to(i + 1);
+        line.truncate(i - 1);
+        Ok(Some(line))
     }
 }
 
@@ -529,7 +551,11 @@ impl Body for UpBody {
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 State::ChunkSize | State::ChunkEnd | State::Trailers => {
-                    if let Some(line) = Self::line(buf) {
+                    let line = match Self::line(buf) {
+                        Ok(line) => line,
+                        Err(what) => return this.fail(what),
+                    };
+                    if let Some(line) = line {
                         match state {
                             State::ChunkSize => match parse_chunk_size(&line) {
                                 Some(0) => this.state = State::Trailers,
@@ -548,9 +574,6 @@ impl Body for UpBody {
                         }
                         continue;
                     }
-                    if buf.len() > MAX_LINE {
-                        return this.fail("chunk line too long");
-                    }
                 }
                 _ => {}
             }
@@ -559,7 +582,7 @@ impl Body for UpBody {
                 State::Length(left) => usize::try_from(left).map_or(READ_MAX, |l| l.min(READ_MAX)),
                 _ => READ_SPACE,
             };
-            match ready!(poll_fill(&conn.stream, &mut conn.buf, want, cx)) {
+            match ready!(poll_fill(&mut conn.stream, &mut conn.buf, want, cx)) {
                 Ok(0) if state == State::UntilClose => {
                     this.conn = None;
                     this.state = State::Done;
@@ -589,14 +612,15 @@ impl Body for UpBody {
     }
 }
 
-/// A chunk-size line: hex digits, then optional whitespace and extensions.
+/// A chunk-size line: hex digits (leading zeros allowed), then optional
+/// whitespace and extensions. `None`: malformed or over `u64`.
 fn parse_chunk_size(line: &[u8]) -> Option<u64> {
     let end = line
         .iter()
         .position(|b| !b.is_ascii_hexdigit())
         .unwrap_or(line.len());
     let (digits, rest) = line.split_at(end);
-    if digits.is_empty() || digits.len() > 15 {
+    if digits.is_empty() {
         return None;
     }
     let rest = trim_ows(rest);
@@ -604,8 +628,8 @@ fn parse_chunk_size(line: &[u8]) -> Option<u64> {
         return None;
     }
     digits.iter().try_fold(0u64, |acc, &d| {
-        let v = (d as char).to_digit(16)?;
-        Some(acc * 16 + u64::from(v))
+        let v = char::from(d).to_digit(16)?;
+        acc.checked_mul(16)?.checked_add(u64::from(v))
     })
 }
 
@@ -635,14 +659,23 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!((f, keep), (Framing::Empty, true), "HEAD: no body");
-        let (r, f, _) = parse(
+        let (r, f, keep) = parse(
             b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\nTransfer-Encoding: chunked\r\n\r\n",
             false,
         )
         .unwrap()
         .unwrap();
-        assert_eq!(f, Framing::Chunked);
+        assert_eq!(
+            (f, keep),
+            (Framing::Chunked, false),
+            "TE overrides CL; not reused"
+        );
         assert!(r.headers().get(CONTENT_LENGTH).is_none(), "TE overrides CL");
+        assert!(parse(
+            b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            false
+        )
+        .is_err());
         let (_, f, keep) = parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", false)
             .unwrap()
             .unwrap();
@@ -699,7 +732,9 @@ mod tests {
         assert_eq!(parse_chunk_size(b"-1"), None);
         assert_eq!(parse_chunk_size(b"1 2"), None);
         assert_eq!(parse_chunk_size(b"0x10"), None);
-        assert_eq!(parse_chunk_size(b"ffffffffffffffff"), None);
+        assert_eq!(parse_chunk_size(b"0000000000000010"), Some(16));
+        assert_eq!(parse_chunk_size(b"ffffffffffffffff"), Some(u64::MAX));
+        assert_eq!(parse_chunk_size(b"10000000000000000"), None);
     }
 
     #[test]

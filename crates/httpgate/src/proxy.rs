@@ -576,7 +576,6 @@ async fn forward(
                 port,
                 timeouts.upstream_connect,
                 timeouts.upstream_pool_idle,
-                shared.config.limits.max_header_bytes.max(8192),
                 &parts,
             );
             let result = tokio::time::timeout(timeouts.upstream_response, send).await;

@@ -36,10 +36,19 @@ enum After {
     KeepOpen,
     Close,
     CloseSoon,
+    /// A whole second response, unasked, 30 ms later (a broken upstream).
+    Stray,
 }
 
-fn answer(path: &str) -> (&'static [u8], After) {
-    match path {
+fn answer(path: &str) -> (Vec<u8>, After) {
+    if path == "/big-head" {
+        // A 40 KiB response head (long cookies), more than the request limit.
+        let cookie = "c".repeat(40 * 1024);
+        let head =
+            format!("HTTP/1.1 200 OK\r\nSet-Cookie: a={cookie}\r\nContent-Length: 3\r\n\r\nbig");
+        return (head.into_bytes(), After::KeepOpen);
+    }
+    let (bytes, after): (&[u8], After) = match path {
         "/len" => (
             b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: keep-alive\r\n\r\nhello",
             After::KeepOpen,
@@ -69,11 +78,21 @@ fn answer(path: &str) -> (&'static [u8], After) {
             After::KeepOpen,
         ),
         "/garbage" => (b"this is not HTTP\r\n\r\n", After::Close),
+        "/bare-lf" => (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\n0\n\n",
+            After::KeepOpen,
+        ),
+        "/http10-chunked" => (
+            b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            After::Close,
+        ),
+        "/stray" => (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst", After::Stray),
         _ => (
             b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n",
             After::KeepOpen,
         ),
-    }
+    };
+    (bytes.to_vec(), after)
 }
 
 impl Scripted {
@@ -107,13 +126,13 @@ impl Scripted {
                         let head_request = head.starts_with("HEAD ");
                         log.lock().unwrap().push(head);
                         let (bytes, after) = answer(&path);
-                        let bytes = match head_request {
+                        let bytes: &[u8] = match head_request {
                             // The head only (the body follows the blank line).
                             true => {
                                 let e = bytes.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
                                 &bytes[..e + 4]
                             }
-                            false => bytes,
+                            false => &bytes,
                         };
                         if s.write_all(bytes).await.is_err() {
                             return;
@@ -124,6 +143,13 @@ impl Scripted {
                             After::CloseSoon => {
                                 tokio::time::sleep(Duration::from_millis(50)).await;
                                 return;
+                            }
+                            After::Stray => {
+                                tokio::time::sleep(Duration::from_millis(30)).await;
+                                let stray = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray";
+                                if s.write_all(stray).await.is_err() {
+                                    return;
+                                }
                             }
                         }
                     }
@@ -234,7 +260,7 @@ async fn closes_by_the_upstream_cost_no_request() {
 async fn malformed_responses_are_the_upstreams_fault() {
     let up = Scripted::start().await;
     let gw = gateway(&up).await;
-    for path in ["/conflicting-length", "/garbage"] {
+    for path in ["/conflicting-length", "/garbage", "/http10-chunked"] {
         let r = gw.curl("app.test", path).arg("--http1.1").run().await;
         assert_eq!(r.status, 502, "{path}: {r:?}");
         assert!(
@@ -245,10 +271,34 @@ async fn malformed_responses_are_the_upstreams_fault() {
     }
     // A broken chunk once the head is relayed: the client's response is cut
     // short (not passed off as complete), and the gateway serves on.
-    let (ok, _, err) = fetch(&gw, &["/bad-chunk"], None, &[]).await;
-    assert!(!ok, "a truncated body must fail the transfer: {err}");
+    for path in ["/bad-chunk", "/bare-lf"] {
+        let (ok, _, err) = fetch(&gw, &[path], None, &[]).await;
+        assert!(!ok, "{path}: a broken body must fail the transfer: {err}");
+    }
     let (ok, out, err) = fetch(&gw, &["/len"], None, &[]).await;
     assert!(ok, "{err}");
     assert_eq!(out, "hello|200\n");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_after_a_response_never_answer_the_next_request() {
+    let up = Scripted::start().await;
+    let gw = gateway(&up).await;
+    // The upstream sends a second, unasked response on the idle connection:
+    // the next request gets its own answer on a new connection, never the
+    // stray one.
+    let (ok, out, err) = fetch(&gw, &["/stray", "/len", "/len"], Some("4/s"), &[]).await;
+    assert!(ok, "{err}");
+    assert_eq!(out, "first|200\nhello|200\nhello|200\n");
+    assert_eq!(up.accepted(), 2);
+    // A response head longer than the client request-head limit is relayed.
+    let (ok, out, err) = fetch(&gw, &["/big-head"], None, &["-D", "-"]).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("200") && out.ends_with("big|200\n"),
+        "{}",
+        &out[..200.min(out.len())]
+    );
     gw.stop().await;
 }
