@@ -6,7 +6,8 @@
 #   1. adds the bookworm-backports suite (copied from the machine's own
 #      Debian source file, so no address is written anywhere);
 #   2. installs incus, debootstrap and curl;
-#   3. starts incusd with setsid unless its socket already answers;
+#   3. starts incusd with setsid (from /) unless its socket already answers;
+#      one left running from a removed directory is restarted first;
 #   4. creates the bridge sbx0 (198.18.0.1/24, no NAT, no IPv6), the storage
 #      pool and the default profile's devices when missing;
 #   5. builds the small test image with provision/images/debian-12.sh
@@ -95,6 +96,19 @@ socket_answers() {
 }
 
 start_incusd() {
+    # An incusd started by an earlier run from a checkout that was removed
+    # since has lost its working directory, and Incus's rsync (snapshots,
+    # copies) then fails in getcwd(): restart it, from /.
+    local running
+    running=$(pgrep -of '^/usr/libexec/incus/incusd ' || true)
+    if [ -n "$running" ] && readlink "/proc/$running/cwd" | grep -q ' (deleted)$'; then
+        log "incusd (pid $running) runs in a removed directory; restarting it from /"
+        kill "$running"
+        for _ in $(seq 1 60); do
+            kill -0 "$running" 2>/dev/null || break
+            sleep 0.5
+        done
+    fi
     if socket_answers; then
         log "incusd already answers on $SOCKET"
         return
@@ -114,7 +128,8 @@ start_incusd() {
         # its own user, reaches Incus through it.
         local group=root
         if getent group incus-admin >/dev/null; then group=incus-admin; fi
-        setsid /usr/libexec/incus/incusd --group "$group" >>"$INCUSD_LOG" 2>&1 </dev/null &
+        # From /, so that it never holds on to a checkout's directory.
+        (cd / && exec setsid /usr/libexec/incus/incusd --group "$group" >>"$INCUSD_LOG" 2>&1 </dev/null) &
         echo $! >"$INCUSD_PIDFILE"
         log "started incusd (pid $!, log $INCUSD_LOG)"
     fi
