@@ -23,6 +23,13 @@ rm -f /etc/ssh/ssh_host_*
 rm -f /var/lib/dbus/machine-id
 
 if command -v apt-get >/dev/null 2>&1; then
+    # Debian's background apt jobs would hold the archive lock (a fresh
+    # container runs them soon after boot): stopped for the builder's last
+    # minutes; clones run them as usual.
+    if command -v systemctl >/dev/null 2>&1; then
+        systemctl stop apt-daily.timer apt-daily-upgrade.timer \
+            apt-daily.service apt-daily-upgrade.service >/dev/null 2>&1 || true
+    fi
     apt-get clean
 fi
 rm -rf /var/lib/apt/lists/* /tmp/* /var/tmp/*

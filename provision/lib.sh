@@ -128,11 +128,21 @@ pkgs_installed() {
     return 0
 }
 
+# Stops Debian's background apt jobs (apt-daily, apt-daily-upgrade) if one
+# is running: a fresh container runs them soon after boot, and their locks
+# would fail this script's apt-get. Their timers stay as they are.
+quiet_apt_daily() {
+    if command -v systemctl >/dev/null 2>&1; then
+        systemctl stop apt-daily.service apt-daily-upgrade.service >/dev/null 2>&1 || true
+    fi
+}
+
 # apt_install PKG...: installs the missing packages (marks changed). Refreshes
 # the package lists first when they are missing or older than an hour, and
 # once more on failure.
 apt_install() {
     pkgs_installed "$@" && return 0
+    quiet_apt_daily
     local lists=/var/lib/apt/lists
     if ! compgen -G "$lists/*_Packages*" >/dev/null ||
         [ -n "$(find "$lists" -maxdepth 0 -mmin +60 2>/dev/null)" ]; then
