@@ -658,7 +658,10 @@ impl Host {
                 .append(true)
                 .open(log_path)
                 .with_context(|| format!("opening {}", log_path.display()))?;
+            // From /: a detached daemon must not hold on to (or lose) the
+            // directory setup was run from.
             let child = Command::new("setsid")
+                .current_dir("/")
                 .arg(&incusd)
                 .args(["--group", group])
                 .stdin(Stdio::null())
@@ -1107,6 +1110,7 @@ impl Host {
             &std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?,
         )?;
         let mut cmd = Command::new("setsid");
+        cmd.current_dir("/");
         if owner.0.is_root() {
             cmd.arg(self.bin());
         } else {
