@@ -393,6 +393,11 @@ fn without_systemd_the_daemon_starts_detached_as_its_user() {
     let mut banner = [0u8; 8];
     std::io::Read::read_exact(&mut s, &mut banner).unwrap();
     assert_eq!(&banner, b"SSH-2.0-");
+    // Started from /, not from the directory setup ran in.
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap(),
+        std::path::PathBuf::from("/")
+    );
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let field = |name: &str| {
         status
