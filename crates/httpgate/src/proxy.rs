@@ -232,10 +232,12 @@ impl Body for RespBody {
 
 /// One access-log line, written when the response body is done (or dropped).
 pub(crate) struct AccessLog {
-    host: String,
+    /// The request's host, then its path (a copy: holding the request's own
+    /// bytes would keep hyper's read buffer shared, so that it allocates a
+    /// new one for the next request).
+    host_path: String,
+    host_len: usize,
     method: Method,
-    /// The request's URI (a clone shares its bytes): its path is logged.
-    uri: Uri,
     status: u16,
     bytes: u64,
     start: Instant,
@@ -249,12 +251,13 @@ impl Drop for AccessLog {
         crate::logbuf::access_line(|out| {
             out.extend_from_slice(b" peer=");
             push_addr(out, &self.peer);
+            let (host, path) = self.host_path.split_at(self.host_len);
             out.extend_from_slice(b" host=");
-            push_clean(out, &self.host);
+            push_clean(out, host);
             out.extend_from_slice(b" method=");
             push_clean(out, self.method.as_str());
             out.extend_from_slice(b" path=");
-            push_clean(out, self.uri.path());
+            push_clean(out, path);
             out.extend_from_slice(b" status=");
             push_num(out, u64::from(self.status));
             out.extend_from_slice(b" bytes=");
@@ -281,11 +284,24 @@ pub(crate) async fn handle(
     req: Request<Incoming>,
 ) -> Response<RespBody> {
     let start = Instant::now();
-    let log = access_log_enabled().then(|| {
+    let logging = access_log_enabled();
+    // One string for the host (routing) and, after it, the path (logging).
+    let path = req.uri().path();
+    let host = request_host(&req, if logging { path.len() } else { 0 });
+    let host_len = host.as_ref().map(String::len);
+    let host_path = match (host, logging) {
+        (Some(mut h), true) => {
+            h.push_str(path);
+            Some(h)
+        }
+        (None, true) => Some(path.to_owned()),
+        (h, false) => h,
+    };
+    let log = logging.then(|| {
         Box::new(AccessLog {
-            host: String::new(),
+            host_path: String::new(),
+            host_len: host_len.unwrap_or(0),
             method: req.method().clone(),
-            uri: req.uri().clone(),
             status: 0,
             bytes: 0,
             start,
@@ -293,12 +309,12 @@ pub(crate) async fn handle(
             peer: conn.peer,
         })
     });
+    let host = host_len.and_then(|n| host_path.as_deref().and_then(|s| s.get(..n)));
     let mut upstream_ms = None;
-    let host = request_host(&req);
-    let mut resp = route_request(&shared, &conn, req, host.as_deref(), &mut upstream_ms).await;
+    let mut resp = route_request(&shared, &conn, req, host, &mut upstream_ms).await;
     if let Some(mut log) = log {
         log.status = resp.status().as_u16();
-        log.host = host.unwrap_or_default();
+        log.host_path = host_path.unwrap_or_default();
         log.upstream_ms = upstream_ms;
         resp.body_mut().log = Some(log);
     }
@@ -413,21 +429,55 @@ fn plain_http(shared: &Shared, req: &Request<Incoming>, host: &str) -> Response<
 
 /// The request's host: `:authority` / absolute URI, else the Host header;
 /// lowercase, without port or trailing dot. `None` if absent or malformed.
-fn request_host<B>(req: &Request<B>) -> Option<String> {
+/// The string is made with room for `extra` more bytes (one allocation for
+/// the host and the path of the access-log record).
+fn request_host<B>(req: &Request<B>, extra: usize) -> Option<String> {
     let raw = match req.uri().authority() {
-        Some(a) => a.host().to_owned(),
-        None => {
-            let h = req.headers().get(HOST)?.to_str().ok()?;
-            let auth: http::uri::Authority = h.parse().ok()?;
-            auth.host().to_owned()
-        }
+        Some(a) => a.host(),
+        None => host_header_host(req.headers().get(HOST)?.to_str().ok()?)?,
     };
-    let host = raw.trim_end_matches('.').to_ascii_lowercase();
-    let valid = !host.is_empty()
-        && host.bytes().all(|b| {
+    let raw = raw.trim_end_matches('.');
+    let valid = !raw.is_empty()
+        && raw.bytes().all(|b| {
             b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b':' | b'[' | b']')
         });
-    valid.then_some(host)
+    if !valid {
+        return None;
+    }
+    let mut host = String::with_capacity(raw.len() + extra);
+    host.push_str(raw);
+    host.make_ascii_lowercase();
+    Some(host)
+}
+
+/// The host part of a Host header value: `name[:port]` or `[v6][:port]`,
+/// the port digits only. `None` if it is neither.
+fn host_header_host(v: &str) -> Option<&str> {
+    let (host, port) = match v.strip_prefix('[') {
+        Some(rest) => {
+            let inner = &rest[..rest.find(']')?];
+            let ok = !inner.is_empty()
+                && inner
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'));
+            if !ok {
+                return None;
+            }
+            v.split_at(inner.len() + 2)
+        }
+        None => {
+            let (host, port) = v.split_at(v.find(':').unwrap_or(v.len()));
+            if host.contains(['[', ']']) {
+                return None;
+            }
+            (host, port)
+        }
+    };
+    let port_ok = port.is_empty()
+        || port
+            .strip_prefix(':')
+            .is_some_and(|p| p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()));
+    port_ok.then_some(host)
 }
 
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -576,7 +626,7 @@ async fn forward(
                 port,
                 timeouts.upstream_connect,
                 timeouts.upstream_pool_idle,
-                &parts,
+                parts,
             );
             let result = tokio::time::timeout(timeouts.upstream_response, send).await;
             *upstream_ms = Some(t0.elapsed().as_millis());
@@ -777,5 +827,67 @@ fn upstream_error_text(route: &Route, port: u16, e: &UpstreamError) -> String {
             "Sandbox {} closed the connection on port {port}.",
             route.sandbox
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host_of(uri: &str, host_header: Option<&str>) -> Option<String> {
+        let mut b = Request::builder().uri(uri);
+        if let Some(h) = host_header {
+            b = b.header(HOST, h);
+        }
+        request_host(&b.body(()).expect("request"), 0)
+    }
+
+    #[test]
+    fn host_from_header_lowercase_without_port_or_dot() {
+        assert_eq!(host_of("/", Some("App.Example.COM")).as_deref(), Some("app.example.com"));
+        assert_eq!(host_of("/", Some("app.example.com.:8443")).as_deref(), Some("app.example.com"));
+        assert_eq!(host_of("/", Some("app.example.com:")).as_deref(), Some("app.example.com"));
+        assert_eq!(host_of("/", Some("[::1]:443")).as_deref(), Some("[::1]"));
+        assert_eq!(host_of("/", Some("[2001:DB8::1]")).as_deref(), Some("[2001:db8::1]"));
+    }
+
+    #[test]
+    fn host_from_authority_wins_over_header() {
+        let h = host_of("https://Other.Example.com:8443/x", Some("app.example.com"));
+        assert_eq!(h.as_deref(), Some("other.example.com"));
+    }
+
+    #[test]
+    fn malformed_hosts_are_refused() {
+        for bad in [
+            "",
+            ".",
+            "user@app.example.com",
+            "app.example.com:80x",
+            "app.example.com:123456",
+            "a:b:c",
+            "app example.com",
+            "app.example.com/x",
+            "[::1",
+            "[]",
+            "[::1]x",
+            "[[::1]",
+            "a]b",
+            "app%2eexample.com",
+        ] {
+            assert_eq!(host_of("/", Some(bad)), None, "{bad:?}");
+        }
+        assert_eq!(host_of("/", None), None);
+    }
+
+    #[test]
+    fn host_string_has_room_for_the_path() {
+        let req = Request::builder()
+            .uri("/some/path")
+            .header(HOST, "app.example.com")
+            .body(())
+            .expect("request");
+        let h = request_host(&req, 10).expect("host");
+        assert!(h.capacity() >= h.len() + 10);
     }
 }
