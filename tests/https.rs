@@ -622,3 +622,65 @@ fn idle_client_connections_closed_after_the_configured_timeout() {
         "{took:?}"
     );
 }
+
+/// A client that gives up before the sandbox answers: the request is still
+/// logged, with its host and path and status 0, and nothing in the daemon
+/// fails on the way.
+#[test]
+fn request_abandoned_by_the_client_is_logged() {
+    // An app that takes connections and never answers.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in listener.incoming() {
+            match s {
+                Ok(s) => held.push(s),
+                Err(_) => return,
+            }
+        }
+    });
+    let d = Daemon::builder().arg("--tls-mode").arg("internal").start();
+    let key = d.keygen("k");
+    d.ok(&[
+        "add",
+        "hang",
+        "--domain",
+        "hang.test",
+        "--upstream",
+        "127.0.0.1",
+        "--app-port",
+        &port.to_string(),
+        "--ssh-key",
+        key.to_str().unwrap(),
+    ]);
+    let https = d.listen_port("https_listen");
+    let ca = d.dir.path().join("ca.pem");
+    std::fs::write(&ca, d.ok(&["ca-cert"])).unwrap();
+    let resolve = format!("hang.test:{https}:127.0.0.1");
+    let url = format!("https://hang.test:{https}/waiting?for=ever");
+    let (code, _, err) = curl(&[
+        "--max-time",
+        "1",
+        "--cacert",
+        ca.to_str().unwrap(),
+        "--resolve",
+        &resolve,
+        &url,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let line = " host=hang.test method=GET path=/waiting status=0 bytes=0 ms=";
+    let logged = (0..50).any(|_| {
+        let found = d.log_text().lines().any(|l| l.contains(line));
+        if !found {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        found
+    });
+    let log = d.log_text();
+    assert!(
+        logged,
+        "no access-log line for the abandoned request:\n{log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+}

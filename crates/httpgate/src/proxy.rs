@@ -232,11 +232,12 @@ impl Body for RespBody {
 
 /// One access-log line, written when the response body is done (or dropped).
 pub(crate) struct AccessLog {
-    /// The request's host, then its path (a copy: holding the request's own
-    /// bytes would keep hyper's read buffer shared, so that it allocates a
-    /// new one for the next request).
+    /// The request's host (its first `host_len` bytes, `None`: no valid
+    /// host), then its path. A copy: holding the request's own bytes would
+    /// keep hyper's read buffer shared, so that it allocates a new one for
+    /// the next request.
     host_path: String,
-    host_len: usize,
+    host_len: Option<usize>,
     method: Method,
     status: u16,
     bytes: u64,
@@ -245,13 +246,25 @@ pub(crate) struct AccessLog {
     peer: SocketAddr,
 }
 
+impl AccessLog {
+    fn host_end(&self) -> usize {
+        self.host_len
+            .filter(|&n| self.host_path.is_char_boundary(n))
+            .unwrap_or(0)
+    }
+
+    fn host(&self) -> Option<&str> {
+        self.host_len.and_then(|n| self.host_path.get(..n))
+    }
+}
+
 impl Drop for AccessLog {
     fn drop(&mut self) {
         use crate::logbuf::{push_addr, push_clean, push_num};
         crate::logbuf::access_line(|out| {
             out.extend_from_slice(b" peer=");
             push_addr(out, &self.peer);
-            let (host, path) = self.host_path.split_at(self.host_len);
+            let (host, path) = self.host_path.split_at(self.host_end());
             out.extend_from_slice(b" host=");
             push_clean(out, host);
             out.extend_from_slice(b" method=");
@@ -284,37 +297,38 @@ pub(crate) async fn handle(
     req: Request<Incoming>,
 ) -> Response<RespBody> {
     let start = Instant::now();
+    // One string for the host (routing) and, after it, the path (logging),
+    // owned by the log record when there is one: a request cancelled on the
+    // way (the client went away) is logged with both.
     let logging = access_log_enabled();
-    // One string for the host (routing) and, after it, the path (logging).
     let path = req.uri().path();
     let host = request_host(&req, if logging { path.len() } else { 0 });
-    let host_len = host.as_ref().map(String::len);
-    let host_path = match (host, logging) {
-        (Some(mut h), true) => {
-            h.push_str(path);
-            Some(h)
-        }
-        (None, true) => Some(path.to_owned()),
-        (h, false) => h,
-    };
-    let log = logging.then(|| {
-        Box::new(AccessLog {
-            host_path: String::new(),
-            host_len: host_len.unwrap_or(0),
+    let (log, host) = if logging {
+        let host_len = host.as_ref().map(String::len);
+        let mut host_path = host.unwrap_or_default();
+        host_path.push_str(path);
+        let log = Box::new(AccessLog {
+            host_path,
+            host_len,
             method: req.method().clone(),
             status: 0,
             bytes: 0,
             start,
             upstream_ms: None,
             peer: conn.peer,
-        })
-    });
-    let host = host_len.and_then(|n| host_path.as_deref().and_then(|s| s.get(..n)));
+        });
+        (Some(log), None)
+    } else {
+        (None, host)
+    };
+    let host_ref = match &log {
+        Some(l) => l.host(),
+        None => host.as_deref(),
+    };
     let mut upstream_ms = None;
-    let mut resp = route_request(&shared, &conn, req, host, &mut upstream_ms).await;
+    let mut resp = route_request(&shared, &conn, req, host_ref, &mut upstream_ms).await;
     if let Some(mut log) = log {
         log.status = resp.status().as_u16();
-        log.host_path = host_path.unwrap_or_default();
         log.upstream_ms = upstream_ms;
         resp.body_mut().log = Some(log);
     }
@@ -844,11 +858,23 @@ mod tests {
 
     #[test]
     fn host_from_header_lowercase_without_port_or_dot() {
-        assert_eq!(host_of("/", Some("App.Example.COM")).as_deref(), Some("app.example.com"));
-        assert_eq!(host_of("/", Some("app.example.com.:8443")).as_deref(), Some("app.example.com"));
-        assert_eq!(host_of("/", Some("app.example.com:")).as_deref(), Some("app.example.com"));
+        assert_eq!(
+            host_of("/", Some("App.Example.COM")).as_deref(),
+            Some("app.example.com")
+        );
+        assert_eq!(
+            host_of("/", Some("app.example.com.:8443")).as_deref(),
+            Some("app.example.com")
+        );
+        assert_eq!(
+            host_of("/", Some("app.example.com:")).as_deref(),
+            Some("app.example.com")
+        );
         assert_eq!(host_of("/", Some("[::1]:443")).as_deref(), Some("[::1]"));
-        assert_eq!(host_of("/", Some("[2001:DB8::1]")).as_deref(), Some("[2001:db8::1]"));
+        assert_eq!(
+            host_of("/", Some("[2001:DB8::1]")).as_deref(),
+            Some("[2001:db8::1]")
+        );
     }
 
     #[test]
