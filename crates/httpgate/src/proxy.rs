@@ -846,6 +846,7 @@ fn upstream_error_text(route: &Route, port: u16, e: &UpstreamError) -> String {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
 
     fn host_of(uri: &str, host_header: Option<&str>) -> Option<String> {
