@@ -6,7 +6,7 @@
 #   - gateway memory with IDLE idle proxied sessions (RSS and peak RSS).
 # "gateway" is the real daemon (`sandboxd serve`, release build) with a
 # static sandbox `bench` added through its admin socket, exactly as a user
-# would set it up. GATEWAY=example runs crates/sshgate/examples/gateway.rs
+# would set it up. GATEWAY=example runs crates/sshgate/examples/ssh_gateway.rs
 # instead, which takes tuning overrides (window, packet size, ciphers...).
 # Everything binds 127.0.0.1; every process started here is stopped by PID.
 # Usage: bench/ssh.sh                         (the daemon)
@@ -36,8 +36,8 @@ if [ "$GATEWAY" = daemon ]; then
   (cd "$ROOT" && cargo build --quiet --release --bin sandboxd)
   GW_BIN=$ROOT/target/release/sandboxd
 else
-  (cd "$ROOT" && cargo build --quiet --release -p sshgate --example gateway)
-  GW_BIN=$ROOT/target/release/examples/gateway
+  (cd "$ROOT" && cargo build --quiet --release -p sshgate --example ssh_gateway)
+  GW_BIN=$ROOT/target/release/examples/ssh_gateway
 fi
 
 WORK=$(mktemp -d /tmp/sshgate-bench.XXXXXX)

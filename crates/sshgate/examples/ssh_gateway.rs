@@ -3,7 +3,7 @@
 //! arguments:
 //!
 //! ```text
-//! gateway listen=127.0.0.1:0 host_keys=DIR sandbox=NAME target=HOST:PORT user=USER \
+//! ssh_gateway listen=127.0.0.1:0 host_keys=DIR sandbox=NAME target=HOST:PORT user=USER \
 //!         authorized_keys=FILE upstream_key=FILE upstream_host_key=FILE.pub \
 //!         [window=BYTES] [packet=BYTES] [buffer=N] [nodelay=0|1] [ciphers=a,b,...]
 //! ```

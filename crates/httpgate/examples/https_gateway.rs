@@ -3,7 +3,7 @@
 //! upstream. The benchmark (bench/https.sh) runs the real daemon instead.
 //!
 //! ```text
-//! cargo run --release -p httpgate --example gateway -- \
+//! cargo run --release -p httpgate --example https_gateway -- \
 //!     --listen 127.0.0.1:8443 --host localhost --upstream 127.0.0.1:8080 --ca-out /tmp/ca.pem
 //! ```
 //! `--threads N` runs N single-threaded runtimes, each accepting from the
