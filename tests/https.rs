@@ -222,6 +222,27 @@ fn app_and_agent_hosts_with_internal_certificates() {
     assert_eq!(d.ok(&["ca-cert"]), std::fs::read_to_string(&ca).unwrap());
 }
 
+/// `add NAME --domain DOMAIN` routed to an app on 127.0.0.1:`app_port`:
+/// the HTTPS port and the exported root certificate's file.
+fn add_app(d: &Daemon, name: &str, domain: &str, app_port: u16) -> (u16, std::path::PathBuf) {
+    let key = d.keygen(&format!("key-{name}"));
+    d.ok(&[
+        "add",
+        name,
+        "--domain",
+        domain,
+        "--upstream",
+        "127.0.0.1",
+        "--app-port",
+        &app_port.to_string(),
+        "--ssh-key",
+        key.to_str().unwrap(),
+    ]);
+    let ca = d.dir.path().join("ca.pem");
+    std::fs::write(&ca, d.ok(&["ca-cert"])).unwrap();
+    (d.listen_port("https_listen"), ca)
+}
+
 /// An upstream that answers every request with the request head it received,
 /// so a test sees exactly which headers the proxy forwarded.
 fn echo_upstream() -> u16 {
@@ -272,22 +293,7 @@ fn http_table_sets_trusted_proxies_and_limits() {
             .arg("internal")
             .config(config)
             .start();
-        let key = d.keygen("k");
-        d.ok(&[
-            "add",
-            "echo",
-            "--domain",
-            "echo.test",
-            "--upstream",
-            "127.0.0.1",
-            "--app-port",
-            &echo.to_string(),
-            "--ssh-key",
-            key.to_str().unwrap(),
-        ]);
-        let https = d.listen_port("https_listen");
-        let ca = d.dir.path().join("ca.pem");
-        std::fs::write(&ca, d.ok(&["ca-cert"])).unwrap();
+        let (https, ca) = add_app(&d, "echo", "echo.test", echo);
         let resolve = format!("echo.test:{https}:127.0.0.1");
         let url = format!("https://echo.test:{https}/");
         let (code, head, err) = curl(&[
@@ -591,22 +597,7 @@ fn idle_client_connections_closed_after_the_configured_timeout() {
         .config("[http]\nidle_timeout_secs = 1\n")
         .start();
     let app = python_upstream(d.dir.path(), "app", "idle-app");
-    let key = d.keygen("k");
-    d.ok(&[
-        "add",
-        "idle",
-        "--domain",
-        "idle.test",
-        "--upstream",
-        "127.0.0.1",
-        "--app-port",
-        &app.port.to_string(),
-        "--ssh-key",
-        key.to_str().unwrap(),
-    ]);
-    let https = d.listen_port("https_listen");
-    let ca = d.dir.path().join("ca.pem");
-    std::fs::write(&ca, d.ok(&["ca-cert"])).unwrap();
+    let (https, ca) = add_app(&d, "idle", "idle.test", app.port);
     let max = Duration::from_secs(10);
     // An HTTP/1.1 connection that sends nothing: closed after about a
     // second, well before the 15 s header-read timeout.
@@ -641,22 +632,7 @@ fn request_abandoned_by_the_client_is_logged() {
         }
     });
     let d = Daemon::builder().arg("--tls-mode").arg("internal").start();
-    let key = d.keygen("k");
-    d.ok(&[
-        "add",
-        "hang",
-        "--domain",
-        "hang.test",
-        "--upstream",
-        "127.0.0.1",
-        "--app-port",
-        &port.to_string(),
-        "--ssh-key",
-        key.to_str().unwrap(),
-    ]);
-    let https = d.listen_port("https_listen");
-    let ca = d.dir.path().join("ca.pem");
-    std::fs::write(&ca, d.ok(&["ca-cert"])).unwrap();
+    let (https, ca) = add_app(&d, "hang", "hang.test", port);
     let resolve = format!("hang.test:{https}:127.0.0.1");
     let url = format!("https://hang.test:{https}/waiting?for=ever");
     let (code, _, err) = curl(&[
