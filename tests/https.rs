@@ -225,19 +225,7 @@ fn app_and_agent_hosts_with_internal_certificates() {
 /// `add NAME --domain DOMAIN` routed to an app on 127.0.0.1:`app_port`:
 /// the HTTPS port and the exported root certificate's file.
 fn add_app(d: &Daemon, name: &str, domain: &str, app_port: u16) -> (u16, std::path::PathBuf) {
-    let key = d.keygen(&format!("key-{name}"));
-    d.ok(&[
-        "add",
-        name,
-        "--domain",
-        domain,
-        "--upstream",
-        "127.0.0.1",
-        "--app-port",
-        &app_port.to_string(),
-        "--ssh-key",
-        key.to_str().unwrap(),
-    ]);
+    d.add_with(name, domain, &["--app-port", &app_port.to_string()]);
     let ca = d.dir.path().join("ca.pem");
     std::fs::write(&ca, d.ok(&["ca-cert"])).unwrap();
     (d.listen_port("https_listen"), ca)

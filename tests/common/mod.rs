@@ -249,8 +249,13 @@ impl Daemon {
 
     /// `add` with defaults for a static upstream on loopback.
     pub fn add(&self, name: &str, domain: &str) -> String {
+        self.add_with(name, domain, &[])
+    }
+
+    /// `add` with defaults for a static upstream on loopback, then `extra`.
+    pub fn add_with(&self, name: &str, domain: &str, extra: &[&str]) -> String {
         let key = self.keygen(&format!("key-{name}"));
-        self.ok(&[
+        let mut args = vec![
             "add",
             name,
             "--domain",
@@ -259,7 +264,9 @@ impl Daemon {
             "127.0.0.1",
             "--ssh-key",
             key.to_str().unwrap(),
-        ])
+        ];
+        args.extend_from_slice(extra);
+        self.ok(&args)
     }
 }
 

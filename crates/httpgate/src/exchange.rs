@@ -17,6 +17,7 @@
 //!
 //! It does not own routing, header rewriting or error pages (the proxy does).
 
+use std::future::Future;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
@@ -29,8 +30,6 @@ use http::header::TRANSFER_ENCODING;
 use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH};
 use http::{Method, Response, StatusCode, Version};
 use hyper::body::{Body, Frame, SizeHint};
-use std::future::Future;
-
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -137,15 +136,8 @@ pub(crate) async fn exchange(
     port: u16,
     connect_timeout: Duration,
     idle_limit: Duration,
-    parts: http::request::Parts,
+    parts: &http::request::Parts,
 ) -> Result<Response<UpBody>, UpstreamError> {
-    let head_request = parts.method == Method::HEAD;
-    // The request is encoded once and dropped before the response is
-    // awaited: its header values share the client connection's read
-    // buffer, which hyper can then reuse for the next request instead of
-    // allocating another. A retry sends the same encoded head.
-    let mut parts = Some(parts);
-    let mut encoded = Vec::new();
     let mut idle = pool.take(host, port, idle_limit);
     loop {
         let (mut conn, reused) = match idle.take() {
@@ -163,20 +155,14 @@ pub(crate) async fn exchange(
                 (conn, false)
             }
         };
-        match parts.take() {
-            Some(p) => encode_head(&mut conn.head, &p),
-            None => std::mem::swap(&mut conn.head, &mut encoded),
-        }
-        match round_trip(&mut conn, head_request).await {
+        encode_head(&mut conn.head, parts);
+        match round_trip(&mut conn, parts.method == Method::HEAD).await {
             Ok((resp, framing, keep)) => {
                 return Ok(finish(resp, framing, keep, conn, pool));
             }
             // A reused connection closed by the upstream just now: the
             // request (GET or HEAD) is sent once more on a new one.
-            Err(ExchangeError::Closed) if reused => {
-                encoded = std::mem::take(&mut conn.head);
-                continue;
-            }
+            Err(ExchangeError::Closed) if reused => continue,
             Err(e) => return Err(UpstreamError::Exchange(e)),
         }
     }

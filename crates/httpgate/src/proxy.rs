@@ -233,9 +233,8 @@ impl Body for RespBody {
 /// One access-log line, written when the response body is done (or dropped).
 pub(crate) struct AccessLog {
     /// The request's host (its first `host_len` bytes, `None`: no valid
-    /// host), then its path. A copy: holding the request's own bytes would
-    /// keep hyper's read buffer shared, so that it allocates a new one for
-    /// the next request.
+    /// host), then its path: one allocation, made when the request arrives,
+    /// so that a request cancelled on the way is logged with both.
     host_path: String,
     host_len: Option<usize>,
     method: Method,
@@ -247,12 +246,6 @@ pub(crate) struct AccessLog {
 }
 
 impl AccessLog {
-    fn host_end(&self) -> usize {
-        self.host_len
-            .filter(|&n| self.host_path.is_char_boundary(n))
-            .unwrap_or(0)
-    }
-
     fn host(&self) -> Option<&str> {
         self.host_len.and_then(|n| self.host_path.get(..n))
     }
@@ -264,7 +257,7 @@ impl Drop for AccessLog {
         crate::logbuf::access_line(|out| {
             out.extend_from_slice(b" peer=");
             push_addr(out, &self.peer);
-            let (host, path) = self.host_path.split_at(self.host_end());
+            let (host, path) = self.host_path.split_at(self.host().map_or(0, str::len));
             out.extend_from_slice(b" host=");
             push_clean(out, host);
             out.extend_from_slice(b" method=");
@@ -640,7 +633,7 @@ async fn forward(
                 port,
                 timeouts.upstream_connect,
                 timeouts.upstream_pool_idle,
-                parts,
+                &parts,
             );
             let result = tokio::time::timeout(timeouts.upstream_response, send).await;
             *upstream_ms = Some(t0.elapsed().as_millis());
