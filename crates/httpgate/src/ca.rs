@@ -8,7 +8,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SerialNumber,
 };
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use crate::certs::{self, Loaded};
 use crate::{CaRecord, Error};
@@ -16,7 +16,6 @@ use crate::{CaRecord, Error};
 pub(crate) struct InternalCa {
     issuer: Issuer<'static, KeyPair>,
     cert_pem: String,
-    cert_der: CertificateDer<'static>,
 }
 
 impl InternalCa {
@@ -25,14 +24,9 @@ impl InternalCa {
         let key = KeyPair::from_pem(&rec.key_pem).map_err(|e| Error::Ca(e.to_string()))?;
         let issuer =
             Issuer::from_ca_cert_pem(&rec.cert_pem, key).map_err(|e| Error::Ca(e.to_string()))?;
-        let cert_der = rustls_pemfile::certs(&mut rec.cert_pem.as_bytes())
-            .next()
-            .ok_or_else(|| Error::Ca("no certificate in CA record".into()))?
-            .map_err(|e| Error::Ca(e.to_string()))?;
         Ok(Self {
             issuer,
             cert_pem: rec.cert_pem.clone(),
-            cert_der,
         })
     }
 
@@ -94,7 +88,10 @@ impl InternalCa {
             .signed_by(&key, &self.issuer)
             .map_err(|e| e.to_string())?;
         let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        certs::from_der(vec![cert.der().clone(), self.cert_der.clone()], key_der)
+        // The leaf alone: the CA is a root, which a client that trusts it
+        // already has, so sending it costs bytes and (for OpenSSL clients,
+        // which parse and check every certificate sent) client CPU.
+        certs::from_der(vec![cert.der().clone()], key_der)
     }
 }
 

@@ -9,14 +9,16 @@
 //!
 //! A connection is reused only when its response was complete, framed by
 //! Content-Length or chunked encoding, HTTP/1.1 and not marked `close`, and
-//! nothing followed it. Idle connections sit in the client connection's
-//! [`IdlePool`]; one on which anything became readable while idle (the
+//! nothing followed it. Idle connections sit in the serving thread's
+//! [`IdlePool`], shared by its client connections (nginx's upstream
+//! `keepalive` works the same way); one on which anything became readable while idle (the
 //! upstream's close, stray bytes) is dropped before use. One closed just as
 //! it is used gives no byte of response, and the (idempotent) request is
 //! then sent once more on a new connection.
 //!
 //! It does not own routing, header rewriting or error pages (the proxy does).
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::mem::MaybeUninit;
@@ -51,8 +53,6 @@ const READ_MAX: usize = 64 * 1024;
 const IDLE_BUF: usize = 32 * 1024;
 /// Largest response head accepted (hyper's client default).
 const MAX_HEAD: usize = 8192 + 4096 * 100;
-/// Most idle connections kept per client connection.
-const MAX_IDLE: usize = 4;
 
 /// Why an exchange failed, beyond connecting.
 #[derive(Debug, thiserror::Error)]
@@ -77,26 +77,45 @@ pub(crate) struct Conn {
     used: Instant,
 }
 
-/// The idle connections of one client connection.
-#[derive(Default)]
+/// The idle connections of one serving thread (or listener), shared by all
+/// its client connections: a new client connection finds the upstream
+/// connection its predecessor left, so a client that opens a connection
+/// per request costs the upstream no TCP handshake. Keyed by upstream host,
+/// at most `max_idle` per host and port, most recently used taken first;
+/// connections idle for longer than the pool's idle limit are closed by
+/// [`IdlePool::sweep`] or found stale by [`IdlePool::take`]. The mutex is
+/// uncontended: only the owning thread's tasks use a serving thread's pool.
 pub(crate) struct IdlePool {
-    conns: Mutex<Vec<Conn>>,
+    conns: Mutex<HashMap<Box<str>, Vec<Conn>>>,
+    max_idle: usize,
+    idle_limit: Duration,
 }
 
 impl IdlePool {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Conn>> {
+    pub(crate) fn new(max_idle: usize, idle_limit: Duration) -> Self {
+        Self {
+            conns: Mutex::new(HashMap::new()),
+            max_idle,
+            idle_limit,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Vec<Conn>>> {
         self.conns.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// An idle connection to `host:port` still usable: not idle for longer
-    /// than `idle_limit`, not closed by the upstream, and without stray
+    /// than the idle limit, not closed by the upstream, and without stray
     /// bytes. Others found on the way are dropped.
-    fn take(&self, host: &str, port: u16, idle_limit: Duration) -> Option<Conn> {
+    fn take(&self, host: &str, port: u16) -> Option<Conn> {
         let now = Instant::now();
         let mut g = self.lock();
-        g.retain(|c| now.duration_since(c.used) <= idle_limit);
-        while let Some(i) = g.iter().position(|c| c.port == port && &*c.host == host) {
-            let c = g.swap_remove(i);
+        let list = g.get_mut(host)?;
+        // Oldest first: drop the expired prefix.
+        let stale = list.partition_point(|c| now.duration_since(c.used) > self.idle_limit);
+        list.drain(..stale);
+        while let Some(i) = list.iter().rposition(|c| c.port == port) {
+            let c = list.remove(i);
             // Anything readable on an idle connection (the upstream's close,
             // or stray bytes that would pass for the next response) makes it
             // unusable. No syscall unless the socket became readable since
@@ -109,16 +128,66 @@ impl IdlePool {
                 }
             }
         }
+        if list.is_empty() {
+            g.remove(host);
+        }
         None
     }
 
     fn put(&self, mut c: Conn) {
+        if self.max_idle == 0 {
+            return;
+        }
         c.used = Instant::now();
         let mut g = self.lock();
-        if g.len() >= MAX_IDLE {
-            g.remove(0);
+        if !g.contains_key(&*c.host) {
+            g.insert(c.host.clone(), Vec::new());
         }
-        g.push(c);
+        let Some(list) = g.get_mut(&*c.host) else {
+            return;
+        };
+        let same = list.iter().filter(|o| o.port == c.port).count();
+        if same >= self.max_idle {
+            if let Some(i) = list.iter().position(|o| o.port == c.port) {
+                list.remove(i);
+            }
+        }
+        list.push(c);
+    }
+
+    /// Close the connections idle for longer than the idle limit.
+    pub(crate) fn sweep(&self) {
+        let now = Instant::now();
+        self.lock().retain(|_, list| {
+            let stale = list.partition_point(|c| now.duration_since(c.used) > self.idle_limit);
+            list.drain(..stale);
+            !list.is_empty()
+        });
+    }
+
+    /// Number of idle connections held.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.lock().values().map(Vec::len).sum()
+    }
+
+    /// Sweep every half idle limit until `shutdown` turns true (or its
+    /// sender is gone).
+    pub(crate) async fn sweep_until(
+        self: Arc<Self>,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let every = (self.idle_limit / 2).max(Duration::from_millis(10));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => self.sweep(),
+                r = shutdown.changed() => {
+                    if r.is_err() || *shutdown.borrow() {
+                        return;
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -135,10 +204,9 @@ pub(crate) async fn exchange(
     host: &str,
     port: u16,
     connect_timeout: Duration,
-    idle_limit: Duration,
     parts: &http::request::Parts,
 ) -> Result<Response<UpBody>, UpstreamError> {
-    let mut idle = pool.take(host, port, idle_limit);
+    let mut idle = pool.take(host, port);
     loop {
         let (mut conn, reused) = match idle.take() {
             Some(c) => (c, true),
@@ -636,6 +704,65 @@ fn parse_chunk_size(line: &[u8]) -> Option<u64> {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+
+    /// `n` connected sockets to a loopback listener, as pool entries for `port`.
+    async fn conns(n: usize, port: u16) -> (tokio::net::TcpListener, Vec<Conn>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let stream = TcpStream::connect(addr).await.unwrap();
+            out.push(Conn {
+                stream,
+                buf: BytesMut::new(),
+                head: Vec::new(),
+                host: "10.0.0.1".into(),
+                port,
+                used: Instant::now(),
+            });
+        }
+        (l, out)
+    }
+
+    #[tokio::test]
+    async fn pool_keeps_the_newest_per_address_and_sweeps_stale_ones() {
+        let pool = IdlePool::new(2, Duration::from_millis(100));
+        let (_l, mut cs) = conns(4, 80).await;
+        let (_l2, other) = conns(1, 8080).await;
+        let newest = cs[3].stream.local_addr().unwrap();
+        for c in cs.drain(..) {
+            pool.put(c);
+        }
+        for c in other {
+            pool.put(c);
+        }
+        // Two kept for port 80 (the oldest evicted), one for port 8080.
+        assert_eq!(pool.len(), 3);
+        assert!(pool.take("10.0.0.2", 80).is_none());
+        let c = pool.take("10.0.0.1", 80).unwrap();
+        assert_eq!(c.stream.local_addr().unwrap(), newest);
+        assert_eq!(pool.len(), 2);
+        pool.put(c);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        pool.sweep();
+        assert_eq!(pool.len(), 0);
+        assert!(pool.take("10.0.0.1", 80).is_none());
+    }
+
+    #[tokio::test]
+    async fn pool_drops_connections_closed_while_idle() {
+        let pool = IdlePool::new(4, Duration::from_secs(60));
+        let (l, cs) = conns(1, 80).await;
+        for c in cs {
+            pool.put(c);
+        }
+        // The upstream closes its end: the idle connection becomes readable.
+        let (server_side, _) = l.accept().await.unwrap();
+        drop(server_side);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(pool.take("10.0.0.1", 80).is_none());
+        assert_eq!(pool.len(), 0);
+    }
 
     fn parse(
         raw: &[u8],

@@ -13,6 +13,7 @@ use tokio::sync::{oneshot, watch, Notify};
 use crate::acme::{self, Managed};
 use crate::auth::AuthCache;
 use crate::ca::InternalCa;
+use crate::exchange::IdlePool;
 use crate::proxy::Upstreams;
 use crate::{CertRecord, CertStatus, CertStore, Error, HttpConfig, RouteSource};
 
@@ -72,6 +73,8 @@ pub(crate) struct Shared {
     pub shutdown: watch::Sender<bool>,
     pub auth: AuthCache,
     pub upstreams: Upstreams,
+    /// The HTTPS listeners' TLS configuration (see `tls::server_config`).
+    pub tls: std::sync::OnceLock<Arc<rustls::ServerConfig>>,
 }
 
 /// The HTTPS gateway. Cheap to clone; every clone drives the same gateway.
@@ -121,6 +124,7 @@ impl HttpGateway {
             wake: Notify::new(),
             renew_waiters: Mutex::new(HashMap::new()),
             shutdown,
+            tls: std::sync::OnceLock::new(),
         });
         acme::reconcile(&shared);
         handle.spawn(acme::run_manager(shared.clone()));
@@ -130,7 +134,21 @@ impl HttpGateway {
     /// Serve HTTPS on `listener` until [`HttpGateway::shutdown`]; open
     /// connections then get a grace period to finish.
     pub async fn serve_https(&self, listener: TcpListener) -> io::Result<()> {
-        crate::server::serve(self.shared.clone(), listener, true).await
+        let pool = self.idle_pool();
+        crate::server::serve(self.shared.clone(), listener, true, Some(pool)).await
+    }
+
+    /// A pool of idle upstream connections for the client connections of
+    /// one serving thread (or listener), swept by a task of the current
+    /// runtime until shutdown.
+    fn idle_pool(&self) -> Arc<IdlePool> {
+        let cfg = &self.shared.config;
+        let pool = Arc::new(IdlePool::new(
+            cfg.limits.upstream_pool_max_idle,
+            cfg.timeouts.upstream_pool_idle,
+        ));
+        tokio::spawn(pool.clone().sweep_until(self.shared.shutdown.subscribe()));
+        pool
     }
 
     /// Serve HTTPS on `addr` from `threads` dedicated threads, each with a
@@ -188,6 +206,7 @@ impl HttpGateway {
 
     async fn serve_thread(self, ls: ThreadListeners) -> io::Result<()> {
         let mut tasks = tokio::task::JoinSet::new();
+        let pool = self.idle_pool();
         for (l, tls) in ls
             .https
             .into_iter()
@@ -196,7 +215,9 @@ impl HttpGateway {
         {
             l.set_nonblocking(true)?;
             let listener = TcpListener::from_std(l)?;
-            tasks.spawn(crate::server::serve(self.shared.clone(), listener, tls));
+            let pool = tls.then(|| pool.clone());
+            let serve = crate::server::serve(self.shared.clone(), listener, tls, pool);
+            tasks.spawn(serve);
         }
         let mut first = Ok(());
         while let Some(r) = tasks.join_next().await {
@@ -210,7 +231,7 @@ impl HttpGateway {
 
     /// Serve plain HTTP on `listener`: ACME HTTP-01 answers and a 301 to HTTPS.
     pub async fn serve_http(&self, listener: TcpListener) -> io::Result<()> {
-        crate::server::serve(self.shared.clone(), listener, false).await
+        crate::server::serve(self.shared.clone(), listener, false, None).await
     }
 
     /// Tell the gateway the routing snapshot changed: certificates for new

@@ -23,7 +23,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
-use crate::exchange::{self, BoxError, ExchangeError, UpBody};
+use crate::exchange::{self, BoxError, ExchangeError, IdlePool, UpBody};
 use crate::framing::FramingFlags;
 use crate::gateway::Shared;
 use crate::upstream::{self, ConnUpstreams, UpstreamError};
@@ -50,13 +50,14 @@ pub(crate) struct ConnInfo {
 
 impl ConnInfo {
     /// `own_upstreams`: forward over connections owned by this client
-    /// connection, which the caller must then serve through [`drive`].
+    /// connection (bodiless exchanges over those of the given pool), which
+    /// the caller must then serve through [`drive`].
     pub(crate) fn new(
         peer: SocketAddr,
         sni: Option<String>,
         tls: bool,
         framing: Option<Arc<FramingFlags>>,
-        own_upstreams: bool,
+        own_upstreams: Option<Arc<IdlePool>>,
     ) -> Self {
         let peer_ip = HeaderValue::from_str(&peer.ip().to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
@@ -67,7 +68,7 @@ impl ConnInfo {
             framing,
             seq: AtomicU64::new(0),
             peer_ip,
-            upstreams: own_upstreams.then(ConnUpstreams::default),
+            upstreams: own_upstreams.map(ConnUpstreams::new),
         }
     }
 }
@@ -627,14 +628,8 @@ async fn forward(
         if !upgrade && exchange::eligible(&parts.method, body.is_end_stream()) {
             origin_form(&mut parts.uri);
             let t0 = Instant::now();
-            let send = exchange::exchange(
-                &own.idle,
-                up_host,
-                port,
-                timeouts.upstream_connect,
-                timeouts.upstream_pool_idle,
-                &parts,
-            );
+            let send =
+                exchange::exchange(&own.idle, up_host, port, timeouts.upstream_connect, &parts);
             let result = tokio::time::timeout(timeouts.upstream_response, send).await;
             *upstream_ms = Some(t0.elapsed().as_millis());
             return match upstream_result(shared, route, port, result, false) {

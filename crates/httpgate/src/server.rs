@@ -18,6 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
+use crate::exchange::IdlePool;
 use crate::framing::{FramingFlags, FramingIo};
 use crate::gateway::Shared;
 use crate::idle::Activity;
@@ -30,6 +31,15 @@ pub(crate) struct Builders {
     h1: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
     auto: auto::Builder<TokioExecutor>,
+}
+
+/// What the connections of one listener share.
+struct Listener {
+    /// `None` on plain-HTTP listeners.
+    acceptor: Option<TlsAcceptor>,
+    /// Idle upstream connections for bodiless exchanges (HTTPS only).
+    pool: Option<Arc<IdlePool>>,
+    builders: Builders,
 }
 
 fn builders(shared: &Shared) -> Builders {
@@ -70,14 +80,25 @@ enum Proto {
 }
 
 /// Accept connections until shutdown, then wait (bounded) for open ones.
-pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, tls: bool) -> io::Result<()> {
+/// HTTPS client connections take idle upstream connections from `pool`
+/// (`None` on plain-HTTP listeners, which proxy nothing).
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    tls: bool,
+    pool: Option<Arc<IdlePool>>,
+) -> io::Result<()> {
     let acceptor = match tls {
         true => Some(TlsAcceptor::from(
-            tls::server_config(shared.clone()).map_err(io::Error::other)?,
+            tls::server_config(&shared).map_err(io::Error::other)?,
         )),
         false => None,
     };
-    let builder = Arc::new(builders(&shared));
+    let listener_ctx = Arc::new(Listener {
+        acceptor,
+        pool,
+        builders: builders(&shared),
+    });
     let max = shared.config.limits.max_connections.max(1);
     let limit = Arc::new(Semaphore::new(max));
     let mut shutdown = shared.shutdown.subscribe();
@@ -105,8 +126,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, tls: bool)
         let _ = stream.set_nodelay(true);
         tokio::spawn(connection(
             shared.clone(),
-            acceptor.clone(),
-            builder.clone(),
+            listener_ctx.clone(),
             stream,
             peer,
             permit,
@@ -125,19 +145,18 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, tls: bool)
 
 async fn connection(
     shared: Arc<Shared>,
-    acceptor: Option<TlsAcceptor>,
-    builder: Arc<Builders>,
+    ctx: Arc<Listener>,
     stream: TcpStream,
     peer: SocketAddr,
     _permit: OwnedSemaphorePermit,
     shutdown: watch::Receiver<bool>,
 ) {
-    let Some(acceptor) = acceptor else {
+    let Some(acceptor) = &ctx.acceptor else {
         let flags = FramingFlags::new();
-        let info = ConnInfo::new(peer, None, false, Some(flags.clone()), false);
+        let info = ConnInfo::new(peer, None, false, Some(flags.clone()), None);
         serve_conn(
             shared,
-            builder,
+            ctx,
             Proto::Auto,
             FramingIo::new(stream, flags),
             info,
@@ -168,14 +187,14 @@ async fn connection(
         .server_name()
         .map(|s| s.trim_end_matches('.').to_ascii_lowercase());
     if alpn.as_deref() == Some(b"h2") {
-        let info = ConnInfo::new(peer, sni, true, None, false);
-        serve_conn(shared, builder, Proto::H2, tls, info, shutdown).await;
+        let info = ConnInfo::new(peer, sni, true, None, None);
+        serve_conn(shared, ctx, Proto::H2, tls, info, shutdown).await;
     } else {
         let flags = FramingFlags::new();
-        let info = ConnInfo::new(peer, sni, true, Some(flags.clone()), true);
+        let info = ConnInfo::new(peer, sni, true, Some(flags.clone()), ctx.pool.clone());
         serve_conn(
             shared,
-            builder,
+            ctx,
             Proto::H1,
             FramingIo::new(tls, flags),
             info,
@@ -220,7 +239,7 @@ macro_rules! drive {
 
 async fn serve_conn<I>(
     shared: Arc<Shared>,
-    builder: Arc<Builders>,
+    ctx: Arc<Listener>,
     proto: Proto,
     io: I,
     info: ConnInfo,
@@ -260,19 +279,19 @@ async fn serve_conn<I>(
     let io = TokioIo::new(io);
     match proto {
         Proto::H1 => drive!(
-            builder.h1.serve_connection(io, svc).with_upgrades(),
+            ctx.builders.h1.serve_connection(io, svc).with_upgrades(),
             shutdown,
             conn_info,
             idle
         ),
         Proto::H2 => drive!(
-            builder.h2.serve_connection(io, svc),
+            ctx.builders.h2.serve_connection(io, svc),
             shutdown,
             conn_info,
             idle
         ),
         Proto::Auto => drive!(
-            builder.auto.serve_connection_with_upgrades(io, svc),
+            ctx.builders.auto.serve_connection_with_upgrades(io, svc),
             shutdown,
             conn_info,
             idle

@@ -4,7 +4,7 @@
 //! is refused).
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -13,8 +13,9 @@ use crate::gateway::Shared;
 
 pub(crate) const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 
+/// Holds the gateway weakly: the gateway holds the configuration.
 struct Resolver {
-    shared: Arc<Shared>,
+    shared: Weak<Shared>,
 }
 
 impl fmt::Debug for Resolver {
@@ -25,6 +26,7 @@ impl fmt::Debug for Resolver {
 
 impl ResolvesServerCert for Resolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let shared = self.shared.upgrade()?;
         let sni = hello
             .server_name()?
             .trim_end_matches('.')
@@ -34,20 +36,39 @@ impl ResolvesServerCert for Resolver {
             .map(|mut a| a.any(|p| p == ACME_TLS_ALPN))
             .unwrap_or(false);
         if acme {
-            return self.shared.alpn01.read().ok()?.get(&sni).cloned();
+            return shared.alpn01.read().ok()?.get(&sni).cloned();
         }
-        self.shared.serving.load().get(&sni).cloned()
+        shared.serving.load().get(&sni).cloned()
     }
 }
 
-/// The server configuration of the HTTPS listeners.
-///
+/// The server configuration of the HTTPS listeners, made on first use and
+/// shared by every listener and serving thread: a client resumes its TLS
+/// session whichever thread takes its next connection.
+pub(crate) fn server_config(
+    shared: &Arc<Shared>,
+) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
+    if let Some(c) = shared.tls.get() {
+        return Ok(c.clone());
+    }
+    let made = make_server_config(Arc::downgrade(shared))?;
+    Ok(shared.tls.get_or_init(|| made).clone())
+}
+
 /// Cipher suites are chosen by the server's order, AES-128-GCM first: as
 /// strong for this use and cheaper than AES-256-GCM with its SHA-384
 /// transcript hash (measured: a visible share of a handshake's CPU).
-pub(crate) fn server_config(
-    shared: Arc<Shared>,
-) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
+///
+/// Sessions resume from stateless tickets (one per full handshake, keys
+/// rotated every 6 hours; a TLS 1.3 resumption still runs an ECDHE
+/// exchange, so traffic keys stay forward-secret) or, for TLS 1.2 clients
+/// without tickets, from an in-memory session cache. A resumed handshake
+/// sends no certificate and makes no signature: it costs the server and
+/// the client far less CPU than a full one. No certificate is looked up
+/// on resumption either, so a ticket issued for a name that has since lost
+/// its route still completes the handshake; its requests then get the
+/// unknown host's 404.
+fn make_server_config(shared: Weak<Shared>) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
     use rustls::crypto::ring::cipher_suite as cs;
     let mut provider = rustls::crypto::ring::default_provider();
     provider.cipher_suites = vec![
@@ -67,6 +88,7 @@ pub(crate) fn server_config(
         .with_cert_resolver(Arc::new(Resolver { shared }));
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), ACME_TLS_ALPN.to_vec()];
     cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(4096);
+    cfg.ticketer = rustls::crypto::ring::Ticketer::new()?;
     cfg.ignore_client_order = true;
     cfg.send_tls13_tickets = 1;
     Ok(Arc::new(cfg))

@@ -1,4 +1,6 @@
-//! Upstream HTTP/1.1 connections owned by one client connection.
+//! Upstream HTTP/1.1 connections owned by one client connection, for
+//! requests with a body and upgrades (bodiless GET and HEAD take
+//! connections from the serving thread's pool instead: `exchange.rs`).
 //!
 //! An HTTP/1 client connection sends one request at a time, so it keeps its
 //! own keep-alive connection(s) to the upstream, polled by the client
@@ -67,15 +69,22 @@ struct Inner {
 }
 
 /// The upstream connections of one client connection.
-#[derive(Default)]
 pub(crate) struct ConnUpstreams {
     inner: Mutex<Inner>,
     /// Idle connections of bodiless exchanges (`exchange.rs`), which need
-    /// no polling between exchanges.
+    /// no polling between exchanges: the serving thread's pool, shared with
+    /// its other client connections.
     pub(crate) idle: std::sync::Arc<crate::exchange::IdlePool>,
 }
 
 impl ConnUpstreams {
+    pub(crate) fn new(idle: std::sync::Arc<crate::exchange::IdlePool>) -> Self {
+        Self {
+            inner: Mutex::new(Inner::default()),
+            idle,
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }

@@ -233,7 +233,9 @@ async fn framed_bodies_are_relayed_on_one_upstream_connection() {
         "{out}"
     );
     assert!(!out.contains("hello"), "{out}");
-    assert_eq!(up.accepted(), 2);
+    // A new client connection (this second curl) takes the idle upstream
+    // connection the first one left.
+    assert_eq!(up.accepted(), 1);
     gw.stop().await;
 }
 
@@ -249,10 +251,11 @@ async fn closes_by_the_upstream_cost_no_request() {
     assert_eq!(up.accepted(), 2);
     // The upstream closes its idle connection after each answer (as a
     // keep-alive timeout would): each next request still gets its answer.
+    // The first takes the connection the previous client left idle.
     let (ok, out, err) = fetch(&gw, &["/once", "/once", "/once"], Some("5/s"), &[]).await;
     assert!(ok, "{err}");
     assert_eq!(out, "once|200\nonce|200\nonce|200\n");
-    assert_eq!(up.accepted(), 5);
+    assert_eq!(up.accepted(), 4);
     gw.stop().await;
 }
 

@@ -551,8 +551,7 @@ async fn three_spaced_requests(gw: &Gateway) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_upstream_connections_are_replaced() {
     // Default pool idle timeout (60 s): the client's three requests share
-    // one upstream connection (which also shows that curl kept its one
-    // connection to the gateway: each client connection has its own).
+    // one upstream connection.
     let app = Upstream::start("app").await;
     let gw = GatewayBuilder::new()
         .route("app.test", app_route("app", app.addr, TlsMode::Internal))
@@ -572,5 +571,127 @@ async fn idle_upstream_connections_are_replaced() {
         .await;
     three_spaced_requests(&gw).await;
     assert_eq!(app.accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_connections_share_idle_upstream_connections() {
+    use std::sync::atomic::Ordering::SeqCst;
+    // Five curl processes one after another: five client connections, each
+    // with its own TLS handshake, and one upstream connection, which the
+    // gateway keeps for the next client connection.
+    let app = Upstream::start("app").await;
+    let gw = GatewayBuilder::new()
+        .config(|c| c.timeouts.upstream_pool_idle = Duration::from_millis(1500))
+        .route("app.test", app_route("app", app.addr, TlsMode::Internal))
+        .start()
+        .await;
+    for _ in 0..5 {
+        let out = gw.curl("app.test", "/").arg("--http1.1").run().await;
+        assert_eq!(out.status, 200, "{out:?}");
+    }
+    assert_eq!(app.accepted.load(SeqCst), 1);
+    assert_eq!(app.closed.load(SeqCst), 0);
+    // No request comes to find it idle for too long: the gateway closes it
+    // by itself after the pool's idle timeout.
+    let t0 = std::time::Instant::now();
+    while app.closed.load(SeqCst) == 0 && t0.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        app.closed.load(SeqCst),
+        1,
+        "idle upstream connection never closed"
+    );
+    assert!(
+        t0.elapsed() >= Duration::from_millis(500),
+        "closed before its idle timeout"
+    );
+    gw.stop().await;
+}
+
+/// One HTTPS request with OpenSSL's client, which saves its TLS session to
+/// `sess_out` and offers the one in `sess_in`: whether the handshake
+/// resumed that session, and the response.
+fn s_client_resumes(
+    port: u16,
+    ca: &std::path::Path,
+    sess_in: Option<&std::path::Path>,
+    sess_out: &std::path::Path,
+) -> (bool, String) {
+    let mut cmd = Command::new("openssl");
+    cmd.args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
+        .args(["-servername", "app.test", "-ign_eof", "-CAfile"])
+        .arg(ca)
+        .arg("-sess_out")
+        .arg(sess_out);
+    if let Some(p) = sess_in {
+        cmd.arg("-sess_in").arg(p);
+    }
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let reused = text.lines().any(|l| l.starts_with("Reused, TLSv1.3"));
+    assert!(
+        reused || text.lines().any(|l| l.starts_with("New, TLSv1.3")),
+        "{text}"
+    );
+    (reused, text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_sessions_resume_on_any_listener_and_thread() {
+    // A client's next connection resumes its TLS session (no certificate,
+    // no signature: a far cheaper handshake for both sides) whichever
+    // listener or serving thread takes it.
+    let app = Upstream::start("app").await;
+    let gw = GatewayBuilder::new()
+        .route("app.test", app_route("app", app.addr, TlsMode::Internal))
+        .start()
+        .await;
+    let threaded = free_port();
+    let handles = gw
+        .gw
+        .spawn_https_threads(([127, 0, 0, 1], threaded).into(), 2)
+        .unwrap();
+    let ca = gw.ca_file.clone();
+    let https = gw.https.port();
+    let dir = tempfile::tempdir().unwrap();
+    tokio::task::spawn_blocking(move || {
+        let sess = |i: usize| dir.path().join(format!("s{i}"));
+        let (reused, first) = s_client_resumes(https, &ca, None, &sess(0));
+        assert!(!reused);
+        assert!(first.contains("HTTP/1.1 200"), "{first}");
+        // Alternate between the listener the session came from and the
+        // other one (two serving threads behind it).
+        for i in 1..8 {
+            let port = if i % 2 == 0 { https } else { threaded };
+            let (reused, out) = s_client_resumes(port, &ca, Some(&sess(i - 1)), &sess(i));
+            assert!(
+                reused,
+                "connection {i} (port {port}) did not resume:\n{out}"
+            );
+            assert!(out.contains("HTTP/1.1 200"), "{out}");
+        }
+    })
+    .await
+    .unwrap();
+    gw.gw.shutdown();
+    for h in handles {
+        tokio::task::spawn_blocking(move || h.join().unwrap().unwrap())
+            .await
+            .unwrap();
+    }
     gw.stop().await;
 }

@@ -368,6 +368,8 @@ pub struct Upstream {
     pub name: String,
     /// TCP connections accepted so far.
     pub accepted: Arc<std::sync::atomic::AtomicUsize>,
+    /// Connections that ended so far (closed by the peer, or failed).
+    pub closed: Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -384,17 +386,21 @@ impl Upstream {
         let n = name.to_owned();
         let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let count = accepted.clone();
+        let closed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let ended = closed.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((s, _)) = l.accept().await else { return };
                 count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let n = n.clone();
+                let ended = ended.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| upstream_handle(n.clone(), req));
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(s), svc)
                         .with_upgrades()
                         .await;
+                    ended.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 });
             }
         });
@@ -402,6 +408,7 @@ impl Upstream {
             addr,
             name: name.to_owned(),
             accepted,
+            closed,
             task,
         }
     }
