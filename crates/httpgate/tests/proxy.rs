@@ -491,6 +491,29 @@ async fn stalled_handshakes_do_not_block_others() {
     gw.stop().await;
 }
 
+type ThreadHandles = Vec<std::thread::JoinHandle<std::io::Result<()>>>;
+
+/// `threads` serving threads of `gw` on one new loopback port.
+fn spawn_threads(gw: &Gateway, threads: usize) -> (u16, ThreadHandles) {
+    let port = free_port();
+    let handles = gw
+        .gw
+        .spawn_https_threads(([127, 0, 0, 1], port).into(), threads)
+        .unwrap();
+    (port, handles)
+}
+
+/// Shut `gw` down and wait for its serving threads to finish.
+async fn stop_with_threads(gw: Gateway, handles: ThreadHandles) {
+    gw.gw.shutdown();
+    for h in handles {
+        tokio::task::spawn_blocking(move || h.join().unwrap().unwrap())
+            .await
+            .unwrap();
+    }
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_thread_https_listeners_serve() {
     let app = Upstream::start("app").await;
@@ -498,11 +521,7 @@ async fn per_thread_https_listeners_serve() {
         .route("app.test", app_route("app", app.addr, TlsMode::Internal))
         .start()
         .await;
-    let port = free_port();
-    let handles = gw
-        .gw
-        .spawn_https_threads(([127, 0, 0, 1], port).into(), 2)
-        .unwrap();
+    let (port, handles) = spawn_threads(&gw, 2);
     // One listening socket for both threads, without SO_REUSEPORT: another
     // socket cannot bind the port alongside and take a share of connections.
     let intruder =
@@ -518,13 +537,7 @@ async fn per_thread_https_listeners_serve() {
             .await;
         assert_eq!(r.status, 200, "{r:?}");
     }
-    gw.gw.shutdown();
-    for h in handles {
-        tokio::task::spawn_blocking(move || h.join().unwrap().unwrap())
-            .await
-            .unwrap();
-    }
-    gw.stop().await;
+    stop_with_threads(gw, handles).await;
 }
 
 /// One curl process sending `GET /` three times, half a second apart, over
@@ -660,11 +673,7 @@ async fn tls_sessions_resume_on_any_listener_and_thread() {
         .route("app.test", app_route("app", app.addr, TlsMode::Internal))
         .start()
         .await;
-    let threaded = free_port();
-    let handles = gw
-        .gw
-        .spawn_https_threads(([127, 0, 0, 1], threaded).into(), 2)
-        .unwrap();
+    let (threaded, handles) = spawn_threads(&gw, 2);
     let ca = gw.ca_file.clone();
     let https = gw.https.port();
     let dir = tempfile::tempdir().unwrap();
@@ -687,11 +696,5 @@ async fn tls_sessions_resume_on_any_listener_and_thread() {
     })
     .await
     .unwrap();
-    gw.gw.shutdown();
-    for h in handles {
-        tokio::task::spawn_blocking(move || h.join().unwrap().unwrap())
-            .await
-            .unwrap();
-    }
-    gw.stop().await;
+    stop_with_threads(gw, handles).await;
 }
