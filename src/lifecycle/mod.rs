@@ -169,6 +169,55 @@ struct Sample {
     cpu_ns: u64,
 }
 
+/// The two latest CPU samples of an instance kept at least
+/// [`MIN_CPU_WINDOW`] apart: whenever a reading comes, one of them is at
+/// least that old, so a figure can be given.
+#[derive(Debug, Clone, Copy)]
+struct Samples {
+    older: Option<Sample>,
+    newer: Sample,
+}
+
+/// Shortest span a CPU % is computed over.
+const MIN_CPU_WINDOW: Duration = Duration::from_millis(200);
+
+/// See [`Lifecycle::cpu_sample`].
+fn record_cpu(
+    samples: &mut HashMap<String, Samples>,
+    instance: &str,
+    reading: Sample,
+) -> Option<f64> {
+    let Some(s) = samples.get_mut(instance) else {
+        samples.insert(
+            instance.to_string(),
+            Samples {
+                older: None,
+                newer: reading,
+            },
+        );
+        return None;
+    };
+    if reading.cpu_ns < s.newer.cpu_ns {
+        // The counter went back: the container restarted. Start over.
+        *s = Samples {
+            older: None,
+            newer: reading,
+        };
+        return None;
+    }
+    let since = |p: &Sample| reading.at.saturating_duration_since(p.at);
+    let base = [Some(s.newer), s.older]
+        .into_iter()
+        .flatten()
+        .find(|p| since(p) >= MIN_CPU_WINDOW);
+    let pct = base.map(|p| incusctl::cpu_percent(p.cpu_ns, reading.cpu_ns, since(&p)));
+    if since(&s.newer) >= MIN_CPU_WINDOW {
+        s.older = Some(s.newer);
+        s.newer = reading;
+    }
+    pct
+}
+
 /// The lifecycle service shared by the admin API and the watcher.
 pub struct Lifecycle {
     store: Arc<Store>,
@@ -178,7 +227,7 @@ pub struct Lifecycle {
     reconcile_every: Duration,
     provision: ProvisionConfig,
     busy: Mutex<HashSet<String>>,
-    samples: Mutex<HashMap<String, Sample>>,
+    samples: Mutex<HashMap<String, Samples>>,
 }
 
 /// Releases a sandbox name claimed for an operation.
@@ -1224,25 +1273,17 @@ impl Lifecycle {
         Ok(out)
     }
 
-    /// CPU % since the previous sample of `instance` (kept at least one
-    /// second apart), recording this one.
+    /// CPU % of `instance` since the latest of its samples at least
+    /// [`MIN_CPU_WINDOW`] old, recording this reading. Every reading
+    /// counts (the periodic reconcile's too), so two kept samples are
+    /// needed: with one, a reading just after the reconcile's would find
+    /// only a sample too recent to give a figure.
     fn cpu_sample(&self, instance: &str, cpu_ns: u64) -> Option<f64> {
-        let now = Instant::now();
-        let mut samples = lock(&self.samples);
-        let prev = samples.get(instance).copied();
-        let pct = prev.and_then(|p| {
-            let elapsed = now.duration_since(p.at);
-            (elapsed >= Duration::from_millis(200) && cpu_ns >= p.cpu_ns)
-                .then(|| incusctl::cpu_percent(p.cpu_ns, cpu_ns, elapsed))
-        });
-        let replace = match prev {
-            None => true,
-            Some(p) => now.duration_since(p.at) >= Duration::from_secs(1) || cpu_ns < p.cpu_ns,
+        let reading = Sample {
+            at: Instant::now(),
+            cpu_ns,
         };
-        if replace {
-            samples.insert(instance.to_string(), Sample { at: now, cpu_ns });
-        }
-        pct
+        record_cpu(&mut lock(&self.samples), instance, reading)
     }
 
     fn stats_of(&self, sb: &Sandbox, inst: Option<&incusctl::Instance>) -> Option<SandboxStats> {
@@ -1432,6 +1473,36 @@ fn check_snapshot_name(snap: &str) -> Result<()> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn cpu_percent_has_a_base_even_just_after_another_reading() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut m = HashMap::new();
+        let mut read = |ms: u64, cpu_ms: u64| {
+            record_cpu(
+                &mut m,
+                "c",
+                Sample {
+                    at: at(ms),
+                    cpu_ns: cpu_ms * 1_000_000,
+                },
+            )
+        };
+        assert_eq!(read(0, 0), None, "no earlier sample");
+        // 100 ms of CPU over 1 s: 10%.
+        let p = read(1000, 100).unwrap();
+        assert!((p - 10.0).abs() < 1e-9, "{p}");
+        // 50 ms after that reading (the periodic reconcile's, say): the
+        // one before it is the base.
+        let p = read(1050, 105).unwrap();
+        assert!((p - 10.0).abs() < 1e-9, "{p}");
+        // The counter went back (the container restarted): no figure, then
+        // figures from the new counter.
+        assert_eq!(read(1500, 3), None);
+        let p = read(2000, 53).unwrap();
+        assert!((p - 10.0).abs() < 1e-9, "{p}");
+    }
 
     #[test]
     fn image_sources() {
