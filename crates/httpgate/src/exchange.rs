@@ -146,8 +146,10 @@ impl IdlePool {
         let Some(list) = g.get_mut(&*c.host) else {
             return;
         };
-        let same = list.iter().filter(|o| o.port == c.port).count();
-        if same >= self.max_idle {
+        // Counted only when the host's list could hold too many for one port.
+        if list.len() >= self.max_idle
+            && list.iter().filter(|o| o.port == c.port).count() >= self.max_idle
+        {
             if let Some(i) = list.iter().position(|o| o.port == c.port) {
                 list.remove(i);
             }
