@@ -59,7 +59,7 @@ pub(crate) fn server_config(
 /// strong for this use and cheaper than AES-256-GCM with its SHA-384
 /// transcript hash (measured: a visible share of a handshake's CPU).
 ///
-/// Sessions resume from stateless tickets (one per full handshake, keys
+/// Sessions resume from stateless tickets (one per handshake, keys
 /// rotated every 6 hours; a TLS 1.3 resumption still runs an ECDHE
 /// exchange, so traffic keys stay forward-secret) or, for TLS 1.2 clients
 /// without tickets, from an in-memory session cache. A resumed handshake
