@@ -682,6 +682,12 @@ async fn tls_sessions_resume_on_any_listener_and_thread() {
         let (reused, first) = s_client_resumes(https, &ca, None, &sess(0));
         assert!(!reused);
         assert!(first.contains("HTTP/1.1 200"), "{first}");
+        // The full handshake sends the leaf alone: the internal CA's root
+        // is the client's trust anchor, not part of the chain.
+        assert!(
+            first.contains(" 0 s:CN = app.test") && !first.contains(" 1 s:"),
+            "{first}"
+        );
         // Alternate between the listener the session came from and the
         // other one (two serving threads behind it).
         for i in 1..8 {
