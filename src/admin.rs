@@ -374,6 +374,7 @@ fn status(ctx: &AdminContext) -> Status {
         sandboxes: ctx.store.len(),
         routes: table.entries(),
         route_generation: table.generation,
+        https_connections: ctx.http.open_connections(),
     }
 }
 

@@ -124,6 +124,9 @@ pub struct Status {
     pub sandboxes: usize,
     pub routes: usize,
     pub route_generation: u64,
+    /// Open HTTPS client connections on each web serving thread.
+    #[serde(default)]
+    pub https_connections: Vec<usize>,
 }
 
 /// One entry of the live routing snapshot.

@@ -201,6 +201,30 @@ fn status_routes_and_completions() {
     assert_eq!(st["sandboxes"], 1);
     assert_eq!(st["routes"], 3, "one ssh user and two https hosts");
     assert!(d.ok(&["status"]).contains("sandboxes:  1"));
+    // Open HTTPS client connections, per web serving thread.
+    let open = |st: &serde_json::Value| -> Vec<u64> {
+        st["https_connections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n.as_u64().unwrap())
+            .collect()
+    };
+    let threads = std::thread::available_parallelism().unwrap().get();
+    assert_eq!(open(&st), vec![0; threads]);
+    let https = st["https_listen"][0].as_str().unwrap().to_string();
+    let held = std::net::TcpStream::connect(&https).unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..50 {
+        seen = open(&d.json(&["status", "--json"]));
+        if seen.iter().sum::<u64>() == 1 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(seen.iter().sum::<u64>(), 1, "{seen:?}");
+    assert!(d.ok(&["status"]).contains("https open: "));
+    drop(held);
     for shell in ["bash", "zsh", "fish"] {
         let out = std::process::Command::new(common::BIN)
             .args(["completions", shell])

@@ -24,6 +24,7 @@ mod logbuf;
 mod pages;
 mod proxy;
 mod server;
+mod spread;
 mod tls;
 mod upstream;
 

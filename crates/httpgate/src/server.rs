@@ -15,7 +15,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use crate::exchange::IdlePool;
@@ -23,6 +23,7 @@ use crate::framing::{FramingFlags, FramingIo};
 use crate::gateway::Shared;
 use crate::idle::Activity;
 use crate::proxy::{self, ConnInfo};
+use crate::spread::{Handoff, Seat, Spread};
 use crate::tls;
 
 /// The HTTP server builders of one listener: HTTP/1 and HTTP/2 when ALPN
@@ -34,7 +35,7 @@ pub(crate) struct Builders {
 }
 
 /// What the connections of one listener share.
-struct Listener {
+pub(crate) struct Listener {
     /// `None` on plain-HTTP listeners.
     acceptor: Option<TlsAcceptor>,
     /// Idle upstream connections for bodiless exchanges (HTTPS only).
@@ -79,28 +80,50 @@ enum Proto {
     Auto,
 }
 
-/// Accept connections until shutdown, then wait (bounded) for open ones.
+/// The listener context of HTTPS (`tls`) or plain-HTTP connections.
 /// HTTPS client connections take idle upstream connections from `pool`
 /// (`None` on plain-HTTP listeners, which proxy nothing).
-pub(crate) async fn serve(
-    shared: Arc<Shared>,
-    listener: TcpListener,
+pub(crate) fn listener_ctx(
+    shared: &Arc<Shared>,
     tls: bool,
     pool: Option<Arc<IdlePool>>,
-) -> io::Result<()> {
+) -> io::Result<Arc<Listener>> {
     let acceptor = match tls {
         true => Some(TlsAcceptor::from(
-            tls::server_config(&shared).map_err(io::Error::other)?,
+            tls::server_config(shared).map_err(io::Error::other)?,
         )),
         false => None,
     };
-    let listener_ctx = Arc::new(Listener {
+    Ok(Arc::new(Listener {
         acceptor,
         pool,
-        builders: builders(&shared),
-    });
-    let max = shared.config.limits.max_connections.max(1);
-    let limit = Arc::new(Semaphore::new(max));
+        builders: builders(shared),
+    }))
+}
+
+/// A connection limit: `max_connections` open at once on one listening
+/// address, whichever serving threads accepted and serve them.
+pub(crate) fn limit(shared: &Shared) -> Arc<Semaphore> {
+    Arc::new(Semaphore::new(shared.config.limits.max_connections.max(1)))
+}
+
+/// Where the connections a serving thread accepts are served: on thread
+/// `me`, unless `spread` finds a thread with clearly fewer open.
+#[derive(Clone)]
+pub(crate) struct Placement {
+    pub spread: Arc<Spread>,
+    pub me: usize,
+}
+
+/// Accept connections until shutdown, then wait (bounded) for the open ones
+/// of this listening address, on every thread.
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    ctx: Arc<Listener>,
+    limit: Arc<Semaphore>,
+    place: Option<Placement>,
+) -> io::Result<()> {
     let mut shutdown = shared.shutdown.subscribe();
     loop {
         if *shutdown.borrow() {
@@ -124,17 +147,20 @@ pub(crate) async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        tokio::spawn(connection(
-            shared.clone(),
-            listener_ctx.clone(),
-            stream,
-            peer,
-            permit,
-            shutdown.clone(),
-        ));
+        let seat = place.as_ref().map(|p| p.spread.place(p.me));
+        let (stream, permit, seat) = match (&place, seat) {
+            (Some(p), Some(seat)) if seat.slot() != p.me => {
+                match hand_off(&p.spread, stream, peer, permit, seat) {
+                    Some((stream, permit, seat)) => (stream, permit, Some(seat)),
+                    None => continue,
+                }
+            }
+            (_, seat) => (stream, permit, seat),
+        };
+        spawn_connection(&shared, &ctx, stream, peer, (permit, seat), &shutdown);
     }
     drop(listener);
-    let all = u32::try_from(max).unwrap_or(u32::MAX);
+    let all = u32::try_from(shared.config.limits.max_connections.max(1)).unwrap_or(u32::MAX);
     let _ = tokio::time::timeout(
         shared.config.timeouts.shutdown_grace,
         limit.acquire_many(all),
@@ -143,12 +169,100 @@ pub(crate) async fn serve(
     Ok(())
 }
 
+/// Send a connection, not yet read from, to the serving thread its seat is
+/// on (it leaves this thread's reactor: one `epoll_ctl`). What that thread
+/// does not take (it is stopping) comes back, to be served here.
+fn hand_off(
+    spread: &Spread,
+    stream: TcpStream,
+    peer: SocketAddr,
+    permit: OwnedSemaphorePermit,
+    seat: Seat,
+) -> Option<(TcpStream, OwnedSemaphorePermit, Seat)> {
+    let lost =
+        |e: io::Error| tracing::debug!(peer = %peer, error = %e, "connection lost in a handoff");
+    let stream = match stream.into_std() {
+        Ok(s) => s,
+        Err(e) => {
+            lost(e);
+            return None;
+        }
+    };
+    let h = Handoff {
+        stream,
+        peer,
+        permit,
+        seat,
+    };
+    match spread.hand_off(h) {
+        Ok(()) => None,
+        Err(h) => match TcpStream::from_std(h.stream) {
+            Ok(s) => Some((s, h.permit, h.seat)),
+            Err(e) => {
+                lost(e);
+                None
+            }
+        },
+    }
+}
+
+/// Serve `stream` in a task of this thread.
+fn spawn_connection(
+    shared: &Arc<Shared>,
+    ctx: &Arc<Listener>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    held: (OwnedSemaphorePermit, Option<Seat>),
+    shutdown: &watch::Receiver<bool>,
+) {
+    tokio::spawn(connection(
+        shared.clone(),
+        ctx.clone(),
+        stream,
+        peer,
+        held,
+        shutdown.clone(),
+    ));
+}
+
+/// Serve the connections other serving threads hand to this one (see
+/// [`crate::spread`]), until shutdown.
+pub(crate) async fn receive(
+    shared: Arc<Shared>,
+    ctx: Arc<Listener>,
+    mut handoffs: mpsc::UnboundedReceiver<Handoff>,
+) -> io::Result<()> {
+    let mut shutdown = shared.shutdown.subscribe();
+    while !*shutdown.borrow() {
+        let h = tokio::select! {
+            h = handoffs.recv() => match h {
+                Some(h) => h,
+                None => break,
+            },
+            _ = shutdown.changed() => break,
+        };
+        // Registered with this thread's reactor from here on.
+        match TcpStream::from_std(h.stream) {
+            Ok(stream) => {
+                let held = (h.permit, Some(h.seat));
+                spawn_connection(&shared, &ctx, stream, h.peer, held, &shutdown);
+            }
+            Err(e) => {
+                tracing::warn!(peer = %h.peer, error = %e, "cannot take a handed-off connection")
+            }
+        }
+    }
+    Ok(())
+}
+
 async fn connection(
     shared: Arc<Shared>,
     ctx: Arc<Listener>,
     stream: TcpStream,
     peer: SocketAddr,
-    _permit: OwnedSemaphorePermit,
+    // Held until the connection ends: the connection limit and the count of
+    // the thread serving it.
+    _held: (OwnedSemaphorePermit, Option<Seat>),
     shutdown: watch::Receiver<bool>,
 ) {
     let Some(acceptor) = &ctx.acceptor else {

@@ -704,3 +704,107 @@ async fn tls_sessions_resume_on_any_listener_and_thread() {
     .unwrap();
     stop_with_threads(gw, handles).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_arriving_together_are_spread_over_the_serving_threads() {
+    // Connections that arrive in a burst are served by every thread, not
+    // all by whichever thread woke first (that thread would then carry the
+    // whole load of their keep-alive lives while another core idles).
+    let app = Upstream::start("app").await;
+    let gw = GatewayBuilder::new()
+        .route("app.test", app_route("app", app.addr, TlsMode::Internal))
+        .start()
+        .await;
+    let (port, handles) = spawn_threads(&gw, 2);
+    assert_eq!(gw.gw.open_connections(), vec![0, 0]);
+    // Ten clients at once, each waiting 1.5 s for its response.
+    let clients: Vec<_> = (0..10)
+        .map(|_| {
+            let curl = Curl::new("app.test", port, "/sleep/1500").cacert(&gw.ca_file);
+            tokio::spawn(curl.run())
+        })
+        .collect();
+    let mut open = Vec::new();
+    for _ in 0..100 {
+        open = gw.gw.open_connections();
+        if open.iter().sum::<usize>() == 10 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(open.iter().sum::<usize>(), 10, "{open:?}");
+    assert!(open[0].abs_diff(open[1]) <= 2, "uneven: {open:?}");
+    for c in clients {
+        let r = c.await.unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    // Connections that end are no longer counted.
+    let mut open = Vec::new();
+    for _ in 0..100 {
+        open = gw.gw.open_connections();
+        if open == [0, 0] {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(open, vec![0, 0]);
+    stop_with_threads(gw, handles).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_limit_holds_over_all_serving_threads() {
+    // `max_connections` is per listening address, however many threads
+    // accept on it: connections beyond it are closed at once.
+    let app = Upstream::start("app").await;
+    let gw = GatewayBuilder::new()
+        .config(|c| c.limits.max_connections = 4)
+        .route("app.test", app_route("app", app.addr, TlsMode::Internal))
+        .start()
+        .await;
+    let (port, handles) = spawn_threads(&gw, 2);
+    let closed = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let socks: Vec<std::net::TcpStream> = (0..6)
+            .map(|_| {
+                let s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(700)))
+                    .unwrap();
+                s
+            })
+            .collect();
+        // A closed connection reads end of file (or a reset); an open one
+        // waits for the TLS handshake that never comes, until the timeout.
+        let closed = socks
+            .iter()
+            .filter(|&s| {
+                let mut s: &std::net::TcpStream = s;
+                let mut b = [0u8; 1];
+                match s.read(&mut b) {
+                    Ok(0) => true,
+                    Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+                    Ok(_) => false,
+                }
+            })
+            .count();
+        drop(socks);
+        closed
+    })
+    .await
+    .unwrap();
+    assert_eq!(closed, 2, "6 connections against a limit of 4");
+    // Once those end, new connections are served again.
+    let mut r = None;
+    for _ in 0..50 {
+        let out = Curl::new("app.test", port, "/")
+            .cacert(&gw.ca_file)
+            .run()
+            .await;
+        if out.status == 200 {
+            r = Some(out);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(r.is_some(), "no request served after the limit cleared");
+    stop_with_threads(gw, handles).await;
+}
