@@ -276,17 +276,18 @@ done
 echo
 echo "Ratios within each round, min–median–max over the rounds (req/s: higher is better for sandboxd; p99 and CPU per request: lower is better for sandboxd)"
 echo
-printf '| %-16s | %22s | %22s | %24s | %22s |\n' scenario "req/s sandboxd/caddy" "req/s sandboxd/nginx" "p99 sandboxd/nginx" "CPU/req sandboxd/nginx"
-printf '|%s|%s|%s|%s|%s|\n' ------------------ ------------------------ ------------------------ -------------------------- ------------------------
+printf '| %-16s | %22s | %22s | %24s | %22s | %22s |\n' scenario "req/s sandboxd/caddy" "req/s sandboxd/nginx" "p99 sandboxd/nginx" "CPU/req sandboxd/nginx" "CPU/req sandboxd/caddy"
+printf '|%s|%s|%s|%s|%s|%s|\n' ------------------ ------------------------ ------------------------ -------------------------- ------------------------ ------------------------
 for sc in "${SCENARIOS[@]}"; do
-  rc=() rn=() pn=() cn=()
+  rc=() rn=() pn=() cn=() cc=()
   for round in $(seq 1 "$ROUNDS"); do
     rc+=("$(ratio "${RPS[$round,sandboxd,$sc]}" "${RPS[$round,caddy,$sc]}")")
     rn+=("$(ratio "${RPS[$round,sandboxd,$sc]}" "${RPS[$round,nginx,$sc]}")")
     pn+=("$(ratio "${P99[$round,sandboxd,$sc]}" "${P99[$round,nginx,$sc]}")")
     cn+=("$(ratio "${CPU[$round,sandboxd,$sc]}" "${CPU[$round,nginx,$sc]}")")
+    cc+=("$(ratio "${CPU[$round,sandboxd,$sc]}" "${CPU[$round,caddy,$sc]}")")
   done
-  printf '| %-16s | %22s | %22s | %24s | %22s |\n' "$sc" "$(spread "${rc[@]}")" "$(spread "${rn[@]}")" "$(spread "${pn[@]}")" "$(spread "${cn[@]}")"
+  printf '| %-16s | %22s | %22s | %24s | %22s | %22s |\n' "$sc" "$(spread "${rc[@]}")" "$(spread "${rn[@]}")" "$(spread "${pn[@]}")" "$(spread "${cn[@]}")" "$(spread "${cc[@]}")"
 done
 echo
 echo "peak RSS: sandboxd $((MEM[sandboxd] / 1024)) MiB, caddy $((MEM[caddy] / 1024)) MiB, nginx (master + workers) $((MEM[nginx] / 1024)) MiB"
