@@ -633,10 +633,13 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
                 st.routes, st.route_generation
             );
             let conns: Vec<String> = st.https_connections.iter().map(|n| n.to_string()).collect();
-            println!(
-                "https open: {} (client connections per serving thread)",
-                conns.join(" + ")
-            );
+            match conns.is_empty() {
+                true => println!("https open: none"),
+                false => println!(
+                    "https open: {} (client connections per serving thread)",
+                    conns.join(" + ")
+                ),
+            }
         }
         Command::Routes { json } => {
             let dump: RouteDump = client.call(Method::GET, "/v1/routes", NONE).await?;

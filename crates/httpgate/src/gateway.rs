@@ -51,13 +51,15 @@ pub fn bind_per_thread(
 
 /// What one serving thread of [`HttpGateway::spawn_threads`] starts with.
 struct ThreadSetup {
-    listeners: ThreadListeners,
-    /// One per listening address, shared by every thread.
-    https_limits: Vec<Arc<Semaphore>>,
-    http_limits: Vec<Arc<Semaphore>>,
+    https: Vec<Limited>,
+    http: Vec<Limited>,
     place: Placement,
     handoffs: mpsc::UnboundedReceiver<Handoff>,
 }
+
+/// A listening socket and the connection limit of its address, shared by
+/// every thread that accepts on it.
+type Limited = (std::net::TcpListener, Arc<Semaphore>);
 
 /// Receives the outcome of a forced renewal.
 pub(crate) type RenewWaiter = oneshot::Sender<Result<(), String>>;
@@ -188,34 +190,51 @@ impl HttpGateway {
     /// Serve from one dedicated thread per element of `per_thread`, each
     /// with a single-threaded runtime accepting on its handles of the
     /// listening sockets (from [`bind_per_thread`]: the first free thread
-    /// takes each new connection, and hands it on to a thread with clearly
-    /// fewer open connections, see `spread.rs`), so that a connection, its
-    /// TLS session and its upstream connections never change threads
-    /// (measured: about 20% less CPU per request than one multi-threaded
-    /// runtime). Routes and certificates are shared with every thread and
-    /// stay live. `max_connections` holds per listening address, over all
-    /// threads. Stops at [`HttpGateway::shutdown`]; join the handles to
-    /// wait for the drain. A thread's result is its first listener error.
+    /// takes each new connection, and hands it, before the TLS handshake,
+    /// to a thread with clearly fewer open connections, see `spread.rs`).
+    /// From then on a connection, its TLS session and its upstream
+    /// connections stay on one thread (measured: about 20% less CPU per
+    /// request than one multi-threaded runtime). Routes and certificates
+    /// are shared with every thread and stay live. `max_connections` holds
+    /// per listening address, over all threads. Stops at
+    /// [`HttpGateway::shutdown`]; join the handles to wait for the drain. A
+    /// thread's result is its first listener error.
     pub fn spawn_threads(
         &self,
         per_thread: Vec<ThreadListeners>,
     ) -> io::Result<Vec<std::thread::JoinHandle<io::Result<()>>>> {
-        let limits = |n: usize| -> Vec<Arc<Semaphore>> {
-            (0..n).map(|_| server::limit(&self.shared)).collect()
+        if per_thread.is_empty() {
+            return Ok(Vec::new());
+        }
+        // One connection limit per listening address, whichever threads
+        // hold handles of its socket.
+        let mut limits: HashMap<std::net::SocketAddr, Arc<Semaphore>> = HashMap::new();
+        let mut limited = |ls: Vec<std::net::TcpListener>| -> io::Result<Vec<Limited>> {
+            ls.into_iter()
+                .map(|l| {
+                    l.set_nonblocking(true)?;
+                    let limit = limits
+                        .entry(l.local_addr()?)
+                        .or_insert_with(|| server::limit(&self.shared))
+                        .clone();
+                    Ok((l, limit))
+                })
+                .collect()
         };
-        let https_limits = limits(per_thread.iter().map(|t| t.https.len()).max().unwrap_or(0));
-        let http_limits = limits(per_thread.iter().map(|t| t.http.len()).max().unwrap_or(0));
-        let (spread, handoffs) = Spread::new(per_thread.len());
+        let mut setups = Vec::with_capacity(per_thread.len());
+        for ls in per_thread {
+            setups.push((limited(ls.https)?, limited(ls.http)?));
+        }
+        let (spread, handoffs) = Spread::new(setups.len());
         if let Ok(mut s) = self.shared.spread.lock() {
             *s = Some(spread.clone());
         }
         let mut handles = Vec::new();
-        for (i, (ls, handoffs)) in per_thread.into_iter().zip(handoffs).enumerate() {
+        for (i, ((https, http), handoffs)) in setups.into_iter().zip(handoffs).enumerate() {
             let gw = self.clone();
             let thread = ThreadSetup {
-                listeners: ls,
-                https_limits: https_limits.clone(),
-                http_limits: http_limits.clone(),
+                https,
+                http,
                 place: Placement {
                     spread: spread.clone(),
                     me: i,
@@ -247,24 +266,20 @@ impl HttpGateway {
         let https = server::listener_ctx(shared, true, Some(self.idle_pool()))?;
         let http = server::listener_ctx(shared, false, None)?;
         tasks.spawn(server::receive(shared.clone(), https.clone(), t.handoffs));
-        for (l, limit) in t.listeners.https.into_iter().zip(t.https_limits) {
-            l.set_nonblocking(true)?;
-            let listener = TcpListener::from_std(l)?;
+        for (l, limit) in t.https {
             let place = Some(t.place.clone());
             tasks.spawn(server::serve(
                 shared.clone(),
-                listener,
+                TcpListener::from_std(l)?,
                 https.clone(),
                 limit,
                 place,
             ));
         }
-        for (l, limit) in t.listeners.http.into_iter().zip(t.http_limits) {
-            l.set_nonblocking(true)?;
-            let listener = TcpListener::from_std(l)?;
+        for (l, limit) in t.http {
             tasks.spawn(server::serve(
                 shared.clone(),
-                listener,
+                TcpListener::from_std(l)?,
                 http.clone(),
                 limit,
                 None,
@@ -277,6 +292,16 @@ impl HttpGateway {
                 first = Err(e);
             }
         }
+        // Connections handed over from other threads' listeners hold those
+        // listeners' limits, which this thread's drains do not wait for:
+        // the runtime must not be dropped under them.
+        let (spread, me) = (&t.place.spread, t.place.me);
+        let _ = tokio::time::timeout(shared.config.timeouts.shutdown_grace, async {
+            while spread.open_on(me) > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
+        .await;
         first
     }
 

@@ -150,7 +150,7 @@ pub(crate) async fn serve(
         let seat = place.as_ref().map(|p| p.spread.place(p.me));
         let (stream, permit, seat) = match (&place, seat) {
             (Some(p), Some(seat)) if seat.slot() != p.me => {
-                match hand_off(&p.spread, stream, peer, permit, seat) {
+                match hand_off(p, stream, peer, permit, seat) {
                     Some((stream, permit, seat)) => (stream, permit, Some(seat)),
                     None => continue,
                 }
@@ -171,9 +171,10 @@ pub(crate) async fn serve(
 
 /// Send a connection, not yet read from, to the serving thread its seat is
 /// on (it leaves this thread's reactor: one `epoll_ctl`). What that thread
-/// does not take (it is stopping) comes back, to be served here.
+/// does not take (it is stopping) comes back, counted on this thread, to be
+/// served here.
 fn hand_off(
-    spread: &Spread,
+    place: &Placement,
     stream: TcpStream,
     peer: SocketAddr,
     permit: OwnedSemaphorePermit,
@@ -194,7 +195,7 @@ fn hand_off(
         permit,
         seat,
     };
-    match spread.hand_off(h) {
+    match place.spread.hand_off(h, place.me) {
         Ok(()) => None,
         Err(h) => match TcpStream::from_std(h.stream) {
             Ok(s) => Some((s, h.permit, h.seat)),
@@ -235,11 +236,12 @@ pub(crate) async fn receive(
     let mut shutdown = shared.shutdown.subscribe();
     while !*shutdown.borrow() {
         let h = tokio::select! {
+            biased;
+            _ = shutdown.changed() => break,
             h = handoffs.recv() => match h {
                 Some(h) => h,
                 None => break,
             },
-            _ = shutdown.changed() => break,
         };
         // Registered with this thread's reactor from here on.
         match TcpStream::from_std(h.stream) {
@@ -251,6 +253,16 @@ pub(crate) async fn receive(
                 tracing::warn!(peer = %h.peer, error = %e, "cannot take a handed-off connection")
             }
         }
+    }
+    // Connections handed over as the gateway stops are closed unserved,
+    // as those still in the listening queue are.
+    handoffs.close();
+    let mut dropped = 0usize;
+    while handoffs.try_recv().is_ok() {
+        dropped += 1;
+    }
+    if dropped > 0 {
+        tracing::debug!(dropped, "handed-off connections closed at shutdown");
     }
     Ok(())
 }

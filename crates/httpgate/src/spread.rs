@@ -23,8 +23,8 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio::sync::OwnedSemaphorePermit;
 
-/// A fresh, accepted connection (registered with no reactor yet) on its
-/// way to another serving thread.
+/// A fresh, accepted connection, taken off the accepting thread's reactor,
+/// on its way to another serving thread.
 pub(crate) struct Handoff {
     pub stream: std::net::TcpStream,
     pub peer: SocketAddr,
@@ -52,6 +52,16 @@ impl Seat {
     /// The serving thread this connection is counted on.
     pub fn slot(&self) -> usize {
         self.slot
+    }
+
+    /// Count the connection on thread `slot` instead.
+    fn move_to(&mut self, slot: usize) {
+        let slots = &self.spread.slots;
+        if let (Some(from), Some(to)) = (slots.get(self.slot), slots.get(slot)) {
+            to.open.fetch_add(1, Ordering::Relaxed);
+            from.open.fetch_sub(1, Ordering::Relaxed);
+            self.slot = slot;
+        }
     }
 }
 
@@ -92,7 +102,8 @@ impl Spread {
     }
 
     /// Count a connection just accepted by thread `me` on the thread that
-    /// should serve it: `me`, unless another thread holds clearly fewer.
+    /// should serve it: `me`, unless another thread that still takes
+    /// connections holds clearly fewer.
     pub fn place(self: &Arc<Self>, me: usize) -> Seat {
         let mine = self
             .slots
@@ -102,6 +113,7 @@ impl Spread {
             .slots
             .iter()
             .enumerate()
+            .filter(|(i, s)| *i == me || !s.tx.is_closed())
             .map(|(i, s)| (i, s.open.load(Ordering::Relaxed)))
             .min_by_key(|&(_, n)| n)
             .unwrap_or((me, mine));
@@ -118,13 +130,25 @@ impl Spread {
         }
     }
 
-    /// Send a connection to the thread its seat is on. Gives it back if
-    /// that thread no longer takes connections (it is shutting down).
-    pub fn hand_off(&self, h: Handoff) -> Result<(), Handoff> {
-        match self.slots.get(h.seat.slot) {
+    /// Send a connection to the thread its seat is on. If that thread no
+    /// longer takes connections (it is stopping), the connection comes
+    /// back, counted on thread `me` again, to be served there.
+    pub fn hand_off(&self, h: Handoff, me: usize) -> Result<(), Handoff> {
+        let sent = match self.slots.get(h.seat.slot) {
             Some(s) => s.tx.send(h).map_err(|e| e.0),
             None => Err(h),
-        }
+        };
+        sent.map_err(|mut h| {
+            h.seat.move_to(me);
+            h
+        })
+    }
+
+    /// The open HTTPS connections of thread `slot`.
+    pub fn open_on(&self, slot: usize) -> usize {
+        self.slots
+            .get(slot)
+            .map_or(0, |s| s.open.load(Ordering::Relaxed))
     }
 
     /// The open HTTPS connections of each serving thread.
@@ -170,7 +194,8 @@ mod tests {
         let (Some(lo), Some(hi)) = (lo, hi) else {
             panic!("no counts")
         };
-        assert!(!overloaded(hi, lo), "{open:?}");
+        // The accepting thread may be two ahead just after its own accept.
+        assert!(hi - lo <= 2, "{open:?}");
         // Close thread 0's connections: the next accepts go there.
         seats.retain(|s| s.slot() != 0);
         assert_eq!(spread.open()[0], 0);
@@ -178,26 +203,40 @@ mod tests {
         assert_eq!(next.slot(), 0);
     }
 
-    #[test]
-    fn a_stopped_thread_gives_the_connection_back() {
-        let (spread, rxs) = Spread::new(2);
-        drop(rxs);
+    fn handoff(spread: &Arc<Spread>, me: usize) -> Handoff {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = l.local_addr().expect("addr");
         let stream = std::net::TcpStream::connect(addr).expect("connect");
         let permit = Arc::new(tokio::sync::Semaphore::new(1))
             .try_acquire_owned()
             .expect("permit");
-        let _a = spread.place(0);
-        let _b = spread.place(0);
-        let seat = spread.place(0);
-        assert_eq!(seat.slot(), 1);
-        let h = Handoff {
+        Handoff {
             stream,
             peer: addr,
             permit,
-            seat,
-        };
-        assert!(spread.hand_off(h).is_err());
+            seat: spread.place(me),
+        }
+    }
+
+    #[test]
+    fn a_stopped_thread_takes_no_connections() {
+        let (spread, mut rxs) = Spread::new(3);
+        let _a = spread.place(0);
+        let _b = spread.place(0);
+        // Thread 1 stops after the next connection was placed on it: the
+        // connection comes back, counted on the accepting thread.
+        let h = handoff(&spread, 0);
+        assert_eq!(h.seat.slot(), 1);
+        drop(rxs.remove(1));
+        let back = spread.hand_off(h, 0).expect_err("given back");
+        assert_eq!(back.seat.slot(), 0);
+        assert_eq!(spread.open(), vec![3, 0, 0]);
+        // From now on only thread 2 is handed connections.
+        let h = handoff(&spread, 0);
+        assert_eq!(h.seat.slot(), 2);
+        assert!(spread.hand_off(h, 0).is_ok());
+        let got = rxs[1].try_recv().expect("thread 2 got it");
+        assert_eq!(got.seat.slot(), 2);
+        assert_eq!(spread.open(), vec![3, 0, 1]);
     }
 }

@@ -174,12 +174,7 @@ async fn routes_app_and_agent_with_internal_certs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trusted_proxy_headers_are_kept() {
-    let app = Upstream::start("app").await;
-    let gw = GatewayBuilder::new()
-        .config(|c| c.trusted_proxies = vec!["127.0.0.1".parse().unwrap()])
-        .route("app.test", app_route("app", app.addr, TlsMode::Internal))
-        .start()
-        .await;
+    let (_app, gw) = app_gateway(|c| c.trusted_proxies = vec!["127.0.0.1".parse().unwrap()]).await;
     let r = gw
         .curl("app.test", "/")
         .header("X-Forwarded-For: 6.6.6.6")
@@ -337,11 +332,7 @@ asyncio.run(main())
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smuggling_attempts_get_400() {
-    let app = Upstream::start("app").await;
-    let gw = GatewayBuilder::new()
-        .route("app.test", app_route("app", app.addr, TlsMode::Internal))
-        .start()
-        .await;
+    let (_app, gw) = app_gateway(|_| {}).await;
     let cases: [(&str, &[u8]); 6] = [
         ("CL then TE", b"POST /upload HTTP/1.1\r\nHost: app.test\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /x HTTP/1.1\r\nHost: app.test\r\n\r\n"),
         ("TE then CL", b"POST /upload HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n"),
@@ -465,12 +456,7 @@ async fn slow_and_oversized_headers_are_cut_off() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_handshakes_do_not_block_others() {
-    let app = Upstream::start("app").await;
-    let gw = GatewayBuilder::new()
-        .config(|c| c.timeouts.handshake = Duration::from_secs(30))
-        .route("app.test", app_route("app", app.addr, TlsMode::Internal))
-        .start()
-        .await;
+    let (_app, gw) = app_gateway(|c| c.timeouts.handshake = Duration::from_secs(30)).await;
     let mut idle = Vec::new();
     for i in 0..1000 {
         let mut s = tokio::net::TcpStream::connect(gw.https).await.unwrap();
@@ -516,11 +502,7 @@ async fn stop_with_threads(gw: Gateway, handles: ThreadHandles) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_thread_https_listeners_serve() {
-    let app = Upstream::start("app").await;
-    let gw = GatewayBuilder::new()
-        .route("app.test", app_route("app", app.addr, TlsMode::Internal))
-        .start()
-        .await;
+    let (_app, gw) = app_gateway(|_| {}).await;
     let (port, handles) = spawn_threads(&gw, 2);
     // One listening socket for both threads, without SO_REUSEPORT: another
     // socket cannot bind the port alongside and take a share of connections.
@@ -565,23 +547,15 @@ async fn three_spaced_requests(gw: &Gateway) {
 async fn idle_upstream_connections_are_replaced() {
     // Default pool idle timeout (60 s): the client's three requests share
     // one upstream connection.
-    let app = Upstream::start("app").await;
-    let gw = GatewayBuilder::new()
-        .route("app.test", app_route("app", app.addr, TlsMode::Internal))
-        .start()
-        .await;
+    let (app, gw) = app_gateway(|_| {}).await;
     three_spaced_requests(&gw).await;
     assert_eq!(app.accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
     gw.stop().await;
 
     // 200 ms: each request finds the previous upstream connection idle for
     // too long and opens a new one.
-    let app = Upstream::start("app").await;
-    let gw = GatewayBuilder::new()
-        .config(|c| c.timeouts.upstream_pool_idle = Duration::from_millis(200))
-        .route("app.test", app_route("app", app.addr, TlsMode::Internal))
-        .start()
-        .await;
+    let (app, gw) =
+        app_gateway(|c| c.timeouts.upstream_pool_idle = Duration::from_millis(200)).await;
     three_spaced_requests(&gw).await;
     assert_eq!(app.accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
     gw.stop().await;
@@ -593,12 +567,8 @@ async fn client_connections_share_idle_upstream_connections() {
     // Five curl processes one after another: five client connections, each
     // with its own TLS handshake, and one upstream connection, which the
     // gateway keeps for the next client connection.
-    let app = Upstream::start("app").await;
-    let gw = GatewayBuilder::new()
-        .config(|c| c.timeouts.upstream_pool_idle = Duration::from_millis(1500))
-        .route("app.test", app_route("app", app.addr, TlsMode::Internal))
-        .start()
-        .await;
+    let (app, gw) =
+        app_gateway(|c| c.timeouts.upstream_pool_idle = Duration::from_millis(1500)).await;
     for _ in 0..5 {
         let out = gw.curl("app.test", "/").arg("--http1.1").run().await;
         assert_eq!(out.status, 200, "{out:?}");
@@ -668,11 +638,7 @@ async fn tls_sessions_resume_on_any_listener_and_thread() {
     // A client's next connection resumes its TLS session (no certificate,
     // no signature: a far cheaper handshake for both sides) whichever
     // listener or serving thread takes it.
-    let app = Upstream::start("app").await;
-    let gw = GatewayBuilder::new()
-        .route("app.test", app_route("app", app.addr, TlsMode::Internal))
-        .start()
-        .await;
+    let (_app, gw) = app_gateway(|_| {}).await;
     let (threaded, handles) = spawn_threads(&gw, 2);
     let ca = gw.ca_file.clone();
     let https = gw.https.port();
@@ -706,26 +672,40 @@ async fn tls_sessions_resume_on_any_listener_and_thread() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connections_arriving_together_are_spread_over_the_serving_threads() {
-    // Connections that arrive in a burst are served by every thread, not
-    // all by whichever thread woke first (that thread would then carry the
-    // whole load of their keep-alive lives while another core idles).
-    let app = Upstream::start("app").await;
-    let gw = GatewayBuilder::new()
-        .route("app.test", app_route("app", app.addr, TlsMode::Internal))
-        .start()
-        .await;
-    let (port, handles) = spawn_threads(&gw, 2);
+async fn connections_one_thread_accepts_are_spread_over_the_serving_threads() {
+    // A thread that accepts every connection (here the only one listening
+    // on the port; in the daemon, the one a burst of connections woke
+    // first) hands some to the other thread, which serves them to the end.
+    let (_app, gw) = app_gateway(|_| {}).await;
+    let listener = |port: u16| {
+        httpgate::bind_per_thread(([127, 0, 0, 1], port).into(), 1)
+            .unwrap()
+            .remove(0)
+    };
+    let port = free_port();
+    let threads = vec![
+        httpgate::ThreadListeners {
+            https: vec![listener(port)],
+            http: Vec::new(),
+        },
+        // Thread 1 listens elsewhere, so it gets only what thread 0 hands it.
+        httpgate::ThreadListeners {
+            https: vec![listener(free_port())],
+            http: Vec::new(),
+        },
+    ];
+    let handles = gw.gw.spawn_threads(threads).unwrap();
     assert_eq!(gw.gw.open_connections(), vec![0, 0]);
-    // Ten clients at once, each waiting 1.5 s for its response.
+    // Ten clients at once, each waiting 4 s for its response (time for all
+    // ten processes to connect on a loaded machine).
     let clients: Vec<_> = (0..10)
         .map(|_| {
-            let curl = Curl::new("app.test", port, "/sleep/1500").cacert(&gw.ca_file);
+            let curl = Curl::new("app.test", port, "/sleep/4000").cacert(&gw.ca_file);
             tokio::spawn(curl.run())
         })
         .collect();
     let mut open = Vec::new();
-    for _ in 0..100 {
+    for _ in 0..300 {
         open = gw.gw.open_connections();
         if open.iter().sum::<usize>() == 10 {
             break;
@@ -737,6 +717,7 @@ async fn connections_arriving_together_are_spread_over_the_serving_threads() {
     for c in clients {
         let r = c.await.unwrap();
         assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.body, "slept");
     }
     // Connections that end are no longer counted.
     let mut open = Vec::new();
@@ -755,12 +736,7 @@ async fn connections_arriving_together_are_spread_over_the_serving_threads() {
 async fn the_connection_limit_holds_over_all_serving_threads() {
     // `max_connections` is per listening address, however many threads
     // accept on it: connections beyond it are closed at once.
-    let app = Upstream::start("app").await;
-    let gw = GatewayBuilder::new()
-        .config(|c| c.limits.max_connections = 4)
-        .route("app.test", app_route("app", app.addr, TlsMode::Internal))
-        .start()
-        .await;
+    let (_app, gw) = app_gateway(|c| c.limits.max_connections = 4).await;
     let (port, handles) = spawn_threads(&gw, 2);
     let closed = tokio::task::spawn_blocking(move || {
         use std::io::Read;

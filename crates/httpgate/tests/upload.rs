@@ -7,7 +7,6 @@ mod common;
 use std::process::Command;
 
 use common::*;
-use httpgate::TlsMode;
 
 fn peak_rss_kib() -> u64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap();
@@ -19,11 +18,7 @@ fn peak_rss_kib() -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_gib_upload_streams_with_bounded_memory() {
-    let app = Upstream::start("app").await;
-    let gw = GatewayBuilder::new()
-        .route("app.test", app_route("app", app.addr, TlsMode::Internal))
-        .start()
-        .await;
+    let (_app, gw) = app_gateway(|_| {}).await;
     let before = peak_rss_kib();
     let port = gw.https.port();
     let ca = gw.ca_file.clone();

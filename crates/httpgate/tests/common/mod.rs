@@ -80,6 +80,18 @@ pub fn app_route(sandbox: &str, addr: SocketAddr, tls: TlsMode) -> Route {
     }
 }
 
+/// An upstream named "app" and a gateway routing `app.test` to it with an
+/// internal-CA certificate, its configuration adjusted by `config`.
+pub async fn app_gateway(config: impl FnOnce(&mut HttpConfig)) -> (Upstream, Gateway) {
+    let app = Upstream::start("app").await;
+    let gw = GatewayBuilder::new()
+        .config(config)
+        .route("app.test", app_route("app", app.addr, TlsMode::Internal))
+        .start()
+        .await;
+    (app, gw)
+}
+
 pub fn agent_route(sandbox: &str, addr: SocketAddr, tls: TlsMode, auth: BasicAuth) -> Route {
     Route {
         kind: RouteKind::Agent,
