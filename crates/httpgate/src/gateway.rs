@@ -266,24 +266,18 @@ impl HttpGateway {
         let https = server::listener_ctx(shared, true, Some(self.idle_pool()))?;
         let http = server::listener_ctx(shared, false, None)?;
         tasks.spawn(server::receive(shared.clone(), https.clone(), t.handoffs));
-        for (l, limit) in t.https {
-            let place = Some(t.place.clone());
-            tasks.spawn(server::serve(
-                shared.clone(),
-                TcpListener::from_std(l)?,
-                https.clone(),
-                limit,
-                place,
-            ));
-        }
-        for (l, limit) in t.http {
-            tasks.spawn(server::serve(
-                shared.clone(),
-                TcpListener::from_std(l)?,
-                http.clone(),
-                limit,
-                None,
-            ));
+        // HTTPS connections are spread over the threads; plain-HTTP ones
+        // (redirects and ACME tokens) stay where they were accepted.
+        let kinds = [
+            (t.https, https, Some(t.place.clone())),
+            (t.http, http, None),
+        ];
+        for (listeners, ctx, place) in kinds {
+            for (l, limit) in listeners {
+                let l = TcpListener::from_std(l)?;
+                let serve = server::serve(shared.clone(), l, ctx.clone(), limit, place.clone());
+                tasks.spawn(serve);
+            }
         }
         let mut first = Ok(());
         while let Some(r) = tasks.join_next().await {
