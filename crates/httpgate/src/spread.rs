@@ -34,6 +34,8 @@ pub(crate) struct Handoff {
 
 struct Slot {
     open: AtomicUsize,
+    /// Unbounded, yet never longer than the connection limit: every
+    /// connection in it holds a permit of `max_connections`.
     tx: mpsc::UnboundedSender<Handoff>,
 }
 
