@@ -147,15 +147,15 @@ pub(crate) async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let seat = place.as_ref().map(|p| p.spread.place(p.me));
-        let (stream, permit, seat) = match (&place, seat) {
-            (Some(p), Some(seat)) if seat.slot() != p.me => {
-                match hand_off(p, stream, peer, permit, seat) {
+        let (stream, permit, seat) = match &place {
+            None => (stream, permit, None),
+            Some(p) => match p.spread.place(p.me) {
+                seat if seat.slot() == p.me => (stream, permit, Some(seat)),
+                seat => match hand_off(p, stream, peer, permit, seat) {
                     Some((stream, permit, seat)) => (stream, permit, Some(seat)),
                     None => continue,
-                }
-            }
-            (_, seat) => (stream, permit, seat),
+                },
+            },
         };
         spawn_connection(&shared, &ctx, stream, peer, (permit, seat), &shutdown);
     }
@@ -254,16 +254,8 @@ pub(crate) async fn receive(
             }
         }
     }
-    // Connections handed over as the gateway stops are closed unserved,
-    // as those still in the listening queue are.
-    handoffs.close();
-    let mut dropped = 0usize;
-    while handoffs.try_recv().is_ok() {
-        dropped += 1;
-    }
-    if dropped > 0 {
-        tracing::debug!(dropped, "handed-off connections closed at shutdown");
-    }
+    // Connections still in the channel are closed unserved with it, as
+    // those still in the listening queue are.
     Ok(())
 }
 

@@ -671,30 +671,32 @@ async fn tls_sessions_resume_on_any_listener_and_thread() {
     stop_with_threads(gw, handles).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connections_one_thread_accepts_are_spread_over_the_serving_threads() {
-    // A thread that accepts every connection (here the only one listening
-    // on the port; in the daemon, the one a burst of connections woke
-    // first) hands some to the other thread, which serves them to the end.
-    let (_app, gw) = app_gateway(|_| {}).await;
+/// Two serving threads of which only thread 0 listens on the returned
+/// port: thread 1 listens elsewhere, so it serves only what thread 0 hands
+/// it.
+fn one_accepting_thread_of_two(gw: &Gateway) -> (u16, ThreadHandles) {
     let listener = |port: u16| {
         httpgate::bind_per_thread(([127, 0, 0, 1], port).into(), 1)
             .unwrap()
             .remove(0)
     };
     let port = free_port();
-    let threads = vec![
-        httpgate::ThreadListeners {
-            https: vec![listener(port)],
+    let threads = [port, free_port()]
+        .map(|p| httpgate::ThreadListeners {
+            https: vec![listener(p)],
             http: Vec::new(),
-        },
-        // Thread 1 listens elsewhere, so it gets only what thread 0 hands it.
-        httpgate::ThreadListeners {
-            https: vec![listener(free_port())],
-            http: Vec::new(),
-        },
-    ];
-    let handles = gw.gw.spawn_threads(threads).unwrap();
+        })
+        .into();
+    (port, gw.gw.spawn_threads(threads).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_one_thread_accepts_are_spread_over_the_serving_threads() {
+    // A thread that accepts every connection (here the only one listening
+    // on the port; in the daemon, the one a burst of connections woke
+    // first) hands some to the other thread, which serves them to the end.
+    let (_app, gw) = app_gateway(|_| {}).await;
+    let (port, handles) = one_accepting_thread_of_two(&gw);
     assert_eq!(gw.gw.open_connections(), vec![0, 0]);
     // Ten clients at once, each waiting 4 s for its response (time for all
     // ten processes to connect on a loaded machine).
@@ -782,5 +784,38 @@ async fn the_connection_limit_holds_over_all_serving_threads() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(r.is_some(), "no request served after the limit cleared");
+    stop_with_threads(gw, handles).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handed_over_requests_finish_when_the_gateway_stops() {
+    // A thread serving only connections handed to it by another keeps
+    // them through shutdown: their requests are answered within the grace
+    // period, as those of the accepting thread are.
+    let (app, gw) = app_gateway(|c| c.timeouts.shutdown_grace = Duration::from_secs(5)).await;
+    let (port, handles) = one_accepting_thread_of_two(&gw);
+    // With three connections, thread 0 keeps two and hands one over.
+    let clients: Vec<_> = (0..3)
+        .map(|_| {
+            let curl = Curl::new("app.test", port, "/sleep/1500").cacert(&gw.ca_file);
+            tokio::spawn(curl.run())
+        })
+        .collect();
+    // All three requests have reached the upstream (one connection each).
+    let t0 = Instant::now();
+    while app.accepted.load(std::sync::atomic::Ordering::SeqCst) < 3 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "requests never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(gw.gw.open_connections(), vec![2, 1]);
+    gw.gw.shutdown();
+    for c in clients {
+        let r = c.await.unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.body, "slept");
+    }
     stop_with_threads(gw, handles).await;
 }
