@@ -461,6 +461,20 @@ pub(crate) fn check_auth(auth: &SetAuth) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// The app port must not be the agent port: the app domain is served
+/// without a login, so it would open the agent to everyone.
+pub(crate) fn check_ports(app_port: u16, agent_port: u16) -> Result<(), store::Error> {
+    if app_port == agent_port {
+        return Err(store::Error::Invalid {
+            field: "app port",
+            reason: format!(
+                "{app_port} is the agent port: the app domain has no login, so it would serve the agent to anyone; pick another port"
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Hashes a password as an argon2id PHC string (off the async threads).
 pub(crate) async fn hash_password(password: String) -> Result<String, ApiError> {
     blocking(move || {
@@ -513,6 +527,7 @@ pub(crate) struct NewSandbox {
 /// hashes the password and makes the gateway's key pair. The record is
 /// not stored yet; its shape is checked by the store's insert.
 pub(crate) async fn new_sandbox(req: NewSandbox) -> Result<Sandbox, ApiError> {
+    check_ports(req.app_port, req.agent_port).map_err(ApiError::from)?;
     if req.ssh_keys.is_empty() {
         return Err(ApiError::bad(
             "at least one client SSH key is needed, or nobody could log in",
@@ -721,6 +736,7 @@ async fn set_port(
     let n = name.to_string();
     let sb = commit(ctx, move |s| {
         s.update(&n, |sb| {
+            check_ports(req.port, sb.agent_port)?;
             sb.app_port = req.port;
             Ok(())
         })

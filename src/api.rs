@@ -171,10 +171,24 @@ pub enum Event {
     Progress { step: String, done: u64, total: u64 },
     /// A line of information for the operator.
     Message { text: String },
+    /// The agent-host login `create`/`import` made because none was given:
+    /// the only time its password leaves the daemon (never logged).
+    Login { user: String, password: Secret },
     /// The operation succeeded; the last line.
     Done { result: serde_json::Value },
     /// The operation failed; the last line.
     Error { error: ErrorBody },
+}
+
+/// A secret on the wire: serialized as a plain string, hidden by `Debug`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<hidden>")
+    }
 }
 
 /// `POST /v1/restore` answer inside [`Event::Done`].

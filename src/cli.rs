@@ -70,7 +70,8 @@ pub enum Command {
     /// Set the app port that https://DOMAIN proxies to.
     Port { name: String, app_port: u16 },
     /// Set the basic-auth login of the agent host (password from a prompt,
-    /// stdin or a file, never an argument).
+    /// stdin or a file, never an argument). Without a login the agent host
+    /// is closed.
     Auth {
         name: String,
         /// Login name; omit with --remove.
@@ -79,7 +80,8 @@ pub enum Command {
         /// Read the password from FILE ('-' for stdin).
         #[arg(long, value_name = "FILE")]
         password_file: Option<PathBuf>,
-        /// Remove basic auth (the agent host becomes unreachable without it).
+        /// Remove the login: the agent host is closed (401 to everyone)
+        /// until a new one is set.
         #[arg(long, conflicts_with_all = ["user", "password_file"])]
         remove: bool,
     },
@@ -114,8 +116,14 @@ pub enum Command {
     },
     /// Print the internal CA's root certificate (PEM), for clients to trust.
     CaCert,
-    /// Write everything (including private keys) as JSON to stdout.
-    Backup,
+    /// Write everything (including private keys) as JSON to FILE or a
+    /// redirected stdout (never to a terminal).
+    Backup {
+        /// Write the backup to FILE (made 0600; an existing FILE is
+        /// replaced atomically) instead of stdout.
+        #[arg(short = 'o', long = "output", value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
     /// Restore a backup read from stdin.
     Restore {
         /// Replace a non-empty state (otherwise refused).
@@ -196,7 +204,9 @@ pub struct AddArgs {
 /// Agent-host login and certificate options of `add`, `create` and `import`.
 #[derive(Debug, clap::Args)]
 pub struct AccessArgs {
-    /// Basic-auth login for the agent host.
+    /// Basic-auth login for the agent host. Without it, `create` and
+    /// `import` make one (user admin, a random password shown once) and
+    /// `add` leaves the agent host closed until `sandboxd auth` sets one.
     #[arg(long, requires = "auth_password_file")]
     pub auth_user: Option<String>,
     /// File holding the basic-auth password ('-' for stdin).
@@ -395,10 +405,7 @@ fn print_sandbox(sb: &SandboxView) {
     if !sb.addresses.is_empty() {
         println!("addresses:         {}", sb.addresses.join(", "));
     }
-    println!(
-        "basic auth:        {}",
-        sb.auth_user.as_deref().unwrap_or("none")
-    );
+    println!("agent login:       {}", login_state(sb));
     let certs = match (&sb.tls_mode, &sb.tls_cert_file, &sb.tls_key_file) {
         (Some(m), Some(c), Some(k)) => format!("{m} (certificate {c}, key {k})"),
         (Some(m), _, _) => m.clone(),
@@ -416,6 +423,18 @@ fn print_sandbox(sb: &SandboxView) {
     println!("gateway key (add to the upstream user's authorized_keys):");
     println!("  {}", sb.upstream_public_key);
 }
+
+/// The agent host's login as `list` and `show` say it.
+pub(crate) fn login_state(sb: &SandboxView) -> String {
+    match &sb.auth_user {
+        Some(u) => u.clone(),
+        None => CLOSED.to_string(),
+    }
+}
+
+/// What `list` and `show` say of an agent host with no login (it answers
+/// 401 to everyone).
+pub(crate) const CLOSED: &str = "closed (no login)";
 
 fn print_keys(keys: &[KeyView]) {
     let rows = keys
@@ -512,6 +531,12 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
             );
             println!("install the gateway key for {} upstream:", sb.user);
             println!("  {}", sb.upstream_public_key);
+            if sb.auth_user.is_none() {
+                println!(
+                    "the agent host https://{} is closed until it has a login: sandboxd auth {} USER",
+                    sb.agent_host, sb.name
+                );
+            }
         }
         Command::List { json } => crate::cli_lifecycle::list(&client, json).await?,
         Command::Create(a) => crate::cli_lifecycle::create(&client, a).await?,
@@ -598,8 +623,11 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
         } => {
             let path = format!("/v1/sandboxes/{name}/auth");
             if remove {
-                let _: SandboxView = client.call(Method::DELETE, &path, NONE).await?;
-                println!("basic auth removed from {name}");
+                let sb: SandboxView = client.call(Method::DELETE, &path, NONE).await?;
+                println!(
+                    "login removed from {name}: https://{} is closed until it has a login again (sandboxd auth {name} USER)",
+                    sb.agent_host
+                );
             } else {
                 let user = user.unwrap_or_default();
                 let password = read_password(password_file.as_deref())?;
@@ -770,11 +798,20 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
             let pem = client.call_raw(Method::GET, "/v1/ca-cert", None).await?;
             std::io::stdout().write_all(&pem)?;
         }
-        Command::Backup => {
+        Command::Backup { output } => {
+            if output.is_none() && std::io::stdout().is_terminal() {
+                bail!("a backup holds private keys: refusing to print it to a terminal; use -o FILE or redirect stdout (sandboxd backup > FILE)");
+            }
             let bytes = client.call_raw(Method::GET, "/v1/backup", None).await?;
-            let mut out = std::io::stdout().lock();
-            out.write_all(&bytes)?;
-            out.flush()?;
+            match output {
+                Some(path) => write_private(&path, &bytes)?,
+                None => {
+                    let mut out = std::io::stdout().lock();
+                    restrict_stdout_file();
+                    out.write_all(&bytes)?;
+                    out.flush()?;
+                }
+            }
         }
         Command::Restore { replace } => {
             let mut doc = Vec::new();
@@ -804,6 +841,59 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Writes a file only its owner can read: a new file made 0600 with
+/// O_EXCL next to `path`, written, synced and renamed over `path`. An
+/// existing `path` is replaced whole (never left half-written, never
+/// opened with its old mode); a failure leaves it as it was.
+fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| anyhow::anyhow!("{}: not a file name", path.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.{:016x}.tmp",
+        file_name.to_string_lossy(),
+        rand::random::<u64>()
+    ));
+    let written = (|| -> Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("cannot create {}", tmp.display()))?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("cannot move the backup to {}", path.display()))?;
+        Ok(())
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+/// When stdout is redirected to a regular file (`backup > FILE`), takes
+/// group and other permissions off it: the shell made it with its umask.
+fn restrict_stdout_file() {
+    use std::os::fd::AsRawFd;
+    let fd = std::io::stdout().as_raw_fd();
+    if let Ok(st) = nix::sys::stat::fstat(fd) {
+        let mode = st.st_mode;
+        if mode & nix::libc::S_IFMT == nix::libc::S_IFREG && mode & 0o077 != 0 {
+            let _ = nix::sys::stat::fchmod(
+                fd,
+                nix::sys::stat::Mode::from_bits_truncate(mode & 0o7700),
+            );
+        }
+    }
 }
 
 /// A path made absolute against the current directory, since the daemon

@@ -130,7 +130,7 @@ fn progress_printer() -> impl FnMut(&Event) {
         }
         Event::Progress { step, .. } => eprintln!("{step}"),
         Event::Message { text } => eprintln!("      {text}"),
-        Event::Done { .. } | Event::Error { .. } => {}
+        Event::Login { .. } | Event::Done { .. } | Event::Error { .. } => {}
     }
 }
 
@@ -140,6 +140,27 @@ fn print_live(sb: &SandboxView, verb: &str) {
         "{verb} {}: ssh -p 2222 {}@HOST, https://{} (container address {addr})",
         sb.name, sb.name, sb.domain
     );
+}
+
+/// Runs a streamed create or import: progress on stderr, and the login the
+/// daemon made (if it made one) on stdout once the operation ended, whether
+/// it succeeded or not (a failed create keeps its record, and the login).
+async fn create_or_import(client: &Client, path: &str, body: Vec<u8>) -> Result<SandboxView> {
+    let mut login: Option<(String, String)> = None;
+    let mut printer = progress_printer();
+    let result = client
+        .stream(Method::POST, path, Some(body), |ev| match ev {
+            Event::Login { user, password } => login = Some((user.clone(), password.0.clone())),
+            other => printer(other),
+        })
+        .await;
+    let view = result.and_then(|v| Ok(serde_json::from_value::<SandboxView>(v)?));
+    if let Some((user, password)) = login {
+        let name = view.as_ref().map(|sb| sb.name.as_str()).unwrap_or("NAME");
+        println!("agent login (shown only now): user {user}, password {password}");
+        println!("  change it with: sandboxd auth {name} {user}");
+    }
+    view
 }
 
 pub async fn create(client: &Client, a: CreateArgs) -> Result<()> {
@@ -181,15 +202,7 @@ pub async fn create(client: &Client, a: CreateArgs) -> Result<()> {
         },
     };
     let body = serde_json::to_vec(&req)?;
-    let result = client
-        .stream(
-            Method::POST,
-            "/v1/incus/create",
-            Some(body),
-            progress_printer(),
-        )
-        .await?;
-    let sb: SandboxView = serde_json::from_value(result)?;
+    let sb = create_or_import(client, "/v1/incus/create", body).await?;
     print_live(&sb, "created");
     Ok(())
 }
@@ -300,15 +313,7 @@ pub async fn import(client: &Client, a: ImportArgs) -> Result<()> {
         tls_key_file,
     };
     let body = serde_json::to_vec(&req)?;
-    let result = client
-        .stream(
-            Method::POST,
-            "/v1/incus/import",
-            Some(body),
-            progress_printer(),
-        )
-        .await?;
-    let sb: SandboxView = serde_json::from_value(result)?;
+    let sb = create_or_import(client, "/v1/incus/import", body).await?;
     print_live(&sb, "adopted");
     Ok(())
 }
@@ -483,6 +488,10 @@ fn render_table(all: &[serde_json::Value]) -> String {
                 .and_then(|k| k.as_array())
                 .map(|a| a.len().to_string())
                 .unwrap_or_default();
+            let login = match v.get("auth_user").and_then(|u| u.as_str()) {
+                Some(u) => u.to_string(),
+                None => crate::cli::CLOSED.to_string(),
+            };
             vec![
                 s(v, "name"),
                 s(v, "domain"),
@@ -495,13 +504,14 @@ fn render_table(all: &[serde_json::Value]) -> String {
                 human_bytes(v.get("disk_bytes").and_then(|d| d.as_u64())),
                 s(v, "app_port"),
                 keys,
+                login,
             ]
         })
         .collect();
     table(
         &[
             "NAME", "DOMAIN", "STATUS", "UPSTREAM", "IPV4", "IPV6", "CPU", "MEMORY", "DISK", "APP",
-            "KEYS",
+            "KEYS", "AUTH",
         ],
         rows,
     )

@@ -13,6 +13,44 @@ use tokio::net::UnixStream;
 
 use crate::api::{ErrorEnvelope, Event};
 
+/// User the daemon runs as when set up by `sandboxd setup` (its `--user`
+/// default); `SANDBOXD_DAEMON_USER` names another.
+pub const DAEMON_USER: &str = "sandboxd";
+
+/// Refuses an admin socket served by anyone but root, the daemon's user
+/// ([`DAEMON_USER`] or `$SANDBOXD_DAEMON_USER`) or the CLI's own user (a
+/// daemon run by hand). The kernel's record of who listens on the socket
+/// (`SO_PEERCRED`, the uid that created and bound it) is checked, not the
+/// file's owner, so nothing can change between check and use; it is done
+/// before a byte is sent, so a socket planted by another user (on a
+/// path given by `--admin-socket`, the environment, or a runtime directory
+/// left behind) never sees a password, key or command.
+fn check_server(stream: &UnixStream, socket: &Path) -> Result<()> {
+    let cred = stream
+        .peer_cred()
+        .with_context(|| format!("cannot tell who serves {}", socket.display()))?;
+    let uid = cred.uid();
+    let me = nix::unistd::geteuid().as_raw();
+    let daemon_user =
+        std::env::var("SANDBOXD_DAEMON_USER").unwrap_or_else(|_| DAEMON_USER.to_string());
+    let daemon_uid = nix::unistd::User::from_name(&daemon_user)
+        .ok()
+        .flatten()
+        .map(|u| u.uid.as_raw());
+    if uid == 0 || uid == me || Some(uid) == daemon_uid {
+        return Ok(());
+    }
+    let who = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map(|u| format!("uid {uid} ({})", u.name))
+        .unwrap_or_else(|| format!("uid {uid}"));
+    bail!(
+        "refusing the admin socket {}: it is served by {who}, not root, you or the daemon's user {daemon_user} (set SANDBOXD_DAEMON_USER if the daemon runs as another user); nothing was sent",
+        socket.display()
+    )
+}
+
 /// A connection factory for the admin socket.
 pub struct Client {
     socket: PathBuf,
@@ -27,7 +65,7 @@ impl Client {
 
     async fn connect(&self) -> Result<UnixStream> {
         let path = self.socket.display();
-        UnixStream::connect(&self.socket).await.map_err(|e| match e.kind() {
+        let stream = UnixStream::connect(&self.socket).await.map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => anyhow!(
                 "cannot reach sandboxd: {path} does not exist (is `sandboxd serve` running? set --admin-socket or SANDBOXD_ADMIN_SOCKET)"
             ),
@@ -38,7 +76,9 @@ impl Client {
                 "permission denied on {path}: the admin API is open to root and the admin group only"
             ),
             _ => anyhow!("cannot reach sandboxd at {path}: {e}"),
-        })
+        })?;
+        check_server(&stream, &self.socket)?;
+        Ok(stream)
     }
 
     async fn send(

@@ -36,6 +36,19 @@ pub const DEFAULT_AGENT_PORT: u16 = 9999;
 /// Bound on one step's run time (package installs and agent builds).
 const STEP_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
+/// Cap on each of a step's stdout and stderr as the daemon collects them:
+/// 4 MiB. Steps send tool output to the log inside the container and print
+/// a short summary; the hook step prints only the tail of the hook's
+/// output. A step over the cap is killed and fails with the cap error.
+pub const MAX_STEP_OUTPUT: usize = 4 << 20;
+
+/// Cap on the output of the small lookups (`/etc/os-release`, `getent`).
+const MAX_SMALL_OUTPUT: usize = 64 * 1024;
+
+/// Cap on the LLM environment file read back for comparison (a larger
+/// file is not sandboxd's and is written again).
+const MAX_LLM_ENV_FILE: usize = 64 * 1024;
+
 const LIB: &str = include_str!("../provision/lib.sh");
 
 /// One embedded step script.
@@ -588,7 +601,8 @@ impl<'a> Runner<'a> {
         let mut req =
             ExecRequest::new(["bash".to_string(), format!("{SCRIPT_DIR}/steps/{}", s.file)])
                 .cwd("/")
-                .timeout(STEP_TIMEOUT);
+                .timeout(STEP_TIMEOUT)
+                .max_output(MAX_STEP_OUTPUT);
         for (k, v) in &self.env {
             req = req.env(k.clone(), v.clone());
         }
@@ -629,9 +643,14 @@ impl<'a> Runner<'a> {
         let account = account(self.incus, self.instance, &self.user).await?;
         let path = format!("{}/{LLM_ENV_RELATIVE}", account.home.trim_end_matches('/'));
         let data = llm.env_file()?;
-        let current = match self.incus.pull_file(self.instance, &path).await {
+        let current = match self
+            .incus
+            .pull_file_capped(self.instance, &path, MAX_LLM_ENV_FILE)
+            .await
+        {
             Ok(f) => Some(f),
-            Err(e) if e.is_not_found() => None,
+            // Missing, or not what sandboxd wrote: written again.
+            Err(e) if e.is_not_found() || e.is_too_large() => None,
             Err(e) => return Err(incus_err("reading the LLM environment file")(e)),
         };
         if let Some(f) = current {
@@ -840,7 +859,10 @@ async fn default_user(incus: &Client, instance: &str) -> Result<String, Provisio
     // /etc/os-release is usually a symlink, which the files API does not
     // follow: let the container read it.
     let out = incus
-        .exec(instance, &ExecRequest::new(["cat", "/etc/os-release"]))
+        .exec(
+            instance,
+            &ExecRequest::new(["cat", "/etc/os-release"]).max_output(MAX_SMALL_OUTPUT),
+        )
         .await
         .map_err(incus_err("reading /etc/os-release"))?;
     let text = out.stdout_text();
@@ -860,7 +882,10 @@ async fn default_user(incus: &Client, instance: &str) -> Result<String, Provisio
 
 async fn account(incus: &Client, instance: &str, user: &str) -> Result<Account, ProvisionError> {
     let out = incus
-        .exec(instance, &ExecRequest::new(["getent", "passwd", user]))
+        .exec(
+            instance,
+            &ExecRequest::new(["getent", "passwd", user]).max_output(MAX_SMALL_OUTPUT),
+        )
         .await
         .map_err(incus_err(format!("looking up user {user}")))?;
     let line = out.stdout_text();

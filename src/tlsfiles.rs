@@ -38,6 +38,8 @@ pub enum TlsError {
     Pem { path: String, detail: String },
     #[error("{cert} and {key}: the private key does not match the certificate")]
     Mismatch { cert: String, key: String },
+    #[error("key file {path} is readable by other users (mode {mode:04o}): chmod 600 it (owned by the user sandboxd runs as)")]
+    KeyReadable { path: String, mode: u32 },
 }
 
 /// The manual mode's files: certificate chain (leaf first) and key.
@@ -82,10 +84,22 @@ pub fn settings(
 }
 
 /// Reads the files as the daemon will: when both are there they must be a
-/// PEM certificate chain and the private key of its leaf. A missing file
-/// passes (it may be put in place later); any other read error does not.
-/// Blocking (small reads): call it off the async threads.
+/// PEM certificate chain and the private key of its leaf, and the key file
+/// must not be readable by group or others (like the LLM key file; httpgate
+/// refuses such a key when it loads it, too). A missing file passes (it may
+/// be put in place later); any other read error does not. Blocking (small
+/// reads): call it off the async threads.
 pub fn check_files(files: &ManualFiles) -> Result<(), TlsError> {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::metadata(&files.key) {
+        Ok(meta) if meta.permissions().mode() & 0o077 != 0 => {
+            return Err(TlsError::KeyReadable {
+                path: files.key.clone(),
+                mode: meta.permissions().mode() & 0o7777,
+            })
+        }
+        _ => {}
+    }
     let read = |what: &'static str, path: &str| match std::fs::read(path) {
         Ok(bytes) => Ok(Some(bytes)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),

@@ -365,3 +365,93 @@ fn busy_listener_port_is_reported() {
         "{err}"
     );
 }
+
+/// Issue 14, item 11: a socket served by another user (planted on the path
+/// the CLI is told to use) gets nothing: not the password of `auth`, not a
+/// request at all. The fake daemon runs as uid 65534 and answers like the
+/// real one would.
+#[test]
+fn a_socket_served_by_another_user_gets_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let run = dir.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    nix::unistd::chown(&run, Some(65534.into()), Some(65534.into())).unwrap();
+    let socket = run.join("admin.sock");
+    let captured = run.join("captured");
+    // Accepts connections for at most 20 s, records what it is sent and
+    // answers 200 with an empty JSON object.
+    let fake = r#"
+import socket, sys, time
+s = socket.socket(socket.AF_UNIX)
+s.bind(sys.argv[1]); s.listen(8); s.settimeout(0.2)
+print("ready", flush=True)
+end = time.time() + 20
+while time.time() < end:
+    try:
+        c, _ = s.accept()
+    except socket.timeout:
+        continue
+    c.settimeout(1)
+    got = b""
+    try:
+        while True:
+            b = c.recv(65536)
+            if not b: break
+            got += b
+            if b"\r\n\r\n" in got and len(got.split(b"\r\n\r\n", 1)[1]) > 0: break
+    except socket.timeout:
+        pass
+    open(sys.argv[2], "ab").write(got)
+    try:
+        c.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
+    except OSError:
+        pass
+    c.close()
+"#;
+    let mut child = Command::new("python3")
+        .arg("-c")
+        .arg(fake)
+        .arg(&socket)
+        .arg(&captured)
+        .uid(65534)
+        .gid(65534)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+        &mut ready,
+    )
+    .unwrap();
+    assert_eq!(ready.trim(), "ready");
+
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, "planted-socket-must-not-see-this\n").unwrap();
+    let out = Command::new(BIN)
+        .arg("--admin-socket")
+        .arg(&socket)
+        .args(["auth", "a", "alice", "--password-file"])
+        .arg(&pw)
+        .output()
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!(
+            "refusing the admin socket {}: it is served by uid 65534",
+            socket.display()
+        )) && err.contains("nothing was sent"),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    let seen = std::fs::read(&captured).unwrap_or_default();
+    assert!(
+        seen.is_empty(),
+        "the planted socket got: {}",
+        String::from_utf8_lossy(&seen)
+    );
+}

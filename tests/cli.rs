@@ -373,3 +373,152 @@ fn sigterm_exits_cleanly_and_removes_the_socket() {
     d.restart();
     assert_eq!(d.json(&["list", "--json"]).as_array().unwrap().len(), 1);
 }
+
+/// Issue 14, item 1: a sandbox added without a login has a closed agent
+/// host and every view says so; the app port can never be the agent port.
+#[test]
+fn no_login_is_closed_and_app_port_is_never_the_agent_port() {
+    let d = Daemon::start();
+    let out = d.add("a", "a.example.com");
+    assert!(
+        out.contains("the agent host https://shelley.a.example.com is closed until it has a login: sandboxd auth a USER"),
+        "{out}"
+    );
+    let table = d.ok(&["list"]);
+    let header = table.lines().next().unwrap();
+    assert!(header.trim_end().ends_with("AUTH"), "{table}");
+    assert!(table.lines().nth(1).unwrap().trim_end().ends_with("closed (no login)"), "{table}");
+    let show = d.ok(&["show", "a"]);
+    assert!(show.contains("agent login:       closed (no login)"), "{show}");
+
+    let pw = d.dir.path().join("pw");
+    std::fs::write(&pw, "pw").unwrap();
+    d.ok(&["auth", "a", "alice", "--password-file", pw.to_str().unwrap()]);
+    assert!(d.ok(&["list"]).lines().nth(1).unwrap().trim_end().ends_with("alice"));
+    assert!(d.ok(&["show", "a"]).contains("agent login:       alice"));
+    let out = d.ok(&["auth", "a", "--remove"]);
+    assert!(out.contains("https://shelley.a.example.com is closed"), "{out}");
+
+    // Ports: refused on add (the agent port defaults to 9999) and on port.
+    let before = d.ok(&["list", "--json"]);
+    let key = d.keygen("k");
+    for extra in [
+        &["--app-port", "9999"][..],
+        &["--app-port", "3000", "--agent-port", "3000"][..],
+    ] {
+        let mut args = vec![
+            "add", "b", "--domain", "b.test", "--upstream", "127.0.0.1", "--ssh-key",
+            key.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let err = d.fails(&args);
+        assert!(err.contains("is the agent port"), "{err}");
+    }
+    let err = d.fails(&["port", "a", "9999"]);
+    assert!(err.contains("invalid app port: 9999 is the agent port"), "{err}");
+    assert_eq!(d.ok(&["list", "--json"]), before, "nothing changed");
+}
+
+/// Issue 14, item 11: `backup -o FILE` makes the file 0600 (also over an
+/// existing world-readable file), a shell redirect loses group/other
+/// access, and a terminal never gets the private keys.
+#[test]
+fn backup_is_private_and_never_printed_to_a_terminal() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = Daemon::start();
+    d.add("a", "a.example.com");
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let file = d.dir.path().join("backup.json");
+    d.ok(&["backup", "-o", file.to_str().unwrap()]);
+    assert_eq!(mode(&file), 0o600);
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.contains("OPENSSH PRIVATE KEY"));
+    // Over an existing, readable file: replaced whole, 0600.
+    std::fs::write(&file, "old").unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    d.ok(&["backup", "--output", file.to_str().unwrap()]);
+    assert_eq!(mode(&file), 0o600);
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), text);
+    // A restore from it works.
+    let out = d.cli_with_stdin(&["restore", "--replace"], text.as_bytes());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // `backup > FILE` with the usual umask: the file ends up 0600.
+    let redirected = d.dir.path().join("redirected.json");
+    let st = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "umask 022; exec \"$0\" --admin-socket \"$1\" backup > \"$2\""
+        ))
+        .arg(common::BIN)
+        .arg(&d.socket)
+        .arg(&redirected)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert_eq!(mode(&redirected), 0o600);
+
+    // On a terminal (a pty from util-linux's script): refused, no key shown.
+    let out = std::process::Command::new("script")
+        .args(["-qec"])
+        .arg(format!(
+            "{} --admin-socket {} backup",
+            common::BIN,
+            d.socket.display()
+        ))
+        .arg("/dev/null")
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{shown}");
+    assert!(!shown.contains("PRIVATE KEY"), "{shown}");
+    assert!(
+        shown.contains("refusing to print it to a terminal; use -o FILE or redirect stdout"),
+        "{shown}"
+    );
+}
+
+/// Issue 14, item 11: a manual TLS key file others can read is refused like
+/// an LLM key file; nothing is recorded.
+#[test]
+fn readable_manual_key_file_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = Daemon::start();
+    let pki = d.dir.path().join("pki");
+    std::fs::create_dir(&pki).unwrap();
+    let ca = common::pki::Ca::new(&pki, "ca");
+    let (cert, key) = ca.leaf("site", &["m.test", "shelley.m.test"]);
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let ssh = d.keygen("k");
+    let args = [
+        "add",
+        "m",
+        "--domain",
+        "m.test",
+        "--upstream",
+        "127.0.0.1",
+        "--ssh-key",
+        ssh.to_str().unwrap(),
+        "--tls-mode",
+        "manual",
+        "--tls-cert-file",
+        cert.to_str().unwrap(),
+        "--tls-key-file",
+        key.to_str().unwrap(),
+    ];
+    let err = d.fails(&args);
+    assert!(
+        err.contains(&format!(
+            "key file {} is readable by other users (mode 0644): chmod 600 it",
+            key.display()
+        )),
+        "{err}"
+    );
+    assert_eq!(d.ok(&["list", "--json"]).trim(), "[]");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    d.ok(&args);
+    // Loosened afterwards: the daemon refuses it when it reads it again.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let err = d.fails(&["certs", "renew", "m.test"]);
+    assert!(err.contains("is readable by other users (mode 0640)"), "{err}");
+}

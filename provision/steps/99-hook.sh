@@ -3,8 +3,9 @@
 #
 # sandboxd pushes the hook's bytes to $SANDBOXD_HOOK (0700). It runs when its
 # content differs from the last one that succeeded (a digest is kept), so a
-# re-run changes nothing. Its output is printed before the result line; the
-# result line carries its last output line.
+# re-run changes nothing. Its whole output is appended to $SANDBOXD_LOG; its
+# last 100 lines (at most 64 KiB) are printed before the result line, which
+# carries its last output line (sandboxd caps what it reads of a step).
 #
 # Variables:
 #   SANDBOXD_HOOK  path of the pushed hook (unset: no hook).
@@ -30,7 +31,11 @@ else
     bash "$hook" >"$out" 2>&1 </dev/null || status=$?
 fi
 last=$(grep -v '^[[:space:]]*$' "$out" | tail -n 1 | cut -c1-200 || true)
-cat "$out"
+{
+    printf '\n[%s] hook output\n' "$(date -u +%FT%TZ)"
+    cat "$out"
+} >>"$SANDBOXD_LOG"
+tail -n 100 "$out" | tail -c 65536
 rm -f "$out"
 if [ "$status" -ne 0 ]; then
     die "hook exited with status $status: ${last:-no output}"

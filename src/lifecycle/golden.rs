@@ -344,7 +344,8 @@ impl Lifecycle {
             .exec(
                 instance,
                 &incusctl::ExecRequest::new(["systemctl", "is-system-running", "--wait"])
-                    .timeout(super::READY_TIMEOUT),
+                    .timeout(super::READY_TIMEOUT)
+                    .max_output(super::MAX_SMALL_OUTPUT),
             )
             .await?;
         let state = out.stdout_text().trim().to_string();

@@ -24,6 +24,7 @@
 //!   the instance had when incusd stopped" (a sandbox stopped with
 //!   `sandboxd stop` stays stopped, a running one starts again).
 
+pub mod access;
 pub mod golden;
 pub mod http;
 pub mod wire;
@@ -63,6 +64,12 @@ const STOP_GRACE: Duration = Duration::from_secs(30);
 const HOST_KEY_TIMEOUT: Duration = Duration::from_secs(30);
 /// The host key pinned for the upstream leg.
 const HOST_KEY_PATH: &str = "/etc/ssh/ssh_host_ed25519_key.pub";
+/// Cap on the host key file read from a container (a key line is ~100
+/// bytes; the file is the container's to fill).
+const MAX_HOST_KEY_FILE: usize = 16 * 1024;
+/// Cap on the output of the small commands the pipeline runs itself
+/// (`id`, `getent`, `systemctl is-system-running`).
+pub(crate) const MAX_SMALL_OUTPUT: usize = 64 * 1024;
 
 const CREATE_STEPS: [&str; 10] = [
     "create",
@@ -123,6 +130,7 @@ impl LifecycleError {
             LifecycleError::Incus(e) if e.is_not_found() => (404, "incus_not_found"),
             LifecycleError::Incus(e) if e.is_conflict() => (409, "incus_conflict"),
             LifecycleError::Incus(e) if e.is_timeout() => (504, "incus_timeout"),
+            LifecycleError::Incus(e) if e.is_too_large() => (502, "container_data_too_large"),
             LifecycleError::Incus(_) => (502, "incus_error"),
             LifecycleError::Store(e) => {
                 use store::Error as E;
@@ -160,6 +168,10 @@ pub struct Meta {
     /// Provisioning mode of `create` (the daemon's when absent).
     #[serde(default)]
     pub provision: Option<ProvisionMode>,
+    /// The container's `authorized_keys` holds only the gateway's key
+    /// (false in records of earlier versions: see [`access`]).
+    #[serde(default)]
+    pub gateway_key_only: bool,
 }
 
 /// One CPU sample of an instance.
@@ -228,6 +240,8 @@ pub struct Lifecycle {
     provision: ProvisionConfig,
     busy: Mutex<HashSet<String>>,
     samples: Mutex<HashMap<String, Samples>>,
+    /// Every sandbox's `authorized_keys` is gateway-only ([`access`]).
+    keys_upgraded: std::sync::atomic::AtomicBool,
 }
 
 /// Releases a sandbox name claimed for an operation.
@@ -349,6 +363,18 @@ impl Progress {
     async fn message(&self, text: impl Into<String>) {
         self.send(Event::Message { text: text.into() }).await;
     }
+
+    /// Hands a generated login to the caller (the one place its password
+    /// goes; it is in no log line).
+    async fn login(&self, login: Option<crate::api::SetAuth>) {
+        if let Some(l) = login {
+            self.send(Event::Login {
+                user: l.user,
+                password: crate::api::Secret(l.password),
+            })
+            .await;
+        }
+    }
 }
 
 /// Everything the provisioning steps need, resolved before they run.
@@ -393,6 +419,7 @@ impl Lifecycle {
             provision,
             busy: Mutex::new(HashSet::new()),
             samples: Mutex::new(HashMap::new()),
+            keys_upgraded: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -601,6 +628,7 @@ impl Lifecycle {
         if req.cpu == Some(0) {
             return Err(LifecycleError::Invalid("--cpu must be at least 1".into()));
         }
+        let generated = req.auth.is_none().then(access::generated_login);
         let sandbox = self
             .new_record(
                 &name,
@@ -608,7 +636,7 @@ impl Lifecycle {
                 &user,
                 &req.ssh_keys,
                 req.app_port,
-                req.auth.clone(),
+                req.auth.clone().or_else(|| generated.clone()),
                 Tls {
                     mode: req.tls_mode.clone(),
                     cert_file: req.tls_cert_file.clone(),
@@ -630,6 +658,7 @@ impl Lifecycle {
             memory: req.memory.clone(),
             disk: req.disk.clone(),
             provision: mode,
+            gateway_key_only: true,
         };
         self.put_meta(&name, &meta).await?;
         if let Err(e) = self
@@ -642,6 +671,7 @@ impl Lifecycle {
                 .await;
             return Err(e);
         }
+        progress.login(generated).await;
         tracing::info!(sandbox = %name, "sandbox recorded; creating its container");
         let plan = Plan {
             name: name.clone(),
@@ -702,6 +732,7 @@ impl Lifecycle {
         store::validate_domain(&domain)?;
         let user = req.user.clone().unwrap_or_else(|| DEFAULT_USER.to_string());
         store::validate_user(&user)?;
+        let generated = req.auth.is_none().then(access::generated_login);
         let sandbox = self
             .new_record(
                 &name,
@@ -709,7 +740,7 @@ impl Lifecycle {
                 &user,
                 &req.ssh_keys,
                 req.app_port,
-                req.auth.clone(),
+                req.auth.clone().or_else(|| generated.clone()),
                 Tls {
                     mode: req.tls_mode.clone(),
                     cert_file: req.tls_cert_file.clone(),
@@ -724,6 +755,7 @@ impl Lifecycle {
             memory: None,
             disk: None,
             provision: None,
+            gateway_key_only: true,
         };
         self.put_meta(&name, &meta).await?;
         if let Err(e) = self
@@ -736,6 +768,7 @@ impl Lifecycle {
                 .await;
             return Err(e);
         }
+        progress.login(generated).await;
         tracing::info!(sandbox = %name, "adopting instance");
         let plan = Plan {
             name: name.clone(),
@@ -913,30 +946,16 @@ impl Lifecycle {
             }
             "user" => {
                 let sb = self.require(&plan.name).await?;
-                let u = &sb.user;
-                // `u` is a validated login name: safe inside the script.
-                let script = format!(
-                    "set -e; id -u {u} >/dev/null 2>&1 || useradd -m -s /bin/bash {u}; \
-                     home=$(getent passwd {u} | cut -d: -f6); \
-                     install -d -m 700 -o {u} -g $(id -g {u}) \"$home/.ssh\"; \
-                     printf '%s %s %s\\n' $(id -u {u}) $(id -g {u}) \"$home\""
-                );
+                // A validated login name: safe inside the script.
+                let script = access::account_script(&sb.user, true);
                 let out = self
                     .incus
-                    .exec_ok(inst, &incusctl::ExecRequest::shell(script))
+                    .exec_ok(
+                        inst,
+                        &incusctl::ExecRequest::shell(script).max_output(MAX_SMALL_OUTPUT),
+                    )
                     .await?;
-                let text = out.stdout_text();
-                let mut parts = text.split_whitespace();
-                let (Some(uid), Some(gid), Some(home)) = (
-                    parts.next().and_then(|p| p.parse().ok()),
-                    parts.next().and_then(|p| p.parse().ok()),
-                    parts.next(),
-                ) else {
-                    return Err(LifecycleError::Invalid(format!(
-                        "cannot read uid, gid and home of {u}: {text:?}"
-                    )));
-                };
-                ctx.user = Some((uid, gid, home.to_string()));
+                ctx.user = Some(access::parse_account(&sb.user, &out.stdout_text())?);
                 Ok(())
             }
             "keys" => {
@@ -944,22 +963,9 @@ impl Lifecycle {
                 let Some((uid, gid, home)) = ctx.user.clone() else {
                     return Err(LifecycleError::Internal("user step skipped".into()));
                 };
-                let mut text = String::from("# managed by sandboxd: the gateway's key first\n");
-                text.push_str(&sb.upstream_key.public_openssh);
-                text.push('\n');
-                for k in &sb.client_keys {
-                    text.push_str(k);
-                    text.push('\n');
-                }
-                self.incus
-                    .push_file(
-                        inst,
-                        &format!("{home}/.ssh/authorized_keys"),
-                        text.into_bytes(),
-                        &incusctl::PushOptions::mode(0o600).owner(uid, gid),
-                    )
-                    .await?;
-                Ok(())
+                // Only the gateway's key: client keys stay in the gateway.
+                self.write_authorized_keys(inst, &sb, (uid, gid, &home))
+                    .await
             }
             "host-key" => {
                 let f = self
@@ -967,6 +973,7 @@ impl Lifecycle {
                     .pull_file_when_ready(
                         inst,
                         HOST_KEY_PATH,
+                        MAX_HOST_KEY_FILE,
                         Duration::from_millis(200),
                         HOST_KEY_TIMEOUT,
                     )
@@ -1394,6 +1401,7 @@ impl Lifecycle {
                 changed += 1;
             }
         }
+        self.upgrade_authorized_keys().await;
         Ok(changed)
     }
 

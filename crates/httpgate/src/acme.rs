@@ -245,8 +245,20 @@ fn load_manual(m: &mut Managed, cert: &PathBuf, key: &PathBuf, now: i64) {
     let read = |what: &str, p: &PathBuf| {
         std::fs::read(p).map_err(|e| format!("cannot read {what} file {}: {e}", p.display()))
     };
+    // A key others can read is refused (the operator is told in `certs`).
+    let private = |p: &PathBuf| {
+        use std::os::unix::fs::PermissionsExt;
+        match std::fs::metadata(p) {
+            Ok(meta) if meta.permissions().mode() & 0o077 != 0 => Err(format!(
+                "key file {} is readable by other users (mode {:04o}): chmod 600 it",
+                p.display(),
+                meta.permissions().mode() & 0o7777
+            )),
+            _ => Ok(()),
+        }
+    };
     let res = read("certificate", cert)
-        .and_then(|c| read("key", key).map(|k| (c, k)))
+        .and_then(|c| private(key).and_then(|()| read("key", key)).map(|k| (c, k)))
         .and_then(|(c, k)| {
             certs::load_pem(&c, &k)
                 .map_err(|e| format!("{} and {}: {e}", cert.display(), key.display()))

@@ -156,6 +156,17 @@ pub enum Error {
     /// The caller passed something unusable (e.g. a relative path).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+
+    /// Data coming from inside an instance (a command's output, a file) or
+    /// an answer of incusd went over the size cap set for it; the command
+    /// was killed, the read abandoned. Nothing beyond the cap was kept.
+    #[error("{what} is larger than the {limit}-byte cap; refused")]
+    TooLarge {
+        /// What was being read, e.g. `standard output of "cat" in instance "web"`.
+        what: String,
+        /// The cap in bytes.
+        limit: u64,
+    },
 }
 
 impl Error {
@@ -172,6 +183,11 @@ impl Error {
     /// True when incusd could not be reached at all.
     pub fn is_not_running(&self) -> bool {
         matches!(self, Error::NotRunning { .. } | Error::NoSocket { .. })
+    }
+
+    /// True when data from an instance went over its size cap.
+    pub fn is_too_large(&self) -> bool {
+        matches!(self, Error::TooLarge { .. })
     }
 
     /// True when a bound wait expired.

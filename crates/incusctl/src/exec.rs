@@ -1,13 +1,22 @@
 //! Running commands inside instances (`POST /1.0/instances/{name}/exec`).
 //!
-//! Two modes:
-//! - [`Client::exec`]: Incus records stdout/stderr to log files
-//!   (`record-output`); we wait for the exit code, then fetch and delete the
-//!   logs. No stdin. Best for short provisioning commands.
-//! - [`Client::exec_stream`]: websocket mode (`wait-for-websocket`); stdout
-//!   and stderr arrive as they are written, stdin can be fed from memory or
-//!   any `AsyncRead`, and a timeout kills the command through the control
-//!   websocket. Best for long provisioning with progress.
+//! Every command runs in websocket mode (`wait-for-websocket`): stdout and
+//! stderr arrive as they are written, stdin can be fed from memory or any
+//! `AsyncRead`, and a timeout kills the command through the control
+//! websocket. Incus' `record-output` mode is never used: it writes a
+//! command's whole output to log files on the host before anyone can look
+//! at it, so a container could fill the host's disk.
+//! - [`Client::exec`] / [`Client::exec_ok`] / [`Client::exec_with_stdin`]
+//!   collect the output in memory, at most [`ExecRequest::max_output`]
+//!   bytes per stream ([`DEFAULT_MAX_OUTPUT`] unless set): past that the
+//!   command is killed (SIGKILL), the rest of its output is discarded
+//!   unread, and the result is [`Error::TooLarge`].
+//! - [`Client::exec_stream`] hands the output over piece by piece through a
+//!   bounded queue (the command is paused, by flow control, while the
+//!   reader does not read); the reader decides how much it keeps.
+//!
+//! Output from inside an instance is tenant data: a command's output is
+//! whatever the instance's programs write, so nothing here trusts its size.
 //!
 //! Wire format of the exec websockets (non-interactive): one websocket per
 //! fd plus `control`; data travels as binary messages, an empty text message
@@ -18,17 +27,17 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use http::{HeaderMap, Method};
+use http::Method;
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::client::{instance_path, instance_what, Client};
 use crate::error::{Error, Result};
 use crate::operation::OperationInfo;
-use crate::transport::{empty_body, percent_encode, raw_error, Ws};
+use crate::transport::{percent_encode, Ws, MAX_EXEC_MESSAGE};
 
 /// A command to run in an instance.
 ///
@@ -50,7 +59,14 @@ pub struct ExecRequest {
     /// Bound on the command's run time; `None` uses the client's operation
     /// timeout.
     pub timeout: Option<Duration>,
+    /// Cap on each collected output stream in bytes; `None` uses
+    /// [`DEFAULT_MAX_OUTPUT`].
+    pub max_output: Option<usize>,
 }
+
+/// Default cap on each of stdout and stderr collected by [`Client::exec`]:
+/// 8 MiB.
+pub const DEFAULT_MAX_OUTPUT: usize = 8 << 20;
 
 impl std::fmt::Debug for ExecRequest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -61,6 +77,7 @@ impl std::fmt::Debug for ExecRequest {
             .field("user", &self.user)
             .field("group", &self.group)
             .field("timeout", &self.timeout)
+            .field("max_output", &self.max_output)
             .finish()
     }
 }
@@ -108,13 +125,23 @@ impl ExecRequest {
         self
     }
 
-    fn to_json(&self, websocket: bool) -> serde_json::Value {
+    /// Caps each collected output stream at `bytes`.
+    pub fn max_output(mut self, bytes: usize) -> Self {
+        self.max_output = Some(bytes);
+        self
+    }
+
+    fn output_cap(&self) -> usize {
+        self.max_output.unwrap_or(DEFAULT_MAX_OUTPUT)
+    }
+
+    fn to_json(&self) -> serde_json::Value {
         let mut v = json!({
             "command": self.command,
             "environment": self.env,
             "interactive": false,
-            "wait-for-websocket": websocket,
-            "record-output": !websocket,
+            "wait-for-websocket": true,
+            "record-output": false,
         });
         if let Some(obj) = v.as_object_mut() {
             if let Some(cwd) = &self.cwd {
@@ -194,6 +221,9 @@ pub enum OutputChunk {
 pub struct ExecProcess {
     output: mpsc::Receiver<OutputChunk>,
     task: JoinHandle<Result<i32>>,
+    kill: Option<oneshot::Sender<()>>,
+    /// `"PROGRAM" in instance "NAME"`, for errors.
+    what: String,
 }
 
 impl ExecProcess {
@@ -208,14 +238,44 @@ impl ExecProcess {
         join(self.task).await
     }
 
-    /// Collects all remaining output and the exit code.
-    pub async fn collect(mut self) -> Result<ExecOutput> {
+    /// Kills the command (SIGKILL through the control websocket), discards
+    /// its remaining output and returns once the command is gone.
+    pub async fn kill(mut self) -> Result<i32> {
+        if let Some(k) = self.kill.take() {
+            let _ = k.send(());
+        }
+        // Dropping the queue makes the readers discard the rest unread.
+        drop(self.output);
+        join(self.task).await
+    }
+
+    /// Collects all remaining output and the exit code, at most
+    /// [`DEFAULT_MAX_OUTPUT`] bytes per stream.
+    pub async fn collect(self) -> Result<ExecOutput> {
+        self.collect_capped(DEFAULT_MAX_OUTPUT).await
+    }
+
+    /// Collects all remaining output and the exit code, at most `max` bytes
+    /// per stream: past that the command is killed and the result is
+    /// [`Error::TooLarge`].
+    pub async fn collect_capped(mut self, max: usize) -> Result<ExecOutput> {
         let mut out = ExecOutput::default();
         while let Some(chunk) = self.output.recv().await {
-            match chunk {
-                OutputChunk::Stdout(b) => out.stdout.extend_from_slice(&b),
-                OutputChunk::Stderr(b) => out.stderr.extend_from_slice(&b),
+            let (buf, bytes, stream) = match chunk {
+                OutputChunk::Stdout(b) => (&mut out.stdout, b, "standard output"),
+                OutputChunk::Stderr(b) => (&mut out.stderr, b, "standard error"),
+            };
+            if buf.len().saturating_add(bytes.len()) > max {
+                let what = format!("the {stream} of {}", self.what);
+                if let Err(e) = self.kill().await {
+                    tracing::debug!(error = %e, "exec killed for its output size");
+                }
+                return Err(Error::TooLarge {
+                    what,
+                    limit: max as u64,
+                });
             }
+            buf.extend_from_slice(&bytes);
         }
         out.exit_code = join(self.task).await?;
         Ok(out)
@@ -228,63 +288,15 @@ async fn join(task: JoinHandle<Result<i32>>) -> Result<i32> {
 }
 
 impl Client {
-    /// Runs a command with recorded output and returns its exit code and
-    /// output. A stopped or frozen instance gives
-    /// [`Error::InstanceNotRunning`]; a program that does not exist gives
-    /// exit code [`EXIT_COMMAND_NOT_FOUND`] with Incus' message on stderr. The command gets no stdin. When the timeout expires the
-    /// result is [`Error::Timeout`] (the command is not killed in this mode;
-    /// use [`Client::exec_stream`] for that).
+    /// Runs a command and returns its exit code and output (at most
+    /// [`ExecRequest::max_output`] bytes per stream, else
+    /// [`Error::TooLarge`] with the command killed). A stopped or frozen
+    /// instance gives [`Error::InstanceNotRunning`]; a program that does not
+    /// exist gives exit code [`EXIT_COMMAND_NOT_FOUND`] with Incus' message
+    /// on stderr. The command gets no stdin. When the timeout expires the
+    /// command is killed and the result is [`Error::Timeout`].
     pub async fn exec(&self, name: &str, req: &ExecRequest) -> Result<ExecOutput> {
-        let mut attempt = 0;
-        loop {
-            match self.exec_once(name, req).await {
-                Err(e) if is_transient(&e) && attempt < TRANSIENT_RETRIES => {
-                    attempt += 1;
-                    tracing::debug!(instance = name, attempt, "retrying exec after: {e}");
-                    tokio::time::sleep(retry_delay(attempt)).await;
-                }
-                r => return r,
-            }
-        }
-    }
-
-    async fn exec_once(&self, name: &str, req: &ExecRequest) -> Result<ExecOutput> {
-        let path = format!("{}/exec", instance_path(name));
-        let op = self
-            .transport()
-            .json(Method::POST, &path, Some(&req.to_json(false)))
-            .await
-            .map_err(|e| not_running(name, e))?
-            .into_operation(&path)?;
-        let timeout = req.timeout.unwrap_or(self.op_timeout());
-        let done = self.wait_operation(&op.id, timeout).await?;
-        if is_command_not_found(&done) {
-            return Ok(ExecOutput {
-                exit_code: EXIT_COMMAND_NOT_FOUND,
-                stdout: Vec::new(),
-                stderr: format!("{}\n", done.err).into_bytes(),
-            });
-        }
-        let done = done.into_result(Some(&instance_what(name)))?;
-        let meta = done.metadata.clone().unwrap_or_default();
-        let exit_code = exit_code(&done)?;
-        let mut out = ExecOutput {
-            exit_code,
-            ..ExecOutput::default()
-        };
-        for (fd, buf) in [("1", &mut out.stdout), ("2", &mut out.stderr)] {
-            if let Some(log) = meta
-                .get("output")
-                .and_then(|o| o.get(fd))
-                .and_then(|p| p.as_str())
-            {
-                *buf = self.fetch_log(log).await?;
-                if let Err(e) = self.delete_log(log).await {
-                    tracing::debug!(log, error = %e, "could not delete exec log");
-                }
-            }
-        }
-        Ok(out)
+        self.exec_with_stdin(name, req, ExecStdin::Null).await
     }
 
     /// Like [`Client::exec`], but fails with [`Error::CommandFailed`] (carrying
@@ -302,28 +314,6 @@ impl Client {
         })
     }
 
-    async fn fetch_log(&self, log: &str) -> Result<Vec<u8>> {
-        let (status, raw) = self
-            .transport()
-            .raw(Method::GET, log, HeaderMap::new(), empty_body(), None)
-            .await?;
-        if !status.is_success() {
-            return Err(raw_error(&Method::GET, log, status, &raw.body));
-        }
-        Ok(raw.body.to_vec())
-    }
-
-    async fn delete_log(&self, log: &str) -> Result<()> {
-        let (status, raw) = self
-            .transport()
-            .raw(Method::DELETE, log, HeaderMap::new(), empty_body(), None)
-            .await?;
-        if !status.is_success() {
-            return Err(raw_error(&Method::DELETE, log, status, &raw.body));
-        }
-        Ok(())
-    }
-
     /// Starts a command in websocket mode and returns at once; output
     /// streams through [`ExecProcess::next_output`]. When the timeout
     /// expires the command is killed (SIGKILL) and the result is
@@ -337,7 +327,7 @@ impl Client {
         let path = format!("{}/exec", instance_path(name));
         let op = self
             .transport()
-            .json(Method::POST, &path, Some(&req.to_json(true)))
+            .json(Method::POST, &path, Some(&req.to_json()))
             .await
             .map_err(|e| not_running(name, e))?
             .into_operation(&path)?;
@@ -359,15 +349,17 @@ impl Client {
         };
         // Control first, so Incus never sees a closed data socket without
         // a control connection (which would make it kill the command).
-        let control = self
-            .transport()
-            .websocket(&ws_path(secret("control")?))
-            .await?;
-        let ws_in = self.transport().websocket(&ws_path(secret("0")?)).await?;
-        let ws_out = self.transport().websocket(&ws_path(secret("1")?)).await?;
-        let ws_err = self.transport().websocket(&ws_path(secret("2")?)).await?;
+        let ws = |fd: &str| -> Result<_> {
+            let path = ws_path(secret(fd)?);
+            Ok(async move { self.transport().websocket(&path, MAX_EXEC_MESSAGE).await })
+        };
+        let control = ws("control")?.await?;
+        let ws_in = ws("0")?.await?;
+        let ws_out = ws("1")?.await?;
+        let ws_err = ws("2")?.await?;
 
         let (tx, rx) = mpsc::channel(64);
+        let (kill, killed) = oneshot::channel();
         let client = self.clone();
         let timeout = req.timeout.unwrap_or(self.op_timeout());
         let what = instance_what(name);
@@ -381,13 +373,23 @@ impl Client {
                 [ws_in, ws_out, ws_err],
                 stdin,
                 tx,
+                killed,
             )
             .await
         });
-        Ok(ExecProcess { output: rx, task })
+        Ok(ExecProcess {
+            output: rx,
+            task,
+            kill: Some(kill),
+            what: format!(
+                "{:?} in instance \"{name}\"",
+                req.command.first().map(String::as_str).unwrap_or("")
+            ),
+        })
     }
 
-    /// Runs a command in websocket mode with `stdin` and collects its output.
+    /// Runs a command with `stdin` and collects its output, like
+    /// [`Client::exec`].
     pub async fn exec_with_stdin(
         &self,
         name: &str,
@@ -410,7 +412,11 @@ impl Client {
                 (None, Some(d)) => ExecStdin::Data(d.clone()),
                 (None, None) => ExecStdin::Null,
             };
-            let result = self.exec_stream(name, req, input).await?.collect().await;
+            let result = self
+                .exec_stream(name, req, input)
+                .await?
+                .collect_capped(req.output_cap())
+                .await;
             match result {
                 Err(e) if is_transient(&e) && replay.is_some() && attempt < TRANSIENT_RETRIES => {
                     attempt += 1;
@@ -433,13 +439,33 @@ async fn run_stream(
     [ws_in, ws_out, ws_err]: [Ws; 3],
     stdin: ExecStdin,
     tx: mpsc::Sender<OutputChunk>,
+    mut killed: oneshot::Receiver<()>,
 ) -> Result<i32> {
     let feeder = tokio::spawn(feed_stdin(ws_in, stdin));
     let out = tokio::spawn(pump_output(ws_out, tx.clone(), OutputChunk::Stdout));
     let note = tx.clone();
     let err = tokio::spawn(pump_output(ws_err, tx, OutputChunk::Stderr));
 
-    let result = match client.wait_operation(&op.id, timeout).await {
+    let waited = tokio::select! {
+        r = client.wait_operation(&op.id, timeout) => Some(r),
+        Ok(()) = &mut killed => None,
+    };
+    let Some(waited) = waited else {
+        // The reader wants no more: kill the command, and drop the output
+        // sockets at once so that whatever else writes to them (children)
+        // gets EPIPE instead of being read.
+        let kill = json!({"command": "signal", "signal": 9}).to_string();
+        if let Err(e) = control.send(Message::text(kill)).await {
+            tracing::debug!(error = %e, "could not send kill through exec control");
+        }
+        out.abort();
+        err.abort();
+        feeder.abort();
+        let done = client.wait_operation(&op.id, Duration::from_secs(10)).await;
+        let _ = control.close(None).await;
+        return done.and_then(|d| exit_code(&d)).or(Ok(137));
+    };
+    let result = match waited {
         Ok(done) if is_command_not_found(&done) => {
             let msg = Bytes::from(format!("{}\n", done.err));
             let _ = note.send(OutputChunk::Stderr(msg)).await;
@@ -630,7 +656,7 @@ mod tests {
         let v = ExecRequest::new(["id"])
             .cwd("/tmp")
             .as_user(5, 6)
-            .to_json(true);
+            .to_json();
         assert_eq!(v["wait-for-websocket"], true);
         assert_eq!(v["record-output"], false);
         assert_eq!(v["interactive"], false);

@@ -5,6 +5,11 @@
 //! `X-Incus-mode` and `X-Incus-type` headers. Incus applies mode and owner
 //! only when it creates a file, so [`Client::push_file`] re-creates an
 //! existing file whose mode or owner differ from the ones asked for.
+//!
+//! A file's contents are the instance's to choose: reads are capped
+//! ([`DEFAULT_MAX_FILE`], or the caller's cap with
+//! [`Client::pull_file_capped`]) and a longer file is refused with
+//! [`Error::TooLarge`] without being read past the cap.
 
 use std::time::Duration;
 
@@ -14,6 +19,9 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use crate::client::{instance_path, Client};
 use crate::error::{Error, Result};
 use crate::transport::{bytes_body, decode_envelope, empty_body, percent_encode, raw_error};
+
+/// Default cap on a file read by [`Client::pull_file`]: 16 MiB.
+pub const DEFAULT_MAX_FILE: usize = 16 << 20;
 
 /// Kind of a file inside an instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -197,13 +205,33 @@ impl Client {
         check(&Method::POST, &url, status, &raw.body)
     }
 
-    /// Reads a regular file (symlinks give their target path).
+    /// Reads a regular file (symlinks give their target path), at most
+    /// [`DEFAULT_MAX_FILE`] bytes: a longer file gives [`Error::TooLarge`].
     pub async fn pull_file(&self, name: &str, path: &str) -> Result<PulledFile> {
+        self.pull_file_capped(name, path, DEFAULT_MAX_FILE).await
+    }
+
+    /// Reads a regular file of at most `max` bytes; a longer one is not
+    /// read past `max` and gives [`Error::TooLarge`]. The file's contents
+    /// are the instance's to choose: give the smallest cap that fits.
+    pub async fn pull_file_capped(
+        &self,
+        name: &str,
+        path: &str,
+        max: usize,
+    ) -> Result<PulledFile> {
         let url = files_path(name, path)?;
         let (status, raw) = self
             .transport()
-            .raw(Method::GET, &url, HeaderMap::new(), empty_body(), None)
-            .await?;
+            .raw_capped(Method::GET, &url, HeaderMap::new(), empty_body(), None, max)
+            .await
+            .map_err(|e| match e {
+                Error::TooLarge { limit, .. } => Error::TooLarge {
+                    what: format!("file {path} in instance \"{name}\""),
+                    limit,
+                },
+                e => e,
+            })?;
         if !status.is_success() {
             return Err(raw_error(&Method::GET, &url, status, &raw.body));
         }
@@ -220,19 +248,21 @@ impl Client {
         })
     }
 
-    /// Waits until `path` exists in the instance and returns its contents,
-    /// polling every `interval` for at most `timeout` (for files a service
-    /// inside the instance writes at boot, like sshd host keys).
+    /// Waits until `path` exists in the instance and returns its contents
+    /// (at most `max` bytes, as [`Client::pull_file_capped`]), polling every
+    /// `interval` for at most `timeout` (for files a service inside the
+    /// instance writes at boot, like sshd host keys).
     pub async fn pull_file_when_ready(
         &self,
         name: &str,
         path: &str,
+        max: usize,
         interval: Duration,
         timeout: Duration,
     ) -> Result<PulledFile> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            match self.pull_file(name, path).await {
+            match self.pull_file_capped(name, path, max).await {
                 Ok(f) => return Ok(f),
                 Err(e) if e.is_not_found() && tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(interval).await;

@@ -3,8 +3,11 @@
 //! This crate is the only part of sandboxd that speaks to Incus. It owns the
 //! HTTP/websocket transport on the unix socket (hyper 1 + tokio-tungstenite,
 //! never the `incus` command), the typed API objects, waiting for background
-//! operations, exec (recorded and streamed), the files API, snapshots,
-//! images and lifecycle events. It knows nothing of routes, the store, or
+//! operations, exec (collected and streamed), the files API, snapshots,
+//! images and lifecycle events. Everything read from an instance (command
+//! output, files) and every answer of incusd is read up to a size cap
+//! ([`DEFAULT_MAX_OUTPUT`], [`DEFAULT_MAX_FILE`], [`MAX_ANSWER`]) and
+//! refused past it with [`Error::TooLarge`]. It knows nothing of routes, the store, or
 //! configuration files: the binary passes in a socket path (or `None` for
 //! the standard locations) and decides what to do with the answers.
 //!
@@ -46,12 +49,14 @@ pub use client::{Client, ClientOptions, StopOptions, DEFAULT_SOCKETS};
 pub use error::{Error, Result};
 pub use events::{Event, EventStream, LifecycleAction, LifecycleEvent};
 pub use exec::{
-    ExecOutput, ExecProcess, ExecRequest, ExecStdin, OutputChunk, EXIT_COMMAND_NOT_FOUND,
+    ExecOutput, ExecProcess, ExecRequest, ExecStdin, OutputChunk, DEFAULT_MAX_OUTPUT,
+    EXIT_COMMAND_NOT_FOUND,
 };
-pub use files::{FileKind, FileMeta, PulledFile, PushOptions};
+pub use files::{FileKind, FileMeta, PulledFile, PushOptions, DEFAULT_MAX_FILE};
 pub use host::{Network, Profile, StoragePool};
 pub use images::ImageTarballs;
 pub use operation::{OperationInfo, Progress, STATUS_CANCELLED, STATUS_FAILURE, STATUS_SUCCESS};
+pub use transport::MAX_ANSWER;
 pub use state::{
     cpu_percent, CpuState, DiskState, InstanceState, MemoryState, NetworkAddress, NetworkCounters,
     NetworkState, DEFAULT_NIC,

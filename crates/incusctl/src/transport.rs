@@ -13,7 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
@@ -24,6 +24,18 @@ use tokio_tungstenite::WebSocketStream;
 
 use crate::error::{Error, Result};
 use crate::operation::OperationInfo;
+
+/// Cap on any answer of incusd read whole (instance lists and states carry
+/// what containers report, e.g. their addresses): 64 MiB.
+pub const MAX_ANSWER: usize = 64 << 20;
+
+/// Cap on one exec websocket message from incusd (output arrives in
+/// pieces of a few KiB): 1 MiB.
+pub(crate) const MAX_EXEC_MESSAGE: usize = 1 << 20;
+
+/// Cap on one event websocket message (an event carries one object's
+/// metadata): 16 MiB.
+pub(crate) const MAX_EVENT_MESSAGE: usize = 16 << 20;
 
 /// Request body type used throughout the crate.
 pub(crate) type ReqBody = UnsyncBoxBody<Bytes, io::Error>;
@@ -174,7 +186,8 @@ impl Transport {
             })
     }
 
-    /// Sends a request and reads the whole answer, within `timeout`.
+    /// Sends a request and reads the whole answer (at most [`MAX_ANSWER`]
+    /// bytes), within `timeout`.
     pub async fn raw(
         &self,
         method: Method,
@@ -183,20 +196,56 @@ impl Transport {
         body: ReqBody,
         timeout: Option<Duration>,
     ) -> Result<(StatusCode, RawAnswer)> {
+        self.raw_capped(method, path, headers, body, timeout, MAX_ANSWER)
+            .await
+    }
+
+    /// Like [`Transport::raw`], reading at most `max` bytes of answer: a
+    /// longer one is abandoned (the connection dropped, so incusd stops
+    /// sending) and the result is [`Error::TooLarge`].
+    pub async fn raw_capped(
+        &self,
+        method: Method,
+        path: &str,
+        headers: HeaderMap,
+        body: ReqBody,
+        timeout: Option<Duration>,
+        max: usize,
+    ) -> Result<(StatusCode, RawAnswer)> {
         let timeout = timeout.unwrap_or(self.request_timeout);
+        let too_large = || Error::TooLarge {
+            what: format!("the answer to {method} {path}"),
+            limit: max as u64,
+        };
         let fut = async {
             let resp = self.send(method.clone(), path, headers, body).await?;
             let status = resp.status();
             let headers = resp.headers().clone();
-            let body = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|source| Error::Transport {
-                    context: format!("reading answer to {method} {path}"),
-                    source,
-                })?
-                .to_bytes();
+            let announced = headers
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            if announced.is_some_and(|n| n > max as u64) {
+                return Err(too_large());
+            }
+            let body = match Limited::new(resp.into_body(), max).collect().await {
+                Ok(c) => c.to_bytes(),
+                Err(e) => {
+                    if e.is::<LengthLimitError>() {
+                        return Err(too_large());
+                    }
+                    return match e.downcast::<hyper::Error>() {
+                        Ok(source) => Err(Error::Transport {
+                            context: format!("reading answer to {method} {path}"),
+                            source: *source,
+                        }),
+                        Err(e) => Err(Error::protocol(
+                            format!("reading answer to {method} {path}"),
+                            e.to_string(),
+                        )),
+                    };
+                }
+            };
             Ok::<_, Error>((status, RawAnswer { headers, body }))
         };
         match tokio::time::timeout(timeout, fut).await {
@@ -246,15 +295,20 @@ impl Transport {
         decode_envelope(&method, path, status, &raw.body)
     }
 
-    /// Opens a websocket on `path` (which includes its query string).
-    pub async fn websocket(&self, path: &str) -> Result<Ws> {
+    /// Opens a websocket on `path` (which includes its query string) that
+    /// takes messages of at most `max_message` bytes (a longer one ends the
+    /// socket with an error).
+    pub async fn websocket(&self, path: &str, max_message: usize) -> Result<Ws> {
         let stream = self.connect().await?;
         let url = format!("ws://incus{path}");
         let req = url
             .as_str()
             .into_client_request()
             .map_err(|e| Error::websocket(format!("building request for {path}"), e))?;
-        let fut = tokio_tungstenite::client_async(req, stream);
+        let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .max_message_size(Some(max_message))
+            .max_frame_size(Some(max_message));
+        let fut = tokio_tungstenite::client_async_with_config(req, stream, Some(config));
         match tokio::time::timeout(self.request_timeout, fut).await {
             Ok(Ok((ws, _resp))) => Ok(ws),
             Ok(Err(tokio_tungstenite::tungstenite::Error::Http(resp))) => {

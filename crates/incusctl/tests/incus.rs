@@ -73,7 +73,7 @@ async fn launch_exec_files_state_and_list() {
     assert!(in_bridge(ip), "address {ip} is not on sbx0");
     eprintln!("launch to address: {:?}", started.elapsed());
 
-    // Exec with recorded output: hostname is the instance name.
+    // Exec with collected output: hostname is the instance name.
     let out = incus
         .exec(name, &ExecRequest::new(["hostname"]))
         .await
@@ -320,6 +320,7 @@ async fn launch_exec_files_state_and_list() {
         .pull_file_when_ready(
             name,
             "/etc/ssh/ssh_host_ed25519_key.pub",
+            16 * 1024,
             Duration::from_millis(200),
             Duration::from_secs(20),
         )
