@@ -888,10 +888,8 @@ fn restrict_stdout_file() {
     if let Ok(st) = nix::sys::stat::fstat(fd) {
         let mode = st.st_mode;
         if mode & nix::libc::S_IFMT == nix::libc::S_IFREG && mode & 0o077 != 0 {
-            let _ = nix::sys::stat::fchmod(
-                fd,
-                nix::sys::stat::Mode::from_bits_truncate(mode & 0o7700),
-            );
+            let _ =
+                nix::sys::stat::fchmod(fd, nix::sys::stat::Mode::from_bits_truncate(mode & 0o7700));
         }
     }
 }

@@ -387,17 +387,43 @@ fn no_login_is_closed_and_app_port_is_never_the_agent_port() {
     let table = d.ok(&["list"]);
     let header = table.lines().next().unwrap();
     assert!(header.trim_end().ends_with("AUTH"), "{table}");
-    assert!(table.lines().nth(1).unwrap().trim_end().ends_with("closed (no login)"), "{table}");
+    assert!(
+        table
+            .lines()
+            .nth(1)
+            .unwrap()
+            .trim_end()
+            .ends_with("closed (no login)"),
+        "{table}"
+    );
     let show = d.ok(&["show", "a"]);
-    assert!(show.contains("agent login:       closed (no login)"), "{show}");
+    assert!(
+        show.contains("agent login:       closed (no login)"),
+        "{show}"
+    );
 
     let pw = d.dir.path().join("pw");
     std::fs::write(&pw, "pw").unwrap();
-    d.ok(&["auth", "a", "alice", "--password-file", pw.to_str().unwrap()]);
-    assert!(d.ok(&["list"]).lines().nth(1).unwrap().trim_end().ends_with("alice"));
+    d.ok(&[
+        "auth",
+        "a",
+        "alice",
+        "--password-file",
+        pw.to_str().unwrap(),
+    ]);
+    assert!(d
+        .ok(&["list"])
+        .lines()
+        .nth(1)
+        .unwrap()
+        .trim_end()
+        .ends_with("alice"));
     assert!(d.ok(&["show", "a"]).contains("agent login:       alice"));
     let out = d.ok(&["auth", "a", "--remove"]);
-    assert!(out.contains("https://shelley.a.example.com is closed"), "{out}");
+    assert!(
+        out.contains("https://shelley.a.example.com is closed"),
+        "{out}"
+    );
 
     // Ports: refused on add (the agent port defaults to 9999) and on port.
     let before = d.ok(&["list", "--json"]);
@@ -407,7 +433,13 @@ fn no_login_is_closed_and_app_port_is_never_the_agent_port() {
         &["--app-port", "3000", "--agent-port", "3000"][..],
     ] {
         let mut args = vec![
-            "add", "b", "--domain", "b.test", "--upstream", "127.0.0.1", "--ssh-key",
+            "add",
+            "b",
+            "--domain",
+            "b.test",
+            "--upstream",
+            "127.0.0.1",
+            "--ssh-key",
             key.to_str().unwrap(),
         ];
         args.extend_from_slice(extra);
@@ -415,7 +447,10 @@ fn no_login_is_closed_and_app_port_is_never_the_agent_port() {
         assert!(err.contains("is the agent port"), "{err}");
     }
     let err = d.fails(&["port", "a", "9999"]);
-    assert!(err.contains("invalid app port: 9999 is the agent port"), "{err}");
+    assert!(
+        err.contains("invalid app port: 9999 is the agent port"),
+        "{err}"
+    );
     assert_eq!(d.ok(&["list", "--json"]), before, "nothing changed");
 }
 
@@ -441,7 +476,11 @@ fn backup_is_private_and_never_printed_to_a_terminal() {
     assert_eq!(std::fs::read_to_string(&file).unwrap(), text);
     // A restore from it works.
     let out = d.cli_with_stdin(&["restore", "--replace"], text.as_bytes());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // `backup > FILE` with the usual umask: the file ends up 0600.
     let redirected = d.dir.path().join("redirected.json");
@@ -520,5 +559,8 @@ fn readable_manual_key_file_is_refused() {
     // Loosened afterwards: the daemon refuses it when it reads it again.
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
     let err = d.fails(&["certs", "renew", "m.test"]);
-    assert!(err.contains("is readable by other users (mode 0640)"), "{err}");
+    assert!(
+        err.contains("is readable by other users (mode 0640)"),
+        "{err}"
+    );
 }

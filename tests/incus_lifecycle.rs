@@ -32,7 +32,7 @@ fn address(d: &common::Daemon, name: &str) -> String {
 
 #[test]
 fn create_route_stop_start_snapshot_restart_delete() {
-    let d = daemon();
+    let mut d = daemon();
     let name = unique("main");
     let _guard = InstanceGuard::new(&name);
 
@@ -45,6 +45,7 @@ fn create_route_stop_start_snapshot_restart_delete() {
         d.log_text()
     );
     eprintln!("create took {:?}", started.elapsed());
+    let created = String::from_utf8_lossy(&out.stdout).to_string();
     let progress = stderr(&out);
     assert!(
         progress.contains("[1/10] create") && progress.contains("[10/10] live"),
@@ -77,6 +78,8 @@ fn create_route_stop_start_snapshot_restart_delete() {
     let out = gateway_ssh(&d, &name, "hostname");
     assert!(out.status.success(), "{}\n{}", stderr(&out), d.log_text());
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), name);
+
+    generated_login_and_gateway_only_keys(&mut d, &name, &created);
 
     // stop: list and routes say stopped, and so does the gateway.
     d.ok(&["stop", &name]);
@@ -250,11 +253,178 @@ fn import_adopts_an_instance_made_outside() {
     assert!(listed(&d, &name).is_none());
 }
 
+/// `ssh USER@ADDRESS true` straight to the container (not through the
+/// gateway) with the client key `create` was given.
+fn direct_ssh_with_client_key(d: &common::Daemon, address: &str) -> std::process::Output {
+    let key = d.keygen("client").with_extension("");
+    Command::new("ssh")
+        .args([
+            "-F",
+            "/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+        ])
+        .args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+        ])
+        .args(["-o", "ConnectTimeout=10", "-i"])
+        .arg(&key)
+        .arg(format!("debian@{address}"))
+        .arg("true")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// Issue 14, items 1 and 8, on the sandbox of the main test (made without
+/// `--auth-user`): `create` printed a generated login once, the agent host
+/// takes exactly that password, the container's `authorized_keys` holds
+/// only the gateway's key, and a file of an earlier version (client key
+/// beside it) is rewritten when the new daemon starts.
+fn generated_login_and_gateway_only_keys(d: &mut common::Daemon, name: &str, created: &str) {
+    let prefix = "agent login (shown only now): user admin, password ";
+    let line = created
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no login in create's output: {created}"));
+    let password = &line[prefix.len()..];
+    assert_eq!(password.len(), 24, "{line}");
+    assert!(
+        password.chars().all(|c| c.is_ascii_alphanumeric()),
+        "{line}"
+    );
+    assert!(
+        created.contains(&format!("change it with: sandboxd auth {name} admin")),
+        "{created}"
+    );
+    assert!(
+        !d.log_text().contains(password),
+        "the password is in the log"
+    );
+    let sb = listed(d, name).unwrap();
+    assert_eq!(sb["auth_user"], "admin", "{sb}");
+    assert!(d
+        .ok(&["list"])
+        .lines()
+        .any(|l| l.starts_with(name) && l.trim_end().ends_with("admin")));
+
+    // The agent host takes that password and nothing else (the agent's port
+    // has nothing listening in this container: 502 once past the login).
+    let https = d.listen_port("https_listen");
+    let agent = format!("shelley.{name}.test");
+    let agent_status = |login: Option<&str>| {
+        let resolve = format!("{agent}:{https}:127.0.0.1");
+        let url = format!("https://{agent}:{https}/");
+        let mut args = vec!["-k", "--resolve", resolve.as_str()];
+        if let Some(l) = login {
+            args.extend(["-u", l]);
+        }
+        args.push(url.as_str());
+        common::curl(&args).0
+    };
+    assert_eq!(agent_status(None), 401);
+    assert_eq!(agent_status(Some("admin:wrong")), 401);
+    assert_eq!(agent_status(Some(&format!("admin:{password}"))), 502);
+
+    // authorized_keys: the gateway's key alone; the client key gets nowhere
+    // without the gateway.
+    let backup = d.json(&["backup"]);
+    let gateway_key = backup["sandboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == name)
+        .unwrap()["upstream_key"]["public_openssh"]
+        .as_str()
+        .unwrap()
+        .trim()
+        .to_string();
+    let client_key = std::fs::read_to_string(d.keygen("client"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let keys_now = || {
+        exec(name, "cat /home/debian/.ssh/authorized_keys")
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(keys_now(), vec![gateway_key.clone()]);
+    let ip = address(d, name);
+    let out = direct_ssh_with_client_key(d, &ip);
+    assert!(
+        !out.status.success(),
+        "client key works on the container itself"
+    );
+    assert!(
+        stderr(&out).contains("Permission denied"),
+        "{}",
+        stderr(&out)
+    );
+
+    // What an earlier version left: the client key beside the gateway's,
+    // and a lifecycle record without `gateway_key_only` (restored from that
+    // version's backup). The client key then gets in directly...
+    exec(
+        name,
+        &format!(
+            "printf '%s\\n' '# managed by sandboxd: the gateway key first' '{gateway_key}' '{client_key}' \
+             > /home/debian/.ssh/authorized_keys"
+        ),
+    );
+    assert!(direct_ssh_with_client_key(d, &ip).status.success());
+    let mut old = backup.clone();
+    let removed = old["records"]["lifecycle"][name]
+        .as_object_mut()
+        .unwrap()
+        .remove("gateway_key_only");
+    assert_eq!(removed, Some(serde_json::json!(true)));
+    let out = d.cli_with_stdin(
+        &["restore", "--replace"],
+        serde_json::to_string(&old).unwrap().as_bytes(),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    // ...until the new daemon starts on that state: its first reconcile
+    // rewrites the file, once, and the gateway still gets in.
+    assert!(d.terminate().success());
+    d.restart();
+    wait_until(Duration::from_secs(30), "authorized_keys rewritten", || {
+        keys_now() == vec![gateway_key.clone()]
+    });
+    assert!(!direct_ssh_with_client_key(d, &ip).status.success());
+    assert!(d
+        .log_text()
+        .contains("authorized_keys now holds only the gateway's key"));
+    assert_eq!(ssh_as_gateway(d, name, &ip), name);
+    let after = d.json(&["backup"]);
+    assert_eq!(
+        after["records"]["lifecycle"][name]["gateway_key_only"],
+        true
+    );
+}
+
 #[test]
 fn bad_input_and_incus_absent_store_nothing() {
     let d = daemon();
     let name = unique("bad");
     let _guard = InstanceGuard::new(&name);
+
+    // The app port cannot be the agent port (issue 14, item 1).
+    let out = create(&d, &name, &["--app-port", "9999"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("invalid app port: 9999 is the agent port"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(listed(&d, &name).is_none());
+    assert!(!block_on(incus().instance_exists(&name)).unwrap());
 
     let out = create(&d, &name, &["--image", "t-lc-no/such-image"]);
     assert!(!out.status.success());

@@ -246,7 +246,10 @@ impl Client {
             Some(tx) => {
                 let ws = self
                     .transport
-                    .websocket("/1.0/events?type=operation", crate::transport::MAX_EVENT_MESSAGE)
+                    .websocket(
+                        "/1.0/events?type=operation",
+                        crate::transport::MAX_EVENT_MESSAGE,
+                    )
                     .await?;
                 let (id_tx, id_rx) = oneshot::channel();
                 let task = tokio::spawn(forward_progress(ws, id_rx, tx));

@@ -274,7 +274,10 @@ impl Client {
     /// connected, so that no event after this call is missed. Fails when
     /// Incus cannot be reached now.
     pub async fn events_connected(&self) -> Result<EventStream> {
-        let ws = self.transport().websocket(EVENTS_PATH, crate::transport::MAX_EVENT_MESSAGE).await?;
+        let ws = self
+            .transport()
+            .websocket(EVENTS_PATH, crate::transport::MAX_EVENT_MESSAGE)
+            .await?;
         let (tx, rx) = mpsc::channel(256);
         let client = self.clone();
         let task = tokio::spawn(async move { run_events(client, Some(ws), tx).await });
@@ -340,7 +343,12 @@ async fn run_events(
     loop {
         let ws = match first.take() {
             Some(ws) => Ok(ws),
-            None => client.transport().websocket(EVENTS_PATH, crate::transport::MAX_EVENT_MESSAGE).await,
+            None => {
+                client
+                    .transport()
+                    .websocket(EVENTS_PATH, crate::transport::MAX_EVENT_MESSAGE)
+                    .await
+            }
         };
         let reason = match ws {
             Ok(mut ws) => {

@@ -653,10 +653,7 @@ mod tests {
 
     #[test]
     fn exec_request_json() {
-        let v = ExecRequest::new(["id"])
-            .cwd("/tmp")
-            .as_user(5, 6)
-            .to_json();
+        let v = ExecRequest::new(["id"]).cwd("/tmp").as_user(5, 6).to_json();
         assert_eq!(v["wait-for-websocket"], true);
         assert_eq!(v["record-output"], false);
         assert_eq!(v["interactive"], false);

@@ -214,12 +214,7 @@ impl Client {
     /// Reads a regular file of at most `max` bytes; a longer one is not
     /// read past `max` and gives [`Error::TooLarge`]. The file's contents
     /// are the instance's to choose: give the smallest cap that fits.
-    pub async fn pull_file_capped(
-        &self,
-        name: &str,
-        path: &str,
-        max: usize,
-    ) -> Result<PulledFile> {
+    pub async fn pull_file_capped(&self, name: &str, path: &str, max: usize) -> Result<PulledFile> {
         let url = files_path(name, path)?;
         let (status, raw) = self
             .transport()

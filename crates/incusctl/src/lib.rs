@@ -56,11 +56,11 @@ pub use files::{FileKind, FileMeta, PulledFile, PushOptions, DEFAULT_MAX_FILE};
 pub use host::{Network, Profile, StoragePool};
 pub use images::ImageTarballs;
 pub use operation::{OperationInfo, Progress, STATUS_CANCELLED, STATUS_FAILURE, STATUS_SUCCESS};
-pub use transport::MAX_ANSWER;
 pub use state::{
     cpu_percent, CpuState, DiskState, InstanceState, MemoryState, NetworkAddress, NetworkCounters,
     NetworkState, DEFAULT_NIC,
 };
+pub use transport::MAX_ANSWER;
 pub use types::{
     CreateInstance, Image, ImageAlias, ImageAliasRef, ImageSource, Instance, ServerEnvironment,
     ServerInfo, Snapshot,
