@@ -486,9 +486,7 @@ fn backup_is_private_and_never_printed_to_a_terminal() {
     let redirected = d.dir.path().join("redirected.json");
     let st = std::process::Command::new("sh")
         .arg("-c")
-        .arg(format!(
-            "umask 022; exec \"$0\" --admin-socket \"$1\" backup > \"$2\""
-        ))
+        .arg("umask 022; exec \"$0\" --admin-socket \"$1\" backup > \"$2\"")
         .arg(common::BIN)
         .arg(&d.socket)
         .arg(&redirected)
