@@ -1,4 +1,8 @@
 //! The admin API client used by every CLI command except `serve`.
+//!
+//! Before a byte is sent on a connection, the process serving the socket
+//! must be root, the CLI's own user or the daemon's user (see
+//! [`DAEMON_USER`]): a socket planted by someone else gets nothing.
 
 use std::path::{Path, PathBuf};
 

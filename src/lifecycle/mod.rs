@@ -19,6 +19,9 @@
 //!   an untracked instance and is never touched by `create`;
 //! - Incus being absent never stops the daemon: every call here answers
 //!   "Incus is not running: ..." instead.
+//! - a container's login user has only the gateway's key in
+//!   `authorized_keys`, and a sandbox made without a login gets a generated
+//!   one ([`access`]);
 //! - containers come back with the host in their last state: sandboxd
 //!   leaves `boot.autostart` unset, which Incus reads as "restore the state
 //!   the instance had when incusd stopped" (a sandbox stopped with
