@@ -37,10 +37,12 @@ fn peak_rss_kib() -> u64 {
 /// a huge file is refused without being read.
 async fn tenant_data_is_read_up_to_a_cap(incus: &Client, name: &str) {
     let before = peak_rss_kib();
+    let started = Instant::now();
     let err = incus
         .exec(name, &ExecRequest::new(["head", "-c", "1G", "/dev/zero"]))
         .await
         .unwrap_err();
+    eprintln!("1 GiB exec flood refused after {:?}", started.elapsed());
     assert!(err.is_too_large(), "{err}");
     let text = err.to_string();
     assert!(
