@@ -133,6 +133,8 @@ cat <<TXT
 The demo sandbox is up.
   ssh -p 2222 demo@localhost
   curl --cacert /etc/sandboxd/demo-ca.pem --resolve demo.localhost:$https_port:127.0.0.1 https://demo.localhost:$https_port/
+  agent UI: https://shelley.demo.localhost:$https_port/ with the login 'create' printed
+    (once; a new one: sandboxd auth demo admin)
   sandboxd list          # also: top, snapshot list demo, stop/start demo, delete demo
   sandboxd create NAME --domain NAME.example.com --ssh-key ~/.ssh/id_ed25519.pub
 Config: $CONFIG   Log: see \`sandboxd setup\` output above.

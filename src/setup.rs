@@ -1201,9 +1201,16 @@ impl Host {
             self.config_file().display()
         );
         let _ = writeln!(s, "  4. Import an image and create the first sandbox:");
+        // The CLI talks only to a socket served by root, its own user or
+        // the daemon's user (`sandboxd` unless named).
+        let env = if a.user == crate::client::DAEMON_USER {
+            String::new()
+        } else {
+            format!("SANDBOXD_DAEMON_USER={} ", a.user)
+        };
         let _ = writeln!(
             s,
-            "       sandboxd --admin-socket {} create myapp --domain myapp.example.com --ssh-key ~/.ssh/id_ed25519.pub",
+            "       {env}sandboxd --admin-socket {} create myapp --domain myapp.example.com --ssh-key ~/.ssh/id_ed25519.pub",
             socket.display()
         );
         let _ = writeln!(s, "       ssh -p 2222 myapp@myapp.example.com");
