@@ -409,7 +409,7 @@ while time.time() < end:
         pass
     c.close()
 "#;
-    let mut child = Command::new("python3")
+    let mut child = Command::new("/usr/bin/python3")
         .arg("-c")
         .arg(fake)
         .arg(&socket)
