@@ -188,12 +188,18 @@ mod tests {
             .contains("--tls-cert-file"));
     }
 
+    fn private(path: &Path) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
     fn write_pair(dir: &Path, name: &str) -> ManualFiles {
         let ck = rcgen::generate_simple_self_signed(vec!["a.test".to_string()]).unwrap();
         let cert = dir.join(format!("{name}.pem"));
         let key = dir.join(format!("{name}.key"));
         std::fs::write(&cert, ck.cert.pem()).unwrap();
         std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+        private(&key);
         ManualFiles {
             cert: cert.display().to_string(),
             key: key.display().to_string(),
@@ -222,6 +228,7 @@ mod tests {
         // There but not PEM: refused, naming the file.
         let junk = dir.path().join("junk.key");
         std::fs::write(&junk, "not a key\n").unwrap();
+        private(&junk);
         let err = check_files(&ManualFiles {
             cert: a.cert.clone(),
             key: junk.display().to_string(),
@@ -235,5 +242,16 @@ mod tests {
         })
         .unwrap_err();
         assert!(matches!(err, TlsError::Read { .. }), "{err}");
+        // A key others may read: refused before it is parsed.
+        let loose = write_pair(dir.path(), "loose");
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&loose.key, std::fs::Permissions::from_mode(0o640)).unwrap();
+        }
+        let err = check_files(&loose).unwrap_err();
+        assert!(
+            matches!(err, TlsError::KeyReadable { mode: 0o640, .. }),
+            "{err}"
+        );
     }
 }
