@@ -851,6 +851,7 @@ async fn restore(
         let event = match outcome {
             Ok(seq) => {
                 ctx.routes.wait_applied(seq).await;
+                ctx.lifecycle.recheck_authorized_keys();
                 tracing::info!(sandboxes = total, records, "backup restored");
                 Event::Done {
                     result: serde_json::json!(api::RestoreResult {

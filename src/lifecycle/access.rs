@@ -15,7 +15,7 @@
 //!   versions (whose file also held the client keys) get it rewritten once
 //!   by [`super::Lifecycle::upgrade_authorized_keys`], run after each
 //!   reconcile until every running sandbox is done (a stopped one is done
-//!   once it runs). The rewrite puts the gateway's key in, so it cannot
+//!   once it runs; a restore makes it look again). The rewrite puts the gateway's key in, so it cannot
 //!   lock the gateway out, and running it again changes nothing; the
 //!   lifecycle record's `gateway_key_only` marks it done (new sandboxes
 //!   carry it from the start), after which sandboxd leaves the file alone.
@@ -153,6 +153,13 @@ impl Lifecycle {
             self.keys_upgraded
                 .store(true, std::sync::atomic::Ordering::Relaxed);
         }
+    }
+
+    /// Makes the next reconcile look for sandboxes to upgrade again (after
+    /// a restore, which may bring records of an earlier version).
+    pub fn recheck_authorized_keys(&self) {
+        self.keys_upgraded
+            .store(false, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Settled Incus sandboxes whose lifecycle record lacks
