@@ -170,8 +170,12 @@ fn app_and_agent_hosts_with_internal_certificates() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(text, format!("301 https://myapp.test:{https}/a/b?c=1"));
 
-    // A port change applies to the next request.
-    d.ok(&["port", "myapp", &agent.port.to_string()]);
+    // A port change applies to the next request (never to the agent's
+    // port: the app domain has no login).
+    let err = d.fails(&["port", "myapp", &agent.port.to_string()]);
+    assert!(err.contains("is the agent port"), "{err}");
+    let app2 = python_upstream(d.dir.path(), "app2", "app2-content");
+    d.ok(&["port", "myapp", &app2.port.to_string()]);
     let (code, body, _) = curl(&[
         "--cacert",
         ca_s,
@@ -179,7 +183,7 @@ fn app_and_agent_hosts_with_internal_certificates() {
         &resolve("myapp.test"),
         &url("myapp.test", "/index.txt"),
     ]);
-    assert_eq!((code, body.as_str()), (200, "agent-content"));
+    assert_eq!((code, body.as_str()), (200, "app2-content"));
 
     let certs = d.json(&["certs", "--json"]);
     assert!(
@@ -195,6 +199,7 @@ fn app_and_agent_hosts_with_internal_certificates() {
     // The upstream going away gives a 502 page naming the sandbox.
     drop(app);
     drop(agent);
+    drop(app2);
     let (code, body, _) = curl(&[
         "--cacert",
         ca_s,
