@@ -484,12 +484,15 @@ async fn run_stream(
         Err(e) => Err(e),
     };
     // Output ends with Incus' barrier once the process is gone; bound the
-    // wait so a broken server cannot hang us.
+    // wait so a broken server (or a child left writing) cannot hang us, and
+    // stop reading then.
     for h in [out, err] {
+        let stop = h.abort_handle();
         if tokio::time::timeout(Duration::from_secs(10), h)
             .await
             .is_err()
         {
+            stop.abort();
             tracing::debug!("exec output stream did not end after the command");
         }
     }
