@@ -56,6 +56,8 @@ pub struct AdminContext {
     pub ssh_host_keys: Vec<String>,
     /// Incus sandboxes: create, start/stop, snapshots, import, stats.
     pub lifecycle: Arc<crate::lifecycle::Lifecycle>,
+    /// Which domains may use `internal` TLS mode.
+    pub tls_policy: tlsfiles::Policy,
 }
 
 /// Who may use the socket.
@@ -375,6 +377,7 @@ fn status(ctx: &AdminContext) -> Status {
         routes: table.entries(),
         route_generation: table.generation,
         https_connections: ctx.http.open_connections(),
+        ca_notice: ctx.http.ca_replaced(),
     }
 }
 
@@ -520,6 +523,8 @@ pub(crate) struct NewSandbox {
     pub tls_cert_file: Option<String>,
     pub tls_key_file: Option<String>,
     pub status: SandboxStatus,
+    /// Which domains may use `internal` TLS mode.
+    pub tls_policy: tlsfiles::Policy,
 }
 
 /// Checks what the store cannot (client keys, host key, auth, TLS mode
@@ -555,6 +560,9 @@ pub(crate) async fn new_sandbox(req: NewSandbox) -> Result<Sandbox, ApiError> {
     let tls_files =
         tlsfiles::settings(req.tls_mode.as_deref(), req.tls_cert_file, req.tls_key_file)
             .map_err(|e| ApiError::bad(e.to_string()))?;
+    req.tls_policy
+        .check(req.tls_mode.as_deref(), &req.domain)
+        .map_err(|e| ApiError::bad(e.to_string()))?;
     let (tls_cert_file, tls_key_file) = match tls_files {
         Some(files) => {
             let checked = files.clone();
@@ -617,6 +625,7 @@ async fn add(ctx: &Arc<AdminContext>, body: Incoming) -> Result<Response<Body>, 
         tls_mode: req.tls_mode,
         status: SandboxStatus::Running,
         name: req.name,
+        tls_policy: ctx.tls_policy.clone(),
     })
     .await?;
     let name = sandbox.name.clone();

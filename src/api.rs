@@ -127,6 +127,10 @@ pub struct Status {
     /// Open HTTPS client connections on each web serving thread.
     #[serde(default)]
     pub https_connections: Vec<usize>,
+    /// Set when this start replaced the internal CA's root: clients must
+    /// trust the new one (`sandboxd ca-cert`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_notice: Option<String>,
 }
 
 /// One entry of the live routing snapshot.

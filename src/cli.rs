@@ -668,6 +668,9 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
                     conns.join(" + ")
                 ),
             }
+            if let Some(notice) = &st.ca_notice {
+                println!("notice:     {notice}");
+            }
         }
         Command::Routes { json } => {
             let dump: RouteDump = client.call(Method::GET, "/v1/routes", NONE).await?;

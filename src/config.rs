@@ -86,6 +86,10 @@ pub struct Config {
     pub provision: ProvisionConfig,
     /// The `[http]` table: proxy limits, timeouts and trusted proxies.
     pub http: HttpSettings,
+    /// DNS suffixes the internal CA may issue for (its root's name
+    /// constraints), lowercase, without leading dot; `internal` mode is
+    /// refused for domains outside them.
+    pub internal_ca_suffixes: Vec<String>,
 }
 
 /// The `[http]` table. `None` keeps the proxy's built-in default (see
@@ -98,6 +102,13 @@ pub struct HttpSettings {
     pub trusted_proxies: Vec<std::net::IpAddr>,
     /// Open client connections per listener; more are closed at once.
     pub max_connections: Option<usize>,
+    /// Open client connections per listener from one source address (IPv6:
+    /// one /64); more are closed at accept. 0: no cap.
+    pub max_connections_per_source: Option<usize>,
+    /// `Strict-Transport-Security: max-age=N` on responses; 0: never.
+    pub hsts_max_age: Option<u64>,
+    /// The certificate modes whose hosts get HSTS (default: acme only).
+    pub hsts_tls_modes: Option<Vec<String>>,
     /// Largest request head (request line and headers), in bytes.
     pub max_header_bytes: Option<usize>,
     /// TLS handshake of a client.
@@ -147,6 +158,18 @@ impl HttpSettings {
         if let Some(n) = self.max_connections {
             cfg.limits.max_connections = n;
         }
+        if let Some(n) = self.max_connections_per_source {
+            cfg.limits.max_connections_per_source = n;
+        }
+        if let Some(n) = self.hsts_max_age {
+            cfg.hsts.max_age_secs = n;
+        }
+        if let Some(modes) = &self.hsts_tls_modes {
+            let on = |m: &str| modes.iter().any(|x| x == m);
+            cfg.hsts.acme = on("acme");
+            cfg.hsts.manual = on("manual");
+            cfg.hsts.internal = on("internal");
+        }
         if let Some(n) = self.max_header_bytes {
             cfg.limits.max_header_bytes = n;
         }
@@ -169,6 +192,9 @@ fn ranged(t: &toml::Table, key: &str, lo: i64, hi: i64, errs: &mut Vec<String>) 
 const HTTP_KEYS: &[&str] = &[
     "trusted_proxies",
     "max_connections",
+    "max_connections_per_source",
+    "hsts_max_age_secs",
+    "hsts_tls_modes",
     "max_header_bytes",
     "handshake_timeout_secs",
     "header_timeout_secs",
@@ -207,6 +233,19 @@ fn read_http(table: &toml::Table, errs: &mut Vec<String>) -> HttpSettings {
     }
     let size = |n: u64| usize::try_from(n).ok();
     h.max_connections = ranged(t, "max_connections", 1, 1_000_000, errs).and_then(size);
+    h.max_connections_per_source =
+        ranged(t, "max_connections_per_source", 0, 1_000_000, errs).and_then(size);
+    h.hsts_max_age = ranged(t, "hsts_max_age_secs", 0, 2 * 365 * 86_400, errs);
+    if let Some(modes) = take_list(t, "hsts_tls_modes", errs) {
+        for m in &modes {
+            if !["acme", "manual", "internal"].contains(&m.as_str()) {
+                errs.push(format!(
+                    "`http.hsts_tls_modes`: {m:?} is not acme, manual or internal"
+                ));
+            }
+        }
+        h.hsts_tls_modes = Some(modes);
+    }
     h.max_header_bytes = ranged(t, "max_header_bytes", 1024, 1024 * 1024, errs).and_then(size);
     let secs = |key: &str, errs: &mut Vec<String>| {
         ranged(t, key, 1, 86_400, errs).map(std::time::Duration::from_secs)
@@ -476,6 +515,7 @@ const KNOWN_KEYS: &[&str] = &[
     "incus_reconcile_secs",
     "provision",
     "http",
+    "internal_ca_suffixes",
 ];
 
 /// Raw values, before validation; `None` means not given.
@@ -499,6 +539,7 @@ struct Raw {
     incus_reconcile_secs: Option<i64>,
     provision: ProvisionConfig,
     http: HttpSettings,
+    internal_ca_suffixes: Option<Vec<String>>,
 }
 
 fn take_int(table: &toml::Table, key: &str, errs: &mut Vec<String>) -> Option<i64> {
@@ -600,6 +641,7 @@ fn read_file(path: &Path, errs: &mut Vec<String>) -> Raw {
         incus_reconcile_secs: take_int(&table, "incus_reconcile_secs", errs),
         provision: read_provision(&table, errs),
         http: read_http(&table, errs),
+        internal_ca_suffixes: take_list(&table, "internal_ca_suffixes", errs),
     }
 }
 
@@ -759,6 +801,7 @@ pub fn load(args: &ServeArgs, admin_socket: Option<PathBuf>) -> Result<Config, C
     if incus.default_image.trim().is_empty() {
         errs.push("`default_image` must not be empty".to_string());
     }
+    let internal_ca_suffixes = ca_suffixes(file.internal_ca_suffixes, &mut errs);
     if !errs.is_empty() {
         return Err(ConfigErrors(errs));
     }
@@ -779,7 +822,44 @@ pub fn load(args: &ServeArgs, admin_socket: Option<PathBuf>) -> Result<Config, C
         incus,
         provision: file.provision,
         http: file.http,
+        internal_ca_suffixes,
     })
+}
+
+/// `internal_ca_suffixes`: DNS names (a leading dot is allowed and
+/// dropped), at least one; the default is httpgate's list of names no
+/// public CA issues for.
+fn ca_suffixes(given: Option<Vec<String>>, errs: &mut Vec<String>) -> Vec<String> {
+    let Some(given) = given else {
+        return httpgate::DEFAULT_INTERNAL_SUFFIXES
+            .iter()
+            .map(|s| (*s).to_string())
+            .collect();
+    };
+    let mut out: Vec<String> = Vec::new();
+    for raw in given {
+        let s = raw.trim().trim_start_matches('.').to_ascii_lowercase();
+        let ok = !s.is_empty()
+            && s.len() <= 253
+            && s.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
+        if !ok {
+            errs.push(format!(
+                "`internal_ca_suffixes`: {raw:?} is not a DNS suffix like .test or .corp.example"
+            ));
+        } else if !out.contains(&s) {
+            out.push(s);
+        }
+    }
+    if out.is_empty() && !errs.iter().any(|e| e.contains("internal_ca_suffixes")) {
+        errs.push("`internal_ca_suffixes` must name at least one DNS suffix".into());
+    }
+    out
 }
 
 #[cfg(test)]

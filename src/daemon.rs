@@ -254,6 +254,7 @@ pub async fn run(
         acme_email: config.acme_email.clone(),
         acme_challenges: config.acme_challenges.clone(),
         https_port,
+        internal_suffixes: config.internal_ca_suffixes.clone(),
         ..Default::default()
     };
     config.http.apply(&mut http_config);
@@ -275,11 +276,16 @@ pub async fn run(
     };
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let tls_policy = crate::tlsfiles::Policy {
+        default_internal: config.tls_mode == TlsMode::Internal,
+        internal_suffixes: config.internal_ca_suffixes.clone(),
+    };
     let lifecycle = crate::lifecycle::Lifecycle::new(
         store.clone(),
         routes.clone(),
         &config.incus,
         config.provision.clone(),
+        tls_policy.clone(),
     );
     let ctx = Arc::new(AdminContext {
         http: http.clone(),
@@ -293,6 +299,7 @@ pub async fn run(
         https_listen: addr_strings(&bound.https_addrs),
         http_listen: addr_strings(&bound.http_addrs),
         lifecycle: lifecycle.clone(),
+        tls_policy,
     });
     let access = Access {
         daemon_uid: nix::unistd::getuid().as_raw(),

@@ -1197,7 +1197,7 @@ impl Host {
         );
         let _ = writeln!(
             s,
-            "  3. For public certificates set tls_mode = \"acme\" and acme_email in {}, then restart the daemon.",
+            "  3. For public certificates set tls_mode = \"acme\" and acme_email in {}, then restart the daemon\n     (internal certificates cover only internal_ca_suffixes: .test, .localhost, .internal, ...).",
             self.config_file().display()
         );
         let _ = writeln!(s, "  4. Import an image and create the first sandbox:");

@@ -1,6 +1,9 @@
 //! A sandbox's TLS settings as `add` and `create` give them: the mode, and
 //! for `manual` the PEM files, checked before anything is recorded (so a
-//! `create` refused here leaves no record and no container).
+//! `create` refused here leaves no record and no container). `internal`
+//! mode, asked for or the daemon's default, is only for domains under the
+//! internal CA's suffixes ([`Policy`]): its root is constrained to them, so
+//! a leaf for any other name would be refused by every client.
 //!
 //! It does not serve or reload the files: httpgate loads them when the
 //! route appears, on `certs renew DOMAIN`, every 5 minutes and at start,
@@ -40,6 +43,45 @@ pub enum TlsError {
     Mismatch { cert: String, key: String },
     #[error("key file {path} is readable by other users (mode {mode:04o}): chmod 600 it (owned by the user sandboxd runs as)")]
     KeyReadable { path: String, mode: u32 },
+    #[error(
+        "{domain} cannot use tls mode internal{}: the internal CA only vouches for names under {}; \
+         use --tls-mode acme (a public certificate) or --tls-mode manual (your own files)",
+        if *.defaulted { " (the daemon's default)" } else { "" },
+        .suffixes.iter().map(|s| format!(".{s}")).collect::<Vec<_>>().join(", ")
+    )]
+    OutsideInternal {
+        domain: String,
+        suffixes: Vec<String>,
+        defaulted: bool,
+    },
+}
+
+/// Which domains may use `internal` mode, and whether a sandbox that
+/// names no mode gets it (the daemon's `tls_mode`).
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    pub default_internal: bool,
+    /// The internal CA's suffixes (`internal_ca_suffixes`).
+    pub internal_suffixes: Vec<String>,
+}
+
+impl Policy {
+    /// Refuses `internal` mode (given, or by default) for a domain outside
+    /// the internal CA's suffixes.
+    pub fn check(&self, mode: Option<&str>, domain: &str) -> Result<(), TlsError> {
+        let internal = match mode {
+            Some(m) => m == "internal",
+            None => self.default_internal,
+        };
+        if internal && !httpgate::internal_name_allowed(domain, &self.internal_suffixes) {
+            return Err(TlsError::OutsideInternal {
+                domain: domain.to_string(),
+                suffixes: self.internal_suffixes.clone(),
+                defaulted: mode.is_none(),
+            });
+        }
+        Ok(())
+    }
 }
 
 /// The manual mode's files: certificate chain (leaf first) and key.

@@ -25,21 +25,21 @@ fn add_args<'a>(name: &'a str, domain: &'a str, key: &'a str) -> Vec<&'a str> {
 #[test]
 fn invalid_names_and_domains_change_nothing() {
     let d = Daemon::start();
-    d.add("good", "good.example.com");
+    d.add("good", "good.example.test");
     let before = d.ok(&["list", "--json"]);
     let key = d.keygen("k");
     let key = key.to_str().unwrap();
     let long = "a".repeat(64);
     let cases: Vec<(&str, &str, &str)> = vec![
-        ("My-App", "x.example.com", "use lowercase"),
-        ("my_app", "x.example.com", "only a-z"),
-        ("app-", "x.example.com", "start or end"),
-        (&long, "x.example.com", "at most 63"),
+        ("My-App", "x.example.test", "use lowercase"),
+        ("my_app", "x.example.test", "only a-z"),
+        ("app-", "x.example.test", "start or end"),
+        (&long, "x.example.test", "at most 63"),
         ("ok", "localhost", "two labels"),
-        ("ok", "a..example.com", "must not be empty"),
-        ("ok", "bad_label.example.com", "only a-z"),
+        ("ok", "a..example.test", "must not be empty"),
+        ("ok", "bad_label.example.test", "only a-z"),
         ("ok", "10.0.0.1", "IP address"),
-        ("ok", "x.example.com.", "must not end"),
+        ("ok", "x.example.test.", "must not end"),
     ];
     for (name, domain, needle) in cases {
         let err = d.fails(&add_args(name, domain, key));
@@ -49,7 +49,7 @@ fn invalid_names_and_domains_change_nothing() {
         "add",
         "ok",
         "--domain",
-        "ok.example.com",
+        "ok.example.test",
         "--upstream",
         "bad host!",
         "--ssh-key",
@@ -58,7 +58,7 @@ fn invalid_names_and_domains_change_nothing() {
     assert!(err.contains("upstream"), "{err}");
     let bad_key = d.dir.path().join("bad.pub");
     std::fs::write(&bad_key, "ssh-ed25519 AAAAnotakey\n").unwrap();
-    let err = d.fails(&add_args("ok", "ok.example.com", bad_key.to_str().unwrap()));
+    let err = d.fails(&add_args("ok", "ok.example.test", bad_key.to_str().unwrap()));
     assert!(err.contains("not an OpenSSH public key"), "{err}");
     assert_eq!(d.ok(&["list", "--json"]), before);
 }
@@ -66,19 +66,19 @@ fn invalid_names_and_domains_change_nothing() {
 #[test]
 fn duplicates_and_unknown_sandboxes() {
     let d = Daemon::start();
-    d.add("a", "a.example.com");
+    d.add("a", "a.example.test");
     let before = d.ok(&["list", "--json"]);
     let key = d.keygen("k");
     let key = key.to_str().unwrap();
-    let err = d.fails(&add_args("a", "other.example.com", key));
+    let err = d.fails(&add_args("a", "other.example.test", key));
     assert!(err.contains("a sandbox named a exists already"), "{err}");
-    let err = d.fails(&add_args("b", "A.example.com", key));
+    let err = d.fails(&add_args("b", "A.example.test", key));
     assert!(
-        err.contains("host a.example.com is already used by sandbox a"),
+        err.contains("host a.example.test is already used by sandbox a"),
         "{err}"
     );
     // b's domain collides with a's agent host.
-    let err = d.fails(&add_args("b", "shelley.a.example.com", key));
+    let err = d.fails(&add_args("b", "shelley.a.example.test", key));
     assert!(err.contains("already used by sandbox a"), "{err}");
     assert_eq!(d.ok(&["list", "--json"]), before);
 
@@ -112,7 +112,7 @@ fn curl(socket: &std::path::Path, args: &[&str]) -> (u16, String) {
 #[test]
 fn malformed_and_oversized_admin_requests() {
     let d = Daemon::start();
-    d.add("a", "a.example.com");
+    d.add("a", "a.example.test");
     let before = d.ok(&["list", "--json"]);
     let url = "http://sandboxd/v1/sandboxes";
     let (code, body) = curl(
@@ -165,7 +165,7 @@ fn other_uids_are_refused() {
     // A world-traversable directory so that uid 65534 can reach the socket
     // path at all; the daemon still makes the socket itself 0600.
     let d = Daemon::start();
-    d.add("a", "a.example.com");
+    d.add("a", "a.example.test");
     let before = d.ok(&["list", "--json"]);
     let open = tempfile::tempdir().unwrap();
     std::fs::set_permissions(open.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -239,7 +239,7 @@ fn serve_on(state: &std::path::Path, socket: &std::path::Path) -> std::process::
 #[test]
 fn second_daemon_on_same_state_is_refused_and_first_unharmed() {
     let d = Daemon::start();
-    d.add("a", "a.example.com");
+    d.add("a", "a.example.test");
     let other_socket = d.dir.path().join("other.sock");
     let out = serve_on(&d.state, &other_socket);
     assert!(!out.status.success());
@@ -325,7 +325,7 @@ fn missing_state_dir_is_created_private() {
     // The harness points --state-dir at a directory that did not exist.
     let mode = std::fs::metadata(&d.state).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o700);
-    d.add("a", "a.example.com");
+    d.add("a", "a.example.test");
     for entry in walk(&d.state) {
         let m = std::fs::metadata(&entry).unwrap();
         let mode = m.permissions().mode() & 0o777;

@@ -8,7 +8,7 @@ use common::Daemon;
 #[test]
 fn add_list_show_remove() {
     let d = Daemon::start();
-    let out = d.add("myapp-example-com", "MyApp.Example.com");
+    let out = d.add("myapp-example-com", "MyApp.Example.test");
     assert!(
         out.contains("ssh-ed25519 "),
         "add prints the gateway key: {out}"
@@ -19,8 +19,8 @@ fn add_list_show_remove() {
     assert_eq!(arr.len(), 1);
     let sb = &arr[0];
     assert_eq!(sb["name"], "myapp-example-com");
-    assert_eq!(sb["domain"], "myapp.example.com", "domain lowercased");
-    assert_eq!(sb["agent_host"], "shelley.myapp.example.com");
+    assert_eq!(sb["domain"], "myapp.example.test", "domain lowercased");
+    assert_eq!(sb["agent_host"], "shelley.myapp.example.test");
     assert_eq!(sb["ssh_port"], 22);
     assert_eq!(sb["app_port"], 8000);
     assert_eq!(sb["agent_port"], 9999);
@@ -42,10 +42,10 @@ fn add_list_show_remove() {
 
     let table = d.ok(&["list"]);
     assert!(table.starts_with("NAME"), "{table}");
-    assert!(table.contains("myapp.example.com"));
+    assert!(table.contains("myapp.example.test"));
     let human = d.ok(&["show", "myapp-example-com"]);
     assert!(
-        human.contains("https://shelley.myapp.example.com"),
+        human.contains("https://shelley.myapp.example.test"),
         "{human}"
     );
 
@@ -115,7 +115,7 @@ fn add_with_all_options_and_host_key_file() {
 #[test]
 fn keys_port_and_auth() {
     let d = Daemon::start();
-    d.add("a", "a.example.com");
+    d.add("a", "a.example.test");
     let extra = d.keygen("extra");
     let listed = d.ok(&["key", "add", "a", extra.to_str().unwrap()]);
     assert!(listed.contains("extra"), "{listed}");
@@ -196,7 +196,7 @@ fn status_routes_and_completions() {
         // The listener is really bound.
         std::net::TcpStream::connect(addr).unwrap();
     }
-    d.add("a", "a.example.com");
+    d.add("a", "a.example.test");
     let st = d.json(&["status", "--json"]);
     assert_eq!(st["sandboxes"], 1);
     assert_eq!(st["routes"], 3, "one ssh user and two https hosts");
@@ -258,7 +258,7 @@ fn status_routes_and_completions() {
 #[test]
 fn admin_socket_option_before_or_after_and_from_env() {
     let d = Daemon::start();
-    d.add("a", "a.example.com");
+    d.add("a", "a.example.test");
     let sock = d.socket.to_str().unwrap();
     let after = std::process::Command::new(common::BIN)
         .args(["list", "--json", "--admin-socket", sock])
@@ -291,7 +291,7 @@ fn route_is_live_when_add_returns() {
     // every time.
     for i in 0..30 {
         let name = format!("s{i}");
-        d.add(&name, &format!("{name}.example.com"));
+        d.add(&name, &format!("{name}.example.test"));
         let dump = d.json(&["routes", "--json"]);
         let routes = dump["routes"].as_array().unwrap();
         assert!(
@@ -302,7 +302,7 @@ fn route_is_live_when_add_returns() {
         );
         assert!(routes
             .iter()
-            .any(|r| r["key"] == format!("shelley.{name}.example.com")));
+            .any(|r| r["key"] == format!("shelley.{name}.example.test")));
         d.ok(&["remove", &name]);
         let dump = d.json(&["routes", "--json"]);
         assert!(
@@ -320,7 +320,7 @@ fn route_is_live_when_add_returns() {
 fn backup_wipe_restore_is_identical() {
     let mut d = Daemon::start();
     for i in 0..25 {
-        d.add(&format!("b{i}"), &format!("b{i}.example.org"));
+        d.add(&format!("b{i}"), &format!("b{i}.example.test"));
     }
     let pw = d.dir.path().join("pw");
     std::fs::write(&pw, "pw").unwrap();
@@ -348,7 +348,7 @@ fn backup_wipe_restore_is_identical() {
     assert_eq!(d.ok(&["list", "--json"]), before);
     // Restored routes are live.
     let routes = d.ok(&["routes"]);
-    assert!(routes.contains("shelley.b24.example.org"));
+    assert!(routes.contains("shelley.b24.example.test"));
 
     // Restoring over data is refused without --replace, accepted with it.
     let err = {
@@ -365,7 +365,7 @@ fn backup_wipe_restore_is_identical() {
 #[test]
 fn sigterm_exits_cleanly_and_removes_the_socket() {
     let mut d = Daemon::start();
-    d.add("a", "a.example.com");
+    d.add("a", "a.example.test");
     let status = d.terminate();
     assert!(status.success(), "{status}");
     assert!(!d.socket.exists());

@@ -27,7 +27,7 @@ fn setup(name: &str) -> Setup {
         "add",
         name,
         "--domain",
-        &format!("{name}.example.com"),
+        &format!("{name}.example.test"),
         "--upstream",
         "127.0.0.1",
         "--ssh-port",

@@ -245,6 +245,8 @@ pub struct Lifecycle {
     samples: Mutex<HashMap<String, Samples>>,
     /// Every sandbox's `authorized_keys` is gateway-only ([`access`]).
     keys_upgraded: std::sync::atomic::AtomicBool,
+    /// Which domains may use `internal` TLS mode.
+    tls_policy: crate::tlsfiles::Policy,
 }
 
 /// Releases a sandbox name claimed for an operation.
@@ -408,6 +410,7 @@ impl Lifecycle {
         routes: Arc<Routes>,
         config: &IncusConfig,
         provision: ProvisionConfig,
+        tls_policy: crate::tlsfiles::Policy,
     ) -> Arc<Self> {
         let options = incusctl::ClientOptions {
             request_timeout: Duration::from_secs(30),
@@ -423,6 +426,7 @@ impl Lifecycle {
             busy: Mutex::new(HashSet::new()),
             samples: Mutex::new(HashMap::new()),
             keys_upgraded: std::sync::atomic::AtomicBool::new(false),
+            tls_policy,
         })
     }
 
@@ -815,6 +819,7 @@ impl Lifecycle {
             status: SandboxStatus::Creating {
                 step: "record".into(),
             },
+            tls_policy: self.tls_policy.clone(),
         })
         .await
         .map_err(|e| {

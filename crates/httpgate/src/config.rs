@@ -29,7 +29,9 @@ pub struct Timeouts {
     /// Time for a client to send a complete request head (HTTP/1), counted
     /// from the connection's start or the end of its previous exchange, so
     /// HTTP/1 keep-alive connections without a request close after
-    /// `min(idle, header_read)`.
+    /// `min(idle, header_read)`. HTTP/2 connections get the same time for
+    /// their first stream: one that sent no preface, or no request, within
+    /// `min(idle, header_read)` of the handshake is closed.
     pub header_read: Duration,
     /// A client connection (HTTP/1 or HTTP/2) with no request open for this
     /// long is closed: HTTP/2 gets a GOAWAY first. An open request (a slow
@@ -74,6 +76,11 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Maximum number of open client connections per listener; more are closed at once.
     pub max_connections: usize,
+    /// Maximum number of open client connections per listener from one
+    /// source (an IPv4 address, or an IPv6 /64); more from that source are
+    /// closed at accept, before the TLS handshake. Peers listed in
+    /// `trusted_proxies` are exempt. 0: no per-source cap.
+    pub max_connections_per_source: usize,
     /// Idle upstream connections kept per upstream address.
     pub upstream_pool_max_idle: usize,
     /// Maximum concurrent HTTP/2 streams per client connection.
@@ -85,11 +92,47 @@ impl Default for Limits {
         Self {
             max_header_bytes: 32 * 1024,
             max_connections: 10_000,
+            // Enough for a few dozen browsers behind one NAT (6 HTTP/1
+            // connections per host each, one per host over HTTP/2), while
+            // one address can hold at most 1/40 of `max_connections`.
+            max_connections_per_source: 256,
             upstream_pool_max_idle: 64,
             max_h2_streams: 256,
         }
     }
 }
+
+/// `Strict-Transport-Security` on responses to HTTPS requests for routed
+/// hosts (unless the upstream's response has its own).
+#[derive(Debug, Clone)]
+pub struct Hsts {
+    /// `max-age` in seconds; 0: never sent.
+    pub max_age_secs: u64,
+    /// Sent for hosts in `acme` mode (certificates browsers trust anywhere).
+    pub acme: bool,
+    /// Sent for hosts in `manual` mode.
+    pub manual: bool,
+    /// Sent for hosts in `internal` mode (only browsers that trust the
+    /// internal CA can reach them, so pinning HTTPS gains little there).
+    pub internal: bool,
+}
+
+impl Default for Hsts {
+    fn default() -> Self {
+        Self {
+            max_age_secs: 365 * 24 * 3600,
+            acme: true,
+            manual: false,
+            internal: false,
+        }
+    }
+}
+
+/// The DNS suffixes the internal CA's root may vouch for: its name
+/// constraints' permitted subtrees (no leading dot: `test` covers `test`
+/// and every name under it).
+pub const DEFAULT_INTERNAL_SUFFIXES: [&str; 6] =
+    ["localhost", "test", "internal", "lan", "home.arpa", "example"];
 
 /// Everything the gateway needs besides routes and persistence.
 #[derive(Debug, Clone)]
@@ -113,6 +156,12 @@ pub struct HttpConfig {
     pub acme_order_timeout: Duration,
     /// Validity of leaf certificates from the internal CA.
     pub internal_leaf_validity: Duration,
+    /// DNS suffixes the internal CA's root is constrained to (lowercase,
+    /// without leading dot). A stored root with other constraints, or none,
+    /// is replaced by a new one at start (see [`crate::HttpGateway::ca_replaced`]).
+    pub internal_suffixes: Vec<String>,
+    /// `Strict-Transport-Security` by certificate mode.
+    pub hsts: Hsts,
     /// Peers whose X-Forwarded-* headers are kept (and appended to).
     pub trusted_proxies: Vec<IpAddr>,
     /// Prefix of the agent host (`shelley` in `shelley.DOMAIN`), for display only.
@@ -121,7 +170,9 @@ pub struct HttpConfig {
     pub auth_realm: String,
     pub timeouts: Timeouts,
     pub limits: Limits,
-    /// Port the HTTP listener redirects to (443 omits it from the URL).
+    /// The public HTTPS port: the HTTP listener redirects to it (443 omits
+    /// it from the URL), upstreams get it in `X-Forwarded-Port` and, when it
+    /// is not 443, in `Host` and `X-Forwarded-Host`.
     pub https_port: u16,
 }
 
@@ -137,6 +188,11 @@ impl Default for HttpConfig {
             acme_backoff_cap: Duration::from_secs(24 * 3600),
             acme_order_timeout: Duration::from_secs(90),
             internal_leaf_validity: Duration::from_secs(90 * 24 * 3600),
+            internal_suffixes: DEFAULT_INTERNAL_SUFFIXES
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
+            hsts: Hsts::default(),
             trusted_proxies: Vec::new(),
             agent_prefix: "shelley".to_owned(),
             auth_realm: "sandboxd".to_owned(),

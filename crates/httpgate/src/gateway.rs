@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use arc_swap::ArcSwap;
 use rustls::sign::CertifiedKey;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use crate::acme::{self, Managed};
 use crate::auth::AuthCache;
@@ -57,9 +57,9 @@ struct ThreadSetup {
     handoffs: mpsc::UnboundedReceiver<Handoff>,
 }
 
-/// A listening socket and the connection limit of its address, shared by
-/// every thread that accepts on it.
-type Limited = (std::net::TcpListener, Arc<Semaphore>);
+/// A listening socket and the connection limits of its address (overall
+/// and per source), shared by every thread that accepts on it.
+type Limited = (std::net::TcpListener, Arc<server::ConnLimit>);
 
 /// Receives the outcome of a forced renewal.
 pub(crate) type RenewWaiter = oneshot::Sender<Result<(), String>>;
@@ -87,10 +87,14 @@ pub(crate) struct Shared {
     pub shutdown: watch::Sender<bool>,
     pub auth: AuthCache,
     pub upstreams: Upstreams,
+    /// Header values the proxy sets (made once).
+    pub header_values: crate::proxy::HeaderValues,
     /// The HTTPS listeners' TLS configuration (see `tls::server_config`).
     pub tls: std::sync::OnceLock<Arc<rustls::ServerConfig>>,
     /// The open-connection counts of the serving threads, once spawned.
     pub spread: Mutex<Option<Arc<Spread>>>,
+    /// Set when the internal CA's root was replaced at this start.
+    pub ca_replaced: Option<String>,
 }
 
 /// The HTTPS gateway. Cheap to clone; every clone drives the same gateway.
@@ -110,12 +114,28 @@ impl HttpGateway {
     ) -> Result<Self, Error> {
         let handle = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
         crate::install_crypto_provider();
-        let ca = match certs.load_ca() {
-            Some(rec) => InternalCa::from_record(&rec)?,
+        let suffixes = &config.internal_suffixes;
+        let (ca, ca_replaced) = match certs.load_ca() {
+            Some(rec) => match InternalCa::from_record(&rec, suffixes)? {
+                Some(ca) => (ca, None),
+                None => {
+                    let (ca, rec) = InternalCa::generate(suffixes)?;
+                    certs.save_ca(&rec)?;
+                    let notice = format!(
+                        "the internal CA's root was replaced by one limited to {} \
+                         (the old root lacked these name constraints); \
+                         internal-mode hosts now use certificates from the new root: \
+                         export it with `sandboxd ca-cert` and trust it in place of the old one",
+                        suffixes.join(", ")
+                    );
+                    tracing::warn!("{notice}");
+                    (ca, Some(notice))
+                }
+            },
             None => {
-                let (ca, rec) = InternalCa::generate()?;
+                let (ca, rec) = InternalCa::generate(suffixes)?;
                 certs.save_ca(&rec)?;
-                ca
+                (ca, None)
             }
         };
         let stored = certs
@@ -125,9 +145,11 @@ impl HttpGateway {
             .collect();
         let (shutdown, _) = watch::channel(false);
         let upstreams = Upstreams::new(&config);
+        let header_values = crate::proxy::HeaderValues::new(&config);
         let shared = Arc::new(Shared {
             auth: AuthCache::new(),
             upstreams,
+            header_values,
             config,
             routes,
             store: certs,
@@ -142,6 +164,7 @@ impl HttpGateway {
             shutdown,
             tls: std::sync::OnceLock::new(),
             spread: Mutex::new(None),
+            ca_replaced,
         });
         acme::reconcile(&shared);
         handle.spawn(acme::run_manager(shared.clone()));
@@ -195,10 +218,10 @@ impl HttpGateway {
     /// From then on a connection, its TLS session and its upstream
     /// connections stay on one thread (measured: about 20% less CPU per
     /// request than one multi-threaded runtime). Routes and certificates
-    /// are shared with every thread and stay live. `max_connections` holds
-    /// per listening address, over all threads. Stops at
-    /// [`HttpGateway::shutdown`]; join the handles to wait for the drain. A
-    /// thread's result is its first listener error.
+    /// are shared with every thread and stay live. `max_connections` and
+    /// `max_connections_per_source` hold per listening address, over all
+    /// threads. Stops at [`HttpGateway::shutdown`]; join the handles to
+    /// wait for the drain. A thread's result is its first listener error.
     pub fn spawn_threads(
         &self,
         per_thread: Vec<ThreadListeners>,
@@ -208,7 +231,7 @@ impl HttpGateway {
         }
         // One connection limit per listening address, whichever threads
         // hold handles of its socket.
-        let mut limits: HashMap<std::net::SocketAddr, Arc<Semaphore>> = HashMap::new();
+        let mut limits: HashMap<std::net::SocketAddr, Arc<server::ConnLimit>> = HashMap::new();
         let mut limited = |ls: Vec<std::net::TcpListener>| -> io::Result<Vec<Limited>> {
             ls.into_iter()
                 .map(|l| {
@@ -348,5 +371,12 @@ impl HttpGateway {
     /// The internal CA's root certificate (PEM), for clients to trust.
     pub fn ca_cert_pem(&self) -> String {
         self.shared.ca.cert_pem().to_owned()
+    }
+
+    /// What to tell the operator when this start replaced the internal CA's
+    /// root (it lacked the configured name constraints): clients must trust
+    /// the new one (`sandboxd ca-cert`).
+    pub fn ca_replaced(&self) -> Option<String> {
+        self.shared.ca_replaced.clone()
     }
 }

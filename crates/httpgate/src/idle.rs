@@ -6,6 +6,9 @@
 //! head until its response body has been sent or dropped, so a long request,
 //! a slow upstream or a long streamed response keeps the connection.
 //!
+//! Before its first request a connection gets its own, usually shorter,
+//! limit (HTTP/2: the time to send a preface and open a stream).
+//!
 //! It does not own dead-peer detection: HTTP/2 keep-alive PINGs (hyper's
 //! `keep_alive_interval`) close a connection whose peer stops answering.
 
@@ -60,9 +63,18 @@ impl Activity {
         self.seen.load(Ordering::Relaxed)
     }
 
-    /// Resolves once no request has been open for `limit`.
-    pub(crate) async fn idle(&self, limit: Duration) {
+    /// Resolves once no request has been open for `limit`, or, before the
+    /// first request, once `first` has passed since the start.
+    pub(crate) async fn idle(&self, first: Duration, limit: Duration) {
         loop {
+            if !self.seen_any() {
+                let since = self.start.elapsed();
+                if since >= first {
+                    return;
+                }
+                tokio::time::sleep((first - since).max(Duration::from_millis(10))).await;
+                continue;
+            }
             let last = Duration::from_millis(self.last_ms.load(Ordering::Acquire));
             let since = self.start.elapsed().saturating_sub(last);
             let wait = if self.open.load(Ordering::Acquire) > 0 {
@@ -130,11 +142,11 @@ mod tests {
         let limit = Duration::from_millis(200);
         let open = a.begin();
         // An open request: still not idle well after the limit.
-        let r = tokio::time::timeout(limit * 4, a.idle(limit)).await;
+        let r = tokio::time::timeout(limit * 4, a.idle(limit, limit)).await;
         assert!(r.is_err());
         drop(open);
         let t = Instant::now();
-        a.idle(limit).await;
+        a.idle(limit, limit).await;
         assert!(t.elapsed() >= limit);
         assert!(t.elapsed() < limit * 3);
     }

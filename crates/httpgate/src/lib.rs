@@ -24,6 +24,7 @@ mod logbuf;
 mod pages;
 mod proxy;
 mod server;
+mod sources;
 mod spread;
 mod tls;
 mod upstream;
@@ -33,8 +34,11 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+pub use ca::internal_name_allowed;
 pub use certs::{check_pem_pair, PemError};
-pub use config::{ChallengeKind, HttpConfig, Limits, Timeouts, TlsModeKind};
+pub use config::{
+    ChallengeKind, Hsts, HttpConfig, Limits, Timeouts, TlsModeKind, DEFAULT_INTERNAL_SUFFIXES,
+};
 pub use error::{Error, StoreError};
 pub use gateway::{bind_per_thread, HttpGateway, ThreadListeners};
 pub use logbuf::LogWriter;

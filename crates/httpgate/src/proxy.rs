@@ -15,7 +15,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::header::{
     HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, CONTENT_LENGTH, HOST,
-    TRANSFER_ENCODING, UPGRADE,
+    STRICT_TRANSPORT_SECURITY, TRANSFER_ENCODING, UPGRADE,
 };
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -27,12 +27,35 @@ use crate::exchange::{self, BoxError, ExchangeError, IdlePool, UpBody};
 use crate::framing::FramingFlags;
 use crate::gateway::Shared;
 use crate::upstream::{self, ConnUpstreams, UpstreamError};
-use crate::{pages, HttpConfig, Route, Target};
+use crate::{pages, HttpConfig, Route, Target, TlsMode};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+static TRUE_CLIENT_IP: HeaderName = HeaderName::from_static("true-client-ip");
+
+/// Header values the proxy sets, made once from the configuration.
+pub(crate) struct HeaderValues {
+    /// `X-Forwarded-Port`: the public HTTPS port.
+    forwarded_port: HeaderValue,
+    /// `Strict-Transport-Security`, unless switched off.
+    hsts: Option<HeaderValue>,
+}
+
+impl HeaderValues {
+    pub(crate) fn new(cfg: &HttpConfig) -> Self {
+        let hsts = (cfg.hsts.max_age_secs > 0)
+            .then(|| HeaderValue::from_str(&format!("max-age={}", cfg.hsts.max_age_secs)).ok())
+            .flatten();
+        Self {
+            forwarded_port: HeaderValue::from(cfg.https_port),
+            hsts,
+        }
+    }
+}
 
 /// Facts about one client connection, shared by its requests.
 pub(crate) struct ConnInfo {
@@ -320,7 +343,11 @@ pub(crate) async fn handle(
         None => host.as_deref(),
     };
     let mut upstream_ms = None;
-    let mut resp = route_request(&shared, &conn, req, host_ref, &mut upstream_ms).await;
+    let mut hsts = false;
+    let mut resp = route_request(&shared, &conn, req, host_ref, &mut upstream_ms, &mut hsts).await;
+    if hsts {
+        add_hsts(&shared, resp.headers_mut());
+    }
     if let Some(mut log) = log {
         log.status = resp.status().as_u16();
         log.upstream_ms = upstream_ms;
@@ -335,6 +362,7 @@ async fn route_request(
     req: Request<Incoming>,
     host: Option<&str>,
     upstream_ms: &mut Option<u128>,
+    hsts: &mut bool,
 ) -> Response<RespBody> {
     if let Some(f) = &conn.framing {
         let idx = conn.seq.fetch_add(1, Ordering::Relaxed);
@@ -361,6 +389,7 @@ async fn route_request(
             &format!("No site is configured for {host}."),
         );
     };
+    *hsts = hsts_for(&shared.config, &route);
     if let Some(sni) = &conn.sni {
         if sni != host && !same_sandbox(shared, sni, &route) {
             return pages::error(
@@ -388,6 +417,28 @@ async fn route_request(
             host: up_host,
             port,
         } => forward(shared, conn, req, host, &route, up_host, *port, upstream_ms).await,
+    }
+}
+
+/// Whether responses for `route` carry `Strict-Transport-Security`: by
+/// its certificate mode (`HttpConfig::hsts`).
+fn hsts_for(cfg: &HttpConfig, route: &Route) -> bool {
+    let h = &cfg.hsts;
+    h.max_age_secs > 0
+        && match route.tls {
+            TlsMode::Acme => h.acme,
+            TlsMode::Manual { .. } => h.manual,
+            TlsMode::Internal => h.internal,
+        }
+}
+
+/// HSTS on a response, unless the upstream set its own (its choice of
+/// `includeSubDomains` or `preload` is kept).
+fn add_hsts(shared: &Shared, h: &mut HeaderMap) {
+    if let Some(v) = &shared.header_values.hsts {
+        if !h.contains_key(STRICT_TRANSPORT_SECURITY) {
+            h.insert(STRICT_TRANSPORT_SECURITY, v.clone());
+        }
     }
 }
 
@@ -551,7 +602,61 @@ fn is_upgrade<B>(req: &Request<B>) -> bool {
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
+/// The `Host` an upstream gets: the routed host (with the public HTTPS
+/// port when it is not 443), whatever the client sent in `Host` beside an
+/// absolute-form target or HTTP/2 `:authority`. The client's own value is
+/// reused when it is exactly that (the usual case: no allocation).
+fn routed_host(shared: &Shared, h: &HeaderMap, host: &str) -> Option<HeaderValue> {
+    let port = shared.config.https_port;
+    if let Some(v) = h.get(HOST) {
+        let b = v.as_bytes();
+        let same = match b.strip_prefix(host.as_bytes()) {
+            Some([]) => port == 443,
+            Some([b':', p @ ..]) => port != 443 && p == port.to_string().as_bytes(),
+            _ => false,
+        };
+        if same {
+            return Some(v.clone());
+        }
+    }
+    let v = match port {
+        443 => HeaderValue::from_str(host),
+        _ => HeaderValue::from_str(&format!("{host}:{port}")),
+    };
+    v.ok()
+}
+
+/// Drop request headers whose names contain `_`: CGI-style servers map
+/// `X_Forwarded_For` and `X-Forwarded-For` to the same variable, which
+/// would let a client pass one past the proxy's own.
+fn strip_underscored(h: &mut HeaderMap) {
+    if !h.keys().any(|k| k.as_str().contains('_')) {
+        return;
+    }
+    let names: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| k.as_str().contains('_'))
+        .cloned()
+        .collect();
+    for n in names {
+        h.remove(n);
+    }
+}
+
+/// The headers by which the upstream learns who asked what: `Host` and
+/// `X-Forwarded-Host` (the routed host), `X-Forwarded-For`, `-Proto`,
+/// `-Port` and `X-Real-IP` set by the proxy; `True-Client-IP`, `Forwarded`
+/// and names with `_` dropped. From a trusted proxy, the `X-Forwarded-*`,
+/// `X-Real-IP`, `True-Client-IP` and `Forwarded` it sent are kept
+/// (`X-Forwarded-For` appended to); `Host` and the `_` rule hold for
+/// every peer.
 fn set_forwarded(shared: &Shared, conn: &ConnInfo, h: &mut HeaderMap, host: &str) {
+    strip_underscored(h);
+    let routed = routed_host(shared, h, host);
+    match &routed {
+        Some(v) => h.insert(HOST, v.clone()),
+        None => h.remove(HOST),
+    };
     let trusted = shared.config.trusted_proxies.contains(&conn.peer.ip());
     let prev = match trusted {
         true => h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()),
@@ -569,16 +674,21 @@ fn set_forwarded(shared: &Shared, conn: &ConnInfo, h: &mut HeaderMap, host: &str
         h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
     }
     if !(trusted && h.contains_key(&X_FORWARDED_HOST)) {
-        let v = h
-            .get(HOST)
-            .cloned()
-            .or_else(|| HeaderValue::from_str(host).ok());
-        if let Some(v) = v {
-            h.insert(X_FORWARDED_HOST.clone(), v);
-        }
+        match routed {
+            Some(v) => h.insert(X_FORWARDED_HOST.clone(), v),
+            None => h.remove(&X_FORWARDED_HOST),
+        };
+    }
+    if !(trusted && h.contains_key(&X_FORWARDED_PORT)) {
+        let port = shared.header_values.forwarded_port.clone();
+        h.insert(X_FORWARDED_PORT.clone(), port);
+    }
+    if !(trusted && h.contains_key(&X_REAL_IP)) {
+        h.insert(X_REAL_IP.clone(), conn.peer_ip.clone());
     }
     if !trusted {
         h.remove(&FORWARDED);
+        h.remove(&TRUE_CLIENT_IP);
     }
 }
 
@@ -601,16 +711,6 @@ async fn forward(
     } else {
         None
     };
-    // An h2 request has no Host header: give the upstream one.
-    if !parts.headers.contains_key(HOST) {
-        if let Some(v) = parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        {
-            parts.headers.insert(HOST, v);
-        }
-    }
     strip_hop_by_hop(&mut parts.headers);
     if let Some(v) = upgrade_value {
         parts

@@ -23,6 +23,7 @@ use crate::framing::{FramingFlags, FramingIo};
 use crate::gateway::Shared;
 use crate::idle::Activity;
 use crate::proxy::{self, ConnInfo};
+use crate::sources::{SourceLimit, SourceSeat};
 use crate::spread::{Handoff, Seat, Spread};
 use crate::tls;
 
@@ -101,10 +102,64 @@ pub(crate) fn listener_ctx(
     }))
 }
 
-/// A connection limit: `max_connections` open at once on one listening
-/// address, whichever serving threads accepted and serve them.
-pub(crate) fn limit(shared: &Shared) -> Arc<Semaphore> {
-    Arc::new(Semaphore::new(shared.config.limits.max_connections.max(1)))
+/// The connection limits of one listening address, whichever serving
+/// threads accepted and serve its connections: `max_connections` open at
+/// once, and `max_connections_per_source` of them from one source.
+pub(crate) struct ConnLimit {
+    global: Arc<Semaphore>,
+    sources: Arc<SourceLimit>,
+}
+
+/// What an accepted connection holds until it ends: its places under the
+/// limits of its listening address.
+pub(crate) struct Admission {
+    _permit: OwnedSemaphorePermit,
+    _source: Option<SourceSeat>,
+}
+
+impl Admission {
+    #[cfg(test)]
+    pub(crate) fn for_test(permit: OwnedSemaphorePermit) -> Self {
+        Self {
+            _permit: permit,
+            _source: None,
+        }
+    }
+}
+
+impl ConnLimit {
+    /// Admit a connection from `peer`, or `None` if a limit is reached.
+    /// Per source first, so that one source above its cap takes no
+    /// place of the global limit even for a moment.
+    fn admit(&self, peer: SocketAddr) -> Option<Admission> {
+        let source = match self.sources.admit(peer.ip()) {
+            Ok(s) => s,
+            Err(()) => {
+                tracing::debug!(peer = %peer, "per-source connection limit reached");
+                return None;
+            }
+        };
+        let Ok(permit) = self.global.clone().try_acquire_owned() else {
+            tracing::debug!(peer = %peer, "connection limit reached");
+            return None;
+        };
+        Some(Admission {
+            _permit: permit,
+            _source: source,
+        })
+    }
+}
+
+/// The limits of a new listening address.
+pub(crate) fn limit(shared: &Shared) -> Arc<ConnLimit> {
+    let l = &shared.config.limits;
+    Arc::new(ConnLimit {
+        global: Arc::new(Semaphore::new(l.max_connections.max(1))),
+        sources: SourceLimit::new(
+            l.max_connections_per_source,
+            shared.config.trusted_proxies.clone(),
+        ),
+    })
 }
 
 /// Where the connections a serving thread accepts are served: on thread
@@ -121,7 +176,7 @@ pub(crate) async fn serve(
     shared: Arc<Shared>,
     listener: TcpListener,
     ctx: Arc<Listener>,
-    limit: Arc<Semaphore>,
+    limit: Arc<ConnLimit>,
     place: Option<Placement>,
 ) -> io::Result<()> {
     let mut shutdown = shared.shutdown.subscribe();
@@ -141,8 +196,8 @@ pub(crate) async fn serve(
             },
             _ = shutdown.changed() => break,
         };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
-            tracing::debug!(peer = %peer, "connection limit reached");
+        // Refused before anything is read: closed at once.
+        let Some(permit) = limit.admit(peer) else {
             drop(stream);
             continue;
         };
@@ -163,7 +218,7 @@ pub(crate) async fn serve(
     let all = u32::try_from(shared.config.limits.max_connections.max(1)).unwrap_or(u32::MAX);
     let _ = tokio::time::timeout(
         shared.config.timeouts.shutdown_grace,
-        limit.acquire_many(all),
+        limit.global.acquire_many(all),
     )
     .await;
     Ok(())
@@ -177,9 +232,9 @@ fn hand_off(
     place: &Placement,
     stream: TcpStream,
     peer: SocketAddr,
-    permit: OwnedSemaphorePermit,
+    permit: Admission,
     seat: Seat,
-) -> Option<(TcpStream, OwnedSemaphorePermit, Seat)> {
+) -> Option<(TcpStream, Admission, Seat)> {
     let lost =
         |e: io::Error| tracing::debug!(peer = %peer, error = %e, "connection lost in a handoff");
     let stream = match stream.into_std() {
@@ -213,7 +268,7 @@ fn spawn_connection(
     ctx: &Arc<Listener>,
     stream: TcpStream,
     peer: SocketAddr,
-    held: (OwnedSemaphorePermit, Option<Seat>),
+    held: (Admission, Option<Seat>),
     shutdown: &watch::Receiver<bool>,
 ) {
     tokio::spawn(connection(
@@ -266,7 +321,7 @@ async fn connection(
     peer: SocketAddr,
     // Held until the connection ends: the connection limit and the count of
     // the thread serving it.
-    _held: (OwnedSemaphorePermit, Option<Seat>),
+    _held: (Admission, Option<Seat>),
     shutdown: watch::Receiver<bool>,
 ) {
     let Some(acceptor) = &ctx.acceptor else {
@@ -339,7 +394,7 @@ macro_rules! drive {
                 conn.as_mut().graceful_shutdown();
                 proxy::drive(&$info, conn.as_mut()).await
             }
-            _ = activity.idle(idle) => {
+            _ = activity.idle(idle.0, idle.1) => {
                 tracing::debug!("idle connection closed");
                 conn.as_mut().graceful_shutdown();
                 // A live client acknowledges the GOAWAY within a PING's time.
@@ -370,17 +425,22 @@ async fn serve_conn<I>(
     // HTTP/1 over TLS: a head must be complete within `header_read` of the
     // connection's start or of the previous exchange's end (hyper's own
     // header-read timer, as the other listeners use it, behaves alike).
+    // HTTP/2 over TLS: the first stream must open within `header_read`
+    // of the connection's start (a connection that sends no preface, or
+    // only a preface, holds a place for nothing); then the idle timeout.
+    let t = &shared.config.timeouts;
     let idle_limit = match proto {
-        Proto::H1 => shared
-            .config
-            .timeouts
-            .idle
-            .min(shared.config.timeouts.header_read),
-        Proto::H2 | Proto::Auto => shared.config.timeouts.idle,
+        Proto::H1 => t.idle.min(t.header_read),
+        Proto::H2 => t.idle,
+        Proto::Auto => t.idle,
+    };
+    let first_limit = match proto {
+        Proto::H2 => t.idle.min(t.header_read),
+        Proto::H1 | Proto::Auto => idle_limit,
     };
     let idle = (
         activity.clone(),
-        idle_limit,
+        (first_limit, idle_limit),
         shared
             .config
             .timeouts

@@ -21,14 +21,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
-use tokio::sync::OwnedSemaphorePermit;
+
+use crate::server::Admission;
 
 /// A fresh, accepted connection, taken off the accepting thread's reactor,
 /// on its way to another serving thread.
 pub(crate) struct Handoff {
     pub stream: std::net::TcpStream,
     pub peer: SocketAddr,
-    pub permit: OwnedSemaphorePermit,
+    pub permit: Admission,
     pub seat: Seat,
 }
 
@@ -209,9 +210,11 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = l.local_addr().expect("addr");
         let stream = std::net::TcpStream::connect(addr).expect("connect");
-        let permit = Arc::new(tokio::sync::Semaphore::new(1))
-            .try_acquire_owned()
-            .expect("permit");
+        let permit = Admission::for_test(
+            Arc::new(tokio::sync::Semaphore::new(1))
+                .try_acquire_owned()
+                .expect("permit"),
+        );
         Handoff {
             stream,
             peer: addr,
