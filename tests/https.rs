@@ -653,3 +653,128 @@ fn request_abandoned_by_the_client_is_logged() {
     );
     assert!(!log.contains("panicked"), "{log}");
 }
+
+/// One address holding 300 stalled connections (more than `max_connections`
+/// here) leaves room for another address: the daemon caps connections per
+/// source at accept, over all its serving threads. The proxy's headers and
+/// HSTS follow the configuration too.
+#[test]
+fn one_source_cannot_take_every_connection() {
+    let echo = echo_upstream();
+    let d = Daemon::builder()
+        .arg("--tls-mode")
+        .arg("internal")
+        .config(
+            "[http]\nmax_connections = 300\nmax_connections_per_source = 200\n\
+             handshake_timeout_secs = 120\nhsts_tls_modes = [\"internal\"]\nhsts_max_age_secs = 60\n",
+        )
+        .start();
+    let (https, ca) = add_app(&d, "echo", "echo.test", echo);
+    let held: Vec<std::net::TcpStream> = (0..300)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", https)).unwrap())
+        .collect();
+    let resolve = format!("echo.test:{https}:127.0.0.1");
+    let url = format!("https://echo.test:{https}/");
+    let fetch = |from: &str| {
+        curl(&[
+            "--cacert",
+            ca.to_str().unwrap(),
+            "--resolve",
+            &resolve,
+            "--interface",
+            from,
+            "-D",
+            "/dev/stderr",
+            "-H",
+            "X-Real-IP: 203.0.113.9",
+            &url,
+        ])
+    };
+    let (code, head, err) = fetch("127.0.0.2");
+    assert_eq!(code, 200, "{err}\n{}", d.log_text());
+    assert!(head.contains("x-real-ip: 127.0.0.2\r\n"), "{head}");
+    assert!(head.contains("host: echo.test:"), "{head}");
+    assert!(
+        err.to_ascii_lowercase()
+            .contains("strict-transport-security: max-age=60"),
+        "{err}"
+    );
+    // 127.0.0.1 itself is at its cap.
+    let (code, _, _) = fetch("127.0.0.1");
+    assert_eq!(code, 0);
+    drop(held);
+}
+
+/// `internal` mode, asked for or the daemon's default, is refused for a
+/// domain outside the internal CA's suffixes (the root could not vouch for
+/// it), with the way out in the message; the suffixes are configurable.
+#[test]
+fn internal_mode_is_only_for_the_internal_ca_suffixes() {
+    let d = Daemon::builder().arg("--tls-mode").arg("internal").start();
+    let key = d.keygen("k");
+    let add = |name: &str, domain: &str, extra: &[&str]| {
+        let mut args = vec![
+            "add",
+            name,
+            "--domain",
+            domain,
+            "--upstream",
+            "127.0.0.1",
+            "--ssh-key",
+            key.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        d.cli(&args)
+    };
+    for extra in [&[][..], &["--tls-mode", "internal"][..]] {
+        let out = add("pub", "shop.example.com", extra);
+        assert!(!out.status.success(), "{extra:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("shop.example.com cannot use tls mode internal")
+                && err.contains(".test")
+                && err.contains("--tls-mode acme")
+                && err.contains("--tls-mode manual"),
+            "{err}"
+        );
+    }
+    assert!(d.json(&["list", "--json"]).as_array().unwrap().is_empty());
+    assert!(add("pub", "shop.example.com", &["--tls-mode", "acme"])
+        .status
+        .success());
+    assert!(add("dev", "dev.home.arpa", &[]).status.success());
+    drop(d);
+
+    let d = Daemon::builder()
+        .arg("--tls-mode")
+        .arg("internal")
+        .config("internal_ca_suffixes = [\".corp.example.com\"]\n")
+        .start();
+    let key = d.keygen("k");
+    let args = |name: &'static str, domain: &'static str| {
+        vec![
+            "add".to_string(),
+            name.into(),
+            "--domain".into(),
+            domain.into(),
+            "--upstream".into(),
+            "127.0.0.1".into(),
+            "--ssh-key".into(),
+            key.display().to_string(),
+        ]
+    };
+    let run = |a: Vec<String>| d.cli(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(run(args("corp", "app.corp.example.com")).status.success());
+    assert!(!run(args("t", "app.test")).status.success());
+    // The root's constraints are the configured suffix.
+    let ca = d.dir.path().join("ca.pem");
+    std::fs::write(&ca, d.ok(&["ca-cert"])).unwrap();
+    let text = Command::new("openssl")
+        .args(["x509", "-noout", "-text", "-in"])
+        .arg(&ca)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("DNS:corp.example.com"), "{text}");
+    assert!(!text.contains("DNS:test"), "{text}");
+}
