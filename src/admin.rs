@@ -560,9 +560,12 @@ pub(crate) async fn new_sandbox(req: NewSandbox) -> Result<Sandbox, ApiError> {
     let tls_files =
         tlsfiles::settings(req.tls_mode.as_deref(), req.tls_cert_file, req.tls_key_file)
             .map_err(|e| ApiError::bad(e.to_string()))?;
-    req.tls_policy
-        .check(req.tls_mode.as_deref(), &req.domain)
-        .map_err(|e| ApiError::bad(e.to_string()))?;
+    // A malformed domain gets the store's message, not this one.
+    if store::validate_domain(&req.domain).is_ok() {
+        req.tls_policy
+            .check(req.tls_mode.as_deref(), &req.domain)
+            .map_err(|e| ApiError::bad(e.to_string()))?;
+    }
     let (tls_cert_file, tls_key_file) = match tls_files {
         Some(files) => {
             let checked = files.clone();
