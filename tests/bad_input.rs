@@ -58,7 +58,11 @@ fn invalid_names_and_domains_change_nothing() {
     assert!(err.contains("upstream"), "{err}");
     let bad_key = d.dir.path().join("bad.pub");
     std::fs::write(&bad_key, "ssh-ed25519 AAAAnotakey\n").unwrap();
-    let err = d.fails(&add_args("ok", "ok.example.test", bad_key.to_str().unwrap()));
+    let err = d.fails(&add_args(
+        "ok",
+        "ok.example.test",
+        bad_key.to_str().unwrap(),
+    ));
     assert!(err.contains("not an OpenSSH public key"), "{err}");
     assert_eq!(d.ok(&["list", "--json"]), before);
 }

@@ -131,8 +131,14 @@ impl Default for Hsts {
 /// The DNS suffixes the internal CA's root may vouch for: its name
 /// constraints' permitted subtrees (no leading dot: `test` covers `test`
 /// and every name under it).
-pub const DEFAULT_INTERNAL_SUFFIXES: [&str; 6] =
-    ["localhost", "test", "internal", "lan", "home.arpa", "example"];
+pub const DEFAULT_INTERNAL_SUFFIXES: [&str; 6] = [
+    "localhost",
+    "test",
+    "internal",
+    "lan",
+    "home.arpa",
+    "example",
+];
 
 /// Everything the gateway needs besides routes and persistence.
 #[derive(Debug, Clone)]

@@ -130,9 +130,7 @@ mod tests {
     #[test]
     fn a_source_is_capped_and_others_are_not() {
         let l = SourceLimit::new(3, vec![]);
-        let seats: Vec<_> = (0..3)
-            .map(|_| l.admit(ip("192.0.2.1")).unwrap())
-            .collect();
+        let seats: Vec<_> = (0..3).map(|_| l.admit(ip("192.0.2.1")).unwrap()).collect();
         assert!(l.admit(ip("192.0.2.1")).is_err());
         // The same address as IPv4-mapped IPv6 is the same source.
         assert!(l.admit(ip("::ffff:192.0.2.1")).is_err());

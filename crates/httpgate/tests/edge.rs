@@ -140,9 +140,16 @@ async fn one_source_holding_300_stalled_connections_does_not_lock_out_others() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(closed(&held_tcp), 44, "300 connections from one source, cap 256");
+    assert_eq!(
+        closed(&held_tcp),
+        44,
+        "300 connections from one source, cap 256"
+    );
     let more = tls_from(LOCAL, addr, "app.test", &gw.ca_file, b"http/1.1").await;
-    assert!(more.is_err(), "the 257th connection of 127.0.0.1 is refused");
+    assert!(
+        more.is_err(),
+        "the 257th connection of 127.0.0.1 is refused"
+    );
     // Another address still gets the page, on both protocols.
     for proto in ["--http1.1", "--http2"] {
         let r = Curl::new("app.test", port, "/")
@@ -152,7 +159,10 @@ async fn one_source_holding_300_stalled_connections_does_not_lock_out_others() {
             .arg(proto)
             .run()
             .await;
-        assert_eq!(r.status, 200, "{proto} from 127.0.0.2 while 127.0.0.1 holds 256: {r:?}");
+        assert_eq!(
+            r.status, 200,
+            "{proto} from 127.0.0.2 while 127.0.0.1 holds 256: {r:?}"
+        );
         let j: serde_json::Value = serde_json::from_str(&r.body).unwrap();
         assert_eq!(j["headers"]["x-forwarded-for"], "127.0.0.2");
     }
@@ -284,7 +294,10 @@ async fn upstreams_get_the_routed_host_and_the_proxys_own_client_headers() {
     let mut rest = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest)).await;
     got.push_str(&String::from_utf8_lossy(&rest));
-    let body = got.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
+    let body = got
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .unwrap_or_default();
     let j: serde_json::Value = serde_json::from_str(body.trim()).unwrap();
     assert_eq!(j["headers"]["host"], "app.test", "{j}");
     assert_eq!(j["headers"]["x-forwarded-host"], "app.test", "{j}");
@@ -451,7 +464,10 @@ async fn the_internal_ca_refuses_names_outside_its_suffixes() {
     let app = Upstream::start("app").await;
     let gw = GatewayBuilder::new()
         .route("app.test", app_route("app", app.addr, TlsMode::Internal))
-        .route("app.example.com", app_route("pub", app.addr, TlsMode::Internal))
+        .route(
+            "app.example.com",
+            app_route("pub", app.addr, TlsMode::Internal),
+        )
         .start()
         .await;
     let status = gw.gw.certs();
