@@ -826,8 +826,8 @@ pub fn load(args: &ServeArgs, admin_socket: Option<PathBuf>) -> Result<Config, C
     })
 }
 
-/// `internal_ca_suffixes`: DNS names (a leading dot is allowed and
-/// dropped), at least one; the default is httpgate's list of names no
+/// `internal_ca_suffixes`: DNS names (leading and trailing dots are
+/// allowed and dropped), at least one; the default is httpgate's list of names no
 /// public CA issues for.
 fn ca_suffixes(given: Option<Vec<String>>, errs: &mut Vec<String>) -> Vec<String> {
     let Some(given) = given else {
@@ -838,7 +838,7 @@ fn ca_suffixes(given: Option<Vec<String>>, errs: &mut Vec<String>) -> Vec<String
     };
     let mut out: Vec<String> = Vec::new();
     for raw in given {
-        let s = raw.trim().trim_start_matches('.').to_ascii_lowercase();
+        let s = raw.trim().trim_matches('.').to_ascii_lowercase();
         let ok = !s.is_empty()
             && s.len() <= 253
             && s.split('.').all(|l| {
@@ -920,6 +920,37 @@ mod tests {
         let p = load(&args, None).unwrap().provision;
         assert_eq!(p.mode, ProvisionMode::None);
         assert_eq!(p.golden_alias, DEFAULT_GOLDEN_ALIAS);
+    }
+
+    #[test]
+    fn edge_limits_hsts_and_ca_suffixes() {
+        let (_f, args) = with_file(
+            "internal_ca_suffixes = [\".corp\", \"bad suffix\"]\n[http]\nhsts_tls_modes = [\"acme\", \"sometimes\"]\n\
+             max_connections_per_source = -1\n",
+        );
+        let text = load(&args, None).unwrap_err().to_string();
+        for needle in [
+            "\"bad suffix\"",
+            "\"sometimes\"",
+            "max_connections_per_source",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from {text}");
+        }
+        let (_f, args) = with_file(
+            "internal_ca_suffixes = [\".Corp.\", \"lab\"]\n[http]\nmax_connections_per_source = 0\n\
+             hsts_max_age_secs = 0\nhsts_tls_modes = [\"manual\"]\n",
+        );
+        let c = load(&args, None).unwrap();
+        assert_eq!(c.internal_ca_suffixes, vec!["corp", "lab"]);
+        let mut cfg = httpgate::HttpConfig::default();
+        c.http.apply(&mut cfg);
+        assert_eq!(cfg.limits.max_connections_per_source, 0);
+        assert_eq!(cfg.hsts.max_age_secs, 0);
+        assert!(cfg.hsts.manual && !cfg.hsts.acme && !cfg.hsts.internal);
+        let (_f, args) = with_file("");
+        let c = load(&args, None).unwrap();
+        assert_eq!(c.internal_ca_suffixes.len(), 6);
+        assert!(c.internal_ca_suffixes.contains(&"home.arpa".to_string()));
     }
 
     #[test]

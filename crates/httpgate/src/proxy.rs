@@ -4,6 +4,12 @@
 //! and answer errors according to who caused them (client 4xx, upstream
 //! 502/504). Also the plain-HTTP listener's handler (ACME HTTP-01 + redirect)
 //! and the access log.
+//!
+//! Every path to an upstream (bodiless exchange, hyper client, HTTP/2 pool,
+//! upgrade) gets its request headers from one place, `set_forwarded`: `Host`
+//! and `X-Forwarded-Host` are the routed host, the client-address headers
+//! are the proxy's own, names with `_` are dropped; and `handle` adds HSTS
+//! to the responses of hosts whose certificate mode asks for it.
 
 use std::net::SocketAddr;
 use std::pin::Pin;

@@ -1,6 +1,8 @@
-//! Listeners: accept loops with a connection limit, the TLS handshake under a
-//! timeout (each in its own task, so stalled handshakes block nobody), hyper's
-//! HTTP/1 + HTTP/2 server with header-size and header-time limits, and a
+//! Listeners: accept loops with a connection limit overall and per source
+//! (checked at accept, before the TLS handshake: `sources.rs`), the TLS
+//! handshake under a timeout (each in its own task, so stalled handshakes
+//! block nobody), hyper's HTTP/1 + HTTP/2 server with header-size and
+//! header-time limits (HTTP/2: a first stream within the header time), and a
 //! graceful drain at shutdown.
 
 use std::convert::Infallible;
