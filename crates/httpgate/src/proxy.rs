@@ -49,6 +49,8 @@ pub(crate) struct HeaderValues {
     forwarded_port: HeaderValue,
     /// `Strict-Transport-Security`, unless switched off.
     hsts: Option<HeaderValue>,
+    /// What follows the routed host in `Host`: `:PORT`, or nothing for 443.
+    host_port: String,
 }
 
 impl HeaderValues {
@@ -56,9 +58,14 @@ impl HeaderValues {
         let hsts = (cfg.hsts.max_age_secs > 0)
             .then(|| HeaderValue::from_str(&format!("max-age={}", cfg.hsts.max_age_secs)).ok())
             .flatten();
+        let host_port = match cfg.https_port {
+            443 => String::new(),
+            p => format!(":{p}"),
+        };
         Self {
             forwarded_port: HeaderValue::from(cfg.https_port),
             hsts,
+            host_port,
         }
     }
 }
@@ -613,21 +620,15 @@ fn is_upgrade<B>(req: &Request<B>) -> bool {
 /// absolute-form target or HTTP/2 `:authority`. The client's own value is
 /// reused when it is exactly that (the usual case: no allocation).
 fn routed_host(shared: &Shared, h: &HeaderMap, host: &str) -> Option<HeaderValue> {
-    let port = shared.config.https_port;
+    let port = shared.header_values.host_port.as_bytes();
     if let Some(v) = h.get(HOST) {
-        let b = v.as_bytes();
-        let same = match b.strip_prefix(host.as_bytes()) {
-            Some([]) => port == 443,
-            Some([b':', p @ ..]) => port != 443 && p == port.to_string().as_bytes(),
-            _ => false,
-        };
-        if same {
+        if v.as_bytes().strip_prefix(host.as_bytes()) == Some(port) {
             return Some(v.clone());
         }
     }
-    let v = match port {
-        443 => HeaderValue::from_str(host),
-        _ => HeaderValue::from_str(&format!("{host}:{port}")),
+    let v = match port.is_empty() {
+        true => HeaderValue::from_str(host),
+        false => HeaderValue::from_str(&format!("{host}{}", shared.header_values.host_port)),
     };
     v.ok()
 }
