@@ -778,3 +778,69 @@ fn internal_mode_is_only_for_the_internal_ca_suffixes() {
     assert!(text.contains("DNS:corp.example.com"), "{text}");
     assert!(!text.contains("DNS:test"), "{text}");
 }
+
+/// A state directory from before name constraints (its internal CA root
+/// has none, as `openssl req -x509` makes it) gets a new, constrained root
+/// at start; `status` and the log say that clients must re-import it, and
+/// internal-mode hosts are served from the new root at once.
+#[test]
+fn an_unconstrained_ca_root_is_replaced_and_reported() {
+    let echo = echo_upstream();
+    let mut d = Daemon::builder().arg("--tls-mode").arg("internal").start();
+    add_app(&d, "echo", "echo.test", echo);
+    let old = common::pki::Ca::new(d.dir.path(), "old-root");
+    let mut backup: serde_json::Value = serde_json::from_slice(&d.cli(&["backup"]).stdout).unwrap();
+    backup["records"]["internal-ca"]["root"] = serde_json::json!({
+        "cert_pem": std::fs::read_to_string(&old.cert).unwrap(),
+        "key_pem": std::fs::read_to_string(&old.key).unwrap(),
+    });
+    // The old state: stop, wipe, restore it, start again.
+    assert!(d.terminate().success());
+    std::fs::remove_dir_all(&d.state).unwrap();
+    d.restart();
+    let out = d.cli_with_stdin(&["restore"], backup.to_string().as_bytes());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(d.terminate().success());
+    d.restart();
+
+    let st = d.json(&["status", "--json"]);
+    let notice = st["ca_notice"].as_str().unwrap_or_default();
+    assert!(
+        notice.contains("replaced") && notice.contains("sandboxd ca-cert"),
+        "{st}"
+    );
+    assert!(d.ok(&["status"]).contains("notice:"));
+    assert!(d.log_text().contains("root was replaced"));
+    let root = d.ok(&["ca-cert"]);
+    assert_ne!(root, std::fs::read_to_string(&old.cert).unwrap());
+    let ca = d.dir.path().join("new-root.pem");
+    std::fs::write(&ca, &root).unwrap();
+    let https = d.listen_port("https_listen");
+    let resolve = format!("echo.test:{https}:127.0.0.1");
+    let url = format!("https://echo.test:{https}/");
+    let (code, _, err) = curl(&[
+        "--cacert",
+        ca.to_str().unwrap(),
+        "--resolve",
+        &resolve,
+        &url,
+    ]);
+    assert_eq!(code, 200, "{err}");
+    let (code, _, _) = curl(&[
+        "--cacert",
+        old.cert.to_str().unwrap(),
+        "--resolve",
+        &resolve,
+        &url,
+    ]);
+    assert_eq!(code, 0, "the old root no longer vouches for the host");
+    // The next start keeps the new root and has nothing to report.
+    assert!(d.terminate().success());
+    d.restart();
+    assert!(d.json(&["status", "--json"]).get("ca_notice").is_none());
+    assert_eq!(d.ok(&["ca-cert"]), root);
+}
