@@ -163,4 +163,5 @@ for kind in tcp tls h2 mixed; do
   printf '%-28s %9s %9s %9s %7s %9s\n' "$N stalled, $kind" "$ACCEPTED/$N" "$P50" "$P99" "$FAILS" "$RATIO"
   sleep 1  # the held connections are closed; the gate forgets them
 done
-echo "(max_connections = $MAX_CONNECTIONS, max_connections_per_source = $PER_SOURCE; $PROBES probes from 127.0.0.2, each a new TLS connection + GET)"
+echo "(max_connections = $MAX_CONNECTIONS, max_connections_per_source = $PER_SOURCE, at most half of"
+echo " max_connections; $PROBES probes from 127.0.0.2, each a new TLS connection + GET)"

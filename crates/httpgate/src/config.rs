@@ -78,8 +78,9 @@ pub struct Limits {
     pub max_connections: usize,
     /// Maximum number of open client connections per listener from one
     /// source (an IPv4 address, or an IPv6 /64); more from that source are
-    /// closed at accept, before the TLS handshake. Peers listed in
-    /// `trusted_proxies` are exempt. 0: no per-source cap.
+    /// closed at accept, before the TLS handshake. Never more than half of
+    /// `max_connections`, so that one source cannot fill that limit. Peers
+    /// listed in `trusted_proxies` are exempt. 0: no per-source cap.
     pub max_connections_per_source: usize,
     /// Idle upstream connections kept per upstream address.
     pub upstream_pool_max_idle: usize,

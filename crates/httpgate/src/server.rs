@@ -155,12 +155,14 @@ impl ConnLimit {
 /// The limits of a new listening address.
 pub(crate) fn limit(shared: &Shared) -> Arc<ConnLimit> {
     let l = &shared.config.limits;
+    // One source never holds more than half of the global limit.
+    let per_source = match l.max_connections_per_source {
+        0 => 0,
+        n => n.min((l.max_connections / 2).max(1)),
+    };
     Arc::new(ConnLimit {
         global: Arc::new(Semaphore::new(l.max_connections.max(1))),
-        sources: SourceLimit::new(
-            l.max_connections_per_source,
-            shared.config.trusted_proxies.clone(),
-        ),
+        sources: SourceLimit::new(per_source, shared.config.trusted_proxies.clone()),
     })
 }
 
