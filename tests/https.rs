@@ -738,6 +738,21 @@ fn internal_mode_is_only_for_the_internal_ca_suffixes() {
             "{err}"
         );
     }
+    // `create` (and `import`) check the same rule before anything else.
+    let out = d.cli(&[
+        "create",
+        "pub",
+        "--domain",
+        "shop.example.com",
+        "--ssh-key",
+        key.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot use tls mode internal") && err.contains("--tls-mode acme"),
+        "{err}"
+    );
     assert!(d.json(&["list", "--json"]).as_array().unwrap().is_empty());
     assert!(add("pub", "shop.example.com", &["--tls-mode", "acme"])
         .status
