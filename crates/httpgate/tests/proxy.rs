@@ -740,7 +740,12 @@ async fn connections_one_thread_accepts_are_spread_over_the_serving_threads() {
 async fn the_connection_limit_holds_over_all_serving_threads() {
     // `max_connections` is per listening address, however many threads
     // accept on it: connections beyond it are closed at once.
-    let (_app, gw) = app_gateway(|c| c.limits.max_connections = 4).await;
+    // (No per-source cap here: every connection comes from 127.0.0.1.)
+    let (_app, gw) = app_gateway(|c| {
+        c.limits.max_connections = 4;
+        c.limits.max_connections_per_source = 0;
+    })
+    .await;
     let (port, handles) = spawn_threads(&gw, 2);
     let closed = tokio::task::spawn_blocking(move || {
         use std::io::Read;
