@@ -379,9 +379,9 @@ fn sigterm_exits_cleanly_and_removes_the_socket() {
 #[test]
 fn no_login_is_closed_and_app_port_is_never_the_agent_port() {
     let d = Daemon::start();
-    let out = d.add("a", "a.example.com");
+    let out = d.add("a", "a.example.test");
     assert!(
-        out.contains("the agent host https://shelley.a.example.com is closed until it has a login: sandboxd auth a USER"),
+        out.contains("the agent host https://shelley.a.example.test is closed until it has a login: sandboxd auth a USER"),
         "{out}"
     );
     let table = d.ok(&["list"]);
@@ -421,7 +421,7 @@ fn no_login_is_closed_and_app_port_is_never_the_agent_port() {
     assert!(d.ok(&["show", "a"]).contains("agent login:       alice"));
     let out = d.ok(&["auth", "a", "--remove"]);
     assert!(
-        out.contains("https://shelley.a.example.com is closed"),
+        out.contains("https://shelley.a.example.test is closed"),
         "{out}"
     );
 
@@ -461,7 +461,7 @@ fn no_login_is_closed_and_app_port_is_never_the_agent_port() {
 fn backup_is_private_and_never_printed_to_a_terminal() {
     use std::os::unix::fs::PermissionsExt;
     let d = Daemon::start();
-    d.add("a", "a.example.com");
+    d.add("a", "a.example.test");
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     let file = d.dir.path().join("backup.json");
     d.ok(&["backup", "-o", file.to_str().unwrap()]);
