@@ -9,7 +9,11 @@
 #   3. starts incusd with setsid (from /) unless its socket already answers;
 #      one left running from a removed directory is restarted first;
 #   4. creates the bridge sbx0 (198.18.0.1/24, no NAT, no IPv6), the storage
-#      pool and the default profile's devices when missing;
+#      pool and the default profile's devices when missing, and attaches
+#      sandboxd's egress ACL sandboxd-egress-sbx0 to the bridge with the
+#      bridge's default ACL actions set to allow (the ACL holds only reject
+#      rules for sandboxes' own addresses; without these keys Incus would
+#      reject all other traffic of every container on the bridge);
 #   5. builds the small test image with provision/images/debian-12.sh
 #      (debootstrap; cached as tarballs under
 #      /var/cache/sandboxd-test/ so later runs skip debootstrap) and imports it
@@ -155,6 +159,28 @@ configure_incus() {
     if ! incus network show sbx0 >/dev/null 2>&1; then
         incus network create sbx0 ipv4.address=198.18.0.1/24 ipv4.nat=false ipv6.address=none
         log "created network sbx0"
+    fi
+    # sandboxd's egress ACL of the bridge, attached once here (sandboxd
+    # setup does the same on product hosts) so that test daemons only edit
+    # its rules: a network change restarts the bridge's DHCP/DNS server.
+    local acl=sandboxd-egress-sbx0 settings=() key
+    if ! incus network acl show "$acl" >/dev/null 2>&1; then
+        incus network acl create "$acl"
+        log "created network ACL $acl"
+    fi
+    for key in security.acls.default.egress.action security.acls.default.ingress.action; do
+        if [ -z "$(incus network get sbx0 "$key")" ]; then
+            settings+=("$key=allow")
+        fi
+    done
+    local acls
+    acls=$(incus network get sbx0 security.acls)
+    if ! tr ',' '\n' <<<"$acls" | grep -qx "$acl"; then
+        settings+=("security.acls=${acls:+$acls,}$acl")
+    fi
+    if [ "${#settings[@]}" -gt 0 ]; then
+        incus network set sbx0 "${settings[@]}"
+        log "set ${settings[*]} on sbx0"
     fi
     local devices
     devices=$(incus profile device list default 2>/dev/null || true)

@@ -50,6 +50,8 @@ fn sandbox(i: usize, key: &str) -> Sandbox {
         tls_key_file: None,
         status: SandboxStatus::Running,
         addresses: vec![],
+        assigned_ipv4: None,
+        egress: Default::default(),
         created_at: 1,
         updated_at: 1,
     }

@@ -406,6 +406,12 @@ pub fn view(sb: &Sandbox) -> SandboxView {
         status,
         status_reason,
         addresses: sb.addresses.clone(),
+        assigned_ipv4: sb.assigned_ipv4.clone(),
+        egress: match &sb.backend {
+            Backend::Incus { .. } => Some(sb.egress.mode.as_str().to_string()),
+            Backend::Static { .. } => None,
+        },
+        egress_allow: sb.egress.allow.clone(),
         client_keys: sb.client_keys.iter().map(|k| keys::view(k)).collect(),
         upstream_public_key: sb.upstream_key.public_openssh.clone(),
         upstream_host_key: sb.upstream_host_key.clone(),
@@ -600,6 +606,8 @@ pub(crate) async fn new_sandbox(req: NewSandbox) -> Result<Sandbox, ApiError> {
         tls_key_file,
         status: req.status,
         addresses: vec![],
+        assigned_ipv4: None,
+        egress: Default::default(),
         created_at: 0,
         updated_at: 0,
     })

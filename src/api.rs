@@ -95,7 +95,17 @@ pub struct SandboxView {
     pub user: String,
     pub status: String,
     pub status_reason: Option<String>,
+    /// What the container reports (shown, never routed to).
     pub addresses: Vec<String>,
+    /// Incus sandboxes: the fixed address the gates connect to.
+    #[serde(default)]
+    pub assigned_ipv4: Option<String>,
+    /// Incus sandboxes: `open`, `restricted` or `allowlist`.
+    #[serde(default)]
+    pub egress: Option<String>,
+    /// `allowlist`: the allowed destinations.
+    #[serde(default)]
+    pub egress_allow: Vec<String>,
     pub client_keys: Vec<KeyView>,
     pub upstream_public_key: String,
     pub upstream_host_key: Option<String>,

@@ -138,10 +138,15 @@ pub enum Command {
     Start { name: String },
     /// Stop a sandbox's container; its routes answer "stopped".
     Stop { name: String },
-    /// Restart a sandbox's container; routes follow its address.
+    /// Restart a sandbox's container (it keeps its fixed address).
     Restart { name: String },
     /// Delete a sandbox: its routes, its container, certificates and record.
     Delete { name: String },
+    /// Set what a sandbox's container may reach (an Incus network ACL;
+    /// applied at once). Other sandboxes are never reachable.
+    ///
+    /// Example: sandboxd egress myapp allowlist --allow 203.0.113.0/24 --allow deb.debian.org
+    Egress(crate::cli_lifecycle::EgressCommandArgs),
     /// Snapshots of a sandbox's container.
     #[command(subcommand)]
     Snapshot(crate::cli_lifecycle::SnapshotCommand),
@@ -402,8 +407,17 @@ fn print_sandbox(sb: &SandboxView) {
         None => sb.status.clone(),
     };
     println!("status:            {status}");
+    if let Some(ip) = &sb.assigned_ipv4 {
+        println!("address:           {ip} (fixed; the gates connect here)");
+    }
     if !sb.addresses.is_empty() {
-        println!("addresses:         {}", sb.addresses.join(", "));
+        println!("reported:          {}", sb.addresses.join(", "));
+    }
+    if let Some(mode) = &sb.egress {
+        match sb.egress_allow.as_slice() {
+            [] => println!("egress:            {mode}"),
+            allow => println!("egress:            {mode} ({})", allow.join(", ")),
+        }
     }
     println!("agent login:       {}", login_state(sb));
     let certs = match (&sb.tls_mode, &sb.tls_cert_file, &sb.tls_key_file) {
@@ -550,6 +564,7 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
             crate::cli_lifecycle::state_change(&client, &name, "restart").await?
         }
         Command::Delete { name } => crate::cli_lifecycle::delete(&client, &name).await?,
+        Command::Egress(a) => crate::cli_lifecycle::egress(&client, a).await?,
         Command::Snapshot(cmd) => crate::cli_lifecycle::snapshot(&client, cmd).await?,
         Command::Image(cmd) => crate::cli_lifecycle::image(&client, cmd).await?,
         Command::UpdateAgent { name } => crate::cli_lifecycle::update_agent(&client, &name).await?,

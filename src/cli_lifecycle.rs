@@ -68,6 +68,46 @@ pub struct CreateArgs {
     /// Script run last in the container, as root.
     #[arg(long, value_name = "FILE")]
     pub hook: Option<PathBuf>,
+    #[command(flatten)]
+    pub egress: EgressArgs,
+}
+
+/// The egress policy of a new or adopted sandbox.
+#[derive(Debug, clap::Args)]
+pub struct EgressArgs {
+    /// What the container may reach: open (all but other sandboxes),
+    /// restricted (the internet; no private, link-local, carrier-grade NAT
+    /// or host addresses except DHCP, DNS and the package cache) or
+    /// allowlist (only --allow destinations, plus DHCP, DNS and the cache).
+    #[arg(long, value_name = "MODE", default_value = "restricted",
+          value_parser = ["open", "restricted", "allowlist"])]
+    pub egress: String,
+    /// With --egress allowlist: an IPv4 address, CIDR or DNS name
+    /// (repeatable; names are resolved when the policy is applied: at
+    /// create/import, `sandboxd egress` and daemon start).
+    #[arg(long = "allow", value_name = "CIDR-OR-NAME")]
+    pub allow: Vec<String>,
+}
+
+impl EgressArgs {
+    fn request(self) -> crate::lifecycle::wire::SetEgress {
+        crate::lifecycle::wire::SetEgress {
+            mode: self.egress,
+            allow: self.allow,
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct EgressCommandArgs {
+    pub name: String,
+    /// open, restricted or allowlist.
+    #[arg(value_parser = ["open", "restricted", "allowlist"])]
+    pub mode: String,
+    /// With allowlist: an IPv4 address, CIDR or DNS name (repeatable;
+    /// names are resolved now, and again at each daemon start).
+    #[arg(long = "allow", value_name = "CIDR-OR-NAME")]
+    pub allow: Vec<String>,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -104,6 +144,8 @@ pub struct ImportArgs {
     pub json: bool,
     #[command(flatten)]
     pub access: crate::cli::AccessArgs,
+    #[command(flatten)]
+    pub egress: EgressArgs,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -135,7 +177,11 @@ fn progress_printer() -> impl FnMut(&Event) {
 }
 
 fn print_live(sb: &SandboxView, verb: &str) {
-    let addr = sb.addresses.first().map(String::as_str).unwrap_or("-");
+    let addr = sb
+        .assigned_ipv4
+        .as_deref()
+        .or(sb.addresses.first().map(String::as_str))
+        .unwrap_or("-");
     println!(
         "{verb} {}: ssh -p 2222 {}@HOST, https://{} (container address {addr})",
         sb.name, sb.name, sb.domain
@@ -200,6 +246,7 @@ pub async fn create(client: &Client, a: CreateArgs) -> Result<()> {
             ),
             None => None,
         },
+        egress: Some(a.egress.request()),
     };
     let body = serde_json::to_vec(&req)?;
     let sb = create_or_import(client, "/v1/incus/create", body).await?;
@@ -311,6 +358,7 @@ pub async fn import(client: &Client, a: ImportArgs) -> Result<()> {
         tls_mode: a.access.tls_mode,
         tls_cert_file,
         tls_key_file,
+        egress: Some(a.egress.request()),
     };
     let body = serde_json::to_vec(&req)?;
     let sb = create_or_import(client, "/v1/incus/import", body).await?;
@@ -335,6 +383,26 @@ pub async fn state_change(client: &Client, name: &str, action: &str) -> Result<(
         print_live(&sb, past);
     } else {
         println!("{past} {}", sb.name);
+    }
+    Ok(())
+}
+
+pub async fn egress(client: &Client, a: EgressCommandArgs) -> Result<()> {
+    let req = crate::lifecycle::wire::SetEgress {
+        mode: a.mode,
+        allow: a.allow,
+    };
+    let sb: SandboxView = client
+        .call(
+            Method::POST,
+            &format!("/v1/incus/sandboxes/{}/egress", a.name),
+            Some(&req),
+        )
+        .await?;
+    let mode = sb.egress.as_deref().unwrap_or("-");
+    match sb.egress_allow.as_slice() {
+        [] => println!("egress of {}: {mode}", sb.name),
+        allow => println!("egress of {}: {mode} ({})", sb.name, allow.join(", ")),
     }
     Ok(())
 }

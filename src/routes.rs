@@ -76,12 +76,17 @@ impl SandboxRoute {
     pub fn new(sandbox: Arc<Sandbox>, defaults: &Defaults) -> Self {
         let host = match (&sandbox.status, &sandbox.backend) {
             (SandboxStatus::Running, Backend::Static { host }) => Ok(host.clone()),
-            (SandboxStatus::Running, Backend::Incus { .. }) => match sandbox.addresses.first() {
-                Some(a) => Ok(a.clone()),
-                None => Err(Target::Unavailable {
-                    reason: "no address yet".into(),
-                }),
-            },
+            // Only the address sandboxd assigned (and Incus enforces on the
+            // NIC), never one the container reports: a tenant cannot point
+            // the gates anywhere else.
+            (SandboxStatus::Running, Backend::Incus { .. }) => {
+                match sandbox.assigned_ipv4.as_ref() {
+                    Some(a) => Ok(a.clone()),
+                    None => Err(Target::Unavailable {
+                        reason: "network isolation not applied yet".into(),
+                    }),
+                }
+            }
             (SandboxStatus::Stopped, _) => Err(Target::Stopped),
             (SandboxStatus::Creating { step }, _) => Err(Target::Unavailable {
                 reason: format!("being created ({step})"),

@@ -136,6 +136,15 @@ struct Plan {
     http: Vec<String>,
 }
 
+/// Bridge keys set to `allow`: the sandboxes' egress ACL attached to the
+/// bridge holds only reject rules for sandboxes' own addresses, and Incus
+/// applies these defaults to all other traffic on the bridge (its own
+/// default, once an ACL is attached, is to reject).
+const ACL_DEFAULT_KEYS: [&str; 2] = [
+    "security.acls.default.egress.action",
+    "security.acls.default.ingress.action",
+];
+
 fn valid_name(what: &str, name: &str, max: usize, problems: &mut Vec<String>) {
     let ok = !name.is_empty()
         && name.len() <= max
@@ -741,14 +750,43 @@ impl Host {
     async fn network(&self) -> Result<Outcome> {
         let incus = self.client()?;
         let a = self.args();
+        // The sandboxes' egress rules live in one ACL attached to the
+        // bridge (see `lifecycle::network`); made and attached here so that
+        // the daemon never has to change the network.
+        let acl = crate::lifecycle::network::acl_name(&a.bridge);
+        incus.edit_network_acl(&acl, |_| false).await?;
         if let Some(n) = incus.network(&a.bridge).await? {
             let addr = n.config.get("ipv4.address").cloned().unwrap_or_default();
-            return Ok(Outcome::Ok(format!(
-                "network {} exists ({} {addr})",
-                a.bridge, n.kind
-            )));
+            let set = incus
+                .edit_network_config(&a.bridge, |cfg| {
+                    let mut changed = false;
+                    for key in ACL_DEFAULT_KEYS {
+                        if !cfg.contains_key(key) {
+                            cfg.insert(key.to_string(), "allow".to_string());
+                            changed = true;
+                        }
+                    }
+                    let list = cfg.get("security.acls").cloned().unwrap_or_default();
+                    if !list.split(',').any(|x| x.trim() == acl) {
+                        let joined = if list.trim().is_empty() {
+                            acl.clone()
+                        } else {
+                            format!("{list},{acl}")
+                        };
+                        cfg.insert("security.acls".to_string(), joined);
+                        changed = true;
+                    }
+                    changed
+                })
+                .await?;
+            let what = format!("network {} exists ({} {addr})", a.bridge, n.kind);
+            return Ok(if set {
+                Outcome::Done(format!("{what}; egress ACL {acl} attached"))
+            } else {
+                Outcome::Ok(what)
+            });
         }
-        let config: BTreeMap<String, String> = [
+        let mut config: BTreeMap<String, String> = [
             ("ipv4.address", a.bridge_ipv4.as_str()),
             ("ipv4.nat", if a.no_nat { "false" } else { "true" }),
             ("ipv6.address", a.bridge_ipv6.as_str()),
@@ -756,6 +794,10 @@ impl Host {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
+        for key in ACL_DEFAULT_KEYS {
+            config.insert(key.to_string(), "allow".to_string());
+        }
+        config.insert("security.acls".to_string(), acl);
         incus.create_bridge(&a.bridge, &config).await?;
         Ok(Outcome::Done(format!(
             "created bridge {} ({}, NAT {})",

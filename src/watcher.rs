@@ -1,8 +1,13 @@
 //! The Incus watcher: follows lifecycle events so that the store (and so
 //! the routing snapshot) tracks every container at once, and runs a full
 //! reconcile when the event stream (re)connects and periodically, to repair
-//! anything events do not carry (a changed DHCP lease) or that was missed
-//! while disconnected.
+//! anything events do not carry or that was missed while disconnected, and
+//! to give sandboxes made before network isolation their fixed address,
+//! filters and egress ACL (see `crate::lifecycle::network`).
+//!
+//! The addresses it records are what the container reports, for people to
+//! see; routes never use them: the gates connect to the fixed address
+//! sandboxd assigned (`Sandbox::assigned_ipv4`).
 //!
 //! It only ever touches settled sandboxes (running or stopped); records a
 //! create, import or delete is working on are left to that pipeline.
@@ -57,7 +62,7 @@ pub async fn run(lifecycle: Arc<Lifecycle>, mut shutdown: watch::Receiver<bool>)
     }
 }
 
-async fn reconcile(lifecycle: &Lifecycle) {
+async fn reconcile(lifecycle: &Arc<Lifecycle>) {
     match lifecycle.reconcile().await {
         Ok(0) => tracing::debug!("reconcile: all sandboxes match Incus"),
         Ok(n) => tracing::info!(changed = n, "reconcile repaired sandboxes"),

@@ -163,6 +163,7 @@ impl Drop for Fixture {
         let _ = r.block_on(c.delete_profile(&self.profile));
         if let Some(b) = &self.bridge {
             let _ = r.block_on(c.delete_network(b));
+            let _ = r.block_on(c.delete_network_acl(&format!("sandboxd-egress-{b}")));
         }
         let _ = r.block_on(c.delete_storage_pool(&self.pool));
         let _ = Command::new("userdel").arg(&self.user).output();
@@ -209,6 +210,13 @@ fn setup_twice_creates_then_changes_nothing() {
     assert_eq!(net.kind, "bridge");
     assert_eq!(net.config["ipv4.nat"], "false");
     assert!(net.config["ipv4.address"].starts_with("198.19."));
+    // The sandboxes' egress ACL is on the bridge; all else passes.
+    assert_eq!(
+        net.config["security.acls"],
+        format!("sandboxd-egress-{}", f.bridge())
+    );
+    assert_eq!(net.config["security.acls.default.egress.action"], "allow");
+    assert_eq!(net.config["security.acls.default.ingress.action"], "allow");
     let prof = r.block_on(c.profile(&f.profile)).unwrap().unwrap();
     assert_eq!(prof.devices["eth0"]["network"], f.bridge());
     assert_eq!(prof.devices["root"]["pool"], f.pool);

@@ -8,6 +8,7 @@
 //! | `GET stats` | [`super::wire::StatsAnswer`] from one Incus listing |
 //! | `POST sandboxes/NAME/{start,stop,restart}` | the sandbox |
 //! | `DELETE sandboxes/NAME` | the deleted sandbox |
+//! | `POST sandboxes/NAME/egress` (body [`SetEgress`]) | the sandbox, policy applied |
 //! | `GET`/`POST sandboxes/NAME/snapshots` | snapshots / the new snapshot |
 //! | `POST sandboxes/NAME/snapshots/SNAP/restore` | the sandbox |
 //! | `DELETE sandboxes/NAME/snapshots/SNAP` | `{}` |
@@ -21,7 +22,7 @@ use std::sync::Arc;
 use http::{Method, Request, StatusCode};
 use hyper::body::Incoming;
 
-use super::wire::{CreateSandbox, ImageBuild, ImportSandbox, SnapshotRequest};
+use super::wire::{CreateSandbox, ImageBuild, ImportSandbox, SetEgress, SnapshotRequest};
 use super::{LifecycleError, Progress};
 use crate::admin::{event_stream, json, read_json, AdminContext, ApiError, Body, MAX_BODY};
 use crate::api::{ErrorBody, Event};
@@ -82,6 +83,13 @@ pub async fn handle(
             Ok(json(StatusCode::OK, &lc.restart(name).await?))
         }
         (&Method::DELETE, ["sandboxes", name]) => Ok(json(StatusCode::OK, &lc.delete(name).await?)),
+        (&Method::POST, ["sandboxes", name, "egress"]) => {
+            let body: SetEgress = read_json(req.into_body(), MAX_BODY).await?;
+            let egress = body
+                .to_egress()
+                .map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", m))?;
+            Ok(json(StatusCode::OK, &lc.set_egress(name, egress).await?))
+        }
         (&Method::GET, ["sandboxes", name, "snapshots"]) => {
             Ok(json(StatusCode::OK, &lc.snapshot_list(name).await?))
         }

@@ -22,6 +22,10 @@
 //! - a container's login user has only the gateway's key in
 //!   `authorized_keys`, and a sandbox made without a login gets a generated
 //!   one ([`access`]);
+//! - a sandbox's container gets its fixed address, its NIC filters and
+//!   its egress rules before its first boot (create) or when adopted
+//!   (import), and the reconcile gives them to sandboxes made before they
+//!   existed ([`network`]); routes use only that address;
 //! - containers come back with the host in their last state: sandboxd
 //!   leaves `boot.autostart` unset, which Incus reads as "restore the state
 //!   the instance had when incusd stopped" (a sandbox stopped with
@@ -30,6 +34,8 @@
 pub mod access;
 pub mod golden;
 pub mod http;
+pub mod netpolicy;
+pub mod network;
 pub mod wire;
 
 use std::collections::{HashMap, HashSet};
@@ -247,6 +253,36 @@ pub struct Lifecycle {
     keys_upgraded: std::sync::atomic::AtomicBool,
     /// Which domains may use `internal` TLS mode.
     tls_policy: crate::tlsfiles::Policy,
+    /// Egress policy each sandbox's ACL was last written with by this
+    /// process (the reconcile writes every one once after a start).
+    applied: Mutex<HashMap<String, store::Egress>>,
+    /// This daemon's edits of the bridges' egress ACLs, one at a time.
+    acl_edits: tokio::sync::Mutex<()>,
+}
+
+/// Marks a sandbox busy for the reconcile's own work; skipped when a
+/// lifecycle operation holds it.
+struct BusyGuard<'a> {
+    set: &'a Mutex<HashSet<String>>,
+    name: String,
+}
+
+impl<'a> BusyGuard<'a> {
+    fn try_new(set: &'a Mutex<HashSet<String>>, name: &str) -> Option<Self> {
+        if !lock(set).insert(name.to_string()) {
+            return None;
+        }
+        Some(BusyGuard {
+            set,
+            name: name.to_string(),
+        })
+    }
+}
+
+impl Drop for BusyGuard<'_> {
+    fn drop(&mut self) {
+        lock(self.set).remove(&self.name);
+    }
 }
 
 /// Releases a sandbox name claimed for an operation.
@@ -427,6 +463,8 @@ impl Lifecycle {
             samples: Mutex::new(HashMap::new()),
             keys_upgraded: std::sync::atomic::AtomicBool::new(false),
             tls_policy,
+            applied: Mutex::new(HashMap::new()),
+            acl_edits: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -586,6 +624,7 @@ impl Lifecycle {
             llm: req.llm.clone(),
             hook: req.hook.clone(),
         };
+        let egress = egress_of(req.egress.as_ref())?;
         let _claim = self.claim(&name)?;
         // Incus must answer before anything is stored.
         self.incus.server_info().await?;
@@ -636,7 +675,7 @@ impl Lifecycle {
             return Err(LifecycleError::Invalid("--cpu must be at least 1".into()));
         }
         let generated = req.auth.is_none().then(access::generated_login);
-        let sandbox = self
+        let mut sandbox = self
             .new_record(
                 &name,
                 &domain,
@@ -651,6 +690,7 @@ impl Lifecycle {
                 },
             )
             .await?;
+        sandbox.egress = egress;
         if self.incus.instance_exists(&name).await? {
             return Err(LifecycleError::Untracked(name));
         }
@@ -703,6 +743,7 @@ impl Lifecycle {
                 "instance {name:?} cannot be a sandbox name (the SSH user name): {e}"
             ))
         })?;
+        let egress = egress_of(req.egress.as_ref())?;
         let _claim = self.claim(&name)?;
         self.incus.server_info().await?;
         if let Some(existing) = self.get(&name).await? {
@@ -740,7 +781,7 @@ impl Lifecycle {
         let user = req.user.clone().unwrap_or_else(|| DEFAULT_USER.to_string());
         store::validate_user(&user)?;
         let generated = req.auth.is_none().then(access::generated_login);
-        let sandbox = self
+        let mut sandbox = self
             .new_record(
                 &name,
                 &domain,
@@ -755,6 +796,7 @@ impl Lifecycle {
                 },
             )
             .await?;
+        sandbox.egress = egress;
         let meta = Meta {
             id: random_id(),
             image: None,
@@ -913,13 +955,25 @@ impl Lifecycle {
                         let mut cfg = std::collections::BTreeMap::new();
                         cfg.insert(ID_KEY.to_string(), plan.meta.id.clone());
                         self.incus.update_config(inst, &cfg).await?;
+                        let (ip, restart) = self.isolate_instance(&plan.name, inst).await?;
+                        progress.message(format!("fixed address {ip}")).await;
+                        if restart {
+                            progress
+                                .message(format!(
+                                    "restarting {inst} so that it takes its fixed address"
+                                ))
+                                .await;
+                            self.incus
+                                .restart(inst, incusctl::StopOptions::graceful(STOP_GRACE))
+                                .await?;
+                        }
                         Ok(())
                     }
                 }
             }
             "start" => Ok(self.incus.start(inst).await?),
             "address" => {
-                let ip = self.incus.wait_for_ipv4(inst, ADDRESS_TIMEOUT).await?;
+                let ip = self.wait_address(&plan.name, inst).await?;
                 progress.message(format!("address {ip}")).await;
                 Ok(())
             }
@@ -1004,10 +1058,12 @@ impl Lifecycle {
             "live" => {
                 let st = self.incus.instance_state(inst).await?;
                 let addrs = addresses_of(&st);
-                if st.ipv4().is_none() {
-                    return Err(LifecycleError::Invalid(
-                        "the container lost its IPv4 address".into(),
-                    ));
+                let sb = self.require(&plan.name).await?;
+                let assigned = sb.assigned_ipv4.clone().unwrap_or_default();
+                if !addrs.contains(&assigned) {
+                    return Err(LifecycleError::Invalid(format!(
+                        "the container does not carry its fixed address {assigned:?}"
+                    )));
                 }
                 self.set_status(&plan.name, SandboxStatus::Running, Some(addrs))
                     .await?;
@@ -1045,9 +1101,62 @@ impl Lifecycle {
             Err(e) if e.is_not_found() => {}
             Err(e) => return Err(e.into()),
         }
-        let sb = self.require(&plan.name).await?;
+        // The address and egress policy exist before the container does, so
+        // that its first DHCP lease is its fixed address and its first
+        // packet is filtered. Incus refuses, when the container starts, an
+        // address another NIC has (a daemon with another store on the same
+        // bridge took it meanwhile): then again with another address.
+        let (bridge, base) = self.bridge_of(None).await?;
+        let mut refused = HashSet::new();
+        for attempt in 1..=3 {
+            let ip = self
+                .assign_address(&plan.name, inst, &bridge, None, &refused)
+                .await?;
+            let sb = self.require(&plan.name).await?;
+            self.apply_egress(&sb, &bridge).await?;
+            progress
+                .message(format!(
+                    "fixed address {ip} on {}, egress {}",
+                    bridge.name,
+                    sb.egress.mode.as_str()
+                ))
+                .await;
+            match self
+                .create_container(plan, &sb, &base, &bridge, ip, progress)
+                .await
+            {
+                Err(LifecycleError::Incus(e))
+                    if attempt < 3 && e.to_string().contains("already defined on another NIC") =>
+                {
+                    progress
+                        .message(format!("{ip} is taken on {}; another address", bridge.name))
+                        .await;
+                    refused.insert(ip);
+                    match self.incus.delete_instance(inst, true).await {
+                        Ok(()) => {}
+                        Err(e) if e.is_not_found() => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                other => return other,
+            }
+        }
+        Err(LifecycleError::Internal("no address could be used".into()))
+    }
+
+    async fn create_container(
+        &self,
+        plan: &Plan,
+        sb: &Sandbox,
+        base: &std::collections::BTreeMap<String, String>,
+        bridge: &network::Bridge,
+        ip: std::net::Ipv4Addr,
+        progress: &Progress,
+    ) -> Result<()> {
+        let inst = plan.instance.as_str();
         let image = plan.meta.image.clone().unwrap_or_default();
         let mut req = incusctl::CreateInstance::new(inst, image_source(&image)?)
+            .device("eth0", network::nic_device(base, bridge, ip))
             .docker_ready()
             .config(ID_KEY, plan.meta.id.clone())
             .config("user.sandboxd.domain", sb.domain.clone())
@@ -1095,9 +1204,24 @@ impl Lifecycle {
         }
     }
 
+    /// Waits until the instance carries the sandbox's fixed address (any
+    /// IPv4 address for a record that has none yet).
+    async fn wait_address(&self, name: &str, instance: &str) -> Result<std::net::Ipv4Addr> {
+        let sb = self.require(name).await?;
+        let ip = match sb.assigned_ipv4.as_deref().and_then(|a| a.parse().ok()) {
+            Some(ip) => {
+                self.incus
+                    .wait_for_this_ipv4(instance, ip, ADDRESS_TIMEOUT)
+                    .await?
+            }
+            None => self.incus.wait_for_ipv4(instance, ADDRESS_TIMEOUT).await?,
+        };
+        Ok(ip)
+    }
+
     /// Re-reads the address of a running instance and records it.
     async fn refresh_running(&self, name: &str, instance: &str) -> Result<Sandbox> {
-        self.incus.wait_for_ipv4(instance, ADDRESS_TIMEOUT).await?;
+        self.wait_address(name, instance).await?;
         let st = self.incus.instance_state(instance).await?;
         self.set_status(name, SandboxStatus::Running, Some(addresses_of(&st)))
             .await
@@ -1176,6 +1300,9 @@ impl Lifecycle {
             }
         } else {
             tracing::info!(sandbox = %name, instance = %inst, "no container of ours to delete");
+        }
+        if let Err(e) = self.remove_egress(&sb).await {
+            return Err(self.delete_failed(name, e).await);
         }
         let hosts = sb.hosts();
         let n = name.to_string();
@@ -1371,7 +1498,7 @@ impl Lifecycle {
     /// Compares every settled Incus sandbox with Incus' view (one
     /// `list_instances`) and repairs status and addresses; returns how many
     /// records changed.
-    pub async fn reconcile(&self) -> Result<usize> {
+    pub async fn reconcile(self: &Arc<Self>) -> Result<usize> {
         let list = self.incus.list_instances().await?;
         let sandboxes = self.blocking(|s| s.list()).await?;
         let by_name: HashMap<&str, &incusctl::Instance> =
@@ -1383,6 +1510,15 @@ impl Lifecycle {
             };
             if !matches!(sb.status, SandboxStatus::Running | SandboxStatus::Stopped) {
                 continue;
+            }
+            // Before the address check below: a container whose NIC lost
+            // its filters may have lost its address with them.
+            if let Some(i) = by_name.get(instance) {
+                if self.needs_isolation(sb, i) {
+                    if let Some(_busy) = BusyGuard::try_new(&self.busy, &sb.name) {
+                        changed += usize::from(self.reisolate(&sb.name, instance).await);
+                    }
+                }
             }
             let (status, addrs) = match by_name.get(instance) {
                 None => (
@@ -1411,6 +1547,62 @@ impl Lifecycle {
         }
         self.upgrade_authorized_keys().await;
         Ok(changed)
+    }
+
+    /// The reconcile's isolation of one sandbox (made before isolation
+    /// existed, or whose NIC was changed): address, ACL, NIC, and a
+    /// restart when the running container must change its address.
+    async fn reisolate(&self, name: &str, instance: &str) -> bool {
+        match self.isolate_instance(name, instance).await {
+            Ok((ip, restart)) => {
+                if restart {
+                    tracing::warn!(sandbox = %name, %ip, "restarting the container so that it takes its fixed address");
+                    if let Err(e) = self
+                        .incus
+                        .restart(instance, incusctl::StopOptions::graceful(STOP_GRACE))
+                        .await
+                    {
+                        tracing::warn!(sandbox = %name, error = %e, "restart failed");
+                    }
+                }
+                true
+            }
+            Err(e) => {
+                tracing::warn!(sandbox = %name, error = %e, "cannot isolate the sandbox's network");
+                false
+            }
+        }
+    }
+
+    /// `sandboxd egress NAME MODE`: changes the policy and applies it.
+    pub async fn set_egress(
+        self: &Arc<Self>,
+        name: &str,
+        egress: store::Egress,
+    ) -> Result<SandboxView> {
+        let _claim = self.claim(name)?;
+        let (sb, inst) = self.get_incus(name).await?;
+        Self::settled(&sb)?;
+        store::validate_egress(&egress)?;
+        let n = name.to_string();
+        let e = egress.clone();
+        self.write(move |s| {
+            s.update(&n, |sb| {
+                sb.egress = e.clone();
+                Ok(())
+            })
+        })
+        .await?;
+        let (_, restart) = self.isolate_instance(name, &inst).await?;
+        if restart {
+            self.incus
+                .restart(&inst, incusctl::StopOptions::graceful(STOP_GRACE))
+                .await?;
+            self.refresh_running(name, &inst).await?;
+        }
+        let sb = self.require(name).await?;
+        tracing::info!(sandbox = %name, egress = egress.mode.as_str(), "egress policy applied");
+        Ok(crate::admin::view(&sb))
     }
 
     /// Settled Incus sandboxes backed by `instance`.
@@ -1450,6 +1642,14 @@ impl Lifecycle {
 struct StepState {
     /// uid, gid and home of the login user.
     user: Option<(u32, u32, String)>,
+}
+
+/// The requested egress policy, `restricted` when none is given.
+fn egress_of(req: Option<&wire::SetEgress>) -> Result<store::Egress> {
+    match req {
+        Some(e) => e.to_egress().map_err(LifecycleError::Invalid),
+        None => Ok(store::Egress::default()),
+    }
 }
 
 fn random_id() -> String {

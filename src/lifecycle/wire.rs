@@ -52,6 +52,33 @@ pub struct CreateSandbox {
     /// daemon's `provision.hook`).
     #[serde(default)]
     pub hook: Option<String>,
+    /// Egress policy; `restricted` when absent.
+    #[serde(default)]
+    pub egress: Option<SetEgress>,
+}
+
+/// An egress policy as requested (`create`, `import`, and
+/// `POST /v1/incus/sandboxes/{name}/egress`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetEgress {
+    /// `open`, `restricted` or `allowlist`.
+    pub mode: String,
+    /// `allowlist`: IPv4 addresses, CIDRs or DNS names.
+    #[serde(default)]
+    pub allow: Vec<String>,
+}
+
+impl SetEgress {
+    /// The policy, checked.
+    pub fn to_egress(&self) -> Result<store::Egress, String> {
+        let egress = store::Egress {
+            mode: self.mode.parse()?,
+            allow: self.allow.iter().map(|a| a.trim().to_string()).collect(),
+        };
+        store::validate_egress(&egress).map_err(|e| e.to_string())?;
+        Ok(egress)
+    }
 }
 
 /// An LLM provider's key as sent by the CLI. `Debug` hides the key.
@@ -129,6 +156,9 @@ pub struct ImportSandbox {
     pub tls_cert_file: Option<String>,
     #[serde(default)]
     pub tls_key_file: Option<String>,
+    /// Egress policy; `restricted` when absent.
+    #[serde(default)]
+    pub egress: Option<SetEgress>,
 }
 
 /// An Incus instance that no sandbox manages (`GET /v1/incus/unmanaged`).

@@ -293,13 +293,42 @@ impl Client {
     /// fast with [`Error::InstanceNotRunning`] when the instance is stopped
     /// and [`Error::NotFound`] when it is deleted.
     pub async fn wait_for_ipv4(&self, name: &str, timeout: Duration) -> Result<Ipv4Addr> {
+        self.wait_for_ipv4_inner(name, None, timeout).await
+    }
+
+    /// Like [`Client::wait_for_ipv4`], until `eth0` carries `want`
+    /// (among its addresses).
+    pub async fn wait_for_this_ipv4(
+        &self,
+        name: &str,
+        want: Ipv4Addr,
+        timeout: Duration,
+    ) -> Result<Ipv4Addr> {
+        self.wait_for_ipv4_inner(name, Some(want), timeout).await
+    }
+
+    async fn wait_for_ipv4_inner(
+        &self,
+        name: &str,
+        want: Option<Ipv4Addr>,
+        timeout: Duration,
+    ) -> Result<Ipv4Addr> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut events = self.events_connected().await?;
         let mut interval = Duration::from_millis(50);
         loop {
             let st = self.instance_state(name).await?;
-            if let Some(ip) = st.ipv4() {
-                return Ok(ip);
+            match want {
+                None => {
+                    if let Some(ip) = st.ipv4() {
+                        return Ok(ip);
+                    }
+                }
+                Some(w) => {
+                    if st.ipv4_of(crate::state::DEFAULT_NIC).contains(&w) {
+                        return Ok(w);
+                    }
+                }
             }
             if !st.is_running() {
                 return Err(Error::InstanceNotRunning {
@@ -324,10 +353,11 @@ impl Client {
                     interval = (interval * 2).min(Duration::from_millis(500));
                 }
                 () = tokio::time::sleep_until(deadline) => {
-                    return Err(Error::Timeout {
-                        what: format!("an IPv4 address on eth0 of instance \"{name}\""),
-                        after: timeout,
-                    });
+                    let what = match want {
+                        Some(w) => format!("address {w} on eth0 of instance \"{name}\""),
+                        None => format!("an IPv4 address on eth0 of instance \"{name}\""),
+                    };
+                    return Err(Error::Timeout { what, after: timeout });
                 }
             }
         }

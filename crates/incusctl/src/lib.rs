@@ -4,12 +4,13 @@
 //! HTTP/websocket transport on the unix socket (hyper 1 + tokio-tungstenite,
 //! never the `incus` command), the typed API objects, waiting for background
 //! operations, exec (collected and streamed), the files API, snapshots,
-//! images and lifecycle events. Everything read from an instance (command
-//! output, files) and every answer of incusd is read up to a size cap
-//! ([`DEFAULT_MAX_OUTPUT`], [`DEFAULT_MAX_FILE`], [`MAX_ANSWER`]) and
-//! refused past it with [`Error::TooLarge`]. It knows nothing of routes, the store, or
-//! configuration files: the binary passes in a socket path (or `None` for
-//! the standard locations) and decides what to do with the answers.
+//! images, lifecycle events, and network ACLs and leases. Everything read
+//! from an instance (command output, files) and every answer of incusd is
+//! read up to a size cap ([`DEFAULT_MAX_OUTPUT`], [`DEFAULT_MAX_FILE`],
+//! [`MAX_ANSWER`]) and refused past it with [`Error::TooLarge`]. It knows
+//! nothing of routes, the store, or configuration files: the binary passes
+//! in a socket path (or `None` for the standard locations) and decides what
+//! to do with the answers.
 //!
 //! ```no_run
 //! # async fn demo() -> incusctl::Result<()> {
@@ -32,6 +33,7 @@
 //! or domains; sandbox metadata, when mirrored into Incus, is plain
 //! `user.*` configuration keys chosen by the caller.
 
+mod acls;
 mod client;
 mod error;
 mod events;
@@ -45,6 +47,7 @@ mod state;
 mod transport;
 mod types;
 
+pub use acls::{AclRule, NetworkAcl, NetworkLease};
 pub use client::{Client, ClientOptions, StopOptions, DEFAULT_SOCKETS};
 pub use error::{Error, Result};
 pub use events::{Event, EventStream, LifecycleAction, LifecycleEvent};

@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::io::{Read, Seek, Write};
+use std::net::Ipv4Addr;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::model::Sandbox;
 
 /// Version of the on-disk layout this binary writes.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 /// The `format` field of a backup document.
 pub const BACKUP_FORMAT: &str = "sandboxd-backup";
 
@@ -55,11 +56,37 @@ pub struct Backup {
     pub records: BTreeMap<String, BTreeMap<String, serde_json::Value>>,
 }
 
+/// Where [`Store::assign_ipv4`] may pick an address from.
+#[derive(Debug, Clone)]
+pub struct AddressPool {
+    /// Names the pool in errors, e.g. `network sbx0 (198.18.0.0/24)`.
+    pub label: String,
+    /// First and last usable address, inclusive.
+    pub first: Ipv4Addr,
+    pub last: Ipv4Addr,
+    /// Tried first (e.g. the address the instance has now), if free.
+    pub preferred: Option<Ipv4Addr>,
+    /// Never given out (the gateway, addresses leased to other instances).
+    pub exclude: HashSet<Ipv4Addr>,
+    /// Where the search for a free address starts, as an offset from
+    /// `first` (wrapping): a random one makes two stores sharing a network
+    /// unlikely to pick the same address at the same moment.
+    pub start_offset: u32,
+}
+
+impl AddressPool {
+    fn contains(&self, ip: Ipv4Addr) -> bool {
+        self.first <= ip && ip <= self.last && !self.exclude.contains(&ip)
+    }
+}
+
 /// The state database. One per state directory, one process at a time.
 pub struct Store {
     db: sled::Db,
     sandboxes: sled::Tree,
     hosts: sled::Tree,
+    /// Assigned IPv4 address (text) to the sandbox name.
+    addresses: sled::Tree,
     records: sled::Tree,
     meta: sled::Tree,
     dir: PathBuf,
@@ -191,6 +218,7 @@ impl Store {
         let store = Store {
             sandboxes: db.open_tree("sandboxes")?,
             hosts: db.open_tree("hosts")?,
+            addresses: db.open_tree("addresses")?,
             records: db.open_tree("records")?,
             meta: db.open_tree("meta")?,
             db,
@@ -252,6 +280,19 @@ impl Store {
                     let (k, v) = item?;
                     let sb = decode_sandbox(&k, &v)?;
                     self.sandboxes.insert(k, encode(&sb)?)?;
+                }
+                Ok(())
+            }
+            // Version 2 adds the index of assigned addresses: build it from
+            // the records (which hold none when written by version 1).
+            1 => {
+                self.addresses.clear()?;
+                for item in self.sandboxes.iter() {
+                    let (k, v) = item?;
+                    let sb = decode_sandbox(&k, &v)?;
+                    if let Some(ip) = &sb.assigned_ipv4 {
+                        self.addresses.insert(ip.as_bytes(), sb.name.as_bytes())?;
+                    }
                 }
                 Ok(())
             }
@@ -327,10 +368,19 @@ impl Store {
         sandbox.updated_at = t;
         let bytes = encode(&sandbox)?;
         let _guard = self.lock();
-        (&self.sandboxes, &self.hosts)
-            .transaction(|(sandboxes, hosts)| {
+        (&self.sandboxes, &self.hosts, &self.addresses)
+            .transaction(|(sandboxes, hosts, addresses)| {
                 if sandboxes.get(sandbox.name.as_bytes())?.is_some() {
                     return Err(abort(Error::NameTaken(sandbox.name.clone())));
+                }
+                if let Some(ip) = &sandbox.assigned_ipv4 {
+                    if let Some(owner) = addresses.get(ip.as_bytes())? {
+                        return Err(abort(Error::AddressTaken {
+                            address: ip.clone(),
+                            owner: String::from_utf8_lossy(&owner).into_owned(),
+                        }));
+                    }
+                    addresses.insert(ip.as_bytes(), sandbox.name.as_bytes())?;
                 }
                 for host in sandbox.hosts() {
                     if let Some(owner) = hosts.get(host.as_bytes())? {
@@ -358,8 +408,8 @@ impl Store {
         F: Fn(&mut Sandbox) -> Result<()>,
     {
         let _guard = self.lock();
-        let updated = (&self.sandboxes, &self.hosts)
-            .transaction(|(sandboxes, hosts)| {
+        let updated = (&self.sandboxes, &self.hosts, &self.addresses)
+            .transaction(|(sandboxes, hosts, addresses)| {
                 let Some(old) = sandboxes.get(name.as_bytes())? else {
                     return Err(abort(Error::NotFound(name.to_string())));
                 };
@@ -388,6 +438,24 @@ impl Store {
                 for host in old_hosts.iter().filter(|h| !new_hosts.contains(h)) {
                     hosts.remove(host.as_bytes())?;
                 }
+                if new.assigned_ipv4 != old.assigned_ipv4 {
+                    if let Some(ip) = &new.assigned_ipv4 {
+                        if let Some(owner) = addresses.get(ip.as_bytes())? {
+                            if owner.as_ref() != name.as_bytes() {
+                                return Err(abort(Error::AddressTaken {
+                                    address: ip.clone(),
+                                    owner: String::from_utf8_lossy(&owner).into_owned(),
+                                }));
+                            }
+                        }
+                    }
+                    if let Some(ip) = &old.assigned_ipv4 {
+                        addresses.remove(ip.as_bytes())?;
+                    }
+                    if let Some(ip) = &new.assigned_ipv4 {
+                        addresses.insert(ip.as_bytes(), name.as_bytes())?;
+                    }
+                }
                 sandboxes.insert(name.as_bytes(), encode(&new).map_err(abort)?)?;
                 Ok(new)
             })
@@ -400,8 +468,8 @@ impl Store {
     /// Removes a sandbox and its host names.
     pub fn remove(&self, name: &str) -> Result<(Sandbox, u64)> {
         let _guard = self.lock();
-        let removed = (&self.sandboxes, &self.hosts)
-            .transaction(|(sandboxes, hosts)| {
+        let removed = (&self.sandboxes, &self.hosts, &self.addresses)
+            .transaction(|(sandboxes, hosts, addresses)| {
                 let Some(old) = sandboxes.remove(name.as_bytes())? else {
                     return Err(abort(Error::NotFound(name.to_string())));
                 };
@@ -409,12 +477,98 @@ impl Store {
                 for host in old.hosts() {
                     hosts.remove(host.as_bytes())?;
                 }
+                if let Some(ip) = &old.assigned_ipv4 {
+                    addresses.remove(ip.as_bytes())?;
+                }
                 Ok(old)
             })
             .map_err(tx_err)?;
         self.db.flush()?;
         let seq = self.publish(ChangeKind::Removed(name.to_string()));
         Ok((removed, seq))
+    }
+
+    /// Gives sandbox `name` a fixed IPv4 address from `pool`, inside one
+    /// write transaction with the address index: the one it has when that
+    /// is still in the pool, else `pool.preferred` when free, else the
+    /// first free address from `first + start_offset` on. Returns the
+    /// record and the change's sequence number (the current one when
+    /// nothing changed).
+    pub fn assign_ipv4(&self, name: &str, pool: &AddressPool) -> Result<(Sandbox, u64)> {
+        let _guard = self.lock();
+        let outcome = (&self.sandboxes, &self.addresses)
+            .transaction(|(sandboxes, addresses)| {
+                let Some(old) = sandboxes.get(name.as_bytes())? else {
+                    return Err(abort(Error::NotFound(name.to_string())));
+                };
+                let mut sb = decode_sandbox(name.as_bytes(), &old).map_err(abort)?;
+                let current = sb
+                    .assigned_ipv4
+                    .as_deref()
+                    .and_then(|ip| ip.parse::<Ipv4Addr>().ok());
+                if current.is_some_and(|ip| pool.contains(ip)) {
+                    return Ok((sb, false));
+                }
+                let free = |ip: Ipv4Addr| -> std::result::Result<
+                    bool,
+                    sled::transaction::UnabortableTransactionError,
+                > {
+                    if !pool.contains(ip) {
+                        return Ok(false);
+                    }
+                    Ok(match addresses.get(ip.to_string().as_bytes())? {
+                        None => true,
+                        Some(owner) => owner.as_ref() == name.as_bytes(),
+                    })
+                };
+                let mut chosen = None;
+                if let Some(p) = pool.preferred {
+                    if free(p)? {
+                        chosen = Some(p);
+                    }
+                }
+                if chosen.is_none() {
+                    let (first, last) = (u32::from(pool.first), u32::from(pool.last));
+                    let span = u64::from(last.saturating_sub(first)) + 1;
+                    let offset = u64::from(pool.start_offset) % span;
+                    for i in 0..span {
+                        let n = first as u64 + (offset + i) % span;
+                        let ip = Ipv4Addr::from(n as u32);
+                        if free(ip)? {
+                            chosen = Some(ip);
+                            break;
+                        }
+                    }
+                }
+                let Some(ip) = chosen else {
+                    return Err(abort(Error::NoFreeAddress(pool.label.clone())));
+                };
+                if let Some(old_ip) = &sb.assigned_ipv4 {
+                    addresses.remove(old_ip.as_bytes())?;
+                }
+                let text = ip.to_string();
+                addresses.insert(text.as_bytes(), name.as_bytes())?;
+                sb.assigned_ipv4 = Some(text);
+                sb.updated_at = now();
+                sandboxes.insert(name.as_bytes(), encode(&sb).map_err(abort)?)?;
+                Ok((sb, true))
+            })
+            .map_err(tx_err)?;
+        let (sb, changed) = outcome;
+        if !changed {
+            return Ok((sb, self.seq()));
+        }
+        self.db.flush()?;
+        let seq = self.publish(ChangeKind::Put(Arc::new(sb.clone())));
+        Ok((sb, seq))
+    }
+
+    /// The sandbox an address is assigned to.
+    pub fn owner_of_address(&self, ip: &str) -> Result<Option<String>> {
+        Ok(self
+            .addresses
+            .get(ip.as_bytes())?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
     /// Stores an opaque record (certificates, ACME accounts, settings...).
@@ -509,6 +663,7 @@ impl Store {
         }
         let mut names = HashSet::new();
         let mut hosts = HashSet::new();
+        let mut ips = HashSet::new();
         for sb in &backup.sandboxes {
             sb.validate()
                 .map_err(|e| Error::BadBackup(format!("sandbox {:?}: {e}", sb.name)))?;
@@ -521,6 +676,11 @@ impl Store {
             for host in sb.hosts() {
                 if !hosts.insert(host.clone()) {
                     return Err(Error::BadBackup(format!("host {host} appears twice")));
+                }
+            }
+            if let Some(ip) = &sb.assigned_ipv4 {
+                if !ips.insert(ip.clone()) {
+                    return Err(Error::BadBackup(format!("address {ip} appears twice")));
                 }
             }
         }
@@ -551,17 +711,22 @@ impl Store {
         let old_keys = |tree: &sled::Tree| -> Result<Vec<sled::IVec>> {
             tree.iter().keys().map(|k| k.map_err(Error::from)).collect()
         };
-        let (old_sb, old_hosts, old_records) = (
+        let (old_sb, old_hosts, old_records, old_ips) = (
             old_keys(&self.sandboxes)?,
             old_keys(&self.hosts)?,
             old_keys(&self.records)?,
+            old_keys(&self.addresses)?,
         );
         let mut staged_sb = Vec::with_capacity(backup.sandboxes.len());
         let mut staged_hosts = Vec::new();
+        let mut staged_ips = Vec::new();
         for sb in &backup.sandboxes {
             staged_sb.push((sb.name.clone(), encode(sb)?));
             for host in sb.hosts() {
                 staged_hosts.push((host, sb.name.clone()));
+            }
+            if let Some(ip) = &sb.assigned_ipv4 {
+                staged_ips.push((ip.clone(), sb.name.clone()));
             }
             progress(sb);
         }
@@ -571,10 +736,16 @@ impl Store {
                 staged_records.push((record_key(collection, key)?, encode(value)?));
             }
         }
-        (&self.sandboxes, &self.hosts, &self.records)
-            .transaction(|(sandboxes, hosts, records)| {
+        (&self.sandboxes, &self.hosts, &self.records, &self.addresses)
+            .transaction(|(sandboxes, hosts, records, addresses)| {
                 for k in &old_sb {
                     sandboxes.remove(k)?;
+                }
+                for k in &old_ips {
+                    addresses.remove(k)?;
+                }
+                for (ip, name) in &staged_ips {
+                    addresses.insert(ip.as_bytes(), name.as_bytes())?;
                 }
                 for k in &old_hosts {
                     hosts.remove(k)?;

@@ -12,6 +12,12 @@ pub enum Error {
     /// A host name is in use by another sandbox (as its domain or agent host).
     #[error("host {host} is already used by sandbox {owner}")]
     HostTaken { host: String, owner: String },
+    /// An address is assigned to another sandbox.
+    #[error("address {address} is already assigned to sandbox {owner}")]
+    AddressTaken { address: String, owner: String },
+    /// Every address of the pool is taken.
+    #[error("no free address left in {0}")]
+    NoFreeAddress(String),
     /// No sandbox has this name.
     #[error("no sandbox named {0}")]
     NotFound(String),
@@ -46,6 +52,8 @@ impl Error {
             Error::Invalid { .. } => "invalid_argument",
             Error::NameTaken(_) => "name_taken",
             Error::HostTaken { .. } => "host_taken",
+            Error::AddressTaken { .. } => "address_taken",
+            Error::NoFreeAddress(_) => "no_free_address",
             Error::NotFound(_) => "not_found",
             Error::NotEmpty(_) => "not_empty",
             Error::BadBackup(_) => "bad_backup",

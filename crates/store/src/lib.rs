@@ -13,6 +13,9 @@
 //!   `kill -9`;
 //! - sandbox names are unique, and so are host names: a sandbox's domain and
 //!   its agent host (`PREFIX.DOMAIN`) may not equal any other sandbox's;
+//! - an assigned IPv4 address belongs to one sandbox (an index beside the
+//!   host index, kept in the same transactions; [`Store::assign_ipv4`]
+//!   picks a free one inside the write transaction);
 //! - writes are serialised and each one publishes a [`Change`] with a
 //!   strictly increasing sequence number, in commit order.
 
@@ -20,9 +23,10 @@ mod db;
 mod error;
 mod model;
 
-pub use db::{Backup, Change, ChangeKind, Store, BACKUP_FORMAT, SCHEMA_VERSION};
+pub use db::{AddressPool, Backup, Change, ChangeKind, Store, BACKUP_FORMAT, SCHEMA_VERSION};
 pub use error::{Error, Result};
 pub use model::{
-    validate_domain, validate_name, validate_user, Backend, BasicAuth, KeyPair, Sandbox,
-    SandboxStatus, DEFAULT_AGENT_PORT, DEFAULT_AGENT_PREFIX, DEFAULT_APP_PORT, DEFAULT_SSH_PORT,
+    validate_domain, validate_egress, validate_name, validate_user, Backend, BasicAuth, Egress,
+    EgressMode, KeyPair, Sandbox, SandboxStatus, DEFAULT_AGENT_PORT, DEFAULT_AGENT_PREFIX,
+    DEFAULT_APP_PORT, DEFAULT_SSH_PORT,
 };

@@ -41,6 +41,58 @@ pub enum SandboxStatus {
     Failed { reason: String },
 }
 
+/// What an Incus sandbox may reach besides the gateway's own connections
+/// to it (applied by the binary as an Incus network ACL).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum EgressMode {
+    /// Everything but the other sandboxes on the bridge.
+    Open,
+    /// The internet; no private, link-local, carrier-grade NAT or loopback
+    /// range and none of the host's services except DHCP, DNS and the
+    /// package cache.
+    #[default]
+    Restricted,
+    /// Only the listed networks and names (plus DHCP, DNS, package cache).
+    Allowlist,
+}
+
+impl EgressMode {
+    /// The lowercase name used on the command line and in views.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EgressMode::Open => "open",
+            EgressMode::Restricted => "restricted",
+            EgressMode::Allowlist => "allowlist",
+        }
+    }
+}
+
+impl std::str::FromStr for EgressMode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s {
+            "open" => Ok(EgressMode::Open),
+            "restricted" => Ok(EgressMode::Restricted),
+            "allowlist" => Ok(EgressMode::Allowlist),
+            other => Err(format!(
+                "egress mode {other:?}: use open, restricted or allowlist"
+            )),
+        }
+    }
+}
+
+/// A sandbox's egress policy. Records written before it existed read as
+/// `restricted`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Egress {
+    pub mode: EgressMode,
+    /// `allowlist` only: IPv4 addresses, CIDRs or DNS names (resolved each
+    /// time the policy is applied).
+    #[serde(default)]
+    pub allow: Vec<String>,
+}
+
 /// An SSH key pair in OpenSSH text formats. `private_openssh` is a secret.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyPair {
@@ -97,9 +149,18 @@ pub struct Sandbox {
     pub tls_key_file: Option<String>,
     #[serde(default)]
     pub status: SandboxStatus,
-    /// Addresses last seen for an Incus instance (IPv4 first).
+    /// Addresses an Incus instance last reported (IPv4 first); shown to
+    /// people, never routed to.
     #[serde(default)]
     pub addresses: Vec<String>,
+    /// The fixed IPv4 address sandboxd gave an Incus sandbox's NIC; unique
+    /// across sandboxes (enforced by the store) and the only address the
+    /// gates connect to.
+    #[serde(default)]
+    pub assigned_ipv4: Option<String>,
+    /// Egress policy of an Incus sandbox.
+    #[serde(default)]
+    pub egress: Egress,
     /// Seconds since the Unix epoch.
     pub created_at: u64,
     pub updated_at: u64,
@@ -139,6 +200,15 @@ impl Sandbox {
             Backend::Static { host } => validate_upstream_host(host)?,
             Backend::Incus { instance } => validate_label("instance", instance)?,
         }
+        if let Some(ip) = &self.assigned_ipv4 {
+            if ip.parse::<std::net::Ipv4Addr>().is_err() {
+                return Err(invalid(
+                    "assigned address",
+                    format!("{ip:?} is not an IPv4 address"),
+                ));
+            }
+        }
+        validate_egress(&self.egress)?;
         if self.client_keys.iter().any(|k| k.contains('\n')) {
             return Err(Error::Invalid {
                 field: "ssh key",
@@ -251,6 +321,44 @@ pub fn validate_user(user: &str) -> Result<()> {
     Ok(())
 }
 
+/// An egress policy: entries only with `allowlist`, each an IPv4 address,
+/// an IPv4 CIDR or a DNS name.
+pub fn validate_egress(egress: &Egress) -> Result<()> {
+    if egress.mode != EgressMode::Allowlist && !egress.allow.is_empty() {
+        return Err(invalid(
+            "egress",
+            format!(
+                "allowed destinations go with the allowlist mode, not {}",
+                egress.mode.as_str()
+            ),
+        ));
+    }
+    if egress.allow.len() > 64 {
+        return Err(invalid("egress", "at most 64 allowed destinations"));
+    }
+    for entry in &egress.allow {
+        let ok = match entry.split_once('/') {
+            Some((ip, prefix)) => {
+                ip.parse::<std::net::Ipv4Addr>().is_ok()
+                    && prefix.parse::<u8>().is_ok_and(|p| p <= 32)
+            }
+            None => {
+                entry.parse::<std::net::Ipv4Addr>().is_ok()
+                    || (entry.contains('.')
+                        && entry.len() <= 253
+                        && validate_domain(&entry.to_ascii_lowercase()).is_ok())
+            }
+        };
+        if !ok {
+            return Err(invalid(
+                "egress",
+                format!("{entry:?} is not an IPv4 address, an IPv4 CIDR or a DNS name"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn validate_upstream_host(host: &str) -> Result<()> {
     if host.is_empty() || host.len() > 253 {
         return Err(invalid("upstream", "must be a host name or an IP address"));
@@ -291,6 +399,35 @@ mod tests {
         for bad in ["", "com", "a..b", "a.b.", "-a.b", "a_b.c", "1.2.3.4", "A.b"] {
             assert!(validate_domain(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn egress_policies() {
+        let allow = |mode, allow: &[&str]| Egress {
+            mode,
+            allow: allow.iter().map(|s| s.to_string()).collect(),
+        };
+        assert!(validate_egress(&Egress::default()).is_ok());
+        assert!(validate_egress(&allow(
+            EgressMode::Allowlist,
+            &["10.0.0.0/8", "1.2.3.4", "deb.example.org"]
+        ))
+        .is_ok());
+        for bad in [
+            "10.0.0.0/33",
+            "fe80::1",
+            "no_such",
+            "1.2.3.4/x",
+            "localhost",
+        ] {
+            assert!(
+                validate_egress(&allow(EgressMode::Allowlist, &[bad])).is_err(),
+                "{bad:?} accepted"
+            );
+        }
+        assert!(validate_egress(&allow(EgressMode::Open, &["1.2.3.4"])).is_err());
+        assert_eq!("allowlist".parse::<EgressMode>(), Ok(EgressMode::Allowlist));
+        assert!("closed".parse::<EgressMode>().is_err());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 
-use store::{Backend, ChangeKind, Error, KeyPair, Sandbox, SandboxStatus, Store};
+use store::{AddressPool, Backend, ChangeKind, Error, KeyPair, Sandbox, SandboxStatus, Store};
 
 fn sandbox(name: &str, domain: &str) -> Sandbox {
     Sandbox {
@@ -29,6 +29,8 @@ fn sandbox(name: &str, domain: &str) -> Sandbox {
         tls_key_file: None,
         status: SandboxStatus::Running,
         addresses: vec![],
+        assigned_ipv4: None,
+        egress: Default::default(),
         created_at: 0,
         updated_at: 0,
     }
@@ -228,6 +230,8 @@ fn unversioned_data_is_migrated() {
         obj.remove("status");
         obj.remove("addresses");
         obj.remove("tls_mode");
+        obj.remove("assigned_ipv4");
+        obj.remove("egress");
         db.open_tree("sandboxes")
             .unwrap()
             .insert("old", serde_json::to_vec(&v).unwrap())
@@ -237,4 +241,91 @@ fn unversioned_data_is_migrated() {
     let store = Store::open(dir.path()).unwrap();
     let sb = store.get("old").unwrap().unwrap();
     assert_eq!(sb.status, SandboxStatus::Running);
+    // Records from before egress policies get the default one.
+    assert_eq!(sb.egress.mode, store::EgressMode::Restricted);
+    assert_eq!(sb.assigned_ipv4, None);
+}
+
+fn pool(first: &str, last: &str, preferred: Option<&str>, exclude: &[&str]) -> AddressPool {
+    AddressPool {
+        label: "test pool".into(),
+        first: first.parse().unwrap(),
+        last: last.parse().unwrap(),
+        preferred: preferred.map(|p| p.parse().unwrap()),
+        exclude: exclude.iter().map(|e| e.parse().unwrap()).collect(),
+        start_offset: 0,
+    }
+}
+
+#[test]
+fn assigned_addresses_are_unique_and_follow_the_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    for n in ["a", "b", "c"] {
+        store
+            .insert(sandbox(n, &format!("{n}.example.com")))
+            .unwrap();
+    }
+    let p = pool("10.0.0.2", "10.0.0.4", None, &["10.0.0.2"]);
+    let (a, _) = store.assign_ipv4("a", &p).unwrap();
+    assert_eq!(a.assigned_ipv4.as_deref(), Some("10.0.0.3"));
+    // Asking again keeps it; b may not take it even when preferring it.
+    let (a, _) = store.assign_ipv4("a", &p).unwrap();
+    assert_eq!(a.assigned_ipv4.as_deref(), Some("10.0.0.3"));
+    let p_b = pool("10.0.0.2", "10.0.0.4", Some("10.0.0.3"), &["10.0.0.2"]);
+    let (b, _) = store.assign_ipv4("b", &p_b).unwrap();
+    assert_eq!(b.assigned_ipv4.as_deref(), Some("10.0.0.4"));
+    assert!(matches!(
+        store.assign_ipv4("c", &p),
+        Err(Error::NoFreeAddress(_))
+    ));
+    // An edit cannot take another's address; a restore with a duplicate
+    // is refused.
+    let err = store
+        .update("c", |sb| {
+            sb.assigned_ipv4 = Some("10.0.0.3".into());
+            Ok(())
+        })
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::AddressTaken { ref owner, .. } if owner == "a"),
+        "{err}"
+    );
+    let mut backup = store.export().unwrap();
+    backup.sandboxes[2].assigned_ipv4 = Some("10.0.0.3".into());
+    assert!(matches!(
+        Store::check_backup(&backup),
+        Err(Error::BadBackup(_))
+    ));
+    // Removing a frees its address for c, and the index survives reopen.
+    store.remove("a").unwrap();
+    let (c, _) = store.assign_ipv4("c", &p).unwrap();
+    assert_eq!(c.assigned_ipv4.as_deref(), Some("10.0.0.3"));
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(
+        store.owner_of_address("10.0.0.3").unwrap().as_deref(),
+        Some("c")
+    );
+    assert_eq!(
+        store.owner_of_address("10.0.0.4").unwrap().as_deref(),
+        Some("b")
+    );
+    // A pool that no longer holds the address (a renumbered bridge) moves it.
+    let (c, _) = store
+        .assign_ipv4("c", &pool("10.9.0.2", "10.9.0.9", None, &[]))
+        .unwrap();
+    assert_eq!(c.assigned_ipv4.as_deref(), Some("10.9.0.2"));
+    assert_eq!(store.owner_of_address("10.0.0.3").unwrap(), None);
+    // The search starts at the offset and wraps around.
+    let mut p = pool("10.9.0.2", "10.9.0.9", None, &[]);
+    p.start_offset = 7;
+    let (b, _) = store.assign_ipv4("b", &p).unwrap();
+    assert_eq!(b.assigned_ipv4.as_deref(), Some("10.9.0.9"));
+    p.start_offset = 15;
+    let (a2, _) = {
+        store.insert(sandbox("a", "a.example.com")).unwrap();
+        store.assign_ipv4("a", &p).unwrap()
+    };
+    assert_eq!(a2.assigned_ipv4.as_deref(), Some("10.9.0.3"));
 }
