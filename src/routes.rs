@@ -99,7 +99,7 @@ impl SandboxRoute {
             sandbox: String::new(),
             kind: httpgate::RouteKind::App,
             target: httpgate::Target::Stopped,
-            basic_auth: None,
+            access: httpgate::Access::Closed,
             tls: httpgate::TlsMode::Internal,
         });
         let mut route = SandboxRoute {
@@ -134,21 +134,25 @@ impl SandboxRoute {
             },
             _ => defaults.tls.clone(),
         };
-        let (kind, basic_auth) = match service {
-            Service::App => (httpgate::RouteKind::App, None),
+        // The agent host fails closed: no login set, no way in.
+        let (kind, access) = match service {
+            Service::App => (httpgate::RouteKind::App, httpgate::Access::Open),
             Service::Agent => (
                 httpgate::RouteKind::Agent,
-                sb.basic_auth.as_ref().map(|a| httpgate::BasicAuth {
-                    user: a.user.clone(),
-                    password_hash: a.password_hash.clone(),
-                }),
+                match &sb.basic_auth {
+                    Some(a) => httpgate::Access::Login(httpgate::BasicAuth {
+                        user: a.user.clone(),
+                        password_hash: a.password_hash.clone(),
+                    }),
+                    None => httpgate::Access::Closed,
+                },
             ),
         };
         Arc::new(httpgate::Route {
             sandbox: sb.name.clone(),
             kind,
             target,
-            basic_auth,
+            access,
             tls,
         })
     }

@@ -111,7 +111,7 @@ async fn run(threads: usize) {
                 host: upstream.ip().to_string(),
                 port: upstream.port(),
             },
-            basic_auth: None,
+            access: httpgate::Access::Open,
             tls: TlsMode::Internal,
         }),
     });

@@ -129,6 +129,43 @@ impl Default for Hsts {
     }
 }
 
+/// Limits on online guessing of agent-host logins (see `auth.rs`).
+#[derive(Debug, Clone)]
+pub struct LoginLimits {
+    /// Distinct wrong logins a source address (IPv6: its /64) may make;
+    /// then it must wait.
+    pub source_free_failures: u32,
+    /// Distinct wrong logins over all sources a sandbox takes; then every
+    /// source without a good login cached must wait.
+    pub sandbox_free_failures: u32,
+    /// The first wait; each further failure doubles it.
+    pub first_backoff: Duration,
+    /// The longest wait.
+    pub max_backoff: Duration,
+    /// Failures are forgotten after this long without a new one.
+    pub failure_memory: Duration,
+    /// Logins waiting for a hash verification per sandbox (one runs at a
+    /// time per sandbox); more get 429.
+    pub max_queued_verifications: usize,
+    /// Longest time a refused attempt (429) is held before the answer, so
+    /// that a client ignoring `Retry-After` cannot make the gateway spin.
+    pub refusal_delay: Duration,
+}
+
+impl Default for LoginLimits {
+    fn default() -> Self {
+        Self {
+            source_free_failures: 10,
+            sandbox_free_failures: 50,
+            first_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(300),
+            failure_memory: Duration::from_secs(900),
+            max_queued_verifications: 16,
+            refusal_delay: Duration::from_secs(1),
+        }
+    }
+}
+
 /// The DNS suffixes the internal CA's root may vouch for: its name
 /// constraints' permitted subtrees (no leading dot: `test` covers `test`
 /// and every name under it).
@@ -177,6 +214,7 @@ pub struct HttpConfig {
     pub auth_realm: String,
     pub timeouts: Timeouts,
     pub limits: Limits,
+    pub login: LoginLimits,
     /// The public HTTPS port: the HTTP listener redirects to it (443 omits
     /// it from the URL), upstreams get it in `X-Forwarded-Port` and, when it
     /// is not 443, in `Host` and `X-Forwarded-Host`.
@@ -205,6 +243,7 @@ impl Default for HttpConfig {
             auth_realm: "sandboxd".to_owned(),
             timeouts: Timeouts::default(),
             limits: Limits::default(),
+            login: LoginLimits::default(),
             https_port: 443,
         }
     }

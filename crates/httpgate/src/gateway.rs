@@ -86,6 +86,8 @@ pub(crate) struct Shared {
     pub renew_waiters: Mutex<HashMap<String, Vec<RenewWaiter>>>,
     pub shutdown: watch::Sender<bool>,
     pub auth: AuthCache,
+    /// Open upgraded tunnels, ended when their route revokes them.
+    pub tunnels: crate::tunnels::Tunnels,
     pub upstreams: Upstreams,
     /// Header values the proxy sets (made once).
     pub header_values: crate::proxy::HeaderValues,
@@ -147,7 +149,8 @@ impl HttpGateway {
         let upstreams = Upstreams::new(&config);
         let header_values = crate::proxy::HeaderValues::new(&config);
         let shared = Arc::new(Shared {
-            auth: AuthCache::new(),
+            auth: AuthCache::new(config.login.clone()),
+            tunnels: crate::tunnels::Tunnels::default(),
             upstreams,
             header_values,
             config,
@@ -340,10 +343,21 @@ impl HttpGateway {
 
     /// Tell the gateway the routing snapshot changed: certificates for new
     /// names are issued (internal, manual at once; ACME in the background) and
-    /// renewals of removed names stop. Open connections are untouched.
+    /// renewals of removed names stop. Open connections are untouched, but
+    /// for upgraded tunnels (websockets) whose host was removed, moved to
+    /// another sandbox, stopped, or whose login changed: those end.
     pub fn routes_changed(&self) {
+        let ended = self.shared.tunnels.revoke(&*self.shared.routes);
+        if ended > 0 {
+            tracing::info!(ended, "upgraded connections ended by a route change");
+        }
         acme::reconcile(&self.shared);
         self.shared.wake.notify_one();
+    }
+
+    /// Upgraded tunnels (websockets) open now.
+    pub fn open_tunnels(&self) -> usize {
+        self.shared.tunnels.count()
     }
 
     /// Stop accepting connections and let the open ones finish (grace period).

@@ -10,6 +10,7 @@
 //! a [`CertStore`] (where certificates, the ACME account and the internal CA
 //! are persisted), and calls [`HttpGateway::routes_changed`] after each swap.
 
+mod access;
 mod acme;
 mod auth;
 mod ca;
@@ -27,6 +28,7 @@ mod server;
 mod sources;
 mod spread;
 mod tls;
+mod tunnels;
 mod upstream;
 
 use std::path::PathBuf;
@@ -37,7 +39,8 @@ use serde::{Deserialize, Serialize};
 pub use ca::internal_name_allowed;
 pub use certs::{check_pem_pair, PemError};
 pub use config::{
-    ChallengeKind, Hsts, HttpConfig, Limits, Timeouts, TlsModeKind, DEFAULT_INTERNAL_SUFFIXES,
+    ChallengeKind, Hsts, HttpConfig, Limits, LoginLimits, Timeouts, TlsModeKind,
+    DEFAULT_INTERNAL_SUFFIXES,
 };
 pub use error::{Error, StoreError};
 pub use gateway::{bind_per_thread, HttpGateway, ThreadListeners};
@@ -49,8 +52,23 @@ pub use logbuf::LogWriter;
 pub enum RouteKind {
     /// The sandbox's application (`DOMAIN`).
     App,
-    /// The coding agent's web UI (`shelley.DOMAIN`), behind basic auth.
+    /// The coding agent's web UI (`shelley.DOMAIN`): never served without a
+    /// login ([`Access::Open`] on an agent route counts as
+    /// [`Access::Closed`]), and only same-origin browsers may send it unsafe
+    /// methods or upgrades.
     Agent,
+}
+
+/// Who may use a route.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Access {
+    /// Anyone (app hosts). On an agent route this means [`Access::Closed`].
+    Open,
+    /// Holders of this HTTP basic-auth login.
+    Login(BasicAuth),
+    /// No one: every request gets a 401 page saying that no login is set,
+    /// and no upstream connection is ever opened.
+    Closed,
 }
 
 /// Credentials for HTTP basic auth on a route.
@@ -93,7 +111,7 @@ pub struct Route {
     pub sandbox: String,
     pub kind: RouteKind,
     pub target: Target,
-    pub basic_auth: Option<BasicAuth>,
+    pub access: Access,
     pub tls: TlsMode,
 }
 

@@ -33,7 +33,7 @@ use crate::exchange::{self, BoxError, ExchangeError, IdlePool, UpBody};
 use crate::framing::FramingFlags;
 use crate::gateway::Shared;
 use crate::upstream::{self, ConnUpstreams, UpstreamError};
-use crate::{pages, HttpConfig, Route, Target, TlsMode};
+use crate::{access, pages, HttpConfig, Route, Target, TlsMode};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -411,12 +411,10 @@ async fn route_request(
             );
         }
     }
-    if let Some(ba) = &route.basic_auth {
-        let header = req.headers().get(AUTHORIZATION).map(|v| v.as_bytes());
-        if !shared.auth.check(&route.sandbox, ba, header).await {
-            return pages::unauthorized(&shared.config.auth_realm);
-        }
-    }
+    let pass = match access::admit(shared, conn.peer.ip(), &req, &route).await {
+        Ok(pass) => pass,
+        Err(page) => return *page,
+    };
     match &route.target {
         Target::Stopped => pages::error(
             StatusCode::BAD_GATEWAY,
@@ -429,7 +427,10 @@ async fn route_request(
         Target::Addr {
             host: up_host,
             port,
-        } => forward(shared, conn, req, host, &route, up_host, *port, upstream_ms).await,
+        } => {
+            let up = (up_host.as_str(), *port);
+            forward(shared, conn, req, host, &route, pass, up, upstream_ms).await
+        }
     }
 }
 
@@ -705,9 +706,9 @@ async fn forward(
     conn: &Arc<ConnInfo>,
     mut req: Request<Incoming>,
     host: &str,
-    route: &Route,
-    up_host: &str,
-    port: u16,
+    route: &Arc<Route>,
+    pass: access::Pass,
+    (up_host, port): (&str, u16),
     upstream_ms: &mut Option<u128>,
 ) -> Response<RespBody> {
     let upgrade = is_upgrade(&req);
@@ -725,7 +726,7 @@ async fn forward(
             .insert(CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(UPGRADE, v);
     }
-    if route.basic_auth.is_some() {
+    if pass.strip_authorization {
         parts.headers.remove(AUTHORIZATION);
     }
     set_forwarded(shared, conn, &mut parts.headers, host);
@@ -808,15 +809,33 @@ async fn forward(
         if let Some(client_up) = client_upgrade {
             let upstream_up = hyper::upgrade::on(&mut resp);
             let sandbox = route.sandbox.clone();
+            // Registered before the 101 goes out: a revocation from now on
+            // reaches the tunnel (see tunnels.rs).
+            let reg = shared
+                .tunnels
+                .register(&*shared.routes, host, route.clone());
+            let revoked = route.sandbox.clone();
             tokio::spawn(async move {
-                match tokio::try_join!(client_up, upstream_up) {
-                    Ok((c, u)) => {
-                        let mut c = TokioIo::new(c);
-                        let mut u = TokioIo::new(u);
-                        let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+                let end = reg.end.clone();
+                let relay = async move {
+                    match tokio::try_join!(client_up, upstream_up) {
+                        Ok((c, u)) => {
+                            let mut c = TokioIo::new(c);
+                            let mut u = TokioIo::new(u);
+                            let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+                        }
+                        Err(e) => {
+                            tracing::debug!(sandbox = %sandbox, error = %e, "upgrade failed")
+                        }
                     }
-                    Err(e) => tracing::debug!(sandbox = %sandbox, error = %e, "upgrade failed"),
+                };
+                tokio::select! {
+                    () = relay => {}
+                    () = end.notified() => {
+                        tracing::info!(sandbox = %revoked, "upgraded connection ended: its route or login changed");
+                    }
                 }
+                drop(reg);
             });
         }
         let (parts, body) = resp.into_parts();

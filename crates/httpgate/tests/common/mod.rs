@@ -15,8 +15,8 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use httpgate::{
-    BasicAuth, CaRecord, CertRecord, CertStore, ChallengeKind, HttpConfig, HttpGateway, Route,
-    RouteKind, RouteSource, StoreError, Target, TlsMode,
+    Access, BasicAuth, CaRecord, CertRecord, CertStore, ChallengeKind, HttpConfig, HttpGateway,
+    Route, RouteKind, RouteSource, StoreError, Target, TlsMode,
 };
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -75,7 +75,7 @@ pub fn app_route(sandbox: &str, addr: SocketAddr, tls: TlsMode) -> Route {
             host: addr.ip().to_string(),
             port: addr.port(),
         },
-        basic_auth: None,
+        access: Access::Open,
         tls,
     }
 }
@@ -95,7 +95,16 @@ pub async fn app_gateway(config: impl FnOnce(&mut HttpConfig)) -> (Upstream, Gat
 pub fn agent_route(sandbox: &str, addr: SocketAddr, tls: TlsMode, auth: BasicAuth) -> Route {
     Route {
         kind: RouteKind::Agent,
-        basic_auth: Some(auth),
+        access: Access::Login(auth),
+        ..app_route(sandbox, addr, tls)
+    }
+}
+
+/// An agent route with no login (closed).
+pub fn closed_agent_route(sandbox: &str, addr: SocketAddr, tls: TlsMode) -> Route {
+    Route {
+        kind: RouteKind::Agent,
+        access: Access::Closed,
         ..app_route(sandbox, addr, tls)
     }
 }
