@@ -63,9 +63,9 @@ async def main():
 asyncio.run(main())
 "#;
     let mut child = Proc(
-        Command::new("/usr/bin/python3")
-            .arg("-c")
-            .arg(script)
+        // Bounded: a client left open ends after 30 s (then prints nothing).
+        Command::new("timeout")
+            .args(["30", "/usr/bin/python3", "-c", script])
             .arg(gw.https.port().to_string())
             .arg(&gw.ca_file)
             .arg(host)
@@ -517,4 +517,76 @@ async fn login_changes_and_removals_end_open_websockets() {
     assert_eq!(l, "still-open again");
     drop((&mut a_agent, &mut b_agent, &mut b_app));
     gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attacked_sandbox_does_not_starve_the_logins_of_others() {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    let agent = Upstream::start("agent").await;
+    // A costly hash (argon2id defaults: 19 MiB, 2 passes) on the attacked sandbox.
+    let salt = SaltString::generate(&mut argon2::password_hash::rand_core::OsRng);
+    let costly = argon2::Argon2::default()
+        .hash_password(b"pw", &salt)
+        .unwrap()
+        .to_string();
+    let gw = GatewayBuilder::new()
+        .config(|c| {
+            c.login.source_free_failures = 1000;
+            c.login.sandbox_free_failures = 1000;
+            c.login.max_queued_verifications = 64;
+        })
+        .route(
+            "shelley.x.test",
+            agent_route(
+                "x",
+                agent.addr,
+                TlsMode::Internal,
+                BasicAuth {
+                    user: "alice".into(),
+                    password_hash: costly,
+                },
+            ),
+        )
+        .route(
+            "shelley.y.test",
+            agent_route("y", agent.addr, TlsMode::Internal, login("bob", "pw")),
+        )
+        .start()
+        .await;
+    let gw = Arc::new(gw);
+    // 32 distinct wrong guesses at x at once: verified one at a time.
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut guesses = Vec::new();
+    for i in 0..32 {
+        let (gw, done) = (gw.clone(), done.clone());
+        guesses.push(tokio::spawn(async move {
+            let r = gw
+                .curl("shelley.x.test", "/")
+                .user(&format!("alice:guess{i}"))
+                .run()
+                .await;
+            done.fetch_add(1, Ordering::SeqCst);
+            r.status
+        }));
+    }
+    // Wait until the guesses are in (the first has been answered).
+    eventually(60, "a first answer to the guesses", || {
+        done.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    // A first login at y (a verification too) does not wait behind them.
+    let r = gw.curl("shelley.y.test", "/").user("bob:pw").run().await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let answered = done.load(Ordering::SeqCst);
+    assert!(
+        answered < 16,
+        "y's login waited for {answered} of x's 32 verifications"
+    );
+    for g in guesses {
+        assert_eq!(g.await.unwrap(), 401);
+    }
+    match Arc::try_unwrap(gw) {
+        Ok(gw) => gw.stop().await,
+        Err(_) => panic!("gateway still shared"),
+    }
 }
