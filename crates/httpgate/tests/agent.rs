@@ -480,10 +480,10 @@ async fn login_changes_and_removals_end_open_websockets() {
         .route("b.test", app_route("b", ws_addr, TlsMode::Internal))
         .start()
         .await;
-    let (mut a_agent, a_agent_out) = ws_client(&gw, "shelley.a.test", "alice:pw");
+    let (_a_agent, a_agent_out) = ws_client(&gw, "shelley.a.test", "alice:pw");
     let (mut a_app, a_app_out) = ws_client(&gw, "a.test", "x:y");
-    let (mut b_agent, b_agent_out) = ws_client(&gw, "shelley.b.test", "alice:pw");
-    let (mut b_app, b_app_out) = ws_client(&gw, "b.test", "x:y");
+    let (_b_agent, b_agent_out) = ws_client(&gw, "shelley.b.test", "alice:pw");
+    let (_b_app, b_app_out) = ws_client(&gw, "b.test", "x:y");
     let (l, a_agent_out) = next_line(a_agent_out).await;
     assert_eq!(l, "open hi");
     let (l, a_app_out) = next_line(a_app_out).await;
@@ -515,7 +515,6 @@ async fn login_changes_and_removals_end_open_websockets() {
     stdin.flush().unwrap();
     let (l, _) = next_line(a_app_out).await;
     assert_eq!(l, "still-open again");
-    drop((&mut a_agent, &mut b_agent, &mut b_app));
     gw.stop().await;
 }
 
