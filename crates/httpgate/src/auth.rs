@@ -15,7 +15,9 @@
 //!   credentialed requests from that source get 429 with `Retry-After`
 //!   until a delay that doubles with each new failure (up to
 //!   [`LoginLimits::max_backoff`]). Nothing is verified meanwhile, not even
-//!   a correct password: a source in backoff learns nothing.
+//!   a correct password: a source in backoff learns nothing. Verifications
+//!   under way count against the free failures, so a burst of concurrent
+//!   guesses gets no more verified than a sequence would.
 //! - Per sandbox: after [`LoginLimits::sandbox_free_failures`] wrong logins
 //!   from all sources together, the same backoff applies to every source
 //!   that has no good login cached, so a guesser spread over many addresses
@@ -80,6 +82,10 @@ struct Failures {
     count: u32,
     last: Instant,
     until: Option<Instant>,
+    /// Verifications under way (sources only): they count against the free
+    /// failures, so that a burst of guesses cannot all be verified before
+    /// the first failure is recorded.
+    pending: u32,
 }
 
 impl Failures {
@@ -88,6 +94,7 @@ impl Failures {
             count: 0,
             last: now,
             until: None,
+            pending: 0,
         }
     }
 
@@ -116,7 +123,8 @@ impl Failures {
     }
 
     fn forgotten(&self, now: Instant, limits: &LoginLimits) -> bool {
-        self.backoff(now).is_none()
+        self.pending == 0
+            && self.backoff(now).is_none()
             && now.saturating_duration_since(self.last) > limits.failure_memory
     }
 }
@@ -175,6 +183,23 @@ struct Queued<'a>(&'a AtomicUsize);
 impl Drop for Queued<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A verification under way for a source; ends when dropped.
+struct SourcePending<'a> {
+    cache: &'a AuthCache,
+    src: Option<IpAddr>,
+}
+
+impl Drop for SourcePending<'_> {
+    fn drop(&mut self) {
+        let Some(src) = self.src else { return };
+        if let Ok(mut m) = self.cache.sources.lock() {
+            if let Some(f) = m.get_mut(&src) {
+                f.pending = f.pending.saturating_sub(1);
+            }
+        }
     }
 }
 
@@ -250,19 +275,54 @@ impl AuthCache {
             .and_then(|m| m.get(&src).and_then(|f| f.backoff(now)))
     }
 
+    /// Room for `src` in the sources map (full: the forgotten go first,
+    /// then those neither in backoff nor verifying). False if none.
+    fn make_room(&self, m: &mut HashMap<IpAddr, Failures>, src: IpAddr, now: Instant) -> bool {
+        if m.len() < SOURCES_MAX || m.contains_key(&src) {
+            return true;
+        }
+        m.retain(|_, f| !f.forgotten(now, &self.limits));
+        if m.len() >= SOURCES_MAX {
+            m.retain(|_, f| f.pending > 0 || f.backoff(now).is_some());
+        }
+        m.len() < SOURCES_MAX
+    }
+
+    /// Starts a verification for `src`, or says how long it must wait: a
+    /// source may have at most its free failures left in flight.
+    fn source_start(&self, src: IpAddr, now: Instant) -> Result<SourcePending<'_>, Duration> {
+        let untracked = SourcePending {
+            cache: self,
+            src: None,
+        };
+        let Ok(mut m) = self.sources.lock() else {
+            return Ok(untracked);
+        };
+        if !self.make_room(&mut m, src, now) {
+            return Ok(untracked);
+        }
+        let f = m.entry(src).or_insert_with(|| Failures::new(now));
+        if let Some(d) = f.backoff(now) {
+            return Err(d);
+        }
+        let stale = now.saturating_duration_since(f.last) > self.limits.failure_memory;
+        let failures = if stale { 0 } else { f.count };
+        if failures.saturating_add(f.pending) >= self.limits.source_free_failures {
+            return Err(self.limits.first_backoff);
+        }
+        f.pending += 1;
+        Ok(SourcePending {
+            cache: self,
+            src: Some(src),
+        })
+    }
+
     fn record_source_failure(&self, src: IpAddr, now: Instant) {
         let Ok(mut m) = self.sources.lock() else {
             return;
         };
-        if m.len() >= SOURCES_MAX && !m.contains_key(&src) {
-            m.retain(|_, f| !f.forgotten(now, &self.limits));
-            if m.len() >= SOURCES_MAX {
-                // Still full: keep those in backoff, drop the rest.
-                m.retain(|_, f| f.backoff(now).is_some());
-            }
-            if m.len() >= SOURCES_MAX {
-                return;
-            }
+        if !self.make_room(&mut m, src, now) {
+            return;
         }
         m.entry(src).or_insert_with(|| Failures::new(now)).record(
             now,
@@ -352,6 +412,10 @@ impl AuthCache {
             return Verdict::Backoff(Duration::from_secs(1));
         }
         let _queued = Queued(&guard.queued);
+        let _pending = match self.source_start(src, now) {
+            Ok(p) => p,
+            Err(d) => return Verdict::Backoff(d),
+        };
         let Ok(_mine) = guard.hashing.acquire().await else {
             return Verdict::Denied;
         };
@@ -547,6 +611,35 @@ mod tests {
             cache.check("other", &a, Some(&good), d).await,
             Verdict::Granted
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_of_guesses_gets_only_the_free_failures_verified() {
+        let cache = Arc::new(AuthCache::new(LoginLimits {
+            source_free_failures: 3,
+            ..LoginLimits::default()
+        }));
+        let a = BasicAuth {
+            user: "alice".into(),
+            password_hash: argon("s3cret"),
+        };
+        let mut tasks = Vec::new();
+        for i in 0..20 {
+            let (cache, a) = (cache.clone(), a.clone());
+            tasks.push(tokio::spawn(async move {
+                let h = header("alice", &format!("burst{i}"));
+                cache.check("sb", &a, Some(&h), A).await
+            }));
+        }
+        let mut denied = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Verdict::Denied => denied += 1,
+                Verdict::Backoff(_) => {}
+                Verdict::Granted => panic!("a wrong guess granted"),
+            }
+        }
+        assert_eq!(denied, 3, "verified guesses");
     }
 
     #[test]
