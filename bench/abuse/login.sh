@@ -14,9 +14,9 @@
 # machine's own /etc/hosts is untouched.
 #
 # Usage: bench/abuse/login.sh   (DUR=10 s of attack per round, ROUNDS=2,
-#                                CONNS=256, N=2000 keep-alive and NEW=200
+#                                CONNS=256, N=10000 keep-alive and NEW=500
 #                                new-connection logins per measure;
-#                                about a minute with the defaults)
+#                                about two minutes with the defaults)
 # Needs: wrk nginx python3 curl ssh-keygen unshare, root
 # (.ci/setup-httpgate.sh installs the packages).
 set -euo pipefail
@@ -24,8 +24,8 @@ set -euo pipefail
 DUR=${DUR:-10}
 ROUNDS=${ROUNDS:-2}
 CONNS=${CONNS:-256}
-N=${N:-2000}
-NEW=${NEW:-200}
+N=${N:-10000}
+NEW=${NEW:-500}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 WORK=$(mktemp -d /tmp/login-bench.XXXXXX)
 chmod 755 "$WORK"
@@ -115,7 +115,8 @@ local function b64(s)
   end) .. ({ '', '==', '=' })[#s % 3 + 1])
 end
 local n = 0
-local prefix = tostring(math.random(1, 1e9))
+local prefix = "x"
+init = function(args) prefix = args[1] or prefix end
 request = function()
   n = n + 1
   local h = { ["Authorization"] = "Basic " .. b64("owner:wrong-" .. prefix .. "-" .. n) }
@@ -136,7 +137,7 @@ for round in $(seq 1 "$ROUNDS"); do
     ROWS+=("$round unloaded $mode $p50 $p99 - - -")
     before401=$(count_status 401); before429=$(count_status 429)
     in_ns wrk -t1 -c"$CONNS" -d"${DUR}s" --timeout 5s -s "$WORK/guess.lua" \
-      "https://$HOST:$GW/" > "$WORK/wrk.out" 2>&1 & WRK=$!
+      "https://$HOST:$GW/" -- "$round-$mode-$RANDOM" > "$WORK/wrk.out" 2>&1 & WRK=$!
     PIDS+=("$WRK")
     sleep 1
     read -r ap50 ap99 _ < <(probe "$mode" "$n")

@@ -23,7 +23,8 @@
 //!    sites from reading the answers.
 //! 3. The login ([`Access::Login`]): 401 with a challenge, or 429 with
 //!    `Retry-After` when the source or the sandbox is backing off
-//!    (`auth.rs`); a 429 is held up to `refusal_delay` before it is sent.
+//!    (`auth.rs`); a 429 is held for half to all of `refusal_delay`
+//!    (at most the time left) before it is sent.
 
 use std::net::IpAddr;
 
@@ -80,7 +81,10 @@ pub(crate) async fn admit<B>(
         }),
         Verdict::Denied => Err(Box::new(pages::unauthorized(&shared.config.auth_realm))),
         Verdict::Backoff(wait) => {
-            let hold = wait.min(shared.config.login.refusal_delay);
+            // Jittered (half to all of the delay), so that the held
+            // answers of many connections do not all come due at once.
+            let jitter = 0.5 + rand::random::<f64>() / 2.0;
+            let hold = wait.min(shared.config.login.refusal_delay).mul_f64(jitter);
             if !hold.is_zero() {
                 tokio::time::sleep(hold).await;
             }
