@@ -357,7 +357,11 @@ pub(crate) async fn handle(
     };
     let mut upstream_ms = None;
     let mut hsts = false;
+    let head = req.method() == Method::HEAD;
     let mut resp = route_request(&shared, &conn, req, host_ref, &mut upstream_ms, &mut hsts).await;
+    if head {
+        head_only(&mut resp);
+    }
     if hsts {
         add_hsts(&shared, resp.headers_mut());
     }
@@ -430,6 +434,19 @@ async fn route_request(
             host: up_host,
             port,
         } => forward(shared, conn, req, host, &route, up_host, *port, upstream_ms).await,
+    }
+}
+
+/// A HEAD response carries no content: the gate's own pages lose theirs
+/// (their length stays in `Content-Length`). hyper drops it over HTTP/1
+/// but sends it over HTTP/2, where the client then resets the stream.
+fn head_only(resp: &mut Response<RespBody>) {
+    if let RespInner::Full(b) = &mut resp.body_mut().inner {
+        if let Some(b) = b.take() {
+            resp.headers_mut()
+                .entry(CONTENT_LENGTH)
+                .or_insert_with(|| HeaderValue::from(b.len()));
+        }
     }
 }
 
