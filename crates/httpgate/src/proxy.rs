@@ -32,6 +32,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use crate::exchange::{self, BoxError, ExchangeError, IdlePool, UpBody};
 use crate::framing::FramingFlags;
 use crate::gateway::Shared;
+use crate::sources::{SourceLimit, SourceSeat};
 use crate::upstream::{self, ConnUpstreams, UpstreamError};
 use crate::{pages, HttpConfig, Route, Target, TlsMode};
 
@@ -82,6 +83,11 @@ pub(crate) struct ConnInfo {
     /// HTTP/1 clients: upstream connections owned by this connection's task
     /// (driven by [`drive`]). HTTP/2 clients use the shared pool.
     upstreams: Option<ConnUpstreams>,
+    /// HTTP/2 clients: the open requests of the listening address by
+    /// source (each stream may hold an upstream connection, so the
+    /// per-source connection cap alone would let one source hold
+    /// `max_h2_streams` times as many).
+    streams: Option<Arc<SourceLimit>>,
 }
 
 impl ConnInfo {
@@ -105,7 +111,14 @@ impl ConnInfo {
             seq: AtomicU64::new(0),
             peer_ip,
             upstreams: own_upstreams.map(ConnUpstreams::new),
+            streams: None,
         }
+    }
+
+    /// Counts this connection's open requests under `limit`, by source.
+    pub(crate) fn with_streams(mut self, limit: Arc<SourceLimit>) -> Self {
+        self.streams = Some(limit);
+        self
     }
 }
 
@@ -216,6 +229,9 @@ enum RespInner {
 pub(crate) struct RespBody {
     inner: RespInner,
     log: Option<Box<AccessLog>>,
+    /// The request's place under its source's open-request cap (HTTP/2),
+    /// given back when the response is done or dropped.
+    seat: Option<SourceSeat>,
 }
 
 impl RespBody {
@@ -223,6 +239,7 @@ impl RespBody {
         Self {
             inner: RespInner::Full(Some(b)),
             log: None,
+            seat: None,
         }
     }
 }
@@ -358,7 +375,23 @@ pub(crate) async fn handle(
     let mut upstream_ms = None;
     let mut hsts = false;
     let head = req.method() == Method::HEAD;
-    let mut resp = route_request(&shared, &conn, req, host_ref, &mut upstream_ms, &mut hsts).await;
+    let seat = match conn.streams.as_ref().map(|l| l.admit(conn.peer.ip())) {
+        Some(Err(())) => Err(()),
+        Some(Ok(seat)) => Ok(seat),
+        None => Ok(None),
+    };
+    let mut resp = match seat {
+        Ok(seat) => {
+            let mut r =
+                route_request(&shared, &conn, req, host_ref, &mut upstream_ms, &mut hsts).await;
+            r.body_mut().seat = seat;
+            r
+        }
+        Err(()) => pages::error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "Too many open requests from your address.",
+        ),
+    };
     if head {
         head_only(&mut resp);
     }
@@ -842,6 +875,7 @@ async fn forward(
             RespBody {
                 inner: RespInner::Upstream(body),
                 log: None,
+                seat: None,
             },
         );
     }
@@ -885,7 +919,11 @@ fn relay(mut resp: Response<RespInner>) -> Response<RespBody> {
     // it into HTTP/1.0 (hyper would then close the client's keep-alive
     // connection). hyper still answers an HTTP/1.0 client in HTTP/1.0.
     *resp.version_mut() = Version::HTTP_11;
-    resp.map(|inner| RespBody { inner, log: None })
+    resp.map(|inner| RespBody {
+        inner,
+        log: None,
+        seat: None,
+    })
 }
 
 /// Rewrite an absolute-form request target to origin form (what an
