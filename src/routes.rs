@@ -213,9 +213,19 @@ impl SandboxRoute {
         self.target(self.sandbox.ssh_port)
     }
 
-    /// Where HTTP requests for `service` go.
+    /// Where HTTP requests for `service` go. The app host is closed while
+    /// its port is the agent's (a record from before `port` refused that,
+    /// or restored from such a backup): it has no login, so it would serve
+    /// the agent to anyone.
     pub fn http_target(&self, service: Service) -> Target {
+        let sb = &self.sandbox;
         match service {
+            Service::App if sb.app_port == sb.agent_port => Target::Unavailable {
+                reason: format!(
+                    "its app port {} is the agent port; move the app with `sandboxd port {} PORT`",
+                    sb.app_port, sb.name
+                ),
+            },
             Service::App => self.target(self.sandbox.app_port),
             Service::Agent => self.target(self.sandbox.agent_port),
         }

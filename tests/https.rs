@@ -859,3 +859,63 @@ fn an_unconstrained_ca_root_is_replaced_and_reported() {
     assert!(d.json(&["status", "--json"]).get("ca_notice").is_none());
     assert_eq!(d.ok(&["ca-cert"]), root);
 }
+
+/// A record from before app and agent ports were kept apart (an earlier
+/// `sandboxd port NAME 9999`, brought back by upgrade or restore) whose app
+/// port is the agent port: the app domain, which has no login, must not
+/// serve the agent; the page and `sandboxd routes` say why and what to do.
+#[test]
+fn an_old_record_with_the_app_on_the_agent_port_does_not_serve_the_agent() {
+    let mut d = Daemon::builder().arg("--tls-mode").arg("internal").start();
+    let agent = python_upstream(d.dir.path(), "agent", "agent-content");
+    let app = python_upstream(d.dir.path(), "app", "app-content");
+    d.add_with(
+        "old",
+        "old.test",
+        &[
+            "--app-port",
+            &app.port.to_string(),
+            "--agent-port",
+            &agent.port.to_string(),
+        ],
+    );
+    let mut backup: serde_json::Value = serde_json::from_slice(&d.cli(&["backup"]).stdout).unwrap();
+    backup["sandboxes"][0]["app_port"] = serde_json::json!(agent.port);
+    assert!(d.terminate().success());
+    std::fs::remove_dir_all(&d.state).unwrap();
+    d.restart();
+    let out = d.cli_with_stdin(&["restore"], backup.to_string().as_bytes());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let https = d.listen_port("https_listen");
+    let ca = d.dir.path().join("ca.pem");
+    std::fs::write(&ca, d.ok(&["ca-cert"])).unwrap();
+    let (code, body, err) = curl(&[
+        "--cacert",
+        ca.to_str().unwrap(),
+        "--resolve",
+        &format!("old.test:{https}:127.0.0.1"),
+        &format!("https://old.test:{https}/index.txt"),
+    ]);
+    assert!(
+        !body.contains("agent-content"),
+        "the app domain served the agent without a login: {code} {body}"
+    );
+    assert_eq!(code, 502, "{err}");
+    assert!(body.contains("agent port"), "{body}");
+    let routes = d.ok(&["routes"]);
+    assert!(routes.contains("is the agent port"), "{routes}");
+    // Moving the app elsewhere opens the app domain again.
+    d.ok(&["port", "old", &app.port.to_string()]);
+    let (code, body, err) = curl(&[
+        "--cacert",
+        ca.to_str().unwrap(),
+        "--resolve",
+        &format!("old.test:{https}:127.0.0.1"),
+        &format!("https://old.test:{https}/index.txt"),
+    ]);
+    assert_eq!((code, body.as_str()), (200, "app-content"), "{err}");
+}

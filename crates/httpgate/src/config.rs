@@ -79,7 +79,9 @@ pub struct Limits {
     /// Maximum number of open client connections per listener from one
     /// source (an IPv4 address, or an IPv6 /64); more from that source are
     /// closed at accept, before the TLS handshake. Never more than half of
-    /// `max_connections`, so that one source cannot fill that limit. Peers
+    /// `max_connections`, so that one source cannot fill that limit. Its
+    /// open HTTP/2 requests are capped at four per connection of this cap
+    /// (each stream may hold an upstream connection); more get 429. Peers
     /// listed in `trusted_proxies` are exempt. 0: no per-source cap.
     pub max_connections_per_source: usize,
     /// Idle upstream connections kept per upstream address.

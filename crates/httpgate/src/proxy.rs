@@ -32,6 +32,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use crate::exchange::{self, BoxError, ExchangeError, IdlePool, UpBody};
 use crate::framing::FramingFlags;
 use crate::gateway::Shared;
+use crate::sources::{SourceLimit, SourceSeat};
 use crate::upstream::{self, ConnUpstreams, UpstreamError};
 use crate::{access, pages, HttpConfig, Route, Target, TlsMode};
 
@@ -82,6 +83,11 @@ pub(crate) struct ConnInfo {
     /// HTTP/1 clients: upstream connections owned by this connection's task
     /// (driven by [`drive`]). HTTP/2 clients use the shared pool.
     upstreams: Option<ConnUpstreams>,
+    /// HTTP/2 clients: the open requests of the listening address by
+    /// source (each stream may hold an upstream connection, so the
+    /// per-source connection cap alone would let one source hold
+    /// `max_h2_streams` times as many).
+    streams: Option<Arc<SourceLimit>>,
 }
 
 impl ConnInfo {
@@ -105,7 +111,14 @@ impl ConnInfo {
             seq: AtomicU64::new(0),
             peer_ip,
             upstreams: own_upstreams.map(ConnUpstreams::new),
+            streams: None,
         }
+    }
+
+    /// Counts this connection's open requests under `limit`, by source.
+    pub(crate) fn with_streams(mut self, limit: Arc<SourceLimit>) -> Self {
+        self.streams = Some(limit);
+        self
     }
 }
 
@@ -216,6 +229,9 @@ enum RespInner {
 pub(crate) struct RespBody {
     inner: RespInner,
     log: Option<Box<AccessLog>>,
+    /// The request's place under its source's open-request cap (HTTP/2),
+    /// given back when the response is done or dropped.
+    seat: Option<SourceSeat>,
 }
 
 impl RespBody {
@@ -223,6 +239,7 @@ impl RespBody {
         Self {
             inner: RespInner::Full(Some(b)),
             log: None,
+            seat: None,
         }
     }
 }
@@ -357,7 +374,27 @@ pub(crate) async fn handle(
     };
     let mut upstream_ms = None;
     let mut hsts = false;
-    let mut resp = route_request(&shared, &conn, req, host_ref, &mut upstream_ms, &mut hsts).await;
+    let head = req.method() == Method::HEAD;
+    let seat = match conn.streams.as_ref().map(|l| l.admit(conn.peer.ip())) {
+        Some(Err(())) => Err(()),
+        Some(Ok(seat)) => Ok(seat),
+        None => Ok(None),
+    };
+    let mut resp = match seat {
+        Ok(seat) => {
+            let mut r =
+                route_request(&shared, &conn, req, host_ref, &mut upstream_ms, &mut hsts).await;
+            r.body_mut().seat = seat;
+            r
+        }
+        Err(()) => pages::error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "Too many open requests from your address.",
+        ),
+    };
+    if head {
+        head_only(&mut resp);
+    }
     if hsts {
         add_hsts(&shared, resp.headers_mut());
     }
@@ -430,6 +467,19 @@ async fn route_request(
         } => {
             let up = (up_host.as_str(), *port);
             forward(shared, conn, req, host, &route, pass, up, upstream_ms).await
+        }
+    }
+}
+
+/// A HEAD response carries no content: the gate's own pages lose theirs
+/// (their length stays in `Content-Length`). hyper drops it over HTTP/1
+/// but sends it over HTTP/2, where the client then resets the stream.
+fn head_only(resp: &mut Response<RespBody>) {
+    if let RespInner::Full(b) = &mut resp.body_mut().inner {
+        if let Some(b) = b.take() {
+            resp.headers_mut()
+                .entry(CONTENT_LENGTH)
+                .or_insert_with(|| HeaderValue::from(b.len()));
         }
     }
 }
@@ -844,6 +894,7 @@ async fn forward(
             RespBody {
                 inner: RespInner::Upstream(body),
                 log: None,
+                seat: None,
             },
         );
     }
@@ -887,7 +938,11 @@ fn relay(mut resp: Response<RespInner>) -> Response<RespBody> {
     // it into HTTP/1.0 (hyper would then close the client's keep-alive
     // connection). hyper still answers an HTTP/1.0 client in HTTP/1.0.
     *resp.version_mut() = Version::HTTP_11;
-    resp.map(|inner| RespBody { inner, log: None })
+    resp.map(|inner| RespBody {
+        inner,
+        log: None,
+        seat: None,
+    })
 }
 
 /// Rewrite an absolute-form request target to origin form (what an

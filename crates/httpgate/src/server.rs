@@ -110,13 +110,23 @@ pub(crate) fn listener_ctx(
 pub(crate) struct ConnLimit {
     global: Arc<Semaphore>,
     sources: Arc<SourceLimit>,
+    /// Open HTTP/2 requests by source: [`H2_STREAMS_PER_CONNECTION`] per
+    /// connection the source may hold.
+    streams: Arc<SourceLimit>,
 }
+
+/// Open HTTP/2 requests one source may have, per connection of its cap:
+/// a stream may hold an upstream connection like an HTTP/1 connection
+/// does, so a source's streams are bounded like its connections (with
+/// room for browsers that load a page's parts at once).
+const H2_STREAMS_PER_CONNECTION: usize = 4;
 
 /// What an accepted connection holds until it ends: its places under the
 /// limits of its listening address.
 pub(crate) struct Admission {
     _permit: OwnedSemaphorePermit,
     _source: Option<SourceSeat>,
+    streams: Option<Arc<SourceLimit>>,
 }
 
 impl Admission {
@@ -125,6 +135,7 @@ impl Admission {
         Self {
             _permit: permit,
             _source: None,
+            streams: None,
         }
     }
 }
@@ -148,6 +159,7 @@ impl ConnLimit {
         Some(Admission {
             _permit: permit,
             _source: source,
+            streams: Some(self.streams.clone()),
         })
     }
 }
@@ -163,6 +175,10 @@ pub(crate) fn limit(shared: &Shared) -> Arc<ConnLimit> {
     Arc::new(ConnLimit {
         global: Arc::new(Semaphore::new(l.max_connections.max(1))),
         sources: SourceLimit::new(per_source, shared.config.trusted_proxies.clone()),
+        streams: SourceLimit::new(
+            per_source.saturating_mul(H2_STREAMS_PER_CONNECTION),
+            shared.config.trusted_proxies.clone(),
+        ),
     })
 }
 
@@ -325,7 +341,7 @@ async fn connection(
     peer: SocketAddr,
     // Held until the connection ends: the connection limit and the count of
     // the thread serving it.
-    _held: (Admission, Option<Seat>),
+    held: (Admission, Option<Seat>),
     shutdown: watch::Receiver<bool>,
 ) {
     let Some(acceptor) = &ctx.acceptor else {
@@ -364,7 +380,10 @@ async fn connection(
         .server_name()
         .map(|s| s.trim_end_matches('.').to_ascii_lowercase());
     if alpn.as_deref() == Some(b"h2") {
-        let info = ConnInfo::new(peer, sni, true, None, None);
+        let mut info = ConnInfo::new(peer, sni, true, None, None);
+        if let Some(l) = &held.0.streams {
+            info = info.with_streams(l.clone());
+        }
         serve_conn(shared, ctx, Proto::H2, tls, info, shutdown).await;
     } else {
         let flags = FramingFlags::new();

@@ -1,5 +1,8 @@
 //! Open client connections per source, for the per-source cap of a
-//! listening address (`Limits::max_connections_per_source`).
+//! listening address (`Limits::max_connections_per_source`), and open
+//! HTTP/2 requests per source (four per connection of that cap: every
+//! stream may hold an upstream connection, so without it one source's
+//! connections would hold `max_h2_streams` times as many).
 //!
 //! A source is an IPv4 address, or an IPv6 /64 (what one host, or one
 //! customer of a provider, is usually given); an IPv4-mapped IPv6 peer is

@@ -135,7 +135,10 @@ impl Spread {
 
     /// Send a connection to the thread its seat is on. If that thread no
     /// longer takes connections (it is stopping), the connection comes
-    /// back, counted on thread `me` again, to be served there.
+    /// back, counted on thread `me` again, to be served there. (The
+    /// handoff comes back whole, unboxed: boxing it would allocate once
+    /// per handed-off connection for a case that happens only at shutdown.)
+    #[allow(clippy::result_large_err)]
     pub fn hand_off(&self, h: Handoff, me: usize) -> Result<(), Handoff> {
         let sent = match self.slots.get(h.seat.slot) {
             Some(s) => s.tx.send(h).map_err(|e| e.0),

@@ -209,6 +209,102 @@ async fn h2_connections_without_a_stream_are_closed_after_the_header_timeout() {
     gw.stop().await;
 }
 
+/// One HTTP/2 frame header and payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
+    let mut f = vec![len[1], len[2], len[3], kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// An HPACK literal header field without indexing, new name.
+fn hpack_literal(name: &str, value: &str) -> Vec<u8> {
+    let mut v = vec![0, u8::try_from(name.len()).unwrap()];
+    v.extend_from_slice(name.as_bytes());
+    v.push(u8::try_from(value.len()).unwrap());
+    v.extend_from_slice(value.as_bytes());
+    v
+}
+
+/// Every HTTP/2 stream may hold an upstream connection: one source's
+/// connection cap must not let it hold `max_h2_streams` times as many
+/// requests (fds and memory of the daemon, connections to the sandbox).
+/// Past four open requests per connection of its cap, its new streams get
+/// 429 at once; other sources are served, and the source is again once
+/// its requests end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_source_cannot_multiply_its_connections_with_http2_streams() {
+    let (_app, gw) = app_gateway(|c| c.limits.max_connections_per_source = 2).await;
+    let attacker: IpAddr = [127, 0, 0, 3].into();
+    let mut s = tls_from(attacker, gw.https, "app.test", &gw.ca_file, b"h2")
+        .await
+        .unwrap();
+    // 2 connections x 4 = 8 open requests; 12 streams, each held by the
+    // upstream for a minute.
+    let mut head = vec![0x82, 0x87]; // :method GET, :scheme https
+    head.extend(hpack_literal(":path", "/sleep/60000"));
+    head.extend(hpack_literal(":authority", "app.test"));
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(h2_frame(4, 0, 0, &[]));
+    for i in 0..12u32 {
+        out.extend(h2_frame(1, 0x5, 1 + 2 * i, &head)); // END_STREAM | END_HEADERS
+    }
+    s.write_all(&out).await.unwrap();
+    s.flush().await.unwrap();
+    // The four streams above the cap are answered at once.
+    let mut answered = 0;
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut chunk = [0u8; 4096];
+        while answered < 4 {
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "connection closed");
+            buf.extend_from_slice(&chunk[..n]);
+            while buf.len() >= 9 {
+                let len =
+                    usize::from(buf[0]) << 16 | usize::from(buf[1]) << 8 | usize::from(buf[2]);
+                if buf.len() < 9 + len {
+                    break;
+                }
+                if buf[3] == 1 {
+                    answered += 1;
+                }
+                buf.drain(..9 + len);
+            }
+        }
+    })
+    .await;
+    assert!(
+        read.is_ok(),
+        "one source held 12 HTTP/2 requests open with a cap of 2 connections (answered: {answered})"
+    );
+    // The same address is refused a new request while they are open ...
+    let from = |ip: &str| {
+        gw.curl("app.test", "/")
+            .arg("--http2")
+            .arg("--interface")
+            .arg(ip)
+    };
+    let r = from("127.0.0.3").run().await;
+    assert_eq!(r.status, 429, "{r:?}");
+    // ... another is served ...
+    let r = from("127.0.0.2").run().await;
+    assert_eq!(r.status, 200, "{r:?}");
+    // ... and the first is again once its requests are gone.
+    drop(s);
+    let mut status = 0;
+    for _ in 0..50 {
+        status = from("127.0.0.3").run().await.status;
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, 200, "the source's requests were not given back");
+    gw.stop().await;
+}
+
 /// Spoofing headers a client may send.
 const SPOOFED: [&str; 7] = [
     "X-Real-IP: 6.6.6.6",

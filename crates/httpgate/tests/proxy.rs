@@ -826,3 +826,40 @@ async fn handed_over_requests_finish_when_the_gateway_stops() {
     }
     stop_with_threads(gw, handles).await;
 }
+
+/// `curl -I` over HTTP/2 (its default over TLS) gets the gate's own pages
+/// (401 of an agent host, 502 of a stopped sandbox) as a head alone: a HEAD
+/// response carries no content, and one that does makes the client reset
+/// the stream and show a protocol error instead of the status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_requests_get_the_gates_own_pages_without_content() {
+    let app = Upstream::start("app").await;
+    let auth = httpgate::BasicAuth {
+        user: "alice".into(),
+        password_hash: argon2_hash("pw"),
+    };
+    let gw = GatewayBuilder::new()
+        .route(
+            "shelley.app.test",
+            agent_route("app", app.addr, TlsMode::Internal, auth),
+        )
+        .route(
+            "stopped.test",
+            httpgate::Route {
+                target: Target::Stopped,
+                ..app_route("stopped-sbx", app.addr, TlsMode::Internal)
+            },
+        )
+        .start()
+        .await;
+    for (host, status) in [("shelley.app.test", 401), ("stopped.test", 502)] {
+        for v in ["--http2", "--http1.1"] {
+            let r = gw.curl(host, "/").arg(v).arg("--head").run().await;
+            assert!(r.ok, "{host} {v}: {r:?}");
+            assert_eq!(r.status, status, "{host} {v}: {r:?}");
+            assert!(!r.body.contains("<html"), "{host} {v}: {r:?}");
+            assert!(r.header("content-length").is_some(), "{host} {v}: {r:?}");
+        }
+    }
+    gw.stop().await;
+}
