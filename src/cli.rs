@@ -145,7 +145,7 @@ pub enum Command {
     /// Set what a sandbox's container may reach (an Incus network ACL;
     /// applied at once). Other sandboxes are never reachable.
     ///
-    /// Example: sandboxd egress myapp allowlist --allow 203.0.113.0/24 --allow deb.debian.org
+    /// Example: sandboxd egress myapp allowlist --allow 203.0.113.0/24 --allow api.example.com
     Egress(crate::cli_lifecycle::EgressCommandArgs),
     /// Snapshots of a sandbox's container.
     #[command(subcommand)]
