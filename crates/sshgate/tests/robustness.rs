@@ -103,10 +103,14 @@ fn a_thousand_dropped_connections_do_not_disturb_service() {
 
 #[test]
 fn a_hundred_concurrent_sessions_all_succeed() {
-    // One address logging in 100 times at once is beyond the per-source
-    // default; this test is about the relay, so lift it.
+    // One address logging in 100 times at once, 100 connections to one
+    // sandbox: beyond the per-source and per-sandbox defaults; this test
+    // is about the relay, so lift them.
     let h = harness()
-        .config(|c| c.per_source_max_startups = sshgate::Startups::hard(1000))
+        .config(|c| {
+            c.per_source_max_startups = sshgate::Startups::hard(1000);
+            c.max_sessions_per_sandbox = 1000;
+        })
         .start();
     let children: Vec<_> = (0..100)
         .map(|i| {
