@@ -749,7 +749,7 @@ fn read_ssh(table: &toml::Table, errs: &mut Vec<String>) -> SshSettings {
             ));
         }
     }
-    let mut ranged = |key: &str, lo: i64, hi: i64, errs: &mut Vec<String>| {
+    let ranged = |key: &str, lo: i64, hi: i64, errs: &mut Vec<String>| {
         let n = take_int(t, key, errs)?;
         if (lo..=hi).contains(&n) {
             Some(n.unsigned_abs())
@@ -766,7 +766,7 @@ fn read_ssh(table: &toml::Table, errs: &mut Vec<String>) -> SshSettings {
         ranged("max_sessions_per_sandbox", 1, 100_000, errs).and_then(size);
     s.relay_buffer_mib = ranged("relay_buffer_mib", 0, 1024 * 1024, errs);
     s.relay_buffer_per_sandbox_mib = ranged("relay_buffer_per_sandbox_mib", 0, 1024 * 1024, errs);
-    let mut startups = |key: &str, errs: &mut Vec<String>| match t.get(key)? {
+    let startups = |key: &str, errs: &mut Vec<String>| match t.get(key)? {
         toml::Value::String(v) => match v.parse::<sshgate::Startups>() {
             Ok(x) => Some(x),
             Err(e) => {
