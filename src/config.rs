@@ -754,7 +754,9 @@ fn read_ssh(table: &toml::Table, errs: &mut Vec<String>) -> SshSettings {
         if (lo..=hi).contains(&n) {
             Some(n.unsigned_abs())
         } else {
-            errs.push(format!("`ssh.{key}` must be between {lo} and {hi}, not {n}"));
+            errs.push(format!(
+                "`ssh.{key}` must be between {lo} and {hi}, not {n}"
+            ));
             None
         }
     };

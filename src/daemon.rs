@@ -234,10 +234,7 @@ pub async fn run(
         ..Default::default()
     };
     config.ssh.apply(&mut ssh_config);
-    let ssh = sshgate::Gateway::new(
-        ssh_config,
-        Arc::new(routes::SshRoutes(routes.clone())),
-    );
+    let ssh = sshgate::Gateway::new(ssh_config, Arc::new(routes::SshRoutes(routes.clone())));
     // Revocation: every snapshot swap ends the SSH sessions it revokes
     // (removed key, stopped/removed/replaced sandbox) before the change is
     // reported as applied.

@@ -194,7 +194,12 @@ fn key_remove_ends_that_keys_sessions_and_remove_ends_the_rest() {
     s.d.ok(&["remove", "revoke"]);
     let status = b.wait().unwrap();
     assert_eq!(status.code(), Some(255));
-    assert!(s.d.json(&["sessions", "--json"]).as_array().unwrap().is_empty());
+    assert!(s
+        .d
+        .json(&["sessions", "--json"])
+        .as_array()
+        .unwrap()
+        .is_empty());
     drop(s.sshd);
 }
 

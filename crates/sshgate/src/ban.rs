@@ -88,8 +88,7 @@ impl BanList {
     /// Count one failed login; returns true if this failure starts a ban.
     pub(crate) fn record_failure(&self, ip: IpAddr) -> bool {
         let ip = source_key(ip);
-        if self.policy.max_failures == 0
-            || self.policy.ignore.iter().any(|i| source_key(*i) == ip)
+        if self.policy.max_failures == 0 || self.policy.ignore.iter().any(|i| source_key(*i) == ip)
         {
             return false;
         }

@@ -31,10 +31,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
+use crate::budget;
 use crate::limits::{SessionSlot, StartupPermit};
 use crate::registry::{Admission, Counters, KillSignal};
 use crate::upstream::{self, UpstreamHandle};
-use crate::budget;
 use crate::{keys, relay, GatewayConfig, Inner, Route};
 
 /// How long a forwarding request may wait for the upstream's answer.
@@ -433,8 +433,7 @@ impl server::Handler for ClientHandler {
         reply: server::ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if let (None, Some(refusal), Some(shared)) = (&self.upstream, &self.failure, &self.shared)
-        {
+        if let (None, Some(refusal), Some(shared)) = (&self.upstream, &self.failure, &self.shared) {
             // Show the reason on the client's terminal (stderr), then end.
             let line = format!("{}\r\n", refusal.message);
             let shared = shared.clone();

@@ -38,8 +38,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 pub use crate::ban::BanPolicy;
-pub use crate::limits::Startups;
 pub use crate::keys::{describe_host_keys, fingerprint, load_or_generate_host_keys};
+pub use crate::limits::Startups;
 pub use crate::registry::SessionInfo;
 
 /// Errors of this crate.

@@ -253,11 +253,16 @@ impl client::Handler for UpHandler {
         _session: &mut client::Session,
     ) -> Result<(), Self::Error> {
         let (ca, oa) = (connected_address.to_owned(), originator_address.to_owned());
-        self.bridge("forwarded-tcpip", channel, reply, move |server| async move {
-            server
-                .channel_open_forwarded_tcpip(ca, connected_port, oa, originator_port)
-                .await
-        });
+        self.bridge(
+            "forwarded-tcpip",
+            channel,
+            reply,
+            move |server| async move {
+                server
+                    .channel_open_forwarded_tcpip(ca, connected_port, oa, originator_port)
+                    .await
+            },
+        );
         Ok(())
     }
 
@@ -269,9 +274,12 @@ impl client::Handler for UpHandler {
         _session: &mut client::Session,
     ) -> Result<(), Self::Error> {
         let path = socket_path.to_owned();
-        self.bridge("forwarded-streamlocal", channel, reply, move |server| async move {
-            server.channel_open_forwarded_streamlocal(path).await
-        });
+        self.bridge(
+            "forwarded-streamlocal",
+            channel,
+            reply,
+            move |server| async move { server.channel_open_forwarded_streamlocal(path).await },
+        );
         Ok(())
     }
 

@@ -144,9 +144,7 @@ fn channels_beyond_the_per_connection_limit_are_refused() {
 
 #[test]
 fn connections_beyond_the_per_sandbox_limit_are_told_so() {
-    let h = harness()
-        .config(|c| c.max_sessions_per_sandbox = 2)
-        .start();
+    let h = harness().config(|c| c.max_sessions_per_sandbox = 2).start();
     let mut held: Vec<_> = (0..2)
         .map(|_| {
             h.ssh()
@@ -251,7 +249,10 @@ fn ssh_audit_finds_no_failure_and_openssh_rsa_sha2_still_works() {
         .collect();
     assert!(failures.is_empty(), "{failures:#?}");
     for status in [out.status, plain.status] {
-        assert!(matches!(status.code(), Some(0 | 2)), "{status:?} {report_text}");
+        assert!(
+            matches!(status.code(), Some(0 | 2)),
+            "{status:?} {report_text}"
+        );
     }
     let keys: Vec<&str> = report["key"]
         .as_array()
@@ -267,14 +268,14 @@ fn ssh_audit_finds_no_failure_and_openssh_rsa_sha2_still_works() {
         .unwrap_or_default();
     assert!(!compression.contains(&"zlib"), "{compression:?}");
     // An RSA-only OpenSSH client, and one that asks for compression, log in.
-    for opts in [
-        vec!["-o", "HostKeyAlgorithms=rsa-sha2-256"],
-        vec!["-C"],
-    ] {
+    for opts in [vec!["-o", "HostKeyAlgorithms=rsa-sha2-256"], vec!["-C"]] {
         let out = run(h.ssh().args(&opts).arg("echo ok"));
         assert_eq!(text(&out.stdout), "ok\n", "{opts:?}: {}", text(&out.stderr));
     }
     // A client that insists on SHA-1 RSA signatures finds nothing in common.
-    let out = run(h.ssh().args(["-o", "HostKeyAlgorithms=ssh-rsa"]).arg("true"));
+    let out = run(h
+        .ssh()
+        .args(["-o", "HostKeyAlgorithms=ssh-rsa"])
+        .arg("true"));
     assert_eq!(out.status.code(), Some(255));
 }
