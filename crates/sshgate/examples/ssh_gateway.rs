@@ -5,7 +5,8 @@
 //! ```text
 //! ssh_gateway listen=127.0.0.1:0 host_keys=DIR sandbox=NAME target=HOST:PORT user=USER \
 //!         authorized_keys=FILE upstream_key=FILE upstream_host_key=FILE.pub \
-//!         [window=BYTES] [packet=BYTES] [buffer=N] [nodelay=0|1] [ciphers=a,b,...]
+//!         [window=BYTES] [initial_window=BYTES] [relay_budget=BYTES] [packet=BYTES] \
+//!         [buffer=N] [nodelay=0|1] [ciphers=a,b,...]
 //! ```
 //!
 //! It prints `listening ADDR` once bound and runs until SIGINT or SIGTERM.
@@ -58,6 +59,13 @@ fn main() {
     };
     if let Some(v) = args.get("window") {
         config.window_size = v.parse().expect("window");
+    }
+    if let Some(v) = args.get("initial_window") {
+        config.initial_window = v.parse().expect("initial_window");
+    }
+    if let Some(v) = args.get("relay_budget") {
+        config.relay_budget = v.parse().expect("relay_budget");
+        config.relay_budget_per_sandbox = config.relay_budget;
     }
     if let Some(v) = args.get("packet") {
         config.max_packet_size = v.parse().expect("packet");
