@@ -146,7 +146,7 @@ impl ConnShared {
         }
         let refused = self.refused_channels.fetch_add(1, Ordering::Relaxed) + 1;
         // One line per connection at warning level, then every 1,000th.
-        if refused == 1 || refused % 1000 == 0 {
+        if refused == 1 || refused.is_multiple_of(1000) {
             tracing::warn!(
                 sandbox = %self.sandbox,
                 kind,
