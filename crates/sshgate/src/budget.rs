@@ -177,7 +177,10 @@ mod tests {
         assert_eq!(c.borrow(50), 40);
         assert_eq!(c.borrow(1), 0);
         a.give_back(50);
+        // c is at its share's cap (60) now, whatever the pool holds.
         assert_eq!(c.borrow(50), 20);
+        assert_eq!(b.used(), 70);
+        assert_eq!(a.borrow(100), 30);
         assert_eq!(b.used(), 100);
     }
 }
