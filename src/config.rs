@@ -1124,6 +1124,41 @@ mod tests {
     }
 
     #[test]
+    fn ssh_table_is_checked_and_applied() {
+        let (_f, args) = with_file(
+            "[ssh]\nmax_startups = \"5:30:2\"\nper_source_max_startups = 0\n\
+             max_channels_per_connection = 0\nlogin_grace_secs = \"x\"\nbogus = 1\n",
+        );
+        let text = load(&args, None).unwrap_err().to_string();
+        for needle in [
+            "ssh.max_startups",
+            "ssh.per_source_max_startups",
+            "ssh.max_channels_per_connection",
+            "login_grace_secs",
+            "ssh.bogus",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from {text}");
+        }
+        let (_f, args) = with_file(
+            "[ssh]\nmax_startups = \"50:20:100\"\nper_source_max_startups = 4\n\
+             login_grace_secs = 20\nmax_sessions_per_sandbox = 8\nrelay_buffer_mib = 64\n",
+        );
+        let s = load(&args, None).unwrap().ssh;
+        let mut cfg = sshgate::GatewayConfig::default();
+        let channels = cfg.max_channels_per_connection;
+        s.apply(&mut cfg);
+        assert_eq!(cfg.max_startups.to_string(), "50:20:100");
+        assert_eq!(cfg.per_source_max_startups, sshgate::Startups::hard(4));
+        assert_eq!(cfg.login_grace, std::time::Duration::from_secs(20));
+        assert_eq!(cfg.max_sessions_per_sandbox, 8);
+        assert_eq!(cfg.relay_budget, 64 * 1024 * 1024);
+        assert_eq!(
+            cfg.max_channels_per_connection, channels,
+            "unset keys keep the default"
+        );
+    }
+
+    #[test]
     fn acme_and_http_settings_are_checked() {
         let dir = tempfile::tempdir().unwrap();
         let not_pem = dir.path().join("root.txt");
