@@ -13,7 +13,8 @@
 # stopped by PID; every wait is bounded.
 # Usage: bench/abuse/ssh.sh      Env: CHANNELS (400), STALL_MIB (16 per
 # channel written), SIZE_MIB (256), RUNS (10), BIN (a sandboxd binary; default:
-# cargo build --release).
+# cargo build --release), SSH_TOML (lines for the daemon's [ssh] table, e.g.
+# 'relay_buffer_mib = 1048576' to see the relay without its budget).
 set -euo pipefail
 
 CHANNELS=${CHANNELS:-400}
@@ -89,7 +90,8 @@ wait_port "$SINK"
 
 export SANDBOXD_ADMIN_SOCKET=$WORK/daemon/admin.sock
 mkdir -p "$WORK/daemon"; chmod 700 "$WORK/daemon"
-"$BIN" serve --state-dir "$WORK/daemon/state" --ssh-listen 127.0.0.1:0 \
+printf '[ssh]\n%s\n' "${SSH_TOML:-}" > "$WORK/daemon.toml"
+"$BIN" serve --config "$WORK/daemon.toml" --state-dir "$WORK/daemon/state" --ssh-listen 127.0.0.1:0 \
   --https-listen 127.0.0.1:0 --http-listen 127.0.0.1:0 >>"$WORK/gw.log" 2>&1 &
 GW_PID=$!
 PIDS+=("$GW_PID")
@@ -213,7 +215,7 @@ done
 L2=$(echo "$L2" | median)
 kill "$PRE" 2>/dev/null || true
 
-echo "sshgate abuse benchmark: loopback, $(nproc) cores, daemon $BIN"
+echo "sshgate abuse benchmark: loopback, $(nproc) cores, daemon $BIN, [ssh] ${SSH_TOML:-defaults}"
 printf '%-58s %s\n' "daemon RSS before load" "$((BASE_RSS / 1024)) MiB"
 printf '%-58s %s\n' "daemon RSS, $STALLED/$CHANNELS stalled channels ($((WRITTEN / 1048576)) MiB accepted)" "$((LOAD_RSS / 1024)) MiB (peak $((PEAK_RSS / 1024)) MiB; bound 256 MiB)"
 printf '%-58s %s\n' "calm: ssh true, median of $RUNS, unloaded / loaded" "$(printf '%.3f s / %.3f s' "$C0" "$C1")"
