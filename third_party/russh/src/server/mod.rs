@@ -1238,8 +1238,14 @@ async fn reply<H: Handler + Send>(
                     return Err(crate::Error::Inconsistent.into());
                 }
                 session.pending_len = session.pending_len.saturating_add(pkt.buffer.len() as u32);
-                if u64::from(session.pending_len) > 2 * u64::from(session.common.config.window_size)
-                {
+                // sandboxd patch: a channel's window may have grown to
+                // `max_window_size` (see `channels::RecvCredit`).
+                let window = session
+                    .common
+                    .config
+                    .window_size
+                    .max(session.common.config.max_window_size);
+                if u64::from(session.pending_len) > 2 * u64::from(window) {
                     return Err(crate::Error::Pending.into());
                 }
             }
