@@ -92,6 +92,7 @@ pub(crate) fn server_config(cfg: &GatewayConfig) -> server::Config {
             ..Preferred::default()
         },
         max_auth_attempts: cfg.max_auth_attempts,
+        limits: upstream::rekey_limits(cfg),
         inactivity_timeout: cfg.inactivity_timeout,
         keepalive_interval: cfg.keepalive_interval,
         keepalive_max: cfg.keepalive_max,

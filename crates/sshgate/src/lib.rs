@@ -155,6 +155,9 @@ pub struct GatewayConfig {
     pub nodelay: bool,
     /// Cipher preference, most preferred first (names as in OpenSSH).
     pub ciphers: Vec<String>,
+    /// Bytes sent or received on a leg before the gateway re-keys it (at
+    /// most 1 GiB, russh's default and ceiling).
+    pub rekey_bytes: usize,
 }
 
 impl Default for GatewayConfig {
@@ -197,6 +200,7 @@ impl Default for GatewayConfig {
                 "aes192-ctr".into(),
                 "aes128-ctr".into(),
             ],
+            rekey_bytes: 1 << 30,
         }
     }
 }

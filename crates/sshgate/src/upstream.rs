@@ -37,8 +37,15 @@ pub(crate) fn ciphers(cfg: &GatewayConfig) -> Vec<russh::cipher::Name> {
     out
 }
 
+/// Re-key after `rekey_bytes` either way (capped at russh's 1 GiB) or an hour.
+pub(crate) fn rekey_limits(cfg: &GatewayConfig) -> russh::Limits {
+    let bytes = cfg.rekey_bytes.clamp(1 << 16, 1 << 30);
+    russh::Limits::new(bytes, bytes, std::time::Duration::from_secs(3600))
+}
+
 pub(crate) fn client_config(cfg: &GatewayConfig) -> client::Config {
     client::Config {
+        limits: rekey_limits(cfg),
         window_size: cfg.initial_window.min(cfg.window_size),
         max_window_size: cfg.window_size,
         maximum_packet_size: cfg.max_packet_size,
