@@ -3,7 +3,7 @@
 # machine (root, no systemd). Idempotent.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
-pkgs=(openssh-client openssh-server rsync curl python3-minimal hyperfine jq bc iproute2 procps)
+pkgs=(openssh-client openssh-server rsync curl python3-minimal hyperfine jq bc iproute2 procps ssh-audit)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -101,7 +101,8 @@ start_example() {
   rm -f "$WORK/gw.out"
   "$GW_BIN" listen=127.0.0.1:0 host_keys="$WORK/gwkeys" sandbox=bench target="127.0.0.1:$TP" \
     user="$ME" authorized_keys="$WORK/client.pub" upstream_key="$WORK/upstream" \
-    upstream_host_key="$WORK/host_target.pub" "${TUNING[@]}" >"$WORK/gw.out" 2>>"$WORK/gw.log" &
+    upstream_host_key="$WORK/host_target.pub" max_sessions=100000 per_source_max_startups=100000 \
+    "${TUNING[@]}" >"$WORK/gw.out" 2>>"$WORK/gw.log" &
   GW_PID=$!
   PIDS+=("$GW_PID")
   local i
@@ -119,7 +120,11 @@ export SANDBOXD_ADMIN_SOCKET=$WORK/daemon/admin.sock
 start_daemon() {
   mkdir -p "$WORK/daemon"
   chmod 700 "$WORK/daemon"
-  "$GW_BIN" serve --state-dir "$WORK/daemon/state" --ssh-listen 127.0.0.1:0 \
+  # The idle-session phase opens IDLE sessions of one sandbox from one
+  # address at once: beyond the production caps (32 per sandbox, 10:30:20
+  # logging in per source), which bench/abuse/ssh.sh measures instead.
+  printf '[ssh]\nmax_sessions_per_sandbox = 100000\nper_source_max_startups = "100000"\n' >"$WORK/daemon.toml"
+  "$GW_BIN" serve --config "$WORK/daemon.toml" --state-dir "$WORK/daemon/state" --ssh-listen 127.0.0.1:0 \
     --https-listen 127.0.0.1:0 --http-listen 127.0.0.1:0 >>"$WORK/gw.log" 2>&1 &
   GW_PID=$!
   PIDS+=("$GW_PID")

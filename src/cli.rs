@@ -62,7 +62,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Remove a sandbox and its routes (nothing upstream is touched).
+    /// Remove a sandbox and its routes (nothing upstream is touched); its
+    /// live SSH sessions end.
     Remove { name: String },
     /// Manage the client SSH keys allowed into a sandbox.
     #[command(subcommand)]
@@ -277,7 +278,8 @@ pub enum KeyCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Remove keys by SHA256 fingerprint or by key line.
+    /// Remove keys by SHA256 fingerprint or by key line; SSH sessions
+    /// logged in with them end.
     Remove {
         name: String,
         #[arg(required = true, value_name = "FINGERPRINT-OR-KEY")]

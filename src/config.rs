@@ -90,6 +90,8 @@ pub struct Config {
     /// constraints), lowercase, without leading dot; `internal` mode is
     /// refused for domains outside them.
     pub internal_ca_suffixes: Vec<String>,
+    /// The `[ssh]` table: the SSH gate's limits.
+    pub ssh: SshSettings,
 }
 
 /// The `[http]` table. `None` keeps the proxy's built-in default (see
@@ -516,6 +518,7 @@ const KNOWN_KEYS: &[&str] = &[
     "provision",
     "http",
     "internal_ca_suffixes",
+    "ssh",
 ];
 
 /// Raw values, before validation; `None` means not given.
@@ -540,6 +543,7 @@ struct Raw {
     provision: ProvisionConfig,
     http: HttpSettings,
     internal_ca_suffixes: Option<Vec<String>>,
+    ssh: SshSettings,
 }
 
 fn take_int(table: &toml::Table, key: &str, errs: &mut Vec<String>) -> Option<i64> {
@@ -642,6 +646,7 @@ fn read_file(path: &Path, errs: &mut Vec<String>) -> Raw {
         provision: read_provision(&table, errs),
         http: read_http(&table, errs),
         internal_ca_suffixes: take_list(&table, "internal_ca_suffixes", errs),
+        ssh: read_ssh(&table, errs),
     }
 }
 
@@ -667,6 +672,128 @@ fn addrs(
 
 fn nonempty(v: Vec<String>) -> Option<Vec<String>> {
     (!v.is_empty()).then_some(v)
+}
+
+/// The `[ssh]` table: the SSH gate's limits. `None` keeps the gate's
+/// built-in default (see `sshgate::GatewayConfig`).
+#[derive(Debug, Clone, Default)]
+pub struct SshSettings {
+    /// Connections logging in, all sources (`start:rate:full`) [100:30:256].
+    pub max_startups: Option<sshgate::Startups>,
+    /// Connections logging in per source address, IPv6 per /64 [10:30:20].
+    pub per_source_max_startups: Option<sshgate::Startups>,
+    /// Time to log in; a connection that takes longer counts as a failed
+    /// login for the ban [30 s].
+    pub login_grace: Option<std::time::Duration>,
+    /// Channels open at once on one connection [64].
+    pub max_channels_per_connection: Option<usize>,
+    /// Logged-in connections at once per sandbox [32].
+    pub max_sessions_per_sandbox: Option<usize>,
+    /// Channel window above the initial one, all channels together, in MiB [128].
+    pub relay_buffer_mib: Option<u64>,
+    /// The part of `relay_buffer_mib` one sandbox may hold, in MiB [48].
+    pub relay_buffer_per_sandbox_mib: Option<u64>,
+}
+
+impl SshSettings {
+    /// Applies the configured values over the gate's defaults.
+    pub fn apply(&self, cfg: &mut sshgate::GatewayConfig) {
+        if let Some(v) = self.max_startups {
+            cfg.max_startups = v;
+        }
+        if let Some(v) = self.per_source_max_startups {
+            cfg.per_source_max_startups = v;
+        }
+        if let Some(v) = self.login_grace {
+            cfg.login_grace = v;
+        }
+        if let Some(v) = self.max_channels_per_connection {
+            cfg.max_channels_per_connection = v;
+        }
+        if let Some(v) = self.max_sessions_per_sandbox {
+            cfg.max_sessions_per_sandbox = v;
+        }
+        if let Some(v) = self.relay_buffer_mib {
+            cfg.relay_budget = v * 1024 * 1024;
+        }
+        if let Some(v) = self.relay_buffer_per_sandbox_mib {
+            cfg.relay_budget_per_sandbox = v * 1024 * 1024;
+        }
+    }
+}
+
+const SSH_KEYS: &[&str] = &[
+    "max_startups",
+    "per_source_max_startups",
+    "login_grace_secs",
+    "max_channels_per_connection",
+    "max_sessions_per_sandbox",
+    "relay_buffer_mib",
+    "relay_buffer_per_sandbox_mib",
+];
+
+fn read_ssh(table: &toml::Table, errs: &mut Vec<String>) -> SshSettings {
+    let mut s = SshSettings::default();
+    let Some(value) = table.get("ssh") else {
+        return s;
+    };
+    let Some(t) = value.as_table() else {
+        errs.push(format!("`ssh` must be a table, not {}", value.type_str()));
+        return s;
+    };
+    for key in t.keys() {
+        if !SSH_KEYS.contains(&key.as_str()) {
+            errs.push(format!(
+                "unknown key `ssh.{key}` (known: {})",
+                SSH_KEYS.join(", ")
+            ));
+        }
+    }
+    let ranged = |key: &str, lo: i64, hi: i64, errs: &mut Vec<String>| {
+        let n = take_int(t, key, errs)?;
+        if (lo..=hi).contains(&n) {
+            Some(n.unsigned_abs())
+        } else {
+            errs.push(format!(
+                "`ssh.{key}` must be between {lo} and {hi}, not {n}"
+            ));
+            None
+        }
+    };
+    s.login_grace = ranged("login_grace_secs", 1, 600, errs).map(std::time::Duration::from_secs);
+    let size = |n: u64| usize::try_from(n).ok();
+    s.max_channels_per_connection =
+        ranged("max_channels_per_connection", 1, 100_000, errs).and_then(size);
+    s.max_sessions_per_sandbox =
+        ranged("max_sessions_per_sandbox", 1, 100_000, errs).and_then(size);
+    s.relay_buffer_mib = ranged("relay_buffer_mib", 0, 1024 * 1024, errs);
+    s.relay_buffer_per_sandbox_mib = ranged("relay_buffer_per_sandbox_mib", 0, 1024 * 1024, errs);
+    let startups = |key: &str, errs: &mut Vec<String>| match t.get(key)? {
+        toml::Value::String(v) => match v.parse::<sshgate::Startups>() {
+            Ok(x) => Some(x),
+            Err(e) => {
+                errs.push(format!("`ssh.{key}`: {e}"));
+                None
+            }
+        },
+        toml::Value::Integer(n) => match u32::try_from(*n) {
+            Ok(n) if n > 0 => Some(sshgate::Startups::hard(n)),
+            _ => {
+                errs.push(format!("`ssh.{key}` must be positive, not {n}"));
+                None
+            }
+        },
+        other => {
+            errs.push(format!(
+                "`ssh.{key}` must be a string like \"10:30:100\", not {}",
+                other.type_str()
+            ));
+            None
+        }
+    };
+    s.max_startups = startups("max_startups", errs);
+    s.per_source_max_startups = startups("per_source_max_startups", errs);
+    s
 }
 
 /// Merges the file named by `--config` (if any) with the flags and validates
@@ -823,6 +950,7 @@ pub fn load(args: &ServeArgs, admin_socket: Option<PathBuf>) -> Result<Config, C
         provision: file.provision,
         http: file.http,
         internal_ca_suffixes,
+        ssh: file.ssh,
     })
 }
 
@@ -991,6 +1119,41 @@ mod tests {
         );
         assert_eq!(
             cfg.timeouts.upstream_connect, before,
+            "unset keys keep the default"
+        );
+    }
+
+    #[test]
+    fn ssh_table_is_checked_and_applied() {
+        let (_f, args) = with_file(
+            "[ssh]\nmax_startups = \"5:30:2\"\nper_source_max_startups = 0\n\
+             max_channels_per_connection = 0\nlogin_grace_secs = \"x\"\nbogus = 1\n",
+        );
+        let text = load(&args, None).unwrap_err().to_string();
+        for needle in [
+            "ssh.max_startups",
+            "ssh.per_source_max_startups",
+            "ssh.max_channels_per_connection",
+            "login_grace_secs",
+            "ssh.bogus",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from {text}");
+        }
+        let (_f, args) = with_file(
+            "[ssh]\nmax_startups = \"50:20:100\"\nper_source_max_startups = 4\n\
+             login_grace_secs = 20\nmax_sessions_per_sandbox = 8\nrelay_buffer_mib = 64\n",
+        );
+        let s = load(&args, None).unwrap().ssh;
+        let mut cfg = sshgate::GatewayConfig::default();
+        let channels = cfg.max_channels_per_connection;
+        s.apply(&mut cfg);
+        assert_eq!(cfg.max_startups.to_string(), "50:20:100");
+        assert_eq!(cfg.per_source_max_startups, sshgate::Startups::hard(4));
+        assert_eq!(cfg.login_grace, std::time::Duration::from_secs(20));
+        assert_eq!(cfg.max_sessions_per_sandbox, 8);
+        assert_eq!(cfg.relay_budget, 64 * 1024 * 1024);
+        assert_eq!(
+            cfg.max_channels_per_connection, channels,
             "unset keys keep the default"
         );
     }

@@ -228,14 +228,24 @@ pub async fn run(
             .context("loading ssh host keys")??
     };
     let ssh_host_keys = sshgate::describe_host_keys(&host_keys);
-    let ssh = sshgate::Gateway::new(
-        sshgate::GatewayConfig {
-            host_keys,
-            banner: config.ssh_banner.clone(),
-            ..Default::default()
-        },
-        Arc::new(routes::SshRoutes(routes.clone())),
-    );
+    let mut ssh_config = sshgate::GatewayConfig {
+        host_keys,
+        banner: config.ssh_banner.clone(),
+        ..Default::default()
+    };
+    config.ssh.apply(&mut ssh_config);
+    let ssh = sshgate::Gateway::new(ssh_config, Arc::new(routes::SshRoutes(routes.clone())));
+    // Revocation: every snapshot swap ends the SSH sessions it revokes
+    // (removed key, stopped/removed/replaced sandbox) before the change is
+    // reported as applied.
+    {
+        let gate = ssh.downgrade();
+        routes.on_swap(move || {
+            if let Some(g) = gate.upgrade() {
+                g.routes_changed();
+            }
+        });
+    }
 
     let acme_ca_root_pem = match &config.acme_ca_root {
         Some(path) => {

@@ -347,6 +347,10 @@ impl RoutingTable {
 pub struct Routes {
     table: ArcSwap<RoutingTable>,
     applied: watch::Sender<u64>,
+    /// Called after each swap, before the generation is published (the
+    /// SSH gate ends sessions the new table revokes), so that a caller of
+    /// [`Routes::wait_applied`] finds it done.
+    on_swap: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl Routes {
@@ -355,7 +359,13 @@ impl Routes {
         Arc::new(Routes {
             table: ArcSwap::from_pointee(table),
             applied: watch::channel(generation).0,
+            on_swap: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Set the callback run after every swap (once; later calls are ignored).
+    pub fn on_swap(&self, f: impl Fn() + Send + Sync + 'static) {
+        let _ = self.on_swap.set(Box::new(f));
     }
 
     /// The current snapshot; cheap, lock-free.
@@ -371,6 +381,9 @@ impl Routes {
     fn swap(&self, table: RoutingTable) {
         let generation = table.generation;
         self.table.store(Arc::new(table));
+        if let Some(f) = self.on_swap.get() {
+            f();
+        }
         self.applied.send_replace(generation);
     }
 

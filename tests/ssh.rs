@@ -117,20 +117,25 @@ fn ssh_through_the_daemon_right_after_add() {
     assert_eq!(norm(&unknown), norm(&wrong));
 }
 
-#[test]
-fn sessions_listed_and_killed_and_route_removal_spares_them() {
-    let s = setup("live");
-    let mut child = ssh_cmd(&s, "live", &s.key)
+/// `ssh ... 'echo ready; sleep 60'` with `key`, once it printed ready.
+fn held_session(s: &Setup, user: &str, key: &Path) -> std::process::Child {
+    let mut child = ssh_cmd(s, user, key)
         .arg("echo ready; sleep 60")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut stdout = child.stdout.take().unwrap();
     let mut buf = [0u8; 6];
-    std::io::Read::read_exact(&mut stdout, &mut buf).unwrap();
+    std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut buf).unwrap();
     assert_eq!(&buf, b"ready\n");
+    child
+}
+
+#[test]
+fn sessions_listed_and_killed() {
+    let s = setup("live");
+    let mut child = held_session(&s, "live", &s.key);
     let sessions = s.d.json(&["sessions", "--json"]);
     let list = sessions.as_array().unwrap();
     assert_eq!(list.len(), 1, "{sessions}");
@@ -140,29 +145,61 @@ fn sessions_listed_and_killed_and_route_removal_spares_them() {
         .unwrap()
         .starts_with("SHA256:"));
 
-    // Removing the route leaves the open session alone; new logins fail.
-    s.d.ok(&["remove", "live"]);
-    let out = run({
-        let mut c = ssh_cmd(&s, "live", &s.key);
-        c.arg("true");
-        c
-    });
-    assert_eq!(out.status.code(), Some(255));
-    assert_eq!(
-        s.d.json(&["sessions", "--json"]).as_array().unwrap().len(),
-        1
-    );
-    assert!(
-        child.try_wait().unwrap().is_none(),
-        "session dropped by a route removal"
-    );
-
     let id = list[0]["id"].as_u64().unwrap().to_string();
     s.d.ok(&["sessions", "kill", &id]);
     let status = child.wait().unwrap();
     assert!(!status.success());
     let err = s.d.fails(&["sessions", "kill", &id]);
     assert!(err.contains("no live session"), "{err}");
+    drop(s.sshd);
+}
+
+#[test]
+fn key_remove_ends_that_keys_sessions_and_remove_ends_the_rest() {
+    let s = setup("revoke");
+    let key_b = s.d.keygen("client-b");
+    s.d.ok(&["key", "add", "revoke", key_b.to_str().unwrap()]);
+    let key_b = key_b.with_extension("");
+    let a = held_session(&s, "revoke", &s.key);
+    let sessions = s.d.json(&["sessions", "--json"]);
+    let fp_a = sessions[0]["key_fingerprint"].as_str().unwrap().to_string();
+    let mut b = held_session(&s, "revoke", &key_b);
+    assert_eq!(
+        s.d.json(&["sessions", "--json"]).as_array().unwrap().len(),
+        2
+    );
+    // An edit of the sandbox that revokes nothing ends nothing.
+    s.d.ok(&["port", "revoke", "8081"]);
+    assert_eq!(
+        s.d.json(&["sessions", "--json"]).as_array().unwrap().len(),
+        2
+    );
+
+    // Key A is removed: A's session ends (it is told why), B's goes on.
+    s.d.ok(&["key", "remove", "revoke", &fp_a]);
+    let out = a.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(255));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("key removed"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let left = s.d.json(&["sessions", "--json"]);
+    let left = left.as_array().unwrap();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_ne!(left[0]["key_fingerprint"].as_str().unwrap(), fp_a);
+    assert!(b.try_wait().unwrap().is_none(), "key B's session ended");
+
+    // Removing the sandbox ends every session of it.
+    s.d.ok(&["remove", "revoke"]);
+    let status = b.wait().unwrap();
+    assert_eq!(status.code(), Some(255));
+    assert!(s
+        .d
+        .json(&["sessions", "--json"])
+        .as_array()
+        .unwrap()
+        .is_empty());
     drop(s.sshd);
 }
 

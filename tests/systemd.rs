@@ -246,6 +246,9 @@ fn unit_passes_systemd_analyze_verify() {
         "NotifyAccess=main",
         "WatchdogSec=",
         "User=sandboxd",
+        // Resource ceilings (systemd/README.md, "Resource limits").
+        "MemoryMax=1G",
+        "TasksMax=1024",
     ] {
         assert!(UNIT.lines().any(|l| l.starts_with(line)), "{line} missing");
     }

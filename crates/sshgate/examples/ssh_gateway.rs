@@ -5,7 +5,9 @@
 //! ```text
 //! ssh_gateway listen=127.0.0.1:0 host_keys=DIR sandbox=NAME target=HOST:PORT user=USER \
 //!         authorized_keys=FILE upstream_key=FILE upstream_host_key=FILE.pub \
-//!         [window=BYTES] [packet=BYTES] [buffer=N] [nodelay=0|1] [ciphers=a,b,...]
+//!         [window=BYTES] [initial_window=BYTES] [relay_budget=BYTES] [packet=BYTES] \
+//!         [buffer=N] [nodelay=0|1] [ciphers=a,b,...] [max_sessions=N] \
+//!         [per_source_max_startups=START:RATE:FULL]
 //! ```
 //!
 //! It prints `listening ADDR` once bound and runs until SIGINT or SIGTERM.
@@ -58,6 +60,19 @@ fn main() {
     };
     if let Some(v) = args.get("window") {
         config.window_size = v.parse().expect("window");
+    }
+    if let Some(v) = args.get("initial_window") {
+        config.initial_window = v.parse().expect("initial_window");
+    }
+    if let Some(v) = args.get("relay_budget") {
+        config.relay_budget = v.parse().expect("relay_budget");
+        config.relay_budget_per_sandbox = config.relay_budget;
+    }
+    if let Some(v) = args.get("max_sessions") {
+        config.max_sessions_per_sandbox = v.parse().expect("max_sessions");
+    }
+    if let Some(v) = args.get("per_source_max_startups") {
+        config.per_source_max_startups = v.parse().expect("per_source_max_startups");
     }
     if let Some(v) = args.get("packet") {
         config.max_packet_size = v.parse().expect("packet");

@@ -1,10 +1,15 @@
 //! Failed-login accounting per source address, and the expiring ban that
-//! follows too many failures inside a window.
+//! follows too many failures inside a window. A failure is a refused key
+//! or a connection that did not log in within the login grace time.
+//! Addresses are counted as [`crate::limits::source_key`] groups them
+//! (IPv6 by /64).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use crate::limits::source_key;
 
 /// When a source address gets banned, and for how long.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,7 +21,8 @@ pub struct BanPolicy {
     pub window: Duration,
     /// How long a ban lasts.
     pub ban_duration: Duration,
-    /// Addresses never banned (e.g. a monitoring host).
+    /// Addresses never banned (e.g. a monitoring host; an IPv6 address
+    /// stands for its /64).
     pub ignore: Vec<IpAddr>,
 }
 
@@ -62,6 +68,7 @@ impl BanList {
     }
 
     pub(crate) fn is_banned(&self, ip: IpAddr) -> bool {
+        let ip = source_key(ip);
         let now = Instant::now();
         let mut map = self.lock();
         match map.get_mut(&ip) {
@@ -80,7 +87,9 @@ impl BanList {
 
     /// Count one failed login; returns true if this failure starts a ban.
     pub(crate) fn record_failure(&self, ip: IpAddr) -> bool {
-        if self.policy.max_failures == 0 || self.policy.ignore.contains(&ip) {
+        let ip = source_key(ip);
+        if self.policy.max_failures == 0 || self.policy.ignore.iter().any(|i| source_key(*i) == ip)
+        {
             return false;
         }
         let now = Instant::now();
@@ -108,6 +117,7 @@ impl BanList {
     /// Take back the last failure of `ip` (a client that tried a wrong key
     /// first and then a right one did not fail).
     pub(crate) fn forgive_one(&self, ip: IpAddr) {
+        let ip = source_key(ip);
         let mut map = self.lock();
         if let Some(e) = map.get_mut(&ip) {
             if e.banned_until.is_none() {

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use russh::keys::PublicKey;
+use russh::keys::{Algorithm, EcdsaCurve, HashAlg, PublicKey};
 use russh::server::{self, Auth, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
 use russh::{
     client, Channel, ChannelId, ChannelOpenFailure, Disconnect, MethodKind, MethodSet, Preferred,
@@ -31,7 +31,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
-use crate::registry::Counters;
+use crate::budget;
+use crate::limits::{SessionSlot, StartupPermit};
+use crate::registry::{Admission, Counters, KillSignal};
 use crate::upstream::{self, UpstreamHandle};
 use crate::{keys, relay, GatewayConfig, Inner, Route};
 
@@ -43,6 +45,33 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// that can carry the reason before disconnecting with it.
 const FAILURE_CHANNEL_WAIT: Duration = Duration::from_secs(1);
 
+/// Host-key signature algorithms offered to clients: no SHA-1 `ssh-rsa`
+/// (RSA host keys sign with rsa-sha2-512/256).
+const HOST_KEY_ALGORITHMS: &[Algorithm] = &[
+    Algorithm::Ed25519,
+    Algorithm::Ecdsa {
+        curve: EcdsaCurve::NistP256,
+    },
+    Algorithm::Ecdsa {
+        curve: EcdsaCurve::NistP384,
+    },
+    Algorithm::Ecdsa {
+        curve: EcdsaCurve::NistP521,
+    },
+    Algorithm::Rsa {
+        hash: Some(HashAlg::Sha512),
+    },
+    Algorithm::Rsa {
+        hash: Some(HashAlg::Sha256),
+    },
+];
+
+/// Compression offered to clients: none, or zlib only after
+/// authentication (`zlib@openssh.com`); never `zlib` from the first packet,
+/// which would expose the decompressor to anyone.
+const COMPRESSION: &[russh::compression::Name] =
+    &[russh::compression::NONE, russh::compression::ZLIB_LEGACY];
+
 pub(crate) fn server_config(cfg: &GatewayConfig) -> server::Config {
     server::Config {
         server_id: SshId::Standard(
@@ -52,14 +81,18 @@ pub(crate) fn server_config(cfg: &GatewayConfig) -> server::Config {
         auth_rejection_time: cfg.auth_rejection_time,
         auth_rejection_time_initial: Some(Duration::ZERO),
         keys: cfg.host_keys.clone(),
-        window_size: cfg.window_size,
+        window_size: cfg.initial_window.min(cfg.window_size),
+        max_window_size: cfg.window_size,
         maximum_packet_size: cfg.max_packet_size,
         channel_buffer_size: cfg.channel_buffer_size,
         preferred: Preferred {
             cipher: upstream::ciphers(cfg).into(),
+            key: HOST_KEY_ALGORITHMS.into(),
+            compression: COMPRESSION.into(),
             ..Preferred::default()
         },
         max_auth_attempts: cfg.max_auth_attempts,
+        limits: upstream::rekey_limits(cfg),
         inactivity_timeout: cfg.inactivity_timeout,
         keepalive_interval: cfg.keepalive_interval,
         keepalive_max: cfg.keepalive_max,
@@ -73,6 +106,17 @@ pub(crate) fn server_config(cfg: &GatewayConfig) -> server::Config {
 pub(crate) struct ConnShared {
     pub(crate) sandbox: String,
     pub(crate) counters: Arc<Counters>,
+    /// The sandbox's share of the relay budget (see `budget.rs`).
+    pub(crate) budget: budget::Share,
+    /// Channel windows: initial and largest.
+    pub(crate) initial_window: u32,
+    pub(crate) max_window: u32,
+    /// Channels open or being opened, and their limit.
+    open_channels: AtomicUsize,
+    max_channels: usize,
+    refused_channels: AtomicUsize,
+    /// This connection's place in its sandbox's session count.
+    _slot: Option<SessionSlot>,
     server: OnceLock<server::Handle>,
     upstream: Mutex<Option<Arc<UpstreamHandle>>>,
     gone: Notify,
@@ -88,6 +132,31 @@ impl ConnShared {
 
     pub(crate) fn upstream_gone(&self) {
         self.gone.notify_one();
+    }
+
+    /// A slot for one more channel on this connection, or `None` (logged)
+    /// when the connection has `max_channels_per_connection` open.
+    pub(crate) fn channel_slot(self: &Arc<Self>, kind: &str) -> Option<ChannelSlot> {
+        let taken = self
+            .open_channels
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max_channels).then_some(n + 1)
+            });
+        if taken.is_ok() {
+            return Some(ChannelSlot(self.clone()));
+        }
+        let refused = self.refused_channels.fetch_add(1, Ordering::Relaxed) + 1;
+        // One line per connection at warning level, then every 1,000th.
+        if refused == 1 || refused.is_multiple_of(1000) {
+            tracing::warn!(
+                sandbox = %self.sandbox,
+                kind,
+                limit = self.max_channels,
+                refused,
+                "channel refused: too many channels on one connection"
+            );
+        }
+        None
     }
 
     pub(crate) fn channel_started(self: &Arc<Self>) -> ChannelGuard {
@@ -109,6 +178,15 @@ impl ConnShared {
     }
 }
 
+/// One open (or opening) channel's place in the connection's limit.
+pub(crate) struct ChannelSlot(Arc<ConnShared>);
+
+impl Drop for ChannelSlot {
+    fn drop(&mut self) {
+        self.0.open_channels.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Counts a live channel relay; dropping it ends the count.
 pub(crate) struct ChannelGuard(Arc<ConnShared>);
 
@@ -123,6 +201,8 @@ impl Drop for ChannelGuard {
 /// Per-connection facts set by the handler, read by the connection task.
 #[derive(Default)]
 struct ConnState {
+    /// A failed login of this connection was counted for the ban.
+    failure_counted: AtomicBool,
     authed: Notify,
     session: OnceLock<Authed>,
     server: OnceLock<server::Handle>,
@@ -130,8 +210,18 @@ struct ConnState {
 
 struct Authed {
     shared: Arc<ConnShared>,
+    key: PublicKey,
+    route: Arc<Route>,
     fingerprint: String,
-    failure: Option<String>,
+    failure: Option<Refusal>,
+}
+
+/// Why a logged-in client gets no upstream, and how it is told.
+#[derive(Clone)]
+struct Refusal {
+    message: String,
+    /// The sandbox has `max_sessions_per_sandbox` connections already.
+    too_many: bool,
 }
 
 struct ClientHandler {
@@ -143,7 +233,7 @@ struct ClientHandler {
     route: Option<(String, Option<Arc<Route>>)>,
     shared: Option<Arc<ConnShared>>,
     upstream: Option<Arc<UpstreamHandle>>,
-    failure: Option<String>,
+    failure: Option<Refusal>,
 }
 
 impl ClientHandler {
@@ -175,6 +265,7 @@ impl ClientHandler {
             self.failed_once = true;
             let user = self.route.as_ref().map(|(u, _)| u.as_str()).unwrap_or("");
             tracing::info!(client = %self.peer, user, "public key refused (first refusal on this connection)");
+            self.state.failure_counted.store(true, Ordering::SeqCst);
             if self.inner.bans.record_failure(self.peer.ip()) {
                 tracing::warn!(client = %self.peer, "too many failed logins; address banned");
             }
@@ -183,8 +274,13 @@ impl ClientHandler {
 
     /// Open the upstream twin of a client channel in a task, then accept or
     /// reject the client's channel with the upstream's answer.
-    fn open_twin<F, Fut>(&self, channel: Channel<Msg>, reply: server::ChannelOpenHandle, open: F)
-    where
+    fn open_twin<F, Fut>(
+        &self,
+        kind: &'static str,
+        channel: Channel<Msg>,
+        reply: server::ChannelOpenHandle,
+        open: F,
+    ) where
         F: FnOnce(Arc<UpstreamHandle>) -> Fut + Send + 'static,
         Fut: Future<Output = Result<Channel<client::Msg>, russh::Error>> + Send,
     {
@@ -193,12 +289,16 @@ impl ClientHandler {
         };
         match (&self.upstream, &self.failure) {
             (Some(up), _) => {
+                let Some(slot) = shared.channel_slot(kind) else {
+                    tokio::spawn(reply.reject(ChannelOpenFailure::ResourceShortage));
+                    return;
+                };
                 let up = up.clone();
                 tokio::spawn(async move {
                     match open(up).await {
                         Ok(up_chan) => {
                             reply.accept().await;
-                            relay::spawn_client_initiated(shared, channel, up_chan);
+                            relay::spawn_client_initiated(shared, channel, up_chan, slot);
                         }
                         Err(russh::Error::ChannelOpenFailure(reason)) => reply.reject(reason).await,
                         Err(e) => {
@@ -208,16 +308,13 @@ impl ClientHandler {
                     }
                 });
             }
-            (None, Some(message)) => {
-                let reason = message.clone();
-                tokio::spawn(async move {
-                    reply
-                        .reject(ChannelOpenFailure::Other {
-                            code: 2,
-                            reason: reason.clone(),
-                        })
-                        .await;
-                });
+            (None, Some(refusal)) => {
+                let reason = ChannelOpenFailure::Other {
+                    // SSH_OPEN_RESOURCE_SHORTAGE or SSH_OPEN_CONNECT_FAILED
+                    code: if refusal.too_many { 4 } else { 2 },
+                    reason: refusal.message.clone(),
+                };
+                tokio::spawn(reply.reject(reason));
             }
             (None, None) => {}
         }
@@ -257,9 +354,18 @@ impl server::Handler for ClientHandler {
             self.inner.bans.forgive_one(self.peer.ip());
         }
         let fingerprint = keys::fingerprint(key.public_key);
+        let slot = self.inner.sessions.claim(&route.sandbox);
+        let cfg = &self.inner.config;
         let shared = Arc::new(ConnShared {
             sandbox: route.sandbox.clone(),
             counters: Arc::default(),
+            budget: self.inner.budget.share(&route.sandbox),
+            initial_window: cfg.initial_window.min(cfg.window_size),
+            max_window: cfg.window_size,
+            open_channels: AtomicUsize::new(0),
+            max_channels: cfg.max_channels_per_connection.max(1),
+            refused_channels: AtomicUsize::new(0),
+            _slot: slot,
             server: OnceLock::new(),
             upstream: Mutex::new(None),
             gone: Notify::new(),
@@ -270,26 +376,50 @@ impl server::Handler for ClientHandler {
         if let Some(h) = self.state.server.get() {
             let _ = shared.server.set(h.clone());
         }
-        match upstream::connect(
-            &self.inner.client_config,
-            self.inner.config.connect_timeout,
-            &route,
-            shared.clone(),
-        )
-        .await
-        {
-            Ok(handle) => {
-                let handle = Arc::new(handle);
-                *shared
-                    .upstream
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(handle.clone());
-                self.upstream = Some(handle);
+        if shared._slot.is_none() {
+            let limit = self.inner.sessions.max();
+            tracing::warn!(
+                sandbox = %route.sandbox,
+                client = %self.peer,
+                limit,
+                "login refused: too many connections to this sandbox"
+            );
+            self.failure = Some(Refusal {
+                message: format!(
+                    "sandbox {} has too many open connections ({limit}); close one and retry",
+                    route.sandbox
+                ),
+                too_many: true,
+            });
+        } else {
+            match upstream::connect(
+                &self.inner.client_config,
+                self.inner.config.connect_timeout,
+                &route,
+                shared.clone(),
+            )
+            .await
+            {
+                Ok(handle) => {
+                    let handle = Arc::new(handle);
+                    *shared
+                        .upstream
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(handle.clone());
+                    self.upstream = Some(handle);
+                }
+                Err(message) => {
+                    self.failure = Some(Refusal {
+                        message,
+                        too_many: false,
+                    })
+                }
             }
-            Err(message) => self.failure = Some(message),
         }
         let _ = self.state.session.set(Authed {
             shared: shared.clone(),
+            key: key.public_key.clone(),
+            route: route.clone(),
             fingerprint,
             failure: self.failure.clone(),
         });
@@ -304,9 +434,9 @@ impl server::Handler for ClientHandler {
         reply: server::ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if let (None, Some(message), Some(shared)) = (&self.upstream, &self.failure, &self.shared) {
+        if let (None, Some(refusal), Some(shared)) = (&self.upstream, &self.failure, &self.shared) {
             // Show the reason on the client's terminal (stderr), then end.
-            let line = format!("{message}\r\n");
+            let line = format!("{}\r\n", refusal.message);
             let shared = shared.clone();
             tokio::spawn(async move {
                 reply.accept().await;
@@ -318,7 +448,7 @@ impl server::Handler for ClientHandler {
             });
             return Ok(());
         }
-        self.open_twin(channel, reply, |up| async move {
+        self.open_twin("session", channel, reply, |up| async move {
             up.channel_open_session().await
         });
         Ok(())
@@ -335,7 +465,7 @@ impl server::Handler for ClientHandler {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         let (host, orig) = (host_to_connect.to_owned(), originator_address.to_owned());
-        self.open_twin(channel, reply, move |up| async move {
+        self.open_twin("direct-tcpip", channel, reply, move |up| async move {
             up.channel_open_direct_tcpip(host, port_to_connect, orig, originator_port)
                 .await
         });
@@ -350,7 +480,7 @@ impl server::Handler for ClientHandler {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         let path = socket_path.to_owned();
-        self.open_twin(channel, reply, move |up| async move {
+        self.open_twin("direct-streamlocal", channel, reply, move |up| async move {
             up.channel_open_direct_streamlocal(path).await
         });
         Ok(())
@@ -542,12 +672,8 @@ pub(crate) async fn run_connection(
     socket: TcpStream,
     peer: SocketAddr,
     id: u64,
-    startup: tokio::sync::OwnedSemaphorePermit,
+    startup: StartupPermit,
 ) {
-    if inner.bans.is_banned(peer.ip()) {
-        tracing::debug!(client = %peer, "connection from banned address dropped");
-        return;
-    }
     let _ = socket.set_nodelay(inner.config.nodelay);
     let started = Instant::now();
     let deadline = tokio::time::Instant::from_std(started + inner.config.login_grace);
@@ -580,6 +706,7 @@ pub(crate) async fn run_connection(
         }
         Err(_) => {
             tracing::debug!(client = %peer, "no ssh version line within the login grace time");
+            grace_exceeded(&inner, &state, peer);
             return;
         }
     };
@@ -604,7 +731,7 @@ pub(crate) async fn run_connection(
     drop(startup);
     let Some(auth) = state.session.get() else {
         if !ended {
-            tracing::debug!(client = %peer, "login grace time exceeded");
+            grace_exceeded(&inner, &state, peer);
         }
         kill_switch.kill();
         return;
@@ -614,21 +741,31 @@ pub(crate) async fn run_connection(
     // published; publish it now for upstream-initiated channels.
     let _ = shared.server.set(handle.clone());
 
-    let kill = Arc::new(Notify::new());
+    let kill = Arc::new(KillSignal::default());
     inner.registry.insert(
         id,
-        shared.sandbox.clone(),
-        peer,
-        auth.fingerprint.clone(),
+        Admission {
+            sandbox: shared.sandbox.clone(),
+            client: peer,
+            key: auth.key.clone(),
+            fingerprint: auth.fingerprint.clone(),
+            route: auth.route.clone(),
+        },
         shared.counters.clone(),
         kill.clone(),
+        inner.routes.as_ref(),
     );
 
     let end_reason: &str;
     if ended {
         end_reason = "client closed";
-    } else if let Some(message) = &auth.failure {
-        // Phase 2a: the upstream is not there. Tell the client, then end.
+    } else if let Some(refusal) = &auth.failure {
+        // Phase 2a: no upstream for this client. Tell it, then end.
+        let code = if refusal.too_many {
+            Disconnect::TooManyConnections
+        } else {
+            Disconnect::ByApplication
+        };
         tokio::select! {
             _ = &mut session => {}
             _ = shared.failure_shown.notified() => {
@@ -636,23 +773,23 @@ pub(crate) async fn run_connection(
             }
             _ = tokio::time::sleep(FAILURE_CHANNEL_WAIT) => {
                 let _ = handle
-                    .disconnect(Disconnect::ByApplication, message.clone(), String::new())
+                    .disconnect(code, refusal.message.clone(), String::new())
                     .await;
                 let _ = tokio::time::timeout(CLOSE_GRACE, &mut session).await;
             }
         }
-        end_reason = "upstream unavailable";
+        end_reason = if refusal.too_many {
+            "too many connections to the sandbox"
+        } else {
+            "upstream unavailable"
+        };
     } else {
         // Phase 2b: relay until either side ends or the session is killed.
         end_reason = tokio::select! {
             _ = &mut session => "client closed",
-            _ = kill.notified() => {
+            why = kill.fired() => {
                 let _ = handle
-                    .disconnect(
-                        Disconnect::ByApplication,
-                        "session terminated by the administrator".into(),
-                        String::new(),
-                    )
+                    .disconnect(Disconnect::ByApplication, why, String::new())
                     .await;
                 let _ = tokio::time::timeout(CLOSE_GRACE, &mut session).await;
                 "killed"
@@ -693,6 +830,20 @@ pub(crate) async fn run_connection(
         end = end_reason,
         "ssh session ended"
     );
+}
+
+/// A connection did not log in within the login grace time: that counts
+/// as a failed login of its source (unless it already failed one), so that
+/// holding connections open in the handshake leads to a ban like guessing.
+fn grace_exceeded(inner: &Inner, state: &ConnState, peer: SocketAddr) {
+    if state.failure_counted.swap(true, Ordering::SeqCst) {
+        tracing::debug!(client = %peer, "login grace time exceeded");
+        return;
+    }
+    tracing::info!(client = %peer, "login grace time exceeded; counted as a failed login");
+    if inner.bans.record_failure(peer.ip()) {
+        tracing::warn!(client = %peer, "too many failed logins; address banned");
+    }
 }
 
 /// Cuts a connection's socket from outside the russh session task, so that

@@ -14,12 +14,16 @@
 //! configuration files, flags, sled, Incus.
 //!
 //! Architecture invariant: a route is looked up once per new connection; an
-//! established session keeps the [`Route`] it resolved, so editing or removing
-//! a route never touches open sessions.
+//! established session keeps the [`Route`] it resolved, so editing a route
+//! never touches open sessions, with one exception, revocation: after
+//! [`Gateway::routes_changed`], a session whose client key was removed, or
+//! whose sandbox was stopped, removed or replaced, is ended (and only those).
 
 mod ban;
+mod budget;
 mod conn;
 mod keys;
+mod limits;
 mod registry;
 mod relay;
 mod upstream;
@@ -35,6 +39,7 @@ use tokio::sync::watch;
 
 pub use crate::ban::BanPolicy;
 pub use crate::keys::{describe_host_keys, fingerprint, load_or_generate_host_keys};
+pub use crate::limits::Startups;
 pub use crate::registry::SessionInfo;
 
 /// Errors of this crate.
@@ -101,16 +106,26 @@ pub struct GatewayConfig {
     pub banner: Option<String>,
     /// Bound on TCP connect + SSH handshake + login to the upstream.
     pub connect_timeout: Duration,
-    /// A client must finish its handshake and authenticate within this time.
+    /// A client must finish its handshake and authenticate within this
+    /// time; one that does not counts as a failed login for the ban.
     pub login_grace: Duration,
     /// Constant delay of an authentication rejection (hides timing).
     pub auth_rejection_time: Duration,
     /// Maximum authentication attempts on one connection.
     pub max_auth_attempts: usize,
-    /// Connections allowed at once in the handshake/login phase; more are
-    /// closed at accept (like sshd's MaxStartups). Logged-in sessions do not
-    /// count.
-    pub max_unauthenticated: usize,
+    /// Connections in the handshake/login phase, all sources together,
+    /// as OpenSSH's `MaxStartups` (`start:rate:full`, random early drop);
+    /// a connection not taken is closed at accept, before any byte is
+    /// sent. Logged-in sessions do not count.
+    pub max_startups: Startups,
+    /// The same, per source address (IPv6: per /64).
+    pub per_source_max_startups: Startups,
+    /// Channels open at once on one client connection (sessions,
+    /// forwardings, agent); more are refused with "resource shortage".
+    pub max_channels_per_connection: usize,
+    /// Logged-in connections at once per sandbox; more are told so and
+    /// disconnected ("too many connections").
+    pub max_sessions_per_sandbox: usize,
     /// Failed-login ban per source address.
     pub ban: BanPolicy,
     /// Send an SSH keepalive after this much silence (both legs); `None`: off.
@@ -119,8 +134,18 @@ pub struct GatewayConfig {
     pub keepalive_max: usize,
     /// Close a connection after this much inactivity; `None` (default): never.
     pub inactivity_timeout: Option<Duration>,
-    /// Channel window advertised on both legs, in bytes.
+    /// Largest channel window on both legs, in bytes. A channel opens with
+    /// `initial_window` and grows towards this as it carries data, drawing
+    /// on the relay budget.
     pub window_size: u32,
+    /// Window a channel opens with on both legs, in bytes; always granted.
+    pub initial_window: u32,
+    /// Daemon-wide bytes of channel window above `initial_window`, all
+    /// channels together: with the initial windows, the bound on data the
+    /// relay buffers (see `budget.rs` for the arithmetic).
+    pub relay_budget: u64,
+    /// The part of `relay_budget` one sandbox's connections may hold.
+    pub relay_budget_per_sandbox: u64,
     /// Maximum channel packet size advertised on both legs, in bytes.
     pub max_packet_size: u32,
     /// Non-data messages (requests, EOF, close) a channel's queue holds on
@@ -130,6 +155,9 @@ pub struct GatewayConfig {
     pub nodelay: bool,
     /// Cipher preference, most preferred first (names as in OpenSSH).
     pub ciphers: Vec<String>,
+    /// Bytes sent or received on a leg before the gateway re-keys it (at
+    /// most 1 GiB, russh's default and ceiling).
+    pub rekey_bytes: usize,
 }
 
 impl Default for GatewayConfig {
@@ -141,12 +169,26 @@ impl Default for GatewayConfig {
             login_grace: Duration::from_secs(30),
             auth_rejection_time: Duration::from_millis(200),
             max_auth_attempts: 10,
-            max_unauthenticated: 256,
+            max_startups: Startups {
+                start: 100,
+                rate: 30,
+                full: 256,
+            },
+            per_source_max_startups: Startups {
+                start: 10,
+                rate: 30,
+                full: 20,
+            },
+            max_channels_per_connection: 64,
+            max_sessions_per_sandbox: 32,
             ban: BanPolicy::default(),
             keepalive_interval: Some(Duration::from_secs(30)),
             keepalive_max: 4,
             inactivity_timeout: None,
             window_size: 8 * 1024 * 1024,
+            initial_window: 64 * 1024,
+            relay_budget: 128 * 1024 * 1024,
+            relay_budget_per_sandbox: 48 * 1024 * 1024,
             max_packet_size: 65535,
             channel_buffer_size: 64,
             nodelay: true,
@@ -158,7 +200,20 @@ impl Default for GatewayConfig {
                 "aes192-ctr".into(),
                 "aes128-ctr".into(),
             ],
+            rekey_bytes: 1 << 30,
         }
+    }
+}
+
+/// A reference to a [`Gateway`] that does not keep it alive (for callbacks
+/// held by the route source itself).
+#[derive(Clone)]
+pub struct WeakGateway(std::sync::Weak<Inner>);
+
+impl WeakGateway {
+    /// The gateway, if it still exists.
+    pub fn upgrade(&self) -> Option<Gateway> {
+        self.0.upgrade().map(|inner| Gateway { inner })
     }
 }
 
@@ -175,7 +230,9 @@ pub(crate) struct Inner {
     pub(crate) routes: Arc<dyn RouteSource>,
     pub(crate) bans: ban::BanList,
     pub(crate) registry: registry::Registry,
-    startups: Arc<tokio::sync::Semaphore>,
+    pub(crate) sessions: Arc<limits::SandboxSessions>,
+    pub(crate) budget: Arc<budget::Budget>,
+    startups: Arc<limits::StartupLimits>,
     next_id: AtomicU64,
     shutdown: watch::Sender<bool>,
 }
@@ -186,8 +243,16 @@ impl Gateway {
         let server_config = Arc::new(conn::server_config(&config));
         let client_config = Arc::new(upstream::client_config(&config));
         let (shutdown, _) = watch::channel(false);
-        let startups = Arc::new(tokio::sync::Semaphore::new(
-            config.max_unauthenticated.max(1),
+        let startups = Arc::new(limits::StartupLimits::new(
+            config.max_startups,
+            config.per_source_max_startups,
+        ));
+        let sessions = Arc::new(limits::SandboxSessions::new(
+            config.max_sessions_per_sandbox,
+        ));
+        let budget = Arc::new(budget::Budget::new(
+            config.relay_budget,
+            config.relay_budget_per_sandbox,
         ));
         Gateway {
             inner: Arc::new(Inner {
@@ -197,6 +262,8 @@ impl Gateway {
                 client_config,
                 routes,
                 registry: registry::Registry::default(),
+                sessions,
+                budget,
                 startups,
                 next_id: AtomicU64::new(1),
                 shutdown,
@@ -221,9 +288,16 @@ impl Gateway {
                 }
                 accepted = listener.accept() => match accepted {
                     Ok((socket, peer)) => {
-                        let Ok(permit) = self.inner.startups.clone().try_acquire_owned() else {
-                            tracing::debug!(client = %peer, "too many connections logging in; dropped");
+                        if self.inner.bans.is_banned(peer.ip()) {
+                            tracing::debug!(client = %peer, "connection from banned address dropped");
                             continue;
+                        }
+                        let permit = match self.inner.startups.admit(peer.ip()) {
+                            Ok(p) => p,
+                            Err(why) => {
+                                tracing::debug!(client = %peer, ?why, "too many connections logging in; dropped");
+                                continue;
+                            }
                         };
                         let inner = self.inner.clone();
                         let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
@@ -239,6 +313,11 @@ impl Gateway {
         }
     }
 
+    /// A reference that does not keep the gateway alive.
+    pub fn downgrade(&self) -> WeakGateway {
+        WeakGateway(Arc::downgrade(&self.inner))
+    }
+
     /// Stop accepting on every listener; live sessions continue and drain.
     pub fn shutdown(&self) {
         self.inner.shutdown.send_replace(true);
@@ -252,6 +331,18 @@ impl Gateway {
     /// Disconnect session `id`; `false` if no such session.
     pub fn kill(&self, id: u64) -> bool {
         self.inner.registry.kill(id)
+    }
+
+    /// Check live sessions against the routes again, after the route
+    /// source changed: a session whose client key is no longer authorized,
+    /// whose sandbox is stopped, removed or replaced (a new gateway key) is
+    /// ended; every other session is left alone. Cheap when little changed
+    /// (one lookup and a pointer comparison per session). Returns how many
+    /// sessions were ended.
+    pub fn routes_changed(&self) -> usize {
+        self.inner
+            .registry
+            .revalidate(self.inner.routes.as_ref(), None)
     }
 
     /// Whether `addr`'s source address is banned right now.

@@ -7,6 +7,10 @@
 //! takes data out, and its session loop never waits on a channel's queue,
 //! so a stuck channel never stalls the connection's other channels.
 //!
+//! Each direction's window starts small and grows as data moves through
+//! it, drawing on the relay budget (`budget.rs`), which bounds what the
+//! relay buffers daemon-wide.
+//!
 //! Channel requests (pty, env, shell, exec, subsystem, window-change,
 //! signal, agent) go client -> upstream with the client's want_reply; the
 //! upstream's answers go back to the client through the server handle, in
@@ -20,7 +24,8 @@ use std::sync::Arc;
 use russh::{client, server, Channel, ChannelId, ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
 use tokio::sync::Mutex;
 
-use crate::conn::ConnShared;
+use crate::budget::Grant;
+use crate::conn::{ChannelSlot, ConnShared};
 
 /// Replies owed to the client for one channel, in request order: `None`
 /// while the upstream has not answered, `Some(success)` once known.
@@ -79,6 +84,7 @@ pub(crate) fn spawn_client_initiated(
     shared: Arc<ConnShared>,
     client_chan: Channel<server::Msg>,
     up_chan: Channel<client::Msg>,
+    slot: ChannelSlot,
 ) {
     let (c_read, c_write) = client_chan.split();
     let (u_read, u_write) = up_chan.split();
@@ -95,6 +101,7 @@ pub(crate) fn spawn_client_initiated(
         // left to deliver to, so stop it if the client has not closed yet.
         up_task.abort();
         drop(guard);
+        drop(slot);
     });
 }
 
@@ -104,8 +111,17 @@ pub(crate) fn spawn_upstream_initiated(
     shared: Arc<ConnShared>,
     up_chan: Channel<client::Msg>,
     client_chan: Channel<server::Msg>,
+    slot: ChannelSlot,
 ) {
-    spawn_client_initiated(shared, client_chan, up_chan);
+    spawn_client_initiated(shared, client_chan, up_chan, slot);
+}
+
+fn grant(shared: &ConnShared) -> Grant {
+    Grant::new(
+        shared.budget.clone(),
+        shared.initial_window,
+        shared.max_window,
+    )
 }
 
 async fn client_to_upstream(
@@ -115,14 +131,17 @@ async fn client_to_upstream(
     to: ChannelWriteHalf<client::Msg>,
     replies: ReplyQueue,
 ) {
+    let mut window = grant(&shared);
     while let Some(msg) = from.wait().await {
         let sent = match msg {
             ChannelMsg::Data { data } => {
                 shared.counters.add_up(data.len());
+                window.moved(data.len(), &from);
                 to.data_bytes(data).await
             }
             ChannelMsg::ExtendedData { data, ext } => {
                 shared.counters.add_up(data.len());
+                window.moved(data.len(), &from);
                 to.extended_data_bytes(ext, data).await
             }
             ChannelMsg::Eof => to.eof().await,
@@ -214,14 +233,17 @@ async fn upstream_to_client(
     replies: ReplyQueue,
 ) {
     let id = to.id();
+    let mut window = grant(&shared);
     while let Some(msg) = from.wait().await {
         let sent = match msg {
             ChannelMsg::Data { data } => {
                 shared.counters.add_down(data.len());
+                window.moved(data.len(), &from);
                 to.data_bytes(data).await
             }
             ChannelMsg::ExtendedData { data, ext } => {
                 shared.counters.add_down(data.len());
+                window.moved(data.len(), &from);
                 to.extended_data_bytes(ext, data).await
             }
             ChannelMsg::Eof => to.eof().await,

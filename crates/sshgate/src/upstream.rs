@@ -37,9 +37,17 @@ pub(crate) fn ciphers(cfg: &GatewayConfig) -> Vec<russh::cipher::Name> {
     out
 }
 
+/// Re-key after `rekey_bytes` either way (capped at russh's 1 GiB) or an hour.
+pub(crate) fn rekey_limits(cfg: &GatewayConfig) -> russh::Limits {
+    let bytes = cfg.rekey_bytes.clamp(1 << 16, 1 << 30);
+    russh::Limits::new(bytes, bytes, std::time::Duration::from_secs(3600))
+}
+
 pub(crate) fn client_config(cfg: &GatewayConfig) -> client::Config {
     client::Config {
-        window_size: cfg.window_size,
+        limits: rekey_limits(cfg),
+        window_size: cfg.initial_window.min(cfg.window_size),
+        max_window_size: cfg.window_size,
         maximum_packet_size: cfg.max_packet_size,
         channel_buffer_size: cfg.channel_buffer_size,
         inactivity_timeout: cfg.inactivity_timeout,
@@ -105,6 +113,7 @@ pub(crate) async fn connect(
         client_id: client_id(),
         limits: base.limits.clone(),
         window_size: base.window_size,
+        max_window_size: base.max_window_size,
         maximum_packet_size: base.maximum_packet_size,
         channel_buffer_size: base.channel_buffer_size,
         inactivity_timeout: base.inactivity_timeout,
@@ -189,12 +198,21 @@ pub(crate) struct UpHandler {
 impl UpHandler {
     /// Open the client twin of an upstream-opened channel in a task; accept
     /// the upstream channel only once the client accepted.
-    fn bridge<F, Fut>(&self, up: Channel<client::Msg>, reply: client::ChannelOpenHandle, open: F)
-    where
+    fn bridge<F, Fut>(
+        &self,
+        kind: &'static str,
+        up: Channel<client::Msg>,
+        reply: client::ChannelOpenHandle,
+        open: F,
+    ) where
         F: FnOnce(russh::server::Handle) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = Result<Channel<russh::server::Msg>, russh::Error>> + Send,
     {
         let shared = self.shared.clone();
+        let Some(slot) = shared.channel_slot(kind) else {
+            tokio::spawn(reply.reject(ChannelOpenFailure::ResourceShortage));
+            return;
+        };
         tokio::spawn(async move {
             let Some(server) = shared.server_handle() else {
                 reply.reject(ChannelOpenFailure::ConnectFailed).await;
@@ -203,7 +221,7 @@ impl UpHandler {
             match open(server).await {
                 Ok(client_chan) => {
                     reply.accept().await;
-                    relay::spawn_upstream_initiated(shared, up, client_chan);
+                    relay::spawn_upstream_initiated(shared, up, client_chan, slot);
                 }
                 Err(russh::Error::ChannelOpenFailure(reason)) => reply.reject(reason).await,
                 Err(_) => reply.reject(ChannelOpenFailure::ConnectFailed).await,
@@ -242,11 +260,16 @@ impl client::Handler for UpHandler {
         _session: &mut client::Session,
     ) -> Result<(), Self::Error> {
         let (ca, oa) = (connected_address.to_owned(), originator_address.to_owned());
-        self.bridge(channel, reply, move |server| async move {
-            server
-                .channel_open_forwarded_tcpip(ca, connected_port, oa, originator_port)
-                .await
-        });
+        self.bridge(
+            "forwarded-tcpip",
+            channel,
+            reply,
+            move |server| async move {
+                server
+                    .channel_open_forwarded_tcpip(ca, connected_port, oa, originator_port)
+                    .await
+            },
+        );
         Ok(())
     }
 
@@ -258,9 +281,12 @@ impl client::Handler for UpHandler {
         _session: &mut client::Session,
     ) -> Result<(), Self::Error> {
         let path = socket_path.to_owned();
-        self.bridge(channel, reply, move |server| async move {
-            server.channel_open_forwarded_streamlocal(path).await
-        });
+        self.bridge(
+            "forwarded-streamlocal",
+            channel,
+            reply,
+            move |server| async move { server.channel_open_forwarded_streamlocal(path).await },
+        );
         Ok(())
     }
 
@@ -270,7 +296,7 @@ impl client::Handler for UpHandler {
         reply: client::ChannelOpenHandle,
         _session: &mut client::Session,
     ) -> Result<(), Self::Error> {
-        self.bridge(channel, reply, move |server| async move {
+        self.bridge("agent", channel, reply, move |server| async move {
             server.channel_open_agent().await
         });
         Ok(())

@@ -73,7 +73,9 @@ fn a_client_stalled_mid_handshake_is_cut_after_the_login_grace() {
 
 #[test]
 fn a_thousand_dropped_connections_do_not_disturb_service() {
-    let h = harness().start();
+    let h = harness()
+        .config(|c| c.per_source_max_startups = sshgate::Startups::hard(1000))
+        .start();
     let addr = h.addr;
     let churn = std::thread::spawn(move || {
         for i in 0..1000u32 {
@@ -101,7 +103,15 @@ fn a_thousand_dropped_connections_do_not_disturb_service() {
 
 #[test]
 fn a_hundred_concurrent_sessions_all_succeed() {
-    let h = harness().start();
+    // One address logging in 100 times at once, 100 connections to one
+    // sandbox: beyond the per-source and per-sandbox defaults; this test
+    // is about the relay, so lift them.
+    let h = harness()
+        .config(|c| {
+            c.per_source_max_startups = sshgate::Startups::hard(1000);
+            c.max_sessions_per_sandbox = 1000;
+        })
+        .start();
     let children: Vec<_> = (0..100)
         .map(|i| {
             h.ssh()
@@ -128,7 +138,7 @@ fn a_hundred_concurrent_sessions_all_succeed() {
 #[test]
 fn connections_beyond_the_login_limit_are_dropped_until_slots_free() {
     let h = harness()
-        .config(|c| c.max_unauthenticated = 2)
+        .config(|c| c.max_startups = sshgate::Startups::hard(2))
         .login_grace(Duration::from_secs(3))
         .start();
     // Two clients sit in the handshake and hold both slots.

@@ -104,3 +104,20 @@ fn rsync_copies_a_tree_and_then_only_changes() {
         "changed\n"
     );
 }
+
+#[test]
+fn transfers_across_gateway_initiated_rekeys_arrive_whole() {
+    // The gateway re-keys both legs every 4 MiB, so 64 MiB each way runs
+    // through many re-keys it starts itself while windows have grown.
+    let h = harness().config(|c| c.rekey_bytes = 4 << 20).start();
+    let src = h.path("src.bin");
+    random_file(&src, SIZE);
+    let up = h.path("rekey-up.bin");
+    let down = h.path("rekey-down.bin");
+    let out = run(h.scp().arg(&src).arg(h.dest(&up)));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(same_file(&src, &up), "upload differs");
+    let out = run(h.scp().arg(h.dest(&up)).arg(&down));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(same_file(&src, &down), "download differs");
+}

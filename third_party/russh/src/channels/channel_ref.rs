@@ -37,10 +37,10 @@ impl ChannelRef {
         msg: ChannelMsg,
         len: usize,
         wake: &Arc<Notify>,
-        threshold: u32,
+        initial_window: u32,
     ) -> Result<(), crate::Error> {
         let credit = &self.window_size.recv_credit;
-        credit.attach(wake, threshold);
+        credit.attach(wake, initial_window);
         match self.sender.try_send(msg) {
             Ok(()) => Ok(()),
             Err(TrySendError::Closed(_)) => {

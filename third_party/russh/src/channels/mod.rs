@@ -119,21 +119,55 @@ pub enum ChannelMsg {
 ///
 /// The session debits the channel's receive window when data arrives and
 /// queues the data; the consumer credits the bytes back here when it takes
-/// them out of the queue. The session loop is woken once the owed credit
-/// reaches its threshold (half the window) and returns it to the peer as
-/// one `CHANNEL_WINDOW_ADJUST`. So the peer can never have more than one
-/// window of data in flight or queued for a consumer that does not read.
+/// them out of the queue. The session loop is woken once the window it
+/// could grant reaches half the channel's target and returns it to the
+/// peer as one `CHANNEL_WINDOW_ADJUST`. So the peer can never have more
+/// than one target window of data in flight or queued for a consumer that
+/// does not read.
+///
+/// The target starts as the configured `window_size` (the window announced
+/// at channel open); the consumer may raise it (up to the configured
+/// `max_window_size`) or lower it with `ChannelReadHalf::set_window_target`.
+/// A lower target takes effect as data is consumed: nothing is granted
+/// until the window held by the peer plus the queued data is below it.
 #[derive(Debug, Default)]
 pub(crate) struct RecvCredit {
+    /// Bytes taken out by the consumer since the last grant.
     owed: AtomicU32,
-    /// The session's wake-up and the threshold, set on first delivery.
+    /// The window the consumer wants; `0`: the initial window.
+    target: AtomicU32,
+    /// Window held by the peer plus data queued, as of the last grant;
+    /// `0`: the initial window (nothing granted since the open).
+    granted: AtomicU32,
+    /// The session's wake-up and the initial window, set on first delivery.
     wake: OnceLock<(Arc<Notify>, u32)>,
 }
 
 impl RecvCredit {
     /// Called by the session before it queues data for the consumer.
-    pub(crate) fn attach(&self, wake: &Arc<Notify>, threshold: u32) {
-        let _ = self.wake.get_or_init(|| (wake.clone(), threshold.max(1)));
+    pub(crate) fn attach(&self, wake: &Arc<Notify>, initial_window: u32) {
+        let _ = self
+            .wake
+            .get_or_init(|| (wake.clone(), initial_window.max(2)));
+    }
+
+    /// (target, granted, threshold), or `None` before the first delivery.
+    fn state(&self) -> Option<(i64, i64, i64)> {
+        let (_, initial) = self.wake.get()?;
+        let or_initial = |v: u32| i64::from(if v == 0 { *initial } else { v });
+        let target = or_initial(self.target.load(Ordering::Acquire));
+        let granted = or_initial(self.granted.load(Ordering::Acquire));
+        Some((target, granted, (target / 2).max(1)))
+    }
+
+    /// Wake the session if it has at least half a target window to grant.
+    fn wake_if_due(&self, owed: u32) {
+        if let (Some((target, granted, threshold)), Some((wake, _))) = (self.state(), self.wake.get())
+        {
+            if target - granted + i64::from(owed) >= threshold {
+                wake.notify_one();
+            }
+        }
     }
 
     /// The consumer (or the session, for data nobody will read) took `len`
@@ -144,21 +178,31 @@ impl RecvCredit {
             return;
         }
         let before = self.owed.fetch_add(len, Ordering::AcqRel);
-        if let Some((wake, threshold)) = self.wake.get() {
-            if before < *threshold && before.saturating_add(len) >= *threshold {
-                wake.notify_one();
-            }
-        }
+        self.wake_if_due(before.saturating_add(len));
     }
 
-    /// Take the owed credit if it reached the threshold.
+    /// Set the window the consumer wants (`0`: back to the initial one).
+    pub(crate) fn set_target(&self, target: u32) {
+        self.target.store(target, Ordering::Release);
+        self.wake_if_due(self.owed.load(Ordering::Acquire));
+    }
+
+    /// The window to grant now (called by the session loop only): up to
+    /// the target, once at least half a target is due.
     pub(crate) fn take(&self) -> u32 {
-        let threshold = self.wake.get().map(|(_, t)| *t).unwrap_or(u32::MAX);
-        if self.owed.load(Ordering::Acquire) >= threshold {
-            self.owed.swap(0, Ordering::AcqRel)
-        } else {
-            0
+        let Some((target, granted, threshold)) = self.state() else {
+            return 0;
+        };
+        let owed = i64::from(self.owed.load(Ordering::Acquire));
+        if target - granted + owed < threshold {
+            return 0;
         }
+        let owed = i64::from(self.owed.swap(0, Ordering::AcqRel));
+        let held = (granted - owed).max(0);
+        let send = (target - held).max(0);
+        let now = (held + send).clamp(1, i64::from(u32::MAX));
+        self.granted.store(now as u32, Ordering::Release);
+        send as u32
     }
 }
 
@@ -235,6 +279,14 @@ impl ChannelReadHalf {
             self.credit.consumed(data.len());
         }
         polled
+    }
+
+    /// sandboxd patch: the receive window this channel's peer is kept at
+    /// (`0`: the configured `window_size`). Raising it lets the peer send
+    /// more before the consumer takes data out; lowering it takes effect as
+    /// data is consumed. Must not exceed the configured `max_window_size`.
+    pub fn set_window_target(&self, bytes: u32) {
+        self.credit.set_target(bytes);
     }
 
     /// Make a reader for the [`Channel`] to receive [`ChannelMsg::Data`]

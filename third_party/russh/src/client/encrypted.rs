@@ -83,8 +83,8 @@ impl Session {
                 },
                 None => ChannelMsg::Data { data: data.clone() },
             };
-            let threshold = self.common.config.window_size / 2;
-            chan.deliver_data(msg, data.len(), &self.common.credit_wake, threshold)
+            let initial = self.common.config.window_size;
+            chan.deliver_data(msg, data.len(), &self.common.credit_wake, initial)
         } else {
             // Nobody consumes this channel: give the window back.
             enc.credit_window(channel_num, data.len() as u32)
@@ -862,7 +862,10 @@ impl Session {
                     channel_params.recipient_window_size,
                     crate::channels::queue_capacity(
                         self.common.config.channel_buffer_size,
-                        self.common.config.window_size,
+                        self.common
+                            .config
+                            .window_size
+                            .max(self.common.config.max_window_size),
                     ),
                 );
 

@@ -81,6 +81,10 @@ pub struct Config {
     pub limits: Limits,
     /// The initial size of a channel (used for flow control).
     pub window_size: u32,
+    /// sandboxd patch: the largest receive window a channel's consumer may
+    /// ask for with `ChannelReadHalf::set_window_target` (sizes the
+    /// channel queues); `0`: `window_size`.
+    pub max_window_size: u32,
     /// The maximal size of a single packet.
     pub maximum_packet_size: u32,
     /// Buffer size for each channel (a number of unprocessed messages to store before propagating backpressure to the TCP stream)
@@ -116,6 +120,7 @@ impl Default for Config {
             keys: Vec::new(),
             certificates: Vec::new(),
             window_size: 2097152,
+            max_window_size: 0,
             maximum_packet_size: 32768,
             channel_buffer_size: 100,
             event_buffer_size: 10,
@@ -1113,7 +1118,7 @@ where
         sender,
         channel_buffer_size: crate::channels::queue_capacity(
             config.channel_buffer_size,
-            config.window_size,
+            config.window_size.max(config.max_window_size),
         ),
     };
 
@@ -1233,8 +1238,14 @@ async fn reply<H: Handler + Send>(
                     return Err(crate::Error::Inconsistent.into());
                 }
                 session.pending_len = session.pending_len.saturating_add(pkt.buffer.len() as u32);
-                if u64::from(session.pending_len) > 2 * u64::from(session.common.config.window_size)
-                {
+                // sandboxd patch: a channel's window may have grown to
+                // `max_window_size` (see `channels::RecvCredit`).
+                let window = session
+                    .common
+                    .config
+                    .window_size
+                    .max(session.common.config.max_window_size);
+                if u64::from(session.pending_len) > 2 * u64::from(window) {
                     return Err(crate::Error::Pending.into());
                 }
             }
