@@ -18,7 +18,10 @@
 #   PERF_OUT=/tmp/p records a perf profile of sandboxd in round 1 (/tmp/p.MODE-SIZE);
 #   PEER_LOGS=off runs nginx and Caddy without their access logs (the default,
 #   on, has each of the three write one line per request to a file, batched
-#   where the server can batch: nginx buffer=32k, sandboxd per thread).
+#   where the server can batch: nginx buffer=32k, sandboxd per thread);
+#   SBX_BASE=path/to/older/sandboxd adds that build as a fourth server,
+#   "base", in the same interleaved rounds (before/after a change, side by
+#   side), with the ratios sandboxd/base in a table of their own.
 # Needs: wrk caddy nginx openssl curl python3 ssh-keygen unshare, root
 # (.ci/setup-httpgate.sh installs the packages).
 set -euo pipefail
@@ -40,9 +43,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-read -r UP GW CADDY NGINX < <(python3 -c '
+read -r UP GW CADDY NGINX BASE < <(python3 -c '
 import socket
-ss = [socket.socket() for _ in range(4)]
+ss = [socket.socket() for _ in range(5)]
 for s in ss: s.bind(("127.0.0.1", 0))
 print(*[s.getsockname()[1] for s in ss])
 ')
@@ -150,6 +153,22 @@ ssh-keygen -q -t ed25519 -N '' -f "$WORK/sbx/key" >/dev/null
 "$SBX" --admin-socket "$SOCK" add bench --domain "$HOST" --upstream 127.0.0.1 \
   --app-port "$UP" --ssh-key "$WORK/sbx/key.pub" >/dev/null
 "$SBX" --admin-socket "$SOCK" ca-cert > "$WORK/gw-ca.pem"
+# The same for an older build, when one is given (SBX_BASE).
+start_base() {
+  mkdir -m 700 "$WORK/base"
+  local sock="$WORK/base/admin.sock"
+  "$SBX_BASE" serve --state-dir "$WORK/base/state" --admin-socket "$sock" \
+    --ssh-listen 127.0.0.1:0 --https-listen "127.0.0.1:$BASE" --http-listen 127.0.0.1:0 \
+    --tls-mode internal 2>"$WORK/base.log" & PIDS+=($!); BASE_PID=$!
+  for _ in $(seq 1 100); do
+    "$SBX_BASE" --admin-socket "$sock" status >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+  "$SBX_BASE" --admin-socket "$sock" add bench --domain "$HOST" --upstream 127.0.0.1 \
+    --app-port "$UP" --ssh-key "$WORK/sbx/key.pub" >/dev/null
+  "$SBX_BASE" --admin-socket "$sock" ca-cert > "$WORK/base-ca.pem"
+}
+[ -n "${SBX_BASE:-}" ] && start_base
 XDG_DATA_HOME="$WORK/caddy" XDG_CONFIG_HOME="$WORK/caddy" \
   caddy run --config "$WORK/Caddyfile" --adapter caddyfile >"$WORK/caddy.log" 2>&1 & PIDS+=($!); CADDY_PID=$!
 nginx -c "$WORK/nginx.conf" -p "$WORK" & PIDS+=($!); NGINX_PID=$!
@@ -165,6 +184,7 @@ wait_ok "http://127.0.0.1:$UP/small" /dev/null
 wait_ok "https://$HOST:$GW/small" "$WORK/gw-ca.pem"
 wait_ok "https://$HOST:$CADDY/small" "$WORK/cert.pem"
 wait_ok "https://$HOST:$NGINX/small" "$WORK/cert.pem"
+[ -n "${SBX_BASE:-}" ] && wait_ok "https://$HOST:$BASE/small" "$WORK/base-ca.pem"
 
 # Peak resident memory (KiB) of a process and its children.
 peak_kib() {
@@ -201,6 +221,9 @@ declare -A RPS P50 P99 CPU MEM
 SERVERS=(sandboxd caddy nginx)
 declare -A PORT=([sandboxd]=$GW [caddy]=$CADDY [nginx]=$NGINX)
 declare -A PID=([sandboxd]=$GW_PID [caddy]=$CADDY_PID [nginx]=$NGINX_PID)
+if [ -n "${SBX_BASE:-}" ]; then
+  SERVERS+=(base); PORT[base]=$BASE; PID[base]=$BASE_PID
+fi
 IFS=, read -r -a SCENARIOS <<<"${SCENARIOS:-keepalive small,keepalive big,close small,close big}"
 
 run_wrk() { # server mode size
@@ -216,11 +239,9 @@ run_wrk() { # server mode size
 for s in "${SERVERS[@]}"; do run_wrk "$s" keepalive small >/dev/null 2>&1 || true; done
 LOADS=()
 for round in $(seq 1 "$ROUNDS"); do
-  case $((round % 3)) in
-    1) order=(sandboxd caddy nginx) ;;
-    2) order=(nginx sandboxd caddy) ;;
-    0) order=(caddy nginx sandboxd) ;;
-  esac
+  # The servers' order rotates by one each round.
+  n=${#SERVERS[@]} order=()
+  for i in $(seq 0 $((n - 1))); do order+=("${SERVERS[$(((i + n - (round - 1) % n) % n))]}"); done
   for sc in "${SCENARIOS[@]}"; do
     read -r mode size <<<"$sc"
     for s in "${order[@]}"; do
@@ -289,6 +310,23 @@ for sc in "${SCENARIOS[@]}"; do
   done
   printf '| %-16s | %22s | %22s | %24s | %22s | %22s |\n' "$sc" "$(spread "${rc[@]}")" "$(spread "${rn[@]}")" "$(spread "${pn[@]}")" "$(spread "${cn[@]}")" "$(spread "${cc[@]}")"
 done
+if [ -n "${SBX_BASE:-}" ]; then
+  echo
+  echo "This build against the base build ($SBX_BASE), min–median–max over the rounds"
+  echo
+  printf '| %-16s | %22s | %22s | %22s |\n' scenario "req/s sandboxd/base" "p99 sandboxd/base" "CPU/req sandboxd/base"
+  printf '|%s|%s|%s|%s|\n' ------------------ ------------------------ ------------------------ ------------------------
+  for sc in "${SCENARIOS[@]}"; do
+    rb=() pb=() cb=()
+    for round in $(seq 1 "$ROUNDS"); do
+      rb+=("$(ratio "${RPS[$round,sandboxd,$sc]}" "${RPS[$round,base,$sc]}")")
+      pb+=("$(ratio "${P99[$round,sandboxd,$sc]}" "${P99[$round,base,$sc]}")")
+      cb+=("$(ratio "${CPU[$round,sandboxd,$sc]}" "${CPU[$round,base,$sc]}")")
+    done
+    printf '| %-16s | %22s | %22s | %22s |\n' "$sc" "$(spread "${rb[@]}")" "$(spread "${pb[@]}")" "$(spread "${cb[@]}")"
+  done
+  echo "peak RSS: base $((MEM[base] / 1024)) MiB"
+fi
 echo
 echo "peak RSS: sandboxd $((MEM[sandboxd] / 1024)) MiB, caddy $((MEM[caddy] / 1024)) MiB, nginx (master + workers) $((MEM[nginx] / 1024)) MiB"
 lines() { if [ -f "$1" ]; then wc -l < "$1"; else echo 0; fi; }

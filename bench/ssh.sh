@@ -11,7 +11,8 @@
 # Everything binds 127.0.0.1; every process started here is stopped by PID.
 # Usage: bench/ssh.sh                         (the daemon)
 #        GATEWAY=example bench/ssh.sh [key=value ...]   (see the example's doc)
-# Env: SIZE_MIB (1024), RUNS (3), CONNECT_RUNS (20), IDLE (500).
+# Env: SIZE_MIB (1024), RUNS (3), CONNECT_RUNS (20), IDLE (500), SBX (a sandboxd
+# build to run instead of building this checkout's).
 set -euo pipefail
 
 SIZE_MIB=${SIZE_MIB:-1024}
@@ -32,7 +33,9 @@ for tool in ssh ssh-keygen /usr/sbin/sshd hyperfine jq ss; do
   command -v "$tool" >/dev/null || { echo "missing $tool (run .ci/setup-sshgate.sh)" >&2; exit 1; }
 done
 
-if [ "$GATEWAY" = daemon ]; then
+if [ "$GATEWAY" = daemon ] && [ -n "${SBX:-}" ]; then
+  GW_BIN=$SBX   # a given build (e.g. an older one, to compare before/after)
+elif [ "$GATEWAY" = daemon ]; then
   (cd "$ROOT" && cargo build --quiet --release --bin sandboxd)
   GW_BIN=$ROOT/target/release/sandboxd
 else
@@ -123,7 +126,11 @@ start_daemon() {
   # The idle-session phase opens IDLE sessions of one sandbox from one
   # address at once: beyond the production caps (32 per sandbox, 10:30:20
   # logging in per source), which bench/abuse/ssh.sh measures instead.
-  printf '[ssh]\nmax_sessions_per_sandbox = 100000\nper_source_max_startups = "100000"\n' >"$WORK/daemon.toml"
+  # (A build from before those caps has no [ssh] table, and refuses one.)
+  : >"$WORK/daemon.toml"
+  if grep -q max_sessions_per_sandbox "$GW_BIN"; then
+    printf '[ssh]\nmax_sessions_per_sandbox = 100000\nper_source_max_startups = "100000"\n' >"$WORK/daemon.toml"
+  fi
   "$GW_BIN" serve --config "$WORK/daemon.toml" --state-dir "$WORK/daemon/state" --ssh-listen 127.0.0.1:0 \
     --https-listen 127.0.0.1:0 --http-listen 127.0.0.1:0 >>"$WORK/gw.log" 2>&1 &
   GW_PID=$!

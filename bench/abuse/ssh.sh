@@ -43,8 +43,7 @@ ME=$(id -un)
 mkdir -p /run/sshd
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() {
-  local i
-  for i in $(seq 200); do
+  for _ in $(seq 200); do
     if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
     sleep 0.05
   done
@@ -134,7 +133,7 @@ read -r C0 T0 < <(calm_figures)
 PER=60
 CONNS=$(( (CHANNELS + PER - 1) / PER ))
 PORTS=()
-for i in $(seq "$CONNS"); do
+for _ in $(seq "$CONNS"); do
   lp=$(free_port)
   ssh "${O[@]}" -N -o ExitOnForwardFailure=yes -L "$lp:127.0.0.1:$SINK" -p "$GP" abuse@127.0.0.1 2>>"$WORK/fwd.err" &
   PIDS+=($!)
