@@ -111,6 +111,14 @@ pub struct HttpSettings {
     pub hsts_max_age: Option<u64>,
     /// The certificate modes whose hosts get HSTS (default: acme only).
     pub hsts_tls_modes: Option<Vec<String>>,
+    /// Agent logins: distinct wrong passwords a source address (IPv6: its
+    /// /64) may send before it must wait.
+    pub login_failures_per_source: Option<u32>,
+    /// Agent logins: distinct wrong passwords a sandbox takes from all
+    /// sources before every source without a good login must wait.
+    pub login_failures_per_sandbox: Option<u32>,
+    /// Agent logins: the longest wait (the first is 1 s, then it doubles).
+    pub login_max_backoff: Option<std::time::Duration>,
     /// Largest request head (request line and headers), in bytes.
     pub max_header_bytes: Option<usize>,
     /// TLS handshake of a client.
@@ -175,6 +183,16 @@ impl HttpSettings {
         if let Some(n) = self.max_header_bytes {
             cfg.limits.max_header_bytes = n;
         }
+        if let Some(n) = self.login_failures_per_source {
+            cfg.login.source_free_failures = n;
+        }
+        if let Some(n) = self.login_failures_per_sandbox {
+            cfg.login.sandbox_free_failures = n;
+        }
+        if let Some(d) = self.login_max_backoff {
+            cfg.login.max_backoff = d;
+            cfg.login.first_backoff = cfg.login.first_backoff.min(d);
+        }
     }
 }
 
@@ -197,6 +215,9 @@ const HTTP_KEYS: &[&str] = &[
     "max_connections_per_source",
     "hsts_max_age_secs",
     "hsts_tls_modes",
+    "login_failures_per_source",
+    "login_failures_per_sandbox",
+    "login_max_backoff_secs",
     "max_header_bytes",
     "handshake_timeout_secs",
     "header_timeout_secs",
@@ -238,6 +259,13 @@ fn read_http(table: &toml::Table, errs: &mut Vec<String>) -> HttpSettings {
     h.max_connections_per_source =
         ranged(t, "max_connections_per_source", 0, 1_000_000, errs).and_then(size);
     h.hsts_max_age = ranged(t, "hsts_max_age_secs", 0, 2 * 365 * 86_400, errs);
+    let count = |n: u64| u32::try_from(n).ok();
+    h.login_failures_per_source =
+        ranged(t, "login_failures_per_source", 1, 100_000, errs).and_then(count);
+    h.login_failures_per_sandbox =
+        ranged(t, "login_failures_per_sandbox", 1, 1_000_000, errs).and_then(count);
+    h.login_max_backoff =
+        ranged(t, "login_max_backoff_secs", 1, 86_400, errs).map(std::time::Duration::from_secs);
     if let Some(modes) = take_list(t, "hsts_tls_modes", errs) {
         for m in &modes {
             if !["acme", "manual", "internal"].contains(&m.as_str()) {
@@ -1079,6 +1107,28 @@ mod tests {
         let c = load(&args, None).unwrap();
         assert_eq!(c.internal_ca_suffixes.len(), 6);
         assert!(c.internal_ca_suffixes.contains(&"home.arpa".to_string()));
+    }
+
+    #[test]
+    fn agent_login_limits_are_read_and_bounded() {
+        let (_f, args) =
+            with_file("[http]\nlogin_failures_per_source = 0\nlogin_max_backoff_secs = 100000\n");
+        let text = load(&args, None).unwrap_err().to_string();
+        for needle in [
+            "http.login_failures_per_source",
+            "http.login_max_backoff_secs",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from {text}");
+        }
+        let (_f, args) = with_file(
+            "[http]\nlogin_failures_per_source = 3\nlogin_failures_per_sandbox = 7\n\
+             login_max_backoff_secs = 60\n",
+        );
+        let mut cfg = httpgate::HttpConfig::default();
+        load(&args, None).unwrap().http.apply(&mut cfg);
+        assert_eq!(cfg.login.source_free_failures, 3);
+        assert_eq!(cfg.login.sandbox_free_failures, 7);
+        assert_eq!(cfg.login.max_backoff, std::time::Duration::from_secs(60));
     }
 
     #[test]

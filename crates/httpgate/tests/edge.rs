@@ -17,29 +17,6 @@ use common::*;
 use httpgate::{CaRecord, TlsMode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-type ThreadHandles = Vec<std::thread::JoinHandle<std::io::Result<()>>>;
-
-/// `threads` serving threads of `gw` (as the daemon runs them) on a new
-/// loopback port.
-fn spawn_threads(gw: &Gateway, threads: usize) -> (u16, ThreadHandles) {
-    let port = free_port();
-    let handles = gw
-        .gw
-        .spawn_https_threads(([127, 0, 0, 1], port).into(), threads)
-        .unwrap();
-    (port, handles)
-}
-
-async fn stop_with_threads(gw: Gateway, handles: ThreadHandles) {
-    gw.gw.shutdown();
-    for h in handles {
-        tokio::task::spawn_blocking(move || h.join().unwrap().unwrap())
-            .await
-            .unwrap();
-    }
-    gw.stop().await;
-}
-
 /// A TCP connection to `addr` from source address `from`.
 async fn tcp_from(from: IpAddr, addr: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
     let sock = tokio::net::TcpSocket::new_v4()?;

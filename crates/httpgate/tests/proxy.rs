@@ -479,29 +479,6 @@ async fn stalled_handshakes_do_not_block_others() {
     gw.stop().await;
 }
 
-type ThreadHandles = Vec<std::thread::JoinHandle<std::io::Result<()>>>;
-
-/// `threads` serving threads of `gw` on one new loopback port.
-fn spawn_threads(gw: &Gateway, threads: usize) -> (u16, ThreadHandles) {
-    let port = free_port();
-    let handles = gw
-        .gw
-        .spawn_https_threads(([127, 0, 0, 1], port).into(), threads)
-        .unwrap();
-    (port, handles)
-}
-
-/// Shut `gw` down and wait for its serving threads to finish.
-async fn stop_with_threads(gw: Gateway, handles: ThreadHandles) {
-    gw.gw.shutdown();
-    for h in handles {
-        tokio::task::spawn_blocking(move || h.join().unwrap().unwrap())
-            .await
-            .unwrap();
-    }
-    gw.stop().await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_thread_https_listeners_serve() {
     let (_app, gw) = app_gateway(|_| {}).await;

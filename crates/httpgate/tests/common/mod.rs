@@ -763,3 +763,28 @@ pub async fn raw_exchange(stream: &mut RawTls, request: &[u8], secs: u64) -> Str
     }
     String::from_utf8_lossy(&out).to_string()
 }
+
+/// The join handles of a gateway's serving threads.
+pub type ThreadHandles = Vec<std::thread::JoinHandle<std::io::Result<()>>>;
+
+/// `threads` serving threads of `gw` (as the daemon runs them) on one new
+/// loopback port.
+pub fn spawn_threads(gw: &Gateway, threads: usize) -> (u16, ThreadHandles) {
+    let port = free_port();
+    let handles = gw
+        .gw
+        .spawn_https_threads(([127, 0, 0, 1], port).into(), threads)
+        .unwrap();
+    (port, handles)
+}
+
+/// Shut `gw` down and wait for its serving threads to finish.
+pub async fn stop_with_threads(gw: Gateway, handles: ThreadHandles) {
+    gw.gw.shutdown();
+    for h in handles {
+        tokio::task::spawn_blocking(move || h.join().unwrap().unwrap())
+            .await
+            .unwrap();
+    }
+    gw.stop().await;
+}
