@@ -427,7 +427,8 @@ impl AuthCache {
             hmac::sign(&self.key, expected.user.as_bytes()).as_ref(),
         );
         let hash = expected.password_hash.clone();
-        let pw_ok = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
+        // On a low-priority thread: the serving threads go first (background.rs).
+        let pw_ok = crate::background::run(move || verify_password(&password, &hash))
             .await
             .unwrap_or(false);
         if user_ok && pw_ok {

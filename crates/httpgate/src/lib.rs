@@ -13,6 +13,7 @@
 mod access;
 mod acme;
 mod auth;
+mod background;
 mod ca;
 mod certs;
 mod config;
