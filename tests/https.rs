@@ -712,20 +712,7 @@ fn one_source_cannot_take_every_connection() {
 fn internal_mode_is_only_for_the_internal_ca_suffixes() {
     let d = Daemon::builder().arg("--tls-mode").arg("internal").start();
     let key = d.keygen("k");
-    let add = |name: &str, domain: &str, extra: &[&str]| {
-        let mut args = vec![
-            "add",
-            name,
-            "--domain",
-            domain,
-            "--upstream",
-            "127.0.0.1",
-            "--ssh-key",
-            key.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        d.cli(&args)
-    };
+    let add = |name: &str, domain: &str, extra: &[&str]| d.try_add(name, domain, extra);
     for extra in [&[][..], &["--tls-mode", "internal"][..]] {
         let out = add("pub", "shop.example.com", extra);
         assert!(!out.status.success(), "{extra:?}");

@@ -254,6 +254,18 @@ impl Daemon {
 
     /// `add` with defaults for a static upstream on loopback, then `extra`.
     pub fn add_with(&self, name: &str, domain: &str, extra: &[&str]) -> String {
+        let out = self.try_add(name, domain, extra);
+        assert!(
+            out.status.success(),
+            "sandboxd add {name} {domain} {extra:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log_text()
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// The same `add`, whatever its outcome (for refusals).
+    pub fn try_add(&self, name: &str, domain: &str, extra: &[&str]) -> Output {
         let key = self.keygen(&format!("key-{name}"));
         let mut args = vec![
             "add",
@@ -266,7 +278,7 @@ impl Daemon {
             key.to_str().unwrap(),
         ];
         args.extend_from_slice(extra);
-        self.ok(&args)
+        self.cli(&args)
     }
 }
 
