@@ -10,10 +10,10 @@ use rustls::sign::CertifiedKey;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
-use crate::acme::{self, Managed};
+use crate::cert::manager::{self as acme, Managed};
 use crate::auth::AuthCache;
-use crate::ca::InternalCa;
-use crate::exchange::IdlePool;
+use crate::cert::ca::InternalCa;
+use crate::upstream::exchange::IdlePool;
 use crate::proxy::Upstreams;
 use crate::server::{self, Placement};
 use crate::spread::{Handoff, Spread};

@@ -11,14 +11,11 @@
 //! are persisted), and calls [`HttpGateway::routes_changed`] after each swap.
 
 mod access;
-mod acme;
 mod auth;
 mod background;
-mod ca;
-mod certs;
+mod cert;
 mod config;
 mod error;
-mod exchange;
 mod framing;
 mod gateway;
 mod idle;
@@ -28,7 +25,6 @@ mod proxy;
 mod server;
 mod sources;
 mod spread;
-mod tls;
 mod tunnels;
 mod upstream;
 
@@ -37,8 +33,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-pub use ca::internal_name_allowed;
-pub use certs::{check_pem_pair, PemError};
+pub use cert::ca::internal_name_allowed;
+pub use cert::pem::{check_pem_pair, PemError};
 pub use config::{
     ChallengeKind, Hsts, HttpConfig, Limits, LoginLimits, Timeouts, TlsModeKind,
     DEFAULT_INTERNAL_SUFFIXES,

@@ -29,11 +29,11 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
-use crate::exchange::{self, BoxError, ExchangeError, IdlePool, UpBody};
+use crate::upstream::exchange::{self, BoxError, ExchangeError, IdlePool, UpBody};
 use crate::framing::FramingFlags;
 use crate::gateway::Shared;
 use crate::sources::{SourceLimit, SourceSeat};
-use crate::upstream::{self, ConnUpstreams, UpstreamError};
+use crate::upstream::conn::{self as upstream, ConnUpstreams, UpstreamError};
 use crate::{access, pages, HttpConfig, Route, Target, TlsMode};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");

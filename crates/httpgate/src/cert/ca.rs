@@ -22,7 +22,7 @@ use rcgen::{
 };
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 
-use crate::certs::{self, Loaded};
+use crate::cert::pem::{self as certs, Loaded};
 use crate::{CaRecord, Error};
 
 pub(crate) struct InternalCa {

@@ -35,7 +35,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::upstream::{tcp_connect, UpstreamError};
+use crate::upstream::conn::{tcp_connect, UpstreamError};
 
 /// Most response headers accepted from an upstream (as hyper).
 const MAX_HEADERS: usize = 100;

@@ -20,7 +20,7 @@ use rcgen::{CertificateParams, CustomExtension, DistinguishedName, KeyPair};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::sync::oneshot;
 
-use crate::certs::{self, Loaded};
+use crate::cert::pem::{self as certs, Loaded};
 use crate::config::ChallengeKind;
 use crate::gateway::Shared;
 use crate::{CertRecord, CertSource, CertStatus, Error, RouteKind, TlsMode};

@@ -47,7 +47,7 @@ pub(crate) enum UpstreamError {
     /// The shared pool (HTTP/2 clients) failed.
     Pooled(hyper_util::client::legacy::Error),
     /// A bodiless exchange (see `exchange.rs`) failed after connecting.
-    Exchange(crate::exchange::ExchangeError),
+    Exchange(crate::upstream::exchange::ExchangeError),
 }
 
 type ConnFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -74,11 +74,11 @@ pub(crate) struct ConnUpstreams {
     /// Idle connections of bodiless exchanges (`exchange.rs`), which need
     /// no polling between exchanges: the serving thread's pool, shared with
     /// its other client connections.
-    pub(crate) idle: std::sync::Arc<crate::exchange::IdlePool>,
+    pub(crate) idle: std::sync::Arc<crate::upstream::exchange::IdlePool>,
 }
 
 impl ConnUpstreams {
-    pub(crate) fn new(idle: std::sync::Arc<crate::exchange::IdlePool>) -> Self {
+    pub(crate) fn new(idle: std::sync::Arc<crate::upstream::exchange::IdlePool>) -> Self {
         Self {
             inner: Mutex::new(Inner::default()),
             idle,

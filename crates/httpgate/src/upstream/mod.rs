@@ -1,0 +1,4 @@
+//! The paths to upstreams.
+
+pub(crate) mod conn;
+pub(crate) mod exchange;
