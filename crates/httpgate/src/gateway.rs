@@ -10,13 +10,12 @@ use rustls::sign::CertifiedKey;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
-use crate::cert::manager::{self as acme, Managed};
 use crate::auth::AuthCache;
 use crate::cert::ca::InternalCa;
-use crate::upstream::exchange::IdlePool;
-use crate::proxy::Upstreams;
+use crate::cert::manager::{self as acme, Managed};
 use crate::server::{self, Placement};
 use crate::spread::{Handoff, Spread};
+use crate::upstream::{IdlePool, Upstreams};
 use crate::{CertRecord, CertStatus, CertStore, Error, HttpConfig, RouteSource};
 
 /// The listening sockets one serving thread accepts on (see
@@ -90,7 +89,7 @@ pub(crate) struct Shared {
     pub tunnels: crate::tunnels::Tunnels,
     pub upstreams: Upstreams,
     /// Header values the proxy sets (made once).
-    pub header_values: crate::proxy::HeaderValues,
+    pub header_values: crate::headers::HeaderValues,
     /// The HTTPS listeners' TLS configuration (see `tls::server_config`).
     pub tls: std::sync::OnceLock<Arc<rustls::ServerConfig>>,
     /// The open-connection counts of the serving threads, once spawned.
@@ -147,7 +146,7 @@ impl HttpGateway {
             .collect();
         let (shutdown, _) = watch::channel(false);
         let upstreams = Upstreams::new(&config);
-        let header_values = crate::proxy::HeaderValues::new(&config);
+        let header_values = crate::headers::HeaderValues::new(&config);
         let shared = Arc::new(Shared {
             auth: AuthCache::new(config.login.clone()),
             tunnels: crate::tunnels::Tunnels::default(),

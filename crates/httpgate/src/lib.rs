@@ -13,11 +13,13 @@
 mod access;
 mod auth;
 mod background;
+mod body;
 mod cert;
 mod config;
 mod error;
 mod framing;
 mod gateway;
+mod headers;
 mod idle;
 mod logbuf;
 mod pages;

@@ -13,7 +13,10 @@
 
 use std::cell::RefCell;
 use std::io::{self, Write};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::net::SocketAddr;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use http::Method;
 
 /// Pending bytes at which a serving thread writes without waiting to be idle.
 const FLUSH_AT: usize = 32 * 1024;
@@ -200,6 +203,59 @@ pub(crate) fn access_line(fields: impl FnOnce(&mut Vec<u8>)) {
         compose(&mut line);
         let _ = io::stderr().lock().write_all(&line);
     }
+}
+
+/// One access-log line, written when the response body is done (or dropped).
+pub(crate) struct AccessLog {
+    /// The request's host (its first `host_len` bytes, `None`: no valid
+    /// host), then its path: one allocation, made when the request arrives,
+    /// so that a request cancelled on the way is logged with both.
+    pub(crate) host_path: String,
+    pub(crate) host_len: Option<usize>,
+    pub(crate) method: Method,
+    pub(crate) status: u16,
+    pub(crate) bytes: u64,
+    pub(crate) start: Instant,
+    pub(crate) upstream_ms: Option<u128>,
+    pub(crate) peer: SocketAddr,
+}
+
+impl AccessLog {
+    pub(crate) fn host(&self) -> Option<&str> {
+        self.host_len.and_then(|n| self.host_path.get(..n))
+    }
+}
+
+impl Drop for AccessLog {
+    fn drop(&mut self) {
+        access_line(|out| {
+            out.extend_from_slice(b" peer=");
+            push_addr(out, &self.peer);
+            let (host, path) = self.host_path.split_at(self.host().map_or(0, str::len));
+            out.extend_from_slice(b" host=");
+            push_clean(out, host);
+            out.extend_from_slice(b" method=");
+            push_clean(out, self.method.as_str());
+            out.extend_from_slice(b" path=");
+            push_clean(out, path);
+            out.extend_from_slice(b" status=");
+            push_num(out, u64::from(self.status));
+            out.extend_from_slice(b" bytes=");
+            push_num(out, self.bytes);
+            out.extend_from_slice(b" ms=");
+            let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+            push_num(out, ms);
+            if let Some(m) = self.upstream_ms {
+                out.extend_from_slice(b" upstream_ms=");
+                push_num(out, u64::try_from(m).unwrap_or(u64::MAX));
+            }
+        });
+    }
+}
+
+/// Whether access lines are wanted (checked once per request).
+pub(crate) fn access_log_enabled() -> bool {
+    tracing::enabled!(target: "httpgate::access", tracing::Level::INFO)
 }
 
 #[cfg(test)]

@@ -20,14 +20,14 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
-use crate::upstream::exchange::IdlePool;
+use crate::cert::tls;
 use crate::framing::{FramingFlags, FramingIo};
 use crate::gateway::Shared;
 use crate::idle::Activity;
 use crate::proxy::{self, ConnInfo};
 use crate::sources::{SourceLimit, SourceSeat};
 use crate::spread::{Handoff, Seat, Spread};
-use crate::cert::tls;
+use crate::upstream::IdlePool;
 
 /// The HTTP server builders of one listener: HTTP/1 and HTTP/2 when ALPN
 /// decided, auto-detection for plain connections (h2c prior knowledge).

@@ -17,7 +17,6 @@
 //! It does not own routing, header rewriting or error pages (the proxy does).
 
 use std::future::Future;
-use std::io;
 use std::pin::Pin;
 use std::sync::{Mutex, PoisonError};
 use std::task::{Context, Waker};
@@ -29,26 +28,12 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::proxy::ReqBody;
+use super::{tcp_connect, UpstreamError};
+use crate::body::ReqBody;
 
 /// Most upstream connections one client connection keeps (route edits can
 /// point it at several upstreams over its life).
 const MAX_PER_CONN: usize = 4;
-
-/// Why an upstream exchange failed.
-#[derive(Debug)]
-pub(crate) enum UpstreamError {
-    /// The TCP connect failed.
-    Connect(io::Error),
-    /// The TCP connect did not finish in time.
-    ConnectTimeout,
-    /// The exchange failed after connecting.
-    Http(hyper::Error),
-    /// The shared pool (HTTP/2 clients) failed.
-    Pooled(hyper_util::client::legacy::Error),
-    /// A bodiless exchange (see `exchange.rs`) failed after connecting.
-    Exchange(crate::upstream::exchange::ExchangeError),
-}
 
 type ConnFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
@@ -74,11 +59,11 @@ pub(crate) struct ConnUpstreams {
     /// Idle connections of bodiless exchanges (`exchange.rs`), which need
     /// no polling between exchanges: the serving thread's pool, shared with
     /// its other client connections.
-    pub(crate) idle: std::sync::Arc<crate::upstream::exchange::IdlePool>,
+    pub(crate) idle: std::sync::Arc<super::IdlePool>,
 }
 
 impl ConnUpstreams {
-    pub(crate) fn new(idle: std::sync::Arc<crate::upstream::exchange::IdlePool>) -> Self {
+    pub(crate) fn new(idle: std::sync::Arc<super::IdlePool>) -> Self {
         Self {
             inner: Mutex::new(Inner::default()),
             idle,
@@ -214,24 +199,4 @@ async fn connect(host: &str, port: u16, timeout: Duration) -> Result<Handshake, 
         .handshake(TokioIo::new(stream))
         .await
         .map_err(UpstreamError::Http)
-}
-
-pub(crate) async fn tcp_connect(
-    host: &str,
-    port: u16,
-    timeout: Duration,
-) -> Result<TcpStream, UpstreamError> {
-    let attempt = async {
-        match host.parse::<std::net::IpAddr>() {
-            Ok(ip) => TcpStream::connect((ip, port)).await,
-            Err(_) => TcpStream::connect((host, port)).await,
-        }
-    };
-    let stream = match tokio::time::timeout(timeout, attempt).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(UpstreamError::Connect(e)),
-        Err(_) => return Err(UpstreamError::ConnectTimeout),
-    };
-    let _ = stream.set_nodelay(true);
-    Ok(stream)
 }

@@ -5,7 +5,7 @@
 //! httparse, and the response body read from the socket when the client's
 //! side polls for it: no connection task, no channel between the two, no
 //! extra wake-ups. Requests with a body and upgrades go through hyper's
-//! client (see `upstream.rs`).
+//! client (see `conn.rs`).
 //!
 //! A connection is reused only when its response was complete, framed by
 //! Content-Length or chunked encoding, HTTP/1.1 and not marked `close`, and
@@ -35,7 +35,8 @@ use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::upstream::conn::{tcp_connect, UpstreamError};
+use super::{tcp_connect, UpstreamError};
+use crate::body::BoxError;
 
 /// Most response headers accepted from an upstream (as hyper).
 const MAX_HEADERS: usize = 100;
@@ -530,9 +531,6 @@ pub(crate) struct UpBody {
     pool: Arc<IdlePool>,
     trailer_bytes: usize,
 }
-
-/// The error type of response bodies.
-pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl UpBody {
     /// The body is complete: hand the connection back if it can be reused.
