@@ -280,7 +280,7 @@ pub async fn run(
         let mut changes = routes.watch();
         tokio::spawn(async move {
             while changes.changed().await.is_ok() {
-                http.routes_changed();
+                http.routes_changed().await;
             }
         })
     };

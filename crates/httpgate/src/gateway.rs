@@ -1,22 +1,20 @@
 //! The public [`HttpGateway`] handle and the state it shares between the
-//! listeners, the proxy and the certificate manager.
+//! listeners and the proxy ([`Shared`]); the certificates' state is the
+//! certificate module's ([`Certs`], reached through narrow methods).
 
 use std::collections::HashMap;
 use std::io;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, PoisonError};
 
-use arc_swap::ArcSwap;
-use rustls::sign::CertifiedKey;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::auth::AuthCache;
-use crate::cert::ca::InternalCa;
-use crate::cert::manager::{self as acme, Managed};
+use crate::cert::Certs;
 use crate::server::{self, Placement};
 use crate::spread::{Handoff, Spread};
 use crate::upstream::{IdlePool, Upstreams};
-use crate::{CertRecord, CertStatus, CertStore, Error, HttpConfig, RouteSource};
+use crate::{CertStatus, CertStore, Error, HttpConfig, RouteSource};
 
 /// The listening sockets one serving thread accepts on (see
 /// [`HttpGateway::spawn_threads`]).
@@ -63,26 +61,13 @@ type Limited = (std::net::TcpListener, Arc<server::ConnLimit>);
 /// Receives the outcome of a forced renewal.
 pub(crate) type RenewWaiter = oneshot::Sender<Result<(), String>>;
 
-/// State shared by every part of the gateway.
+/// State shared by the listeners and the proxy. Certificates (serving
+/// map, challenge answers, managed set, internal CA, TLS configuration)
+/// are [`Certs`]'s; login checks are the [`AuthCache`]'s.
 pub(crate) struct Shared {
     pub config: HttpConfig,
     pub routes: Arc<dyn RouteSource>,
-    pub store: Arc<dyn CertStore>,
-    pub ca: InternalCa,
-    /// Serving certificates by exact name.
-    pub serving: ArcSwap<HashMap<String, Arc<CertifiedKey>>>,
-    /// Managed certificates by primary domain.
-    pub managed: Mutex<HashMap<String, Managed>>,
-    /// Certificates read from the store at start, by primary name, not yet claimed by a route.
-    pub stored: Mutex<HashMap<String, CertRecord>>,
-    /// HTTP-01 token → key authorization.
-    pub http01: RwLock<HashMap<String, String>>,
-    /// TLS-ALPN-01 name → challenge certificate.
-    pub alpn01: RwLock<HashMap<String, Arc<CertifiedKey>>>,
-    /// Wakes the certificate manager.
-    pub wake: Notify,
-    /// Waiters of forced renewals, by domain.
-    pub renew_waiters: Mutex<HashMap<String, Vec<RenewWaiter>>>,
+    pub certs: Arc<Certs>,
     pub shutdown: watch::Sender<bool>,
     pub auth: AuthCache,
     /// Open upgraded tunnels, ended when their route revokes them.
@@ -90,12 +75,8 @@ pub(crate) struct Shared {
     pub upstreams: Upstreams,
     /// Header values the proxy sets (made once).
     pub header_values: crate::headers::HeaderValues,
-    /// The HTTPS listeners' TLS configuration (see `tls::server_config`).
-    pub tls: std::sync::OnceLock<Arc<rustls::ServerConfig>>,
     /// The open-connection counts of the serving threads, once spawned.
     pub spread: Mutex<Option<Arc<Spread>>>,
-    /// Set when the internal CA's root was replaced at this start.
-    pub ca_replaced: Option<String>,
 }
 
 /// The HTTPS gateway. Cheap to clone; every clone drives the same gateway.
@@ -115,35 +96,10 @@ impl HttpGateway {
     ) -> Result<Self, Error> {
         let handle = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
         crate::install_crypto_provider();
-        let suffixes = &config.internal_suffixes;
-        let (ca, ca_replaced) = match certs.load_ca() {
-            Some(rec) => match InternalCa::from_record(&rec, suffixes)? {
-                Some(ca) => (ca, None),
-                None => {
-                    let (ca, rec) = InternalCa::generate(suffixes)?;
-                    certs.save_ca(&rec)?;
-                    let notice = format!(
-                        "the internal CA's root was replaced by one limited to {} \
-                         (the old root lacked these name constraints); \
-                         internal-mode hosts now use certificates from the new root: \
-                         export it with `sandboxd ca-cert` and trust it in place of the old one",
-                        suffixes.join(", ")
-                    );
-                    tracing::warn!("{notice}");
-                    (ca, Some(notice))
-                }
-            },
-            None => {
-                let (ca, rec) = InternalCa::generate(suffixes)?;
-                certs.save_ca(&rec)?;
-                (ca, None)
-            }
-        };
-        let stored = certs
-            .load_certs()
-            .into_iter()
-            .map(|r| (r.name.clone(), r))
-            .collect();
+        let cert_state = Certs::new(config.clone(), routes.clone(), certs)?;
+        // Before any listener serves: hosts routed now are served at once.
+        cert_state.reconcile_at_start();
+        let certs = Arc::new(cert_state);
         let (shutdown, _) = watch::channel(false);
         let upstreams = Upstreams::new(&config);
         let header_values = crate::headers::HeaderValues::new(&config);
@@ -154,22 +110,11 @@ impl HttpGateway {
             header_values,
             config,
             routes,
-            store: certs,
-            ca,
-            serving: ArcSwap::from_pointee(HashMap::new()),
-            managed: Mutex::new(HashMap::new()),
-            stored: Mutex::new(stored),
-            http01: RwLock::new(HashMap::new()),
-            alpn01: RwLock::new(HashMap::new()),
-            wake: Notify::new(),
-            renew_waiters: Mutex::new(HashMap::new()),
+            certs: certs.clone(),
             shutdown,
-            tls: std::sync::OnceLock::new(),
             spread: Mutex::new(None),
-            ca_replaced,
         });
-        acme::reconcile(&shared);
-        handle.spawn(acme::run_manager(shared.clone()));
+        handle.spawn(certs.run(shared.shutdown.subscribe()));
         Ok(Self { shared })
     }
 
@@ -251,9 +196,11 @@ impl HttpGateway {
             setups.push((limited(ls.https)?, limited(ls.http)?));
         }
         let (spread, handoffs) = Spread::new(setups.len());
-        if let Ok(mut s) = self.shared.spread.lock() {
-            *s = Some(spread.clone());
-        }
+        *self
+            .shared
+            .spread
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(spread.clone());
         let mut handles = Vec::new();
         for (i, ((https, http), handoffs)) in setups.into_iter().zip(handoffs).enumerate() {
             let gw = self.clone();
@@ -327,10 +274,12 @@ impl HttpGateway {
     /// The HTTPS client connections open on each serving thread of the
     /// last [`HttpGateway::spawn_threads`] (empty before it).
     pub fn open_connections(&self) -> Vec<usize> {
-        match self.shared.spread.lock() {
-            Ok(s) => s.as_ref().map(|s| s.open()).unwrap_or_default(),
-            Err(_) => Vec::new(),
-        }
+        let s = self
+            .shared
+            .spread
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        s.as_ref().map(|s| s.open()).unwrap_or_default()
     }
 
     /// Serve plain HTTP on `listener`: ACME HTTP-01 answers and a 301 to HTTPS.
@@ -341,17 +290,20 @@ impl HttpGateway {
     }
 
     /// Tell the gateway the routing snapshot changed: certificates for new
-    /// names are issued (internal, manual at once; ACME in the background) and
-    /// renewals of removed names stop. Open connections are untouched, but
-    /// for upgraded tunnels (websockets) whose host was removed, moved to
-    /// another sandbox, stopped, or whose login changed: those end.
-    pub fn routes_changed(&self) {
+    /// names are issued (internal, manual before this returns; ACME in the
+    /// background), renewals of removed names stop and their stored
+    /// certificates are deleted. Open connections are untouched, but for
+    /// upgraded tunnels (websockets) whose host was removed, moved to
+    /// another sandbox, stopped, or whose login changed: those end (at
+    /// once, before the certificate work). Signing, file reads and store
+    /// writes run on tokio's blocking threads.
+    pub async fn routes_changed(&self) {
         let ended = self.shared.tunnels.revoke(&*self.shared.routes);
         if ended > 0 {
             tracing::info!(ended, "upgraded connections ended by a route change");
         }
-        acme::reconcile(&self.shared);
-        self.shared.wake.notify_one();
+        self.shared.certs.reconcile().await;
+        self.shared.certs.wake();
     }
 
     /// Upgraded tunnels (websockets) open now.
@@ -362,18 +314,18 @@ impl HttpGateway {
     /// Stop accepting connections and let the open ones finish (grace period).
     pub fn shutdown(&self) {
         self.shared.shutdown.send_replace(true);
-        self.shared.wake.notify_one();
+        self.shared.certs.wake();
     }
 
     /// The state of every managed certificate, sorted by domain.
     pub fn certs(&self) -> Vec<CertStatus> {
-        acme::statuses(&self.shared)
+        self.shared.certs.statuses()
     }
 
     /// Force a new certificate for `domain` now, and wait for the outcome.
     pub async fn renew(&self, domain: &str) -> Result<(), Error> {
         let domain = domain.trim_end_matches('.').to_ascii_lowercase();
-        let rx = acme::request_renewal(&self.shared, &domain)?;
+        let rx = self.shared.certs.request_renewal(&domain)?;
         match rx.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(Error::Cert { domain, reason: e }),
@@ -383,13 +335,13 @@ impl HttpGateway {
 
     /// The internal CA's root certificate (PEM), for clients to trust.
     pub fn ca_cert_pem(&self) -> String {
-        self.shared.ca.cert_pem().to_owned()
+        self.shared.certs.ca_cert_pem().to_owned()
     }
 
     /// What to tell the operator when this start replaced the internal CA's
     /// root (it lacked the configured name constraints): clients must trust
     /// the new one (`sandboxd ca-cert`).
     pub fn ca_replaced(&self) -> Option<String> {
-        self.shared.ca_replaced.clone()
+        self.shared.certs.ca_replaced().map(str::to_owned)
     }
 }

@@ -275,12 +275,7 @@ fn plain_http(shared: &Shared, req: &Request<Incoming>, host: &str) -> Response<
         .path()
         .strip_prefix("/.well-known/acme-challenge/")
     {
-        let answer = shared
-            .http01
-            .read()
-            .ok()
-            .and_then(|m| m.get(token).cloned());
-        return match answer {
+        return match shared.certs.http01(token) {
             Some(ka) => pages::text(ka),
             None => pages::error(StatusCode::NOT_FOUND, "Unknown challenge token."),
         };

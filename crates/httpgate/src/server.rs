@@ -93,7 +93,7 @@ pub(crate) fn listener_ctx(
 ) -> io::Result<Arc<Listener>> {
     let acceptor = match tls {
         true => Some(TlsAcceptor::from(
-            tls::server_config(shared).map_err(io::Error::other)?,
+            tls::server_config(&shared.certs).map_err(io::Error::other)?,
         )),
         false => None,
     };

@@ -49,7 +49,7 @@ async fn http01_issues_and_restart_reuses() {
             },
         ),
     );
-    gw.gw.routes_changed();
+    gw.gw.routes_changed().await;
     eventually(30, "HTTP-01 certificate", || has_cert(&gw, "app.test")).await;
     let took = t.elapsed();
     eprintln!("route to certificate (HTTP-01): {took:?}");
@@ -87,7 +87,7 @@ async fn http01_issues_and_restart_reuses() {
         .routes(routes)
         .start()
         .await;
-    gw2.gw.routes_changed();
+    gw2.gw.routes_changed().await;
     let r = Curl::new("app.test", gw2.https.port(), "/")
         .cacert(&root)
         .run()
@@ -102,7 +102,7 @@ async fn http01_issues_and_restart_reuses() {
     // Removing the sandbox stops its renewals and forgets the certificate.
     gw2.routes.remove("app.test");
     gw2.routes.remove("shelley.app.test");
-    gw2.gw.routes_changed();
+    gw2.gw.routes_changed().await;
     assert!(gw2.gw.certs().is_empty());
     assert!(store.certs.lock().unwrap().is_empty());
     gw2.stop().await;

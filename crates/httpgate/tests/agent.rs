@@ -498,13 +498,13 @@ async fn login_changes_and_removals_end_open_websockets() {
         "shelley.a.test",
         agent_route("a", ws_addr, TlsMode::Internal, login("alice", "new")),
     );
-    gw.gw.routes_changed();
+    gw.gw.routes_changed().await;
     let (l, _) = next_line(a_agent_out).await;
     assert_eq!(l, "closed");
     // Sandbox b removed: its app and agent tunnels end; a's app tunnel stays.
     gw.routes.remove("shelley.b.test");
     gw.routes.remove("b.test");
-    gw.gw.routes_changed();
+    gw.gw.routes_changed().await;
     let (l, _) = next_line(b_agent_out).await;
     assert_eq!(l, "closed");
     let (l, _) = next_line(b_app_out).await;

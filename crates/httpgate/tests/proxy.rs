@@ -308,7 +308,7 @@ asyncio.run(main())
         .set("app.test", app_route("app", other.addr, TlsMode::Internal));
     gw.routes
         .set("new.test", app_route("new", other.addr, TlsMode::Internal));
-    gw.gw.routes_changed();
+    gw.gw.routes_changed().await;
     let r = gw.curl("app.test", "/").run().await;
     let j: serde_json::Value = serde_json::from_str(&r.body).unwrap();
     assert_eq!(j["upstream"], "other", "new requests follow the edit");

@@ -1,29 +1,31 @@
 //! The certificate manager: decides which names need certificates (from the
 //! routing snapshot), issues them (internal CA, PEM files, or ACME through
-//! instant-acme with HTTP-01 / TLS-ALPN-01), schedules renewals (one third of
+//! `acme.rs` with HTTP-01 / TLS-ALPN-01), schedules renewals (one third of
 //! the lifetime left, or earlier inside the ARI window), backs off on failure
-//! while the old certificate keeps serving, and persists ACME certificates.
+//! while the old certificate keeps serving, persists ACME certificates, and
+//! deletes the stored record of a certificate no route needs any more (the
+//! only code that deletes certificate records).
+//!
+//! Its state is [`Certs`]'s (see `mod.rs`). The managed set changes under
+//! the state lock only for moments: signing, PEM file reads and the
+//! store's writes run on the blocking threads with no lock held, and their
+//! outcome is applied afterwards. Changes to the managed set and the
+//! store's writes are serialized by `Certs::writes` (an async lock), so a
+//! record is never written back after the reconcile that deleted it.
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use hyper_util::client::legacy::Client as HyperClient;
-use hyper_util::rt::TokioExecutor;
-use instant_acme::{
-    Account, AccountCredentials, AuthorizationStatus, BodyWrapper, CertificateIdentifier,
-    ChallengeType, Identifier, NewAccount, NewOrder, OrderStatus, RetryPolicy,
-};
-use rcgen::{CertificateParams, CustomExtension, DistinguishedName, KeyPair};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use tokio::sync::oneshot;
+use rustls::pki_types::CertificateDer;
+use tokio::sync::{oneshot, watch};
 
-use crate::cert::pem::{self as certs, Loaded};
+use super::acme::{AcmeClient, AriOutcome};
+use super::pem::{self, Loaded};
+use super::{blocking, Certs, State};
 use crate::config::ChallengeKind;
-use crate::gateway::Shared;
-use crate::{CertRecord, CertSource, CertStatus, Error, RouteKind, TlsMode};
+use crate::{CertRecord, CertSource, CertStatus, Error, RouteKind, RouteSource, TlsMode};
 
 /// How a managed certificate is obtained.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,11 +74,28 @@ pub(crate) struct Managed {
     pub ari_check_ms: i64,
 }
 
+#[cfg(test)]
+impl Managed {
+    /// An internal-mode entry holding `current`.
+    pub(super) fn for_test(names: Vec<String>, current: Loaded) -> Self {
+        Self {
+            names,
+            mode: Mode::Internal,
+            current: Some(current),
+            record: None,
+            due_ms: None,
+            failures: 0,
+            last_error: None,
+            ari_check_ms: i64::MAX,
+        }
+    }
+}
+
 /// PEM files of `manual` mode are re-read this often, besides on a forced
 /// renewal (`sandboxd certs renew DOMAIN`) and when a route names other files.
 const MANUAL_RELOAD_MS: i64 = 5 * 60 * 1000;
 
-fn now_ms() -> i64 {
+pub(super) fn now_ms() -> i64 {
     (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
 }
 
@@ -105,14 +124,14 @@ pub(crate) fn backoff(base: Duration, cap: Duration, failures: u32) -> Duration 
 }
 
 /// The certificates the routing snapshot asks for: primary domain → (names, mode).
-fn desired(shared: &Shared) -> HashMap<String, (Vec<String>, Mode)> {
+fn desired(routes: &dyn RouteSource) -> HashMap<String, (Vec<String>, Mode)> {
     struct Group {
         app: Option<String>,
         names: BTreeSet<String>,
         mode: Option<Mode>,
     }
     let mut by_sandbox: HashMap<String, Group> = HashMap::new();
-    for (host, route) in shared.routes.hosts() {
+    for (host, route) in routes.hosts() {
         let host = host.trim_end_matches('.').to_ascii_lowercase();
         let g = by_sandbox
             .entry(route.sandbox.clone())
@@ -142,27 +161,66 @@ fn desired(shared: &Shared) -> HashMap<String, (Vec<String>, Mode)> {
     out
 }
 
-/// Bring the managed set in line with the routing snapshot. Internal and
-/// manual certificates are made at once; ACME ones are scheduled.
-pub(crate) fn reconcile(shared: &Shared) {
-    let want = desired(shared);
-    let mut deleted = Vec::new();
-    {
-        let Ok(mut managed) = shared.managed.lock() else {
-            return;
-        };
+/// What a reconcile found to do outside the state lock.
+pub(super) struct Plan {
+    /// New domains: names, mode, and the stored record (ACME) to resume from.
+    make: Vec<(String, Vec<String>, Mode, Option<CertRecord>)>,
+    /// Domains whose stored ACME certificate no route needs any more.
+    delete: Vec<String>,
+    now: i64,
+}
+
+/// The outcome of a [`Plan`], to apply under the state lock.
+pub(super) struct Made {
+    managed: Vec<(String, Managed)>,
+}
+
+impl Certs {
+    /// Bring the managed set in line with the routing snapshot: domains no
+    /// route needs stop serving at once and their stored records are
+    /// deleted; internal and manual certificates of new domains are made
+    /// (on the blocking threads) before this returns; ACME ones are
+    /// scheduled. Reconciles run one at a time.
+    pub(crate) async fn reconcile(self: &Arc<Self>) {
+        let _writes = self.writes.lock().await;
+        let plan = self.plan();
+        let this = self.clone();
+        match blocking(move || this.carry_out(plan)).await {
+            Ok(made) => self.apply(made),
+            // Only a panic gets here; the domains not made are planned
+            // again by the next reconcile.
+            Err(e) => tracing::error!(error = %e, "certificate reconcile failed"),
+        }
+    }
+
+    /// [`Certs::reconcile`] in the caller's thread, for the gateway's
+    /// construction (before any listener serves or the manager runs).
+    pub(crate) fn reconcile_at_start(&self) {
+        let plan = self.plan();
+        let made = self.carry_out(plan);
+        self.apply(made);
+    }
+
+    /// The first step of a reconcile, under the state lock: drop the
+    /// domains no route needs (they stop serving now), update the names of
+    /// the others, and list what to make and delete.
+    fn plan(&self) -> Plan {
+        let want = desired(&*self.routes);
         let now = now_ms();
-        managed.retain(|domain, m| match want.get(domain) {
+        let mut st = self.state();
+        let mut delete = Vec::new();
+        st.managed.retain(|domain, m| match want.get(domain) {
             Some((_, mode)) if *mode == m.mode => true,
             _ => {
                 if m.mode == Mode::Acme && !matches!(want.get(domain), Some((_, Mode::Acme))) {
-                    deleted.push(domain.clone());
+                    delete.push(domain.clone());
                 }
                 false
             }
         });
+        let mut make = Vec::new();
         for (domain, (names, mode)) in want {
-            if let Some(m) = managed.get_mut(&domain) {
+            if let Some(m) = st.managed.get_mut(&domain) {
                 if m.names != names {
                     m.names = names;
                     // The old certificate keeps serving the names it covers.
@@ -171,82 +229,436 @@ pub(crate) fn reconcile(shared: &Shared) {
                 }
                 continue;
             }
-            let m = new_managed(shared, &domain, names, mode, now);
-            managed.insert(domain, m);
+            let stored = match mode {
+                Mode::Acme => st.stored.remove(&domain),
+                _ => None,
+            };
+            make.push((domain, names, mode, stored));
         }
-        rebuild_serving(shared, &managed);
+        self.rebuild_serving(&st.managed);
+        Plan { make, delete, now }
     }
-    for domain in deleted {
-        tracing::info!(domain = %domain, "route removed: certificate no longer managed");
-        if let Err(e) = shared.store.delete_cert(&domain) {
-            tracing::warn!(domain = %domain, error = %e, "could not delete certificate");
-        }
-    }
-}
 
-fn new_managed(shared: &Shared, domain: &str, names: Vec<String>, mode: Mode, now: i64) -> Managed {
-    let mut m = Managed {
-        names,
-        mode,
-        current: None,
-        record: None,
-        due_ms: Some(now),
-        failures: 0,
-        last_error: None,
-        ari_check_ms: i64::MAX,
-    };
-    match m.mode.clone() {
-        Mode::Internal => issue_internal(shared, &mut m, now),
-        Mode::Manual { cert, key } => load_manual(&mut m, &cert, &key, now),
-        Mode::Acme => {
-            let rec = shared.stored.lock().ok().and_then(|mut s| s.remove(domain));
-            if let Some(rec) = rec {
-                match certs::load_pem(rec.cert_pem.as_bytes(), rec.key_pem.as_bytes()) {
-                    Ok(loaded) if loaded.not_after * 1000 > now => {
-                        let covers = m.names.iter().all(|n| loaded.names.contains(n));
-                        m.due_ms = Some(if covers {
-                            renewal_due_ms(loaded.not_before, loaded.not_after)
-                        } else {
-                            now
-                        });
-                        m.ari_check_ms = now;
-                        m.current = Some(loaded);
-                        m.record = Some(rec);
+    /// The blocking step of a reconcile, with no lock held: delete records,
+    /// issue internal certificates, read PEM files, parse stored ones.
+    fn carry_out(&self, plan: Plan) -> Made {
+        for domain in plan.delete {
+            tracing::info!(domain = %domain, "route removed: certificate no longer managed");
+            if let Err(e) = self.store.delete_cert(&domain) {
+                tracing::warn!(domain = %domain, error = %e, "could not delete certificate");
+            }
+        }
+        let managed = plan
+            .make
+            .into_iter()
+            .map(|(domain, names, mode, stored)| {
+                let m = self.new_managed(&domain, names, mode, stored, plan.now);
+                (domain, m)
+            })
+            .collect();
+        Made { managed }
+    }
+
+    /// The last step of a reconcile, under the state lock.
+    fn apply(&self, made: Made) {
+        let mut st = self.state();
+        st.managed.extend(made.managed);
+        self.rebuild_serving(&st.managed);
+    }
+
+    /// A newly routed domain's entry, its certificate made or loaded
+    /// (blocking: runs on the blocking threads or at construction).
+    fn new_managed(
+        &self,
+        domain: &str,
+        names: Vec<String>,
+        mode: Mode,
+        stored: Option<CertRecord>,
+        now: i64,
+    ) -> Managed {
+        let mut m = Managed {
+            names,
+            mode,
+            current: None,
+            record: None,
+            due_ms: Some(now),
+            failures: 0,
+            last_error: None,
+            ari_check_ms: i64::MAX,
+        };
+        match m.mode.clone() {
+            Mode::Internal => {
+                let res = self.issue_internal(&m.names);
+                self.internal_done(&mut m, res, now);
+            }
+            Mode::Manual { cert, key } => {
+                let res = read_manual(&cert, &key);
+                manual_done(&mut m, res, &cert, now);
+            }
+            Mode::Acme => {
+                if let Some(rec) = stored {
+                    match pem::load_pem(rec.cert_pem.as_bytes(), rec.key_pem.as_bytes()) {
+                        Ok(loaded) if loaded.not_after * 1000 > now => {
+                            let covers = m.names.iter().all(|n| loaded.names.contains(n));
+                            m.due_ms = Some(if covers {
+                                renewal_due_ms(loaded.not_before, loaded.not_after)
+                            } else {
+                                now
+                            });
+                            m.ari_check_ms = now;
+                            m.current = Some(loaded);
+                            m.record = Some(rec);
+                        }
+                        Ok(_) => tracing::info!(domain, "stored certificate expired"),
+                        Err(e) => {
+                            tracing::warn!(domain, error = %e, "stored certificate unreadable")
+                        }
                     }
-                    Ok(_) => tracing::info!(domain, "stored certificate expired"),
-                    Err(e) => tracing::warn!(domain, error = %e, "stored certificate unreadable"),
+                }
+                if self.config.acme_directory.is_none() {
+                    m.last_error = Some("no ACME directory configured".into());
+                    m.due_ms = None;
                 }
             }
-            if shared.config.acme_directory.is_none() {
-                m.last_error = Some("no ACME directory configured".into());
-                m.due_ms = None;
+        }
+        m
+    }
+
+    /// A leaf from the internal CA (blocking: key generation and signing).
+    pub(super) fn issue_internal(&self, names: &[String]) -> Result<Loaded, String> {
+        self.ca.issue(names, self.config.internal_leaf_validity)
+    }
+
+    fn internal_done(&self, m: &mut Managed, res: Result<Loaded, String>, now: i64) {
+        match res {
+            Ok(loaded) => {
+                m.due_ms = Some(renewal_due_ms(loaded.not_before, loaded.not_after));
+                m.current = Some(loaded);
+                m.failures = 0;
+                m.last_error = None;
+            }
+            Err(e) => self.fail(m, e, now),
+        }
+    }
+
+    fn fail(&self, m: &mut Managed, err: String, now: i64) {
+        m.failures = m.failures.saturating_add(1);
+        let delay = backoff(
+            self.config.acme_backoff_base,
+            self.config.acme_backoff_cap,
+            m.failures,
+        );
+        m.due_ms = Some(now + delay.as_millis() as i64);
+        m.last_error = Some(err);
+    }
+
+    /// Publish the serving map from the managed set.
+    pub(super) fn rebuild_serving(&self, managed: &HashMap<String, Managed>) {
+        let mut map = HashMap::new();
+        for m in managed.values() {
+            if let Some(cur) = &m.current {
+                for n in &m.names {
+                    if cur.names.iter().any(|c| c == n) {
+                        map.insert(n.clone(), cur.key.clone());
+                    }
+                }
+            }
+        }
+        self.serving.store(Arc::new(map));
+    }
+
+    /// The state of every managed certificate, sorted by domain.
+    pub(crate) fn statuses(&self) -> Vec<CertStatus> {
+        let st = self.state();
+        let mut out: Vec<CertStatus> = st
+            .managed
+            .iter()
+            .map(|(domain, m)| CertStatus {
+                domain: domain.clone(),
+                names: m.names.clone(),
+                mode: m.mode.label().to_owned(),
+                issuer: m.current.as_ref().map(|c| c.issuer.clone()),
+                not_after: m
+                    .current
+                    .as_ref()
+                    .and_then(|c| pem::to_datetime(c.not_after)),
+                next_renewal: m.due_ms.and_then(|ms| {
+                    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok()
+                }),
+                last_error: m.last_error.clone(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.domain.cmp(&b.domain));
+        out
+    }
+
+    /// Make the certificate covering `name` due now; the receiver gets the
+    /// outcome of the attempt.
+    pub(crate) fn request_renewal(
+        &self,
+        name: &str,
+    ) -> Result<oneshot::Receiver<Result<(), String>>, Error> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut st = self.state();
+            let domain = if st.managed.contains_key(name) {
+                name.to_owned()
+            } else {
+                st.managed
+                    .iter()
+                    .find(|(_, m)| m.names.iter().any(|n| n == name))
+                    .map(|(d, _)| d.clone())
+                    .ok_or_else(|| Error::UnknownDomain(name.to_owned()))?
+            };
+            if let Some(m) = st.managed.get_mut(&domain) {
+                m.due_ms = Some(now_ms());
+            }
+            st.renew_waiters.entry(domain).or_default().push(tx);
+        }
+        self.wake.notify_one();
+        Ok(rx)
+    }
+
+    fn finish_waiters(&self, domain: &str, res: &Result<(), String>) {
+        let waiters = self
+            .state()
+            .renew_waiters
+            .remove(domain)
+            .unwrap_or_default();
+        for w in waiters {
+            let _ = w.send(res.clone());
+        }
+    }
+
+    /// The manager task: runs due work, then sleeps until the next due
+    /// time, a wake-up or `shutdown`.
+    pub(crate) async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut acme = AcmeClient::default();
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            let now = now_ms();
+            let jobs: Vec<Job> = self
+                .state()
+                .managed
+                .iter()
+                .filter(|(_, m)| m.due_ms.is_some_and(|d| d <= now))
+                .map(|(d, m)| Job {
+                    domain: d.clone(),
+                    names: m.names.clone(),
+                    mode: m.mode.clone(),
+                    failures: m.failures,
+                    replaces: m.current.as_ref().and_then(|c| c.key.cert.first().cloned()),
+                })
+                .collect();
+            for job in jobs {
+                let res = self.run_job(&mut acme, &job).await;
+                self.finish_waiters(&job.domain, &res);
+            }
+            self.check_ari(&mut acme).await;
+            let next = self
+                .state()
+                .managed
+                .values()
+                .flat_map(|m| {
+                    [
+                        m.due_ms,
+                        (m.ari_check_ms != i64::MAX).then_some(m.ari_check_ms),
+                    ]
+                })
+                .flatten()
+                .min();
+            let sleep = match next {
+                Some(t) => Duration::from_millis((t - now_ms()).clamp(0, 3_600_000) as u64),
+                None => Duration::from_secs(3600),
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(sleep) => {}
+                _ = self.wake.notified() => {}
+                _ = shutdown.changed() => {}
             }
         }
     }
-    m
-}
 
-fn issue_internal(shared: &Shared, m: &mut Managed, now: i64) {
-    match shared
-        .ca
-        .issue(&m.names, shared.config.internal_leaf_validity)
-    {
-        Ok(loaded) => {
-            m.due_ms = Some(renewal_due_ms(loaded.not_before, loaded.not_after));
-            m.current = Some(loaded);
-            m.failures = 0;
-            m.last_error = None;
+    async fn run_job(self: &Arc<Self>, acme: &mut AcmeClient, job: &Job) -> Result<(), String> {
+        match &job.mode {
+            Mode::Internal | Mode::Manual { .. } => {
+                let _writes = self.writes.lock().await;
+                let (this, names, mode) = (self.clone(), job.names.clone(), job.mode.clone());
+                let res = blocking(move || match &mode {
+                    Mode::Manual { cert, key } => read_manual(cert, key),
+                    _ => this.issue_internal(&names),
+                })
+                .await
+                .and_then(|r| r);
+                let now = now_ms();
+                let mut st = self.state();
+                let Some(m) = st.managed.get_mut(&job.domain) else {
+                    return Err("route removed".into());
+                };
+                if m.names != job.names || m.mode != job.mode {
+                    // Made due again by the reconcile that changed it.
+                    return Err("route changed while issuing".into());
+                }
+                match &job.mode {
+                    Mode::Manual { cert, .. } => manual_done(m, res, cert, now),
+                    _ => self.internal_done(m, res, now),
+                }
+                let res = match &m.last_error {
+                    Some(e) => Err(e.clone()),
+                    None => Ok(()),
+                };
+                self.rebuild_serving(&st.managed);
+                res
+            }
+            Mode::Acme => self.run_order(acme, job).await,
         }
-        Err(e) => fail(shared, m, e, now),
+    }
+
+    /// One ACME issuance for `job`: the order, then the record saved (on
+    /// the blocking threads) and the certificate served.
+    async fn run_order(self: &Arc<Self>, acme: &mut AcmeClient, job: &Job) -> Result<(), String> {
+        let kind = pick_challenge(&self.config.acme_challenges, job.failures);
+        tracing::info!(domain = %job.domain, names = ?job.names, challenge = ?kind, "ordering certificate");
+        let attempt = tokio::time::timeout(
+            self.config.acme_order_timeout,
+            acme.issue(self, &job.names, kind, job.replaces.as_ref()),
+        )
+        .await
+        .unwrap_or_else(|_| Err("order timed out".into()));
+        let directory = self.config.acme_directory.clone().unwrap_or_default();
+        let (domain, names) = (job.domain.clone(), job.names.clone());
+        let res = match attempt {
+            Ok((chain_pem, key_pem)) => blocking(move || {
+                let loaded = pem::load_pem(chain_pem.as_bytes(), key_pem.as_bytes())?;
+                let rec = CertRecord {
+                    name: domain,
+                    names,
+                    cert_pem: chain_pem,
+                    key_pem,
+                    source: CertSource::Acme { directory },
+                    not_after: loaded.not_after,
+                    not_before: loaded.not_before,
+                };
+                Ok((loaded, rec))
+            })
+            .await
+            .and_then(|r| r),
+            Err(e) => Err(e),
+        };
+        // From the check to the record's write, no reconcile runs: a
+        // domain it removed is not written back.
+        let _writes = self.writes.lock().await;
+        let still_wanted = |st: &State| {
+            st.managed
+                .get(&job.domain)
+                .map(|m| m.names == job.names && m.mode == Mode::Acme)
+        };
+        match still_wanted(&self.state()) {
+            None => return Err("route removed".into()),
+            // The route changed while ordering; the next round orders again.
+            Some(false) => return Err("route changed while ordering".into()),
+            Some(true) => {}
+        }
+        let res = match res {
+            Ok((loaded, rec)) => {
+                tracing::info!(domain = %job.domain, not_after = loaded.not_after, "certificate issued");
+                let store = self.store.clone();
+                let saved = rec.clone();
+                let saved = blocking(move || store.save_cert(&saved).map_err(|e| e.to_string()))
+                    .await
+                    .and_then(|r| r);
+                if let Err(e) = saved {
+                    tracing::warn!(domain = %job.domain, error = %e, "could not persist certificate");
+                }
+                Ok((loaded, rec))
+            }
+            Err(e) => Err(e),
+        };
+        let mut st = self.state();
+        let Some(m) = st.managed.get_mut(&job.domain) else {
+            return Err("route removed".into());
+        };
+        match res {
+            Ok((loaded, rec)) => {
+                m.due_ms = Some(renewal_due_ms(loaded.not_before, loaded.not_after));
+                m.current = Some(loaded);
+                m.record = Some(rec);
+                m.failures = 0;
+                m.last_error = None;
+                m.ari_check_ms = if acme.ari_supported == Some(false) {
+                    i64::MAX
+                } else {
+                    now_ms()
+                };
+                self.rebuild_serving(&st.managed);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(domain = %job.domain, error = %e, failures = m.failures + 1, "certificate order failed");
+                self.fail(m, e.clone(), now_ms());
+                Err(e)
+            }
+        }
+    }
+
+    /// Ask the ACME server for renewal windows of certificates whose check is due.
+    async fn check_ari(&self, acme: &mut AcmeClient) {
+        if acme.ari_supported == Some(false) {
+            return;
+        }
+        let now = now_ms();
+        let due: Vec<(String, CertificateDer<'static>)> = self
+            .state()
+            .managed
+            .iter()
+            .filter(|(_, m)| m.mode == Mode::Acme && m.ari_check_ms <= now)
+            .filter_map(|(d, m)| {
+                m.current
+                    .as_ref()
+                    .and_then(|c| c.key.cert.first().cloned())
+                    .map(|c| (d.clone(), c))
+            })
+            .collect();
+        for (domain, der) in due {
+            let outcome = acme.renewal_window(self, &der).await;
+            let mut st = self.state();
+            let Some(m) = st.managed.get_mut(&domain) else {
+                continue;
+            };
+            match outcome {
+                AriOutcome::Window {
+                    start,
+                    end,
+                    retry_after,
+                } => {
+                    if let Some(due) = m.due_ms {
+                        let picked = apply_ari_window(due, start, end, rand::random::<f64>());
+                        if picked < due {
+                            tracing::info!(domain = %domain, "ARI window moves renewal earlier");
+                        }
+                        m.due_ms = Some(picked);
+                    }
+                    let wait =
+                        retry_after.clamp(Duration::from_secs(3600), Duration::from_secs(86400));
+                    m.ari_check_ms = now_ms() + wait.as_millis() as i64;
+                }
+                AriOutcome::Unsupported => m.ari_check_ms = i64::MAX,
+                AriOutcome::Failed => m.ari_check_ms = now_ms() + 3_600_000,
+            }
+        }
     }
 }
 
-fn load_manual(m: &mut Managed, cert: &PathBuf, key: &PathBuf, now: i64) {
-    let read = |what: &str, p: &PathBuf| {
+/// Read and parse a `manual` certificate's PEM files (blocking). A key
+/// file others can read is refused.
+fn read_manual(cert: &Path, key: &Path) -> Result<Loaded, String> {
+    let read = |what: &str, p: &Path| {
         std::fs::read(p).map_err(|e| format!("cannot read {what} file {}: {e}", p.display()))
     };
     // A key others can read is refused (the operator is told in `certs`).
-    let private = |p: &PathBuf| {
+    let private = |p: &Path| {
         use std::os::unix::fs::PermissionsExt;
         match std::fs::metadata(p) {
             Ok(meta) if meta.permissions().mode() & 0o077 != 0 => Err(format!(
@@ -257,12 +669,17 @@ fn load_manual(m: &mut Managed, cert: &PathBuf, key: &PathBuf, now: i64) {
             _ => Ok(()),
         }
     };
-    let res = read("certificate", cert)
+    read("certificate", cert)
         .and_then(|c| private(key).and_then(|()| read("key", key)).map(|k| (c, k)))
         .and_then(|(c, k)| {
-            certs::load_pem(&c, &k)
+            pem::load_pem(&c, &k)
                 .map_err(|e| format!("{} and {}: {e}", cert.display(), key.display()))
-        });
+        })
+}
+
+/// Apply the outcome of [`read_manual`]: the files are re-read after
+/// `MANUAL_RELOAD_MS` either way.
+fn manual_done(m: &mut Managed, res: Result<Loaded, String>, cert: &Path, now: i64) {
     match res {
         Ok(loaded) => {
             let missing: Vec<&str> = m
@@ -283,99 +700,6 @@ fn load_manual(m: &mut Managed, cert: &PathBuf, key: &PathBuf, now: i64) {
     m.due_ms = Some(now + MANUAL_RELOAD_MS);
 }
 
-fn fail(shared: &Shared, m: &mut Managed, err: String, now: i64) {
-    m.failures = m.failures.saturating_add(1);
-    let delay = backoff(
-        shared.config.acme_backoff_base,
-        shared.config.acme_backoff_cap,
-        m.failures,
-    );
-    m.due_ms = Some(now + delay.as_millis() as i64);
-    m.last_error = Some(err);
-}
-
-/// Publish the serving map from the managed set.
-fn rebuild_serving(shared: &Shared, managed: &HashMap<String, Managed>) {
-    let mut map = HashMap::new();
-    for m in managed.values() {
-        if let Some(cur) = &m.current {
-            for n in &m.names {
-                if cur.names.iter().any(|c| c == n) {
-                    map.insert(n.clone(), cur.key.clone());
-                }
-            }
-        }
-    }
-    shared.serving.store(Arc::new(map));
-}
-
-pub(crate) fn statuses(shared: &Shared) -> Vec<CertStatus> {
-    let Ok(managed) = shared.managed.lock() else {
-        return Vec::new();
-    };
-    let mut out: Vec<CertStatus> = managed
-        .iter()
-        .map(|(domain, m)| CertStatus {
-            domain: domain.clone(),
-            names: m.names.clone(),
-            mode: m.mode.label().to_owned(),
-            issuer: m.current.as_ref().map(|c| c.issuer.clone()),
-            not_after: m
-                .current
-                .as_ref()
-                .and_then(|c| certs::to_datetime(c.not_after)),
-            next_renewal: m.due_ms.and_then(|ms| {
-                time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok()
-            }),
-            last_error: m.last_error.clone(),
-        })
-        .collect();
-    out.sort_by(|a, b| a.domain.cmp(&b.domain));
-    out
-}
-
-pub(crate) fn request_renewal(
-    shared: &Shared,
-    name: &str,
-) -> Result<oneshot::Receiver<Result<(), String>>, Error> {
-    let (tx, rx) = oneshot::channel();
-    {
-        let mut managed = shared
-            .managed
-            .lock()
-            .map_err(|_| Error::Acme("state poisoned".into()))?;
-        let domain = if managed.contains_key(name) {
-            name.to_owned()
-        } else {
-            managed
-                .iter()
-                .find(|(_, m)| m.names.iter().any(|n| n == name))
-                .map(|(d, _)| d.clone())
-                .ok_or_else(|| Error::UnknownDomain(name.to_owned()))?
-        };
-        if let Some(m) = managed.get_mut(&domain) {
-            m.due_ms = Some(now_ms());
-        }
-        if let Ok(mut w) = shared.renew_waiters.lock() {
-            w.entry(domain).or_default().push(tx);
-        }
-    }
-    shared.wake.notify_one();
-    Ok(rx)
-}
-
-fn finish_waiters(shared: &Shared, domain: &str, res: &Result<(), String>) {
-    let waiters = shared
-        .renew_waiters
-        .lock()
-        .ok()
-        .and_then(|mut w| w.remove(domain))
-        .unwrap_or_default();
-    for w in waiters {
-        let _ = w.send(res.clone());
-    }
-}
-
 /// What the manager takes out of the lock to work on.
 struct Job {
     domain: String,
@@ -385,484 +709,11 @@ struct Job {
     replaces: Option<CertificateDer<'static>>,
 }
 
-/// The manager task: runs due work, then sleeps until the next due time or a wake-up.
-pub(crate) async fn run_manager(shared: Arc<Shared>) {
-    let mut shutdown = shared.shutdown.subscribe();
-    let mut acme = AcmeClient::default();
-    loop {
-        if *shutdown.borrow() {
-            break;
-        }
-        let now = now_ms();
-        let jobs: Vec<Job> = match shared.managed.lock() {
-            Ok(managed) => managed
-                .iter()
-                .filter(|(_, m)| m.due_ms.is_some_and(|d| d <= now))
-                .map(|(d, m)| Job {
-                    domain: d.clone(),
-                    names: m.names.clone(),
-                    mode: m.mode.clone(),
-                    failures: m.failures,
-                    replaces: m.current.as_ref().and_then(|c| c.key.cert.first().cloned()),
-                })
-                .collect(),
-            Err(_) => break,
-        };
-        for job in jobs {
-            let res = run_job(&shared, &mut acme, &job).await;
-            finish_waiters(&shared, &job.domain, &res);
-        }
-        check_ari(&shared, &mut acme).await;
-        let next = shared.managed.lock().ok().and_then(|m| {
-            m.values()
-                .flat_map(|m| {
-                    [
-                        m.due_ms,
-                        (m.ari_check_ms != i64::MAX).then_some(m.ari_check_ms),
-                    ]
-                })
-                .flatten()
-                .min()
-        });
-        let sleep = match next {
-            Some(t) => Duration::from_millis((t - now_ms()).clamp(0, 3_600_000) as u64),
-            None => Duration::from_secs(3600),
-        };
-        tokio::select! {
-            _ = tokio::time::sleep(sleep) => {}
-            _ = shared.wake.notified() => {}
-            _ = shutdown.changed() => {}
-        }
-    }
-}
-
-async fn run_job(shared: &Arc<Shared>, acme: &mut AcmeClient, job: &Job) -> Result<(), String> {
-    let now = now_ms();
-    match &job.mode {
-        Mode::Internal | Mode::Manual { .. } => {
-            let mut managed = shared.managed.lock().map_err(|_| "poisoned".to_owned())?;
-            let Some(m) = managed.get_mut(&job.domain) else {
-                return Err("route removed".into());
-            };
-            match job.mode.clone() {
-                Mode::Manual { cert, key } => load_manual(m, &cert, &key, now),
-                _ => issue_internal(shared, m, now),
-            }
-            let res = match &m.last_error {
-                Some(e) => Err(e.clone()),
-                None => Ok(()),
-            };
-            rebuild_serving(shared, &managed);
-            res
-        }
-        Mode::Acme => {
-            let kind = pick_challenge(&shared.config.acme_challenges, job.failures);
-            tracing::info!(domain = %job.domain, names = ?job.names, challenge = ?kind, "ordering certificate");
-            let attempt = tokio::time::timeout(
-                shared.config.acme_order_timeout,
-                acme.issue(shared, &job.names, kind, job.replaces.as_ref()),
-            )
-            .await
-            .unwrap_or_else(|_| Err("order timed out".into()));
-            let res = attempt.and_then(|(chain_pem, key_pem)| {
-                let loaded = certs::load_pem(chain_pem.as_bytes(), key_pem.as_bytes())?;
-                let rec = CertRecord {
-                    name: job.domain.clone(),
-                    names: job.names.clone(),
-                    cert_pem: chain_pem,
-                    key_pem,
-                    source: CertSource::Acme {
-                        directory: shared.config.acme_directory.clone().unwrap_or_default(),
-                    },
-                    not_after: loaded.not_after,
-                    not_before: loaded.not_before,
-                };
-                Ok((loaded, rec))
-            });
-            let mut managed = shared.managed.lock().map_err(|_| "poisoned".to_owned())?;
-            let Some(m) = managed.get_mut(&job.domain) else {
-                return Err("route removed".into());
-            };
-            if m.names != job.names || m.mode != Mode::Acme {
-                // The route changed while ordering; the next round orders again.
-                return Err("route changed while ordering".into());
-            }
-            match res {
-                Ok((loaded, rec)) => {
-                    tracing::info!(domain = %job.domain, not_after = loaded.not_after, "certificate issued");
-                    if let Err(e) = shared.store.save_cert(&rec) {
-                        tracing::warn!(domain = %job.domain, error = %e, "could not persist certificate");
-                    }
-                    m.due_ms = Some(renewal_due_ms(loaded.not_before, loaded.not_after));
-                    m.current = Some(loaded);
-                    m.record = Some(rec);
-                    m.failures = 0;
-                    m.last_error = None;
-                    m.ari_check_ms = if acme.ari_supported == Some(false) {
-                        i64::MAX
-                    } else {
-                        now_ms()
-                    };
-                    rebuild_serving(shared, &managed);
-                    Ok(())
-                }
-                Err(e) => {
-                    tracing::warn!(domain = %job.domain, error = %e, failures = m.failures + 1, "certificate order failed");
-                    fail(shared, m, e.clone(), now_ms());
-                    Err(e)
-                }
-            }
-        }
-    }
-}
-
-/// An error and its causes, `outer: inner: innermost`, so that a refused
-/// connection or a certificate the ACME server's TLS fails with is named.
-fn causes(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let s = c.to_string();
-        if !out.contains(&s) {
-            out.push_str(": ");
-            out.push_str(&s);
-        }
-        cur = c.source();
-    }
-    out
-}
-
 fn pick_challenge(prefs: &[ChallengeKind], failures: u32) -> ChallengeKind {
     if prefs.is_empty() {
         return ChallengeKind::Http01;
     }
     prefs[(failures as usize) % prefs.len()]
-}
-
-/// Ask the ACME server for renewal windows of certificates whose check is due.
-async fn check_ari(shared: &Arc<Shared>, acme: &mut AcmeClient) {
-    if acme.ari_supported == Some(false) {
-        return;
-    }
-    let now = now_ms();
-    let due: Vec<(String, CertificateDer<'static>)> = match shared.managed.lock() {
-        Ok(m) => m
-            .iter()
-            .filter(|(_, m)| m.mode == Mode::Acme && m.ari_check_ms <= now)
-            .filter_map(|(d, m)| {
-                m.current
-                    .as_ref()
-                    .and_then(|c| c.key.cert.first().cloned())
-                    .map(|c| (d.clone(), c))
-            })
-            .collect(),
-        Err(_) => return,
-    };
-    for (domain, der) in due {
-        let outcome = acme.renewal_window(shared, &der).await;
-        let Ok(mut managed) = shared.managed.lock() else {
-            return;
-        };
-        let Some(m) = managed.get_mut(&domain) else {
-            continue;
-        };
-        match outcome {
-            AriOutcome::Window {
-                start,
-                end,
-                retry_after,
-            } => {
-                if let Some(due) = m.due_ms {
-                    let picked = apply_ari_window(due, start, end, rand::random::<f64>());
-                    if picked < due {
-                        tracing::info!(domain = %domain, "ARI window moves renewal earlier");
-                    }
-                    m.due_ms = Some(picked);
-                }
-                let wait = retry_after.clamp(Duration::from_secs(3600), Duration::from_secs(86400));
-                m.ari_check_ms = now_ms() + wait.as_millis() as i64;
-            }
-            AriOutcome::Unsupported => m.ari_check_ms = i64::MAX,
-            AriOutcome::Failed => m.ari_check_ms = now_ms() + 3_600_000,
-        }
-    }
-}
-
-enum AriOutcome {
-    Window {
-        start: i64,
-        end: i64,
-        retry_after: Duration,
-    },
-    Unsupported,
-    Failed,
-}
-
-/// The ACME account, created once per directory and persisted.
-#[derive(Default)]
-struct AcmeClient {
-    account: Option<Account>,
-    ari_supported: Option<bool>,
-}
-
-impl AcmeClient {
-    async fn account(&mut self, shared: &Shared) -> Result<Account, String> {
-        if let Some(a) = &self.account {
-            return Ok(a.clone());
-        }
-        let dir = shared
-            .config
-            .acme_directory
-            .clone()
-            .ok_or_else(|| "no ACME directory configured".to_owned())?;
-        let builder = || -> Result<instant_acme::AccountBuilder, String> {
-            match &shared.config.acme_ca_root_pem {
-                Some(pem) => {
-                    let mut roots = rustls::RootCertStore::empty();
-                    for c in rustls_pemfile::certs(&mut &pem[..]) {
-                        let c = c.map_err(|e| format!("ACME root PEM: {e}"))?;
-                        roots.add(c).map_err(|e| format!("ACME root: {e}"))?;
-                    }
-                    let tls = rustls::ClientConfig::builder()
-                        .with_root_certificates(roots)
-                        .with_no_client_auth();
-                    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-                        .with_tls_config(tls)
-                        .https_only()
-                        .enable_http1()
-                        .enable_http2()
-                        .build();
-                    let client: HyperClient<_, BodyWrapper<Bytes>> =
-                        HyperClient::builder(TokioExecutor::new()).build(connector);
-                    Ok(Account::builder_with_http(Box::new(client)))
-                }
-                None => Account::builder().map_err(|e| e.to_string()),
-            }
-        };
-        let account = match shared.store.load_account(&dir) {
-            Some(creds) => {
-                let creds: AccountCredentials =
-                    serde_json::from_str(&creds).map_err(|e| format!("stored account: {e}"))?;
-                builder()?
-                    .from_credentials(creds)
-                    .await
-                    .map_err(|e| format!("ACME account: {}", causes(&e)))?
-            }
-            None => {
-                let contact = shared
-                    .config
-                    .acme_email
-                    .as_ref()
-                    .map(|e| format!("mailto:{e}"));
-                let contacts: Vec<&str> = contact.iter().map(String::as_str).collect();
-                let (account, creds) = builder()?
-                    .create(
-                        &NewAccount {
-                            contact: &contacts,
-                            terms_of_service_agreed: true,
-                            only_return_existing: false,
-                        },
-                        dir.clone(),
-                        None,
-                    )
-                    .await
-                    .map_err(|e| format!("ACME account: {}", causes(&e)))?;
-                let creds = serde_json::to_string(&creds).map_err(|e| e.to_string())?;
-                shared
-                    .store
-                    .save_account(&dir, &creds)
-                    .map_err(|e| e.to_string())?;
-                tracing::info!(directory = %dir, "ACME account created");
-                account
-            }
-        };
-        self.account = Some(account.clone());
-        Ok(account)
-    }
-
-    async fn renewal_window(&mut self, shared: &Shared, der: &CertificateDer<'_>) -> AriOutcome {
-        let Ok(account) = self.account(shared).await else {
-            return AriOutcome::Failed;
-        };
-        let Ok(id) = CertificateIdentifier::try_from(der) else {
-            return AriOutcome::Failed;
-        };
-        match account.renewal_info(&id).await {
-            Ok((info, retry_after)) => {
-                self.ari_supported = Some(true);
-                AriOutcome::Window {
-                    start: info.suggested_window.start.unix_timestamp(),
-                    end: info.suggested_window.end.unix_timestamp(),
-                    retry_after,
-                }
-            }
-            Err(instant_acme::Error::Unsupported(_)) => {
-                self.ari_supported = Some(false);
-                AriOutcome::Unsupported
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "ARI lookup failed");
-                AriOutcome::Failed
-            }
-        }
-    }
-
-    /// One complete order. Returns (chain PEM, key PEM).
-    async fn issue(
-        &mut self,
-        shared: &Shared,
-        names: &[String],
-        kind: ChallengeKind,
-        replaces: Option<&CertificateDer<'static>>,
-    ) -> Result<(String, String), String> {
-        let account = self.account(shared).await?;
-        let ids: Vec<Identifier> = names.iter().map(|n| Identifier::Dns(n.clone())).collect();
-        let replaces_id = replaces
-            .filter(|_| self.ari_supported == Some(true))
-            .and_then(|der| CertificateIdentifier::try_from(der).ok());
-        let mut order = match replaces_id {
-            Some(id) => match account.new_order(&NewOrder::new(&ids).replaces(id)).await {
-                Ok(o) => o,
-                Err(e) => {
-                    tracing::info!(error = %e, "order with `replaces` refused, ordering without");
-                    account
-                        .new_order(&NewOrder::new(&ids))
-                        .await
-                        .map_err(|e| format!("new order: {}", causes(&e)))?
-                }
-            },
-            None => account
-                .new_order(&NewOrder::new(&ids))
-                .await
-                .map_err(|e| format!("new order: {}", causes(&e)))?,
-        };
-        let mut guard = ChallengeGuard {
-            shared,
-            tokens: Vec::new(),
-            alpn_names: Vec::new(),
-        };
-        {
-            let mut authzs = order.authorizations();
-            while let Some(authz) = authzs.next().await {
-                let mut authz = authz.map_err(|e| format!("authorization: {}", causes(&e)))?;
-                match authz.status {
-                    AuthorizationStatus::Valid => continue,
-                    AuthorizationStatus::Pending => {}
-                    other => return Err(format!("authorization is {other:?}")),
-                }
-                let offered: Vec<ChallengeType> =
-                    authz.challenges.iter().map(|c| c.r#type.clone()).collect();
-                let want = match kind {
-                    ChallengeKind::Http01 => ChallengeType::Http01,
-                    ChallengeKind::TlsAlpn01 => ChallengeType::TlsAlpn01,
-                };
-                let ctype = if offered.contains(&want) {
-                    want
-                } else if offered.contains(&ChallengeType::Http01) {
-                    ChallengeType::Http01
-                } else if offered.contains(&ChallengeType::TlsAlpn01) {
-                    ChallengeType::TlsAlpn01
-                } else {
-                    return Err("no supported challenge offered".into());
-                };
-                let mut ch = authz
-                    .challenge(ctype.clone())
-                    .ok_or_else(|| "challenge vanished".to_owned())?;
-                let ka = ch.key_authorization();
-                let name = match ch.identifier().identifier {
-                    Identifier::Dns(n) => n.clone(),
-                    other => return Err(format!("unsupported identifier {other:?}")),
-                };
-                if ctype == ChallengeType::Http01 {
-                    guard.add_http01(ch.token.clone(), ka.as_str().to_owned());
-                } else {
-                    guard.add_alpn01(&name, ka.digest().as_ref())?;
-                }
-                ch.set_ready()
-                    .await
-                    .map_err(|e| format!("challenge ready: {}", causes(&e)))?;
-            }
-        }
-        let retry = RetryPolicy::new()
-            .initial_delay(Duration::from_millis(100))
-            .backoff(1.5)
-            .timeout(shared.config.acme_order_timeout);
-        let status = order
-            .poll_ready(&retry)
-            .await
-            .map_err(|e| format!("order: {}", causes(&e)))?;
-        if status != OrderStatus::Ready {
-            let detail = order
-                .state()
-                .error
-                .as_ref()
-                .map(|p| p.to_string())
-                .unwrap_or_default();
-            return Err(format!("order is {status:?} {detail}").trim().to_owned());
-        }
-        drop(guard);
-        let key = KeyPair::generate().map_err(|e| e.to_string())?;
-        let mut params = CertificateParams::new(names.to_vec()).map_err(|e| e.to_string())?;
-        params.distinguished_name = DistinguishedName::new();
-        let csr = params.serialize_request(&key).map_err(|e| e.to_string())?;
-        order
-            .finalize_csr(csr.der())
-            .await
-            .map_err(|e| format!("finalize: {}", causes(&e)))?;
-        let chain = order
-            .poll_certificate(&retry)
-            .await
-            .map_err(|e| format!("certificate: {}", causes(&e)))?;
-        Ok((chain, key.serialize_pem()))
-    }
-}
-
-/// Removes published challenge answers when an order attempt ends.
-struct ChallengeGuard<'a> {
-    shared: &'a Shared,
-    tokens: Vec<String>,
-    alpn_names: Vec<String>,
-}
-
-impl ChallengeGuard<'_> {
-    fn add_http01(&mut self, token: String, key_auth: String) {
-        if let Ok(mut m) = self.shared.http01.write() {
-            m.insert(token.clone(), key_auth);
-        }
-        self.tokens.push(token);
-    }
-
-    fn add_alpn01(&mut self, name: &str, digest: &[u8]) -> Result<(), String> {
-        let key = KeyPair::generate().map_err(|e| e.to_string())?;
-        let mut params =
-            CertificateParams::new(vec![name.to_owned()]).map_err(|e| e.to_string())?;
-        params.custom_extensions = vec![CustomExtension::new_acme_identifier(digest)];
-        let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
-        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        let signer =
-            rustls::crypto::ring::sign::any_supported_type(&key_der).map_err(|e| e.to_string())?;
-        let ck = rustls::sign::CertifiedKey::new(vec![cert.der().clone()], signer);
-        if let Ok(mut m) = self.shared.alpn01.write() {
-            m.insert(name.to_owned(), Arc::new(ck));
-        }
-        self.alpn_names.push(name.to_owned());
-        Ok(())
-    }
-}
-
-impl Drop for ChallengeGuard<'_> {
-    fn drop(&mut self) {
-        if let Ok(mut m) = self.shared.http01.write() {
-            for t in &self.tokens {
-                m.remove(t);
-            }
-        }
-        if let Ok(mut m) = self.shared.alpn01.write() {
-            for n in &self.alpn_names {
-                m.remove(n);
-            }
-        }
-    }
 }
 
 #[cfg(test)]

@@ -9,13 +9,13 @@ use std::sync::{Arc, Weak};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
-use crate::gateway::Shared;
+use super::Certs;
 
 pub(crate) const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 
-/// Holds the gateway weakly: the gateway holds the configuration.
+/// Holds the certificates weakly: they hold the configuration.
 struct Resolver {
-    shared: Weak<Shared>,
+    certs: Weak<Certs>,
 }
 
 impl fmt::Debug for Resolver {
@@ -26,7 +26,7 @@ impl fmt::Debug for Resolver {
 
 impl ResolvesServerCert for Resolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let shared = self.shared.upgrade()?;
+        let certs = self.certs.upgrade()?;
         let sni = hello
             .server_name()?
             .trim_end_matches('.')
@@ -36,9 +36,9 @@ impl ResolvesServerCert for Resolver {
             .map(|mut a| a.any(|p| p == ACME_TLS_ALPN))
             .unwrap_or(false);
         if acme {
-            return shared.alpn01.read().ok()?.get(&sni).cloned();
+            return certs.alpn_challenge(&sni);
         }
-        shared.serving.load().get(&sni).cloned()
+        certs.serving_for(&sni)
     }
 }
 
@@ -46,13 +46,13 @@ impl ResolvesServerCert for Resolver {
 /// shared by every listener and serving thread: a client resumes its TLS
 /// session whichever thread takes its next connection.
 pub(crate) fn server_config(
-    shared: &Arc<Shared>,
+    certs: &Arc<Certs>,
 ) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
-    if let Some(c) = shared.tls.get() {
+    if let Some(c) = certs.tls.get() {
         return Ok(c.clone());
     }
-    let made = make_server_config(Arc::downgrade(shared))?;
-    Ok(shared.tls.get_or_init(|| made).clone())
+    let made = make_server_config(Arc::downgrade(certs))?;
+    Ok(certs.tls.get_or_init(|| made).clone())
 }
 
 /// Cipher suites are chosen by the server's order, AES-128-GCM first: as
@@ -68,7 +68,7 @@ pub(crate) fn server_config(
 /// on resumption either, so a ticket issued for a name that has since lost
 /// its route still completes the handshake; its requests then get the
 /// unknown host's 404.
-fn make_server_config(shared: Weak<Shared>) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
+fn make_server_config(certs: Weak<Certs>) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
     use rustls::crypto::ring::cipher_suite as cs;
     let mut provider = rustls::crypto::ring::default_provider();
     provider.cipher_suites = vec![
@@ -85,7 +85,7 @@ fn make_server_config(shared: Weak<Shared>) -> Result<Arc<rustls::ServerConfig>,
     let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_cert_resolver(Arc::new(Resolver { shared }));
+        .with_cert_resolver(Arc::new(Resolver { certs }));
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), ACME_TLS_ALPN.to_vec()];
     cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(4096);
     cfg.ticketer = rustls::crypto::ring::Ticketer::new()?;
