@@ -72,8 +72,6 @@ use stats::Samples;
 
 /// Store collection holding each Incus sandbox's lifecycle metadata.
 pub const META_COLLECTION: &str = "lifecycle";
-/// Store collection of certificates, keyed by host name.
-pub const CERTS_COLLECTION: &str = "certs";
 /// Instance config key carrying the sandbox id.
 pub const ID_KEY: &str = "user.sandboxd.id";
 /// Default login user made in new containers.

@@ -7,7 +7,7 @@ use store::{Sandbox, SandboxStatus};
 
 use super::{
     addresses_of, lock, state_name, Lifecycle, LifecycleError, Result, ADDRESS_TIMEOUT,
-    CERTS_COLLECTION, ID_KEY, META_COLLECTION, STOP_GRACE,
+    ID_KEY, META_COLLECTION, STOP_GRACE,
 };
 use crate::api::SandboxView;
 
@@ -90,8 +90,9 @@ impl Lifecycle {
         Ok(crate::admin::view(&sb))
     }
 
-    /// Deletes a sandbox: its route first, then the container, then its
-    /// certificates, then the record. A failure leaves the record `Failed`
+    /// Deletes a sandbox: its route first (the HTTPS gate's certificate
+    /// manager then deletes its certificates), then the container, then
+    /// the record. A failure leaves the record `Failed`
     /// (unrouted) so that `delete` can be run again.
     pub async fn delete(self: &Arc<Self>, name: &str) -> Result<SandboxView> {
         let _claim = self.claim(name)?;
@@ -127,12 +128,10 @@ impl Lifecycle {
         if let Err(e) = self.remove_egress(&sb).await {
             return Err(self.delete_failed(name, e).await);
         }
-        let hosts = sb.hosts();
         let n = name.to_string();
+        // The sandbox's certificate records are the HTTPS gate's to delete
+        // (its certificate manager, when the routes go).
         self.blocking(move |s| {
-            for h in &hosts {
-                s.delete_record(CERTS_COLLECTION, h)?;
-            }
             s.delete_record(META_COLLECTION, &n)?;
             Ok(())
         })
