@@ -6,8 +6,8 @@ use std::sync::Arc;
 use store::{Sandbox, SandboxStatus};
 
 use super::{
-    addresses_of, lock, state_name, Lifecycle, LifecycleError, Result, ADDRESS_TIMEOUT,
-    ID_KEY, META_COLLECTION, STOP_GRACE,
+    addresses_of, lock, state_name, Lifecycle, LifecycleError, Result, ADDRESS_TIMEOUT, ID_KEY,
+    META_COLLECTION, STOP_GRACE,
 };
 use crate::api::SandboxView;
 
