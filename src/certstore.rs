@@ -1,7 +1,9 @@
 //! The HTTPS gate's persistence, implemented over the store's opaque
 //! records: certificates (`certs`, by name), ACME accounts
 //! (`acme-accounts`, by directory URL) and the internal CA (`internal-ca`).
-//! All of it lives in the 0700 state directory.
+//! All of it lives in the 0700 state directory. Every call may block (a
+//! write flushes sled to disk): httpgate makes them on tokio's blocking
+//! threads, never on its async ones.
 
 use std::sync::Arc;
 

@@ -255,10 +255,6 @@ pub async fn run(
     };
     let https_port = bound.https_addrs.first().map_or(443, |a| a.port());
     let mut http_config = httpgate::HttpConfig {
-        default_tls: match config.tls_mode {
-            TlsMode::Acme => httpgate::TlsModeKind::Acme,
-            TlsMode::Internal => httpgate::TlsModeKind::Internal,
-        },
         acme_directory: Some(config.acme_directory.clone()),
         acme_ca_root_pem,
         acme_email: config.acme_email.clone(),
@@ -268,12 +264,18 @@ pub async fn run(
         ..Default::default()
     };
     config.http.apply(&mut http_config);
-    let http = httpgate::HttpGateway::new(
-        http_config,
-        Arc::new(routes::HttpRoutes(routes.clone())),
-        Arc::new(StoreCerts(store.clone())),
-    )
-    .context("starting the HTTPS gate")?;
+    // Made on a blocking thread: it reads and may write the store (the
+    // internal CA) and makes the first certificates.
+    let http = {
+        let http_routes = Arc::new(routes::HttpRoutes(routes.clone()));
+        let certs = Arc::new(StoreCerts(store.clone()));
+        tokio::task::spawn_blocking(move || {
+            httpgate::HttpGateway::new(http_config, http_routes, certs)
+        })
+        .await
+        .context("starting the HTTPS gate")?
+        .context("starting the HTTPS gate")?
+    };
     // Certificates follow the routing snapshot.
     let follower = {
         let http = http.clone();

@@ -4,14 +4,6 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-/// The default certificate mode, for the daemon's convenience.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum TlsModeKind {
-    #[default]
-    Acme,
-    Internal,
-}
-
 /// An ACME challenge type the gateway can answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChallengeKind {
@@ -183,8 +175,6 @@ pub const DEFAULT_INTERNAL_SUFFIXES: [&str; 6] = [
 /// Everything the gateway needs besides routes and persistence.
 #[derive(Debug, Clone)]
 pub struct HttpConfig {
-    /// The daemon's default certificate mode (routes carry their effective mode).
-    pub default_tls: TlsModeKind,
     /// ACME directory URL; `None` disables ACME (routes in `acme` mode get no certificate).
     pub acme_directory: Option<String>,
     /// Extra trust root (PEM) for the ACME server's own TLS (e.g. Pebble). When set,
@@ -226,7 +216,6 @@ pub struct HttpConfig {
 impl Default for HttpConfig {
     fn default() -> Self {
         Self {
-            default_tls: TlsModeKind::Acme,
             acme_directory: None,
             acme_ca_root_pem: None,
             acme_email: None,

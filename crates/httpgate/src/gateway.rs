@@ -87,8 +87,11 @@ pub struct HttpGateway {
 
 impl HttpGateway {
     /// Create the gateway: restore or create the internal CA, load stored
-    /// certificates, and start the certificate manager. Must be called inside a
-    /// tokio runtime.
+    /// certificates, make the certificates of the hosts routed now, and
+    /// start the certificate manager. Must be called inside a tokio
+    /// runtime; it blocks (store reads and writes, signing), so a daemon
+    /// calls it from `spawn_blocking` (whose threads are inside the
+    /// runtime) or before serving anything else.
     pub fn new(
         config: HttpConfig,
         routes: Arc<dyn RouteSource>,

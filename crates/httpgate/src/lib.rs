@@ -38,8 +38,7 @@ use serde::{Deserialize, Serialize};
 pub use cert::ca::internal_name_allowed;
 pub use cert::pem::{check_pem_pair, PemError};
 pub use config::{
-    ChallengeKind, Hsts, HttpConfig, Limits, LoginLimits, Timeouts, TlsModeKind,
-    DEFAULT_INTERNAL_SUFFIXES,
+    ChallengeKind, Hsts, HttpConfig, Limits, LoginLimits, Timeouts, DEFAULT_INTERNAL_SUFFIXES,
 };
 pub use error::{Error, StoreError};
 pub use gateway::{bind_per_thread, HttpGateway, ThreadListeners};
