@@ -4,13 +4,14 @@
 //! client-address headers are the proxy's own, names with `_` are dropped;
 //! hop-by-hop headers go both ways (`strip_hop_by_hop`).
 
+use std::net::SocketAddr;
+
 use http::header::{
     HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST, TRANSFER_ENCODING, UPGRADE,
 };
 use http::{Request, Uri, Version};
 
 use crate::gateway::Shared;
-use crate::proxy::ConnInfo;
 use crate::HttpConfig;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -205,28 +206,34 @@ fn strip_underscored(h: &mut HeaderMap) {
 /// and names with `_` dropped. From a trusted proxy, the `X-Forwarded-*`,
 /// `X-Real-IP`, `True-Client-IP` and `Forwarded` it sent are kept
 /// (`X-Forwarded-For` appended to); `Host` and the `_` rule hold for
-/// every peer.
-pub(crate) fn set_forwarded(shared: &Shared, conn: &ConnInfo, h: &mut HeaderMap, host: &str) {
+/// every peer. `peer` is the client (`peer_ip`: its address as a header
+/// value, made once per connection); `tls`: whether it came over HTTPS.
+pub(crate) fn set_forwarded(
+    shared: &Shared,
+    (peer, peer_ip, tls): (SocketAddr, &HeaderValue, bool),
+    h: &mut HeaderMap,
+    host: &str,
+) {
     strip_underscored(h);
     let routed = routed_host(shared, h, host);
     match &routed {
         Some(v) => h.insert(HOST, v.clone()),
         None => h.remove(HOST),
     };
-    let trusted = shared.config.trusted_proxies.contains(&conn.peer.ip());
+    let trusted = shared.config.trusted_proxies.contains(&peer.ip());
     let prev = match trusted {
         true => h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()),
         false => None,
     };
     let xff = match prev {
-        Some(prev) => HeaderValue::from_str(&format!("{prev}, {}", conn.peer.ip())).ok(),
-        None => Some(conn.peer_ip.clone()),
+        Some(prev) => HeaderValue::from_str(&format!("{prev}, {}", peer.ip())).ok(),
+        None => Some(peer_ip.clone()),
     };
     if let Some(v) = xff {
         h.insert(X_FORWARDED_FOR.clone(), v);
     }
     if !(trusted && h.contains_key(&X_FORWARDED_PROTO)) {
-        let proto = if conn.tls { "https" } else { "http" };
+        let proto = if tls { "https" } else { "http" };
         h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
     }
     if !(trusted && h.contains_key(&X_FORWARDED_HOST)) {
@@ -240,7 +247,7 @@ pub(crate) fn set_forwarded(shared: &Shared, conn: &ConnInfo, h: &mut HeaderMap,
         h.insert(X_FORWARDED_PORT.clone(), port);
     }
     if !(trusted && h.contains_key(&X_REAL_IP)) {
-        h.insert(X_REAL_IP.clone(), conn.peer_ip.clone());
+        h.insert(X_REAL_IP.clone(), peer_ip.clone());
     }
     if !trusted {
         h.remove(&FORWARDED);

@@ -329,7 +329,8 @@ async fn forward(
     if pass.strip_authorization {
         parts.headers.remove(AUTHORIZATION);
     }
-    set_forwarded(shared, conn, &mut parts.headers, host);
+    let client = (conn.peer, &conn.peer_ip, conn.tls);
+    set_forwarded(shared, client, &mut parts.headers, host);
     parts.version = Version::HTTP_11;
     let timeouts = &shared.config.timeouts;
     if let Some(own) = conn.upstreams.as_ref() {
