@@ -232,7 +232,7 @@ impl Certs {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
-    use crate::{CaRecord, Route, StoreError};
+    use crate::{Access, CaRecord, Route, RouteKind, StoreError, Target, TlsMode};
 
     #[derive(Default)]
     struct NoRoutes;
@@ -245,8 +245,39 @@ mod tests {
         }
     }
 
+    /// Routes a test edits.
     #[derive(Default)]
-    struct Mem(Mutex<Option<CaRecord>>);
+    struct Routes(Mutex<Vec<(String, Arc<Route>)>>);
+    impl RouteSource for Routes {
+        fn lookup(&self, host: &str) -> Option<Arc<Route>> {
+            let r = self.0.lock().unwrap();
+            r.iter().find(|(h, _)| h == host).map(|(_, r)| r.clone())
+        }
+        fn hosts(&self) -> Vec<(String, Arc<Route>)> {
+            self.0.lock().unwrap().clone()
+        }
+    }
+    impl Routes {
+        fn set(&self, host: &str, tls: TlsMode) {
+            let route = Route {
+                sandbox: host.to_owned(),
+                kind: RouteKind::App,
+                target: Target::Stopped,
+                access: Access::Open,
+                tls,
+            };
+            let mut r = self.0.lock().unwrap();
+            r.retain(|(h, _)| h != host);
+            r.push((host.to_owned(), Arc::new(route)));
+        }
+        fn remove(&self, host: &str) {
+            self.0.lock().unwrap().retain(|(h, _)| h != host);
+        }
+    }
+
+    /// A store that keeps the CA and records which certificates were deleted.
+    #[derive(Default)]
+    struct Mem(Mutex<Option<CaRecord>>, Mutex<Vec<String>>);
     impl CertStore for Mem {
         fn load_certs(&self) -> Vec<CertRecord> {
             Vec::new()
@@ -254,7 +285,8 @@ mod tests {
         fn save_cert(&self, _: &CertRecord) -> Result<(), StoreError> {
             Ok(())
         }
-        fn delete_cert(&self, _: &str) -> Result<(), StoreError> {
+        fn delete_cert(&self, name: &str) -> Result<(), StoreError> {
+            self.1.lock().unwrap().push(name.to_owned());
             Ok(())
         }
         fn load_account(&self, _: &str) -> Option<String> {
@@ -350,5 +382,42 @@ mod tests {
         assert!(c.statuses().is_empty());
         assert!(!c.state.is_poisoned(), "recovered once");
         assert!(c.request_renewal("nothing.test").is_err());
+    }
+
+    #[tokio::test]
+    async fn reconcile_serves_routed_hosts_and_deletes_only_acme_records() {
+        crate::install_crypto_provider();
+        let routes = Arc::new(Routes::default());
+        let store = Arc::new(Mem::default());
+        let c = Arc::new(Certs::new(HttpConfig::default(), routes.clone(), store.clone()).unwrap());
+        routes.set("int.test", TlsMode::Internal);
+        routes.set("acme.test", TlsMode::Acme);
+        assert!(
+            c.serving_for("int.test").is_none(),
+            "not before the reconcile"
+        );
+        c.reconcile().await;
+        assert!(
+            c.serving_for("int.test").is_some(),
+            "issued by the reconcile"
+        );
+        assert!(c.serving_for("acme.test").is_none(), "no ACME directory");
+        let modes: Vec<String> = c.statuses().into_iter().map(|s| s.mode).collect();
+        assert_eq!(modes, ["acme", "internal"]);
+        assert!(store.1.lock().unwrap().is_empty());
+
+        routes.remove("int.test");
+        routes.remove("acme.test");
+        c.reconcile().await;
+        assert!(
+            c.serving_for("int.test").is_none(),
+            "removed host not served"
+        );
+        assert!(c.statuses().is_empty());
+        assert_eq!(
+            *store.1.lock().unwrap(),
+            ["acme.test"],
+            "the removed ACME host's record is deleted, once; internal leaves none"
+        );
     }
 }
