@@ -16,8 +16,6 @@ pub enum Error {
     Tls(#[from] rustls::Error),
     #[error("certificate for {domain}: {reason}")]
     Cert { domain: String, reason: String },
-    #[error("ACME: {0}")]
-    Acme(String),
     #[error("no routed domain {0}")]
     UnknownDomain(String),
     #[error("the gateway is shut down")]
