@@ -4,6 +4,7 @@
 //! newline-delimited JSON [`Event`]s.
 
 use serde::{Deserialize, Serialize};
+pub use store::TlsMode;
 
 /// Media type of streamed responses.
 pub const NDJSON: &str = "application/x-ndjson";
@@ -31,7 +32,7 @@ pub struct AddSandbox {
     #[serde(default)]
     pub auth: Option<SetAuth>,
     #[serde(default)]
-    pub tls_mode: Option<String>,
+    pub tls_mode: Option<TlsMode>,
     /// `manual` TLS mode: certificate chain and key PEM files (absolute paths).
     #[serde(default)]
     pub tls_cert_file: Option<String>,
@@ -110,7 +111,7 @@ pub struct SandboxView {
     pub upstream_public_key: String,
     pub upstream_host_key: Option<String>,
     pub auth_user: Option<String>,
-    pub tls_mode: Option<String>,
+    pub tls_mode: Option<TlsMode>,
     /// `manual` TLS mode: the certificate and key files the daemon reads.
     #[serde(default)]
     pub tls_cert_file: Option<String>,

@@ -20,17 +20,27 @@ use http_body_util::{BodyExt, Full, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
-use store::{Backend, KeyPair, Sandbox, SandboxStatus, Store};
+use store::Store;
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, watch};
 
-use crate::api::{
-    self, AddSandbox, ErrorBody, ErrorEnvelope, Event, KeyRequest, SandboxView, SetAuth, SetPort,
-    Status,
-};
-use crate::keys;
+use crate::api::{self, ErrorEnvelope, Event, Status};
 use crate::routes::Routes;
 use crate::tlsfiles;
+
+mod error;
+mod sandboxes;
+
+pub use error::ApiError;
+
+// Transitional: lifecycle's call sites move to `crate::sandbox` once its
+// split has landed.
+pub(crate) use crate::sandbox::{view, NewSandbox};
+pub(crate) async fn new_sandbox(req: NewSandbox) -> Result<store::Sandbox, ApiError> {
+    crate::sandbox::new_sandbox(req)
+        .await
+        .map_err(ApiError::from)
+}
 
 pub(crate) type Body = UnsyncBoxBody<Bytes, Infallible>;
 
@@ -88,49 +98,6 @@ impl Access {
         nix::unistd::getgrouplist(&name, user.gid)
             .map(|groups| groups.contains(&group))
             .unwrap_or(false)
-    }
-}
-
-/// A failed call: HTTP status, stable code, one-line message.
-#[derive(Debug)]
-pub struct ApiError {
-    pub status: StatusCode,
-    pub code: &'static str,
-    pub message: String,
-}
-
-impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            code,
-            message: message.into(),
-        }
-    }
-    pub(crate) fn bad(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "invalid_argument", message)
-    }
-    pub(crate) fn internal(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
-    }
-    fn body(&self) -> ErrorBody {
-        ErrorBody {
-            code: self.code.to_string(),
-            message: self.message.clone(),
-        }
-    }
-}
-
-impl From<store::Error> for ApiError {
-    fn from(e: store::Error) -> Self {
-        use store::Error as E;
-        let status = match &e {
-            E::Invalid { .. } | E::BadBackup(_) => StatusCode::BAD_REQUEST,
-            E::NameTaken(_) | E::HostTaken { .. } | E::NotEmpty(_) => StatusCode::CONFLICT,
-            E::NotFound(_) => StatusCode::NOT_FOUND,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        ApiError::new(status, e.code(), e.to_string())
     }
 }
 
@@ -310,24 +277,26 @@ async fn route(ctx: Arc<AdminContext>, req: Request<Incoming>) -> Response<Body>
     let result = match (&method, segments.as_slice()) {
         (&Method::GET, ["v1", "status"]) => Ok(json(StatusCode::OK, &status(&ctx))),
         (&Method::GET, ["v1", "routes"]) => Ok(json(StatusCode::OK, &ctx.routes.snapshot().dump())),
-        (&Method::GET, ["v1", "sandboxes"]) => list(&ctx).await,
-        (&Method::POST, ["v1", "sandboxes"]) => add(&ctx, req.into_body()).await,
-        (&Method::GET, ["v1", "sandboxes", name]) => show(&ctx, name).await,
-        (&Method::DELETE, ["v1", "sandboxes", name]) => remove(&ctx, name).await,
-        (&Method::GET, ["v1", "sandboxes", name, "keys"]) => keys_list(&ctx, name).await,
+        (&Method::GET, ["v1", "sandboxes"]) => sandboxes::list(&ctx).await,
+        (&Method::POST, ["v1", "sandboxes"]) => sandboxes::add(&ctx, req.into_body()).await,
+        (&Method::GET, ["v1", "sandboxes", name]) => sandboxes::show(&ctx, name).await,
+        (&Method::DELETE, ["v1", "sandboxes", name]) => sandboxes::remove(&ctx, name).await,
+        (&Method::GET, ["v1", "sandboxes", name, "keys"]) => sandboxes::keys_list(&ctx, name).await,
         (&Method::POST, ["v1", "sandboxes", name, "keys"]) => {
-            keys_add(&ctx, name, req.into_body()).await
+            sandboxes::keys_add(&ctx, name, req.into_body()).await
         }
         (&Method::DELETE, ["v1", "sandboxes", name, "keys"]) => {
-            keys_remove(&ctx, name, req.into_body()).await
+            sandboxes::keys_remove(&ctx, name, req.into_body()).await
         }
         (&Method::PUT, ["v1", "sandboxes", name, "app-port"]) => {
-            set_port(&ctx, name, req.into_body()).await
+            sandboxes::set_port(&ctx, name, req.into_body()).await
         }
         (&Method::PUT, ["v1", "sandboxes", name, "auth"]) => {
-            set_auth(&ctx, name, req.into_body()).await
+            sandboxes::set_auth(&ctx, name, req.into_body()).await
         }
-        (&Method::DELETE, ["v1", "sandboxes", name, "auth"]) => clear_auth(&ctx, name).await,
+        (&Method::DELETE, ["v1", "sandboxes", name, "auth"]) => {
+            sandboxes::clear_auth(&ctx, name).await
+        }
         (&Method::GET, ["v1", "sessions"]) => Ok(json(StatusCode::OK, &ctx.ssh.sessions())),
         (&Method::DELETE, ["v1", "sessions", id]) => kill_session(&ctx, id),
         (&Method::GET, ["v1", "certs"]) => Ok(json(StatusCode::OK, &ctx.http.certs())),
@@ -346,16 +315,12 @@ async fn route(ctx: Arc<AdminContext>, req: Request<Incoming>) -> Response<Body>
         (_, ["v1", "incus", rest @ ..]) => {
             crate::lifecycle::http::handle(&ctx, &method, rest, req).await
         }
-        (_, ["v1", ..]) => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "no_such_call",
-            format!("no admin call {method} {path}"),
-        )),
-        _ => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "no_such_call",
-            format!("no admin call {method} {path} (this daemon speaks /v1/)"),
-        )),
+        (_, ["v1", ..]) => Err(ApiError::not_found_call(format!(
+            "no admin call {method} {path}"
+        ))),
+        _ => Err(ApiError::not_found_call(format!(
+            "no admin call {method} {path} (this daemon speaks /v1/)"
+        ))),
     };
     let resp = result.unwrap_or_else(|e| error_response(&e));
     tracing::debug!(%method, %path, status = resp.status().as_u16(), "admin call");
@@ -379,425 +344,6 @@ fn status(ctx: &AdminContext) -> Status {
         https_connections: ctx.http.open_connections(),
         ca_notice: ctx.http.ca_replaced(),
     }
-}
-
-/// The public view of a sandbox: no private key, no password hash.
-pub fn view(sb: &Sandbox) -> SandboxView {
-    let (backend, upstream) = match &sb.backend {
-        Backend::Static { host } => ("static", host.clone()),
-        Backend::Incus { instance } => ("incus", instance.clone()),
-    };
-    let (status, status_reason) = match &sb.status {
-        SandboxStatus::Running => ("running".to_string(), None),
-        SandboxStatus::Stopped => ("stopped".to_string(), None),
-        SandboxStatus::Creating { step } => ("creating".to_string(), Some(step.clone())),
-        SandboxStatus::Failed { reason } => ("failed".to_string(), Some(reason.clone())),
-    };
-    SandboxView {
-        name: sb.name.clone(),
-        domain: sb.domain.clone(),
-        agent_host: sb.agent_host(),
-        backend: backend.into(),
-        upstream,
-        ssh_port: sb.ssh_port,
-        app_port: sb.app_port,
-        agent_port: sb.agent_port,
-        user: sb.user.clone(),
-        status,
-        status_reason,
-        addresses: sb.addresses.clone(),
-        assigned_ipv4: sb.assigned_ipv4.clone(),
-        egress: match &sb.backend {
-            Backend::Incus { .. } => Some(sb.egress.mode.as_str().to_string()),
-            Backend::Static { .. } => None,
-        },
-        egress_allow: sb.egress.allow.clone(),
-        client_keys: sb.client_keys.iter().map(|k| keys::view(k)).collect(),
-        upstream_public_key: sb.upstream_key.public_openssh.clone(),
-        upstream_host_key: sb.upstream_host_key.clone(),
-        auth_user: sb.basic_auth.as_ref().map(|a| a.user.clone()),
-        tls_mode: sb.tls_mode.clone(),
-        tls_cert_file: sb.tls_cert_file.clone(),
-        tls_key_file: sb.tls_key_file.clone(),
-        created_at: sb.created_at,
-        updated_at: sb.updated_at,
-    }
-}
-
-async fn list(ctx: &Arc<AdminContext>) -> Result<Response<Body>, ApiError> {
-    let store = ctx.store.clone();
-    let all = blocking(move || store.list().map_err(ApiError::from)).await?;
-    let views: Vec<SandboxView> = all.iter().map(view).collect();
-    Ok(json(StatusCode::OK, &views))
-}
-
-async fn get(ctx: &Arc<AdminContext>, name: &str) -> Result<Sandbox, ApiError> {
-    let store = ctx.store.clone();
-    let n = name.to_string();
-    blocking(move || store.get(&n).map_err(ApiError::from))
-        .await?
-        .ok_or_else(|| store::Error::NotFound(name.to_string()).into())
-}
-
-async fn show(ctx: &Arc<AdminContext>, name: &str) -> Result<Response<Body>, ApiError> {
-    Ok(json(StatusCode::OK, &view(&get(ctx, name).await?)))
-}
-
-pub(crate) fn parse_keys(lines: &[String]) -> Result<Vec<String>, ApiError> {
-    lines
-        .iter()
-        .map(|l| {
-            keys::parse_public(l)
-                .map(|k| keys::to_line(&k))
-                .map_err(|e| ApiError::bad(e.to_string()))
-        })
-        .collect()
-}
-
-pub(crate) fn check_auth(auth: &SetAuth) -> Result<(), ApiError> {
-    if auth.user.is_empty()
-        || auth.user.len() > 64
-        || auth.user.contains(':')
-        || auth.user.chars().any(char::is_control)
-    {
-        return Err(ApiError::bad(
-            "auth user must be 1 to 64 characters, without ':' or control characters",
-        ));
-    }
-    if auth.password.is_empty() || auth.password.len() > 1024 {
-        return Err(ApiError::bad("password must be 1 to 1024 bytes"));
-    }
-    Ok(())
-}
-
-/// The app port must not be the agent port: the app domain is served
-/// without a login, so it would open the agent to everyone.
-pub(crate) fn check_ports(app_port: u16, agent_port: u16) -> Result<(), store::Error> {
-    if app_port == agent_port {
-        return Err(store::Error::Invalid {
-            field: "app port",
-            reason: format!(
-                "{app_port} is the agent port: the app domain has no login, so it would serve the agent to anyone; pick another port"
-            ),
-        });
-    }
-    Ok(())
-}
-
-/// Hashes a password as an argon2id PHC string (off the async threads).
-pub(crate) async fn hash_password(password: String) -> Result<String, ApiError> {
-    blocking(move || {
-        use argon2::password_hash::{PasswordHasher, SaltString};
-        let salt = SaltString::generate(&mut argon2::password_hash::rand_core::OsRng);
-        argon2::Argon2::default()
-            .hash_password(password.as_bytes(), &salt)
-            .map(|h| h.to_string())
-            .map_err(|e| ApiError::internal(format!("hashing password: {e}")))
-    })
-    .await
-}
-
-/// Commits through `f` on a blocking thread, then waits until the routing
-/// snapshot includes the change.
-async fn commit<T: Send + 'static>(
-    ctx: &Arc<AdminContext>,
-    f: impl FnOnce(&Store) -> Result<(T, u64), store::Error> + Send + 'static,
-) -> Result<T, ApiError> {
-    let store = ctx.store.clone();
-    let (value, seq) = blocking(move || f(&store).map_err(ApiError::from)).await?;
-    ctx.routes.wait_applied(seq).await;
-    Ok(value)
-}
-
-/// What a new sandbox record is made from; shared by `add` (static
-/// backends) and the Incus `create`/`import`.
-pub(crate) struct NewSandbox {
-    pub name: String,
-    pub domain: String,
-    pub backend: Backend,
-    pub ssh_port: u16,
-    pub app_port: u16,
-    pub agent_port: u16,
-    pub agent_prefix: String,
-    pub user: String,
-    pub ssh_keys: Vec<String>,
-    pub upstream_host_key: Option<String>,
-    pub auth: Option<SetAuth>,
-    pub tls_mode: Option<String>,
-    /// `manual` mode's PEM files (certificate chain, key), absolute paths;
-    /// checked by [`crate::tlsfiles`].
-    pub tls_cert_file: Option<String>,
-    pub tls_key_file: Option<String>,
-    pub status: SandboxStatus,
-    /// Which domains may use `internal` TLS mode.
-    pub tls_policy: tlsfiles::Policy,
-}
-
-/// Checks what the store cannot (client keys, host key, auth, TLS mode
-/// and manual files),
-/// hashes the password and makes the gateway's key pair. The record is
-/// not stored yet; its shape is checked by the store's insert.
-pub(crate) async fn new_sandbox(req: NewSandbox) -> Result<Sandbox, ApiError> {
-    check_ports(req.app_port, req.agent_port).map_err(ApiError::from)?;
-    if req.ssh_keys.is_empty() {
-        return Err(ApiError::bad(
-            "at least one client SSH key is needed, or nobody could log in",
-        ));
-    }
-    let client_keys = parse_keys(&req.ssh_keys)?;
-    let upstream_host_key = match &req.upstream_host_key {
-        Some(k) => Some(
-            keys::parse_public(k)
-                .map(|k| keys::to_line(&k))
-                .map_err(|e| ApiError::bad(format!("upstream host key: {e}")))?,
-        ),
-        None => None,
-    };
-    let basic_auth = match req.auth {
-        Some(auth) => {
-            check_auth(&auth)?;
-            Some(store::BasicAuth {
-                user: auth.user.clone(),
-                password_hash: hash_password(auth.password).await?,
-            })
-        }
-        None => None,
-    };
-    let tls_files =
-        tlsfiles::settings(req.tls_mode.as_deref(), req.tls_cert_file, req.tls_key_file)
-            .map_err(|e| ApiError::bad(e.to_string()))?;
-    // A malformed domain gets the store's message, not this one.
-    if store::validate_domain(&req.domain).is_ok() {
-        req.tls_policy
-            .check(req.tls_mode.as_deref(), &req.domain)
-            .map_err(|e| ApiError::bad(e.to_string()))?;
-    }
-    let (tls_cert_file, tls_key_file) = match tls_files {
-        Some(files) => {
-            let checked = files.clone();
-            blocking(move || {
-                tlsfiles::check_files(&checked).map_err(|e| ApiError::bad(e.to_string()))
-            })
-            .await?;
-            (Some(files.cert), Some(files.key))
-        }
-        None => (None, None),
-    };
-    let (private, public) = keys::generate_ed25519(&format!("sandboxd@{}", req.name))
-        .map_err(|e| ApiError::internal(e.to_string()))?;
-    Ok(Sandbox {
-        name: req.name,
-        domain: req.domain,
-        backend: req.backend,
-        ssh_port: req.ssh_port,
-        app_port: req.app_port,
-        agent_port: req.agent_port,
-        agent_prefix: req.agent_prefix,
-        user: req.user,
-        client_keys,
-        upstream_key: KeyPair {
-            private_openssh: private,
-            public_openssh: public,
-        },
-        upstream_host_key,
-        basic_auth,
-        tls_mode: req.tls_mode,
-        tls_cert_file,
-        tls_key_file,
-        status: req.status,
-        addresses: vec![],
-        assigned_ipv4: None,
-        egress: Default::default(),
-        created_at: 0,
-        updated_at: 0,
-    })
-}
-
-async fn add(ctx: &Arc<AdminContext>, body: Incoming) -> Result<Response<Body>, ApiError> {
-    let req: AddSandbox = read_json(body, MAX_BODY).await?;
-    store::validate_name(&req.name)?;
-    let sandbox = new_sandbox(NewSandbox {
-        domain: req.domain.trim().to_ascii_lowercase(),
-        backend: Backend::Static {
-            host: req.upstream.trim().to_string(),
-        },
-        ssh_port: req.ssh_port.unwrap_or(store::DEFAULT_SSH_PORT),
-        app_port: req.app_port.unwrap_or(store::DEFAULT_APP_PORT),
-        agent_port: req.agent_port.unwrap_or(store::DEFAULT_AGENT_PORT),
-        agent_prefix: req
-            .agent_prefix
-            .unwrap_or_else(|| store::DEFAULT_AGENT_PREFIX.to_string()),
-        user: req.user.unwrap_or_else(|| "root".to_string()),
-        ssh_keys: req.ssh_keys,
-        upstream_host_key: req.upstream_host_key,
-        auth: req.auth,
-        tls_cert_file: req.tls_cert_file,
-        tls_key_file: req.tls_key_file,
-        tls_mode: req.tls_mode,
-        status: SandboxStatus::Running,
-        name: req.name,
-        tls_policy: ctx.tls_policy.clone(),
-    })
-    .await?;
-    let name = sandbox.name.clone();
-    commit(ctx, move |s| s.insert(sandbox).map(|seq| ((), seq))).await?;
-    tracing::info!(sandbox = %name, "sandbox added; routes live");
-    let sb = get(ctx, &name).await?;
-    Ok(json(StatusCode::CREATED, &view(&sb)))
-}
-
-async fn remove(ctx: &Arc<AdminContext>, name: &str) -> Result<Response<Body>, ApiError> {
-    let n = name.to_string();
-    let removed = commit(ctx, move |s| s.remove(&n)).await?;
-    tracing::info!(sandbox = %name, "sandbox removed; routes gone");
-    Ok(json(StatusCode::OK, &view(&removed)))
-}
-
-fn key_views(sb: &Sandbox) -> Vec<api::KeyView> {
-    sb.client_keys.iter().map(|k| keys::view(k)).collect()
-}
-
-async fn keys_list(ctx: &Arc<AdminContext>, name: &str) -> Result<Response<Body>, ApiError> {
-    let sb = get(ctx, name).await?;
-    Ok(json(StatusCode::OK, &key_views(&sb)))
-}
-
-async fn keys_add(
-    ctx: &Arc<AdminContext>,
-    name: &str,
-    body: Incoming,
-) -> Result<Response<Body>, ApiError> {
-    let req: KeyRequest = read_json(body, MAX_BODY).await?;
-    if req.keys.is_empty() {
-        return Err(ApiError::bad("no key given"));
-    }
-    let new: Vec<(String, russh::keys::PublicKey)> = req
-        .keys
-        .iter()
-        .map(|l| {
-            keys::parse_public(l)
-                .map(|k| (keys::to_line(&k), k))
-                .map_err(|e| ApiError::bad(e.to_string()))
-        })
-        .collect::<Result<_, _>>()?;
-    let n = name.to_string();
-    let sb = commit(ctx, move |s| {
-        s.update(&n, |sb| {
-            for (line, key) in &new {
-                if !sb.client_keys.iter().any(|k| keys::same_key(k, key)) {
-                    sb.client_keys.push(line.clone());
-                }
-            }
-            Ok(())
-        })
-    })
-    .await?;
-    Ok(json(StatusCode::OK, &key_views(&sb)))
-}
-
-async fn keys_remove(
-    ctx: &Arc<AdminContext>,
-    name: &str,
-    body: Incoming,
-) -> Result<Response<Body>, ApiError> {
-    let req: KeyRequest = read_json(body, MAX_BODY).await?;
-    if req.keys.is_empty() {
-        return Err(ApiError::bad("no key given"));
-    }
-    let current = get(ctx, name).await?;
-    let mut keep = current.client_keys.clone();
-    for wanted in &req.keys {
-        let before = keep.len();
-        if wanted.starts_with("SHA256:") {
-            keep.retain(|k| keys::view(k).fingerprint != *wanted);
-        } else {
-            let key = keys::parse_public(wanted).map_err(|e| ApiError::bad(e.to_string()))?;
-            keep.retain(|k| !keys::same_key(k, &key));
-        }
-        if keep.len() == before {
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                "key_not_found",
-                format!("sandbox {name} has no key matching {wanted}"),
-            ));
-        }
-    }
-    if keep.is_empty() {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "last_key",
-            format!("removing that would leave {name} with no client key; add another first"),
-        ));
-    }
-    let n = name.to_string();
-    let expected = current.client_keys.clone();
-    let sb = commit(ctx, move |s| {
-        s.update(&n, |sb| {
-            if sb.client_keys != expected {
-                return Err(store::Error::Invalid {
-                    field: "ssh key",
-                    reason: "keys changed meanwhile; try again".into(),
-                });
-            }
-            sb.client_keys = keep.clone();
-            Ok(())
-        })
-    })
-    .await?;
-    Ok(json(StatusCode::OK, &key_views(&sb)))
-}
-
-async fn set_port(
-    ctx: &Arc<AdminContext>,
-    name: &str,
-    body: Incoming,
-) -> Result<Response<Body>, ApiError> {
-    let req: SetPort = read_json(body, MAX_BODY).await?;
-    let n = name.to_string();
-    let sb = commit(ctx, move |s| {
-        s.update(&n, |sb| {
-            check_ports(req.port, sb.agent_port)?;
-            sb.app_port = req.port;
-            Ok(())
-        })
-    })
-    .await?;
-    Ok(json(StatusCode::OK, &view(&sb)))
-}
-
-async fn set_auth(
-    ctx: &Arc<AdminContext>,
-    name: &str,
-    body: Incoming,
-) -> Result<Response<Body>, ApiError> {
-    let req: SetAuth = read_json(body, MAX_BODY).await?;
-    check_auth(&req)?;
-    get(ctx, name).await?;
-    let auth = store::BasicAuth {
-        user: req.user.clone(),
-        password_hash: hash_password(req.password).await?,
-    };
-    let n = name.to_string();
-    let sb = commit(ctx, move |s| {
-        s.update(&n, |sb| {
-            sb.basic_auth = Some(auth.clone());
-            Ok(())
-        })
-    })
-    .await?;
-    Ok(json(StatusCode::OK, &view(&sb)))
-}
-
-async fn clear_auth(ctx: &Arc<AdminContext>, name: &str) -> Result<Response<Body>, ApiError> {
-    let n = name.to_string();
-    let sb = commit(ctx, move |s| {
-        s.update(&n, |sb| {
-            sb.basic_auth = None;
-            Ok(())
-        })
-    })
-    .await?;
-    Ok(json(StatusCode::OK, &view(&sb)))
 }
 
 async fn renew(ctx: &AdminContext, domain: &str) -> Result<Response<Body>, ApiError> {

@@ -433,7 +433,7 @@ struct Plan {
 /// with `add`'s rules by [`crate::admin::new_sandbox`].
 #[derive(Debug, Default)]
 struct Tls {
-    mode: Option<String>,
+    mode: Option<store::TlsMode>,
     cert_file: Option<String>,
     key_file: Option<String>,
 }

@@ -3,7 +3,9 @@
 
 use std::os::unix::fs::PermissionsExt;
 
-use store::{AddressPool, Backend, ChangeKind, Error, KeyPair, Sandbox, SandboxStatus, Store};
+use store::{
+    AddressPool, Backend, ChangeKind, Error, KeyPair, Sandbox, SandboxStatus, Store, TlsMode,
+};
 
 fn sandbox(name: &str, domain: &str) -> Sandbox {
     Sandbox {
@@ -244,6 +246,74 @@ fn unversioned_data_is_migrated() {
     // Records from before egress policies get the default one.
     assert_eq!(sb.egress.mode, store::EgressMode::Restricted);
     assert_eq!(sb.assigned_ipv4, None);
+}
+
+/// The TLS mode is stored as the lowercase names it always had: records
+/// written when it was a plain string load as the typed mode, a backup
+/// carries the same strings, and a name no version wrote is a corrupt
+/// record, not a silent default.
+#[test]
+fn tls_modes_keep_their_stored_names() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path()).unwrap();
+        store.insert(sandbox("new", "new.example.com")).unwrap();
+    }
+    {
+        let db = sled::open(dir.path().join("db")).unwrap();
+        let tree = db.open_tree("sandboxes").unwrap();
+        for (name, mode) in [("a", "acme"), ("i", "internal"), ("m", "manual")] {
+            let mut v =
+                serde_json::to_value(sandbox(name, &format!("{name}.example.com"))).unwrap();
+            v["tls_mode"] = serde_json::json!(mode);
+            if mode == "manual" {
+                v["tls_cert_file"] = serde_json::json!("/etc/c.pem");
+                v["tls_key_file"] = serde_json::json!("/etc/k.pem");
+            }
+            tree.insert(name, serde_json::to_vec(&v).unwrap()).unwrap();
+        }
+        db.flush().unwrap();
+    }
+    let store = Store::open(dir.path()).unwrap();
+    let mode = |name: &str| store.get(name).unwrap().unwrap().tls_mode;
+    assert_eq!(mode("a"), Some(TlsMode::Acme));
+    assert_eq!(mode("i"), Some(TlsMode::Internal));
+    assert_eq!(mode("m"), Some(TlsMode::Manual));
+    assert_eq!(mode("new"), None);
+
+    let backup = serde_json::to_value(store.export().unwrap()).unwrap();
+    let modes: Vec<&serde_json::Value> = backup["sandboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|sb| &sb["tls_mode"])
+        .collect();
+    assert_eq!(
+        modes,
+        [
+            &serde_json::json!("acme"),
+            &serde_json::json!("internal"),
+            &serde_json::json!("manual"),
+            &serde_json::Value::Null
+        ]
+    );
+    // The backup restores into an empty store with the same modes.
+    let other = Store::open(&dir.path().join("other")).unwrap();
+    let doc: store::Backup = serde_json::from_value(backup).unwrap();
+    other.import(&doc, false, |_| {}).unwrap();
+    assert_eq!(
+        other.get("m").unwrap().unwrap().tls_mode,
+        Some(TlsMode::Manual)
+    );
+
+    let mut v = serde_json::to_value(sandbox("x", "x.example.com")).unwrap();
+    v["tls_mode"] = serde_json::json!("selfsigned");
+    let err = serde_json::from_value::<Sandbox>(v).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("tls mode \"selfsigned\": use acme, internal or manual"),
+        "{err}"
+    );
 }
 
 fn pool(first: &str, last: &str, preferred: Option<&str>, exclude: &[&str]) -> AddressPool {
