@@ -8,6 +8,7 @@
 use http::StatusCode;
 
 use crate::api::ErrorBody;
+use crate::lifecycle::LifecycleError;
 use crate::sandbox::SandboxError;
 
 /// A failed call: HTTP status, stable code, one-line message.
@@ -80,6 +81,29 @@ fn sandbox_status(e: &SandboxError) -> (StatusCode, &'static str) {
     }
 }
 
+/// Status and code of a failed lifecycle call; a failed pipeline step
+/// answers as what made it fail.
+fn lifecycle_status(e: &LifecycleError) -> (StatusCode, &'static str) {
+    use LifecycleError as E;
+    match e {
+        E::Incus(e) if e.is_not_running() => (StatusCode::SERVICE_UNAVAILABLE, "incus_not_running"),
+        E::Incus(e) if e.is_not_found() => (StatusCode::NOT_FOUND, "incus_not_found"),
+        E::Incus(e) if e.is_conflict() => (StatusCode::CONFLICT, "incus_conflict"),
+        E::Incus(e) if e.is_timeout() => (StatusCode::GATEWAY_TIMEOUT, "incus_timeout"),
+        E::Incus(e) if e.is_too_large() => (StatusCode::BAD_GATEWAY, "container_data_too_large"),
+        E::Incus(_) => (StatusCode::BAD_GATEWAY, "incus_error"),
+        E::Store(e) => store_status(e),
+        E::Sandbox(e) => sandbox_status(e),
+        E::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_argument"),
+        E::Untracked(_) => (StatusCode::CONFLICT, "untracked_instance"),
+        E::Busy(_) => (StatusCode::CONFLICT, "busy"),
+        E::NotIncus(_) => (StatusCode::BAD_REQUEST, "not_incus"),
+        E::WrongState { .. } => (StatusCode::CONFLICT, "wrong_state"),
+        E::Step { source, .. } => lifecycle_status(source),
+        E::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+    }
+}
+
 impl From<store::Error> for ApiError {
     fn from(e: store::Error) -> Self {
         let (status, code) = store_status(&e);
@@ -90,6 +114,13 @@ impl From<store::Error> for ApiError {
 impl From<SandboxError> for ApiError {
     fn from(e: SandboxError) -> Self {
         let (status, code) = sandbox_status(&e);
+        ApiError::new(status, code, e.to_string())
+    }
+}
+
+impl From<LifecycleError> for ApiError {
+    fn from(e: LifecycleError) -> Self {
+        let (status, code) = lifecycle_status(&e);
         ApiError::new(status, code, e.to_string())
     }
 }

@@ -29,18 +29,10 @@ use crate::routes::Routes;
 use crate::tlsfiles;
 
 mod error;
+mod incus;
 mod sandboxes;
 
 pub use error::ApiError;
-
-// Transitional: lifecycle's call sites move to `crate::sandbox` once its
-// split has landed.
-pub(crate) use crate::sandbox::{view, NewSandbox};
-pub(crate) async fn new_sandbox(req: NewSandbox) -> Result<store::Sandbox, ApiError> {
-    crate::sandbox::new_sandbox(req)
-        .await
-        .map_err(ApiError::from)
-}
 
 pub(crate) type Body = UnsyncBoxBody<Bytes, Infallible>;
 
@@ -312,9 +304,7 @@ async fn route(ctx: Arc<AdminContext>, req: Request<Incoming>) -> Response<Body>
             let replace = query.split('&').any(|kv| kv == "replace=true");
             restore(&ctx, req.into_body(), replace).await
         }
-        (_, ["v1", "incus", rest @ ..]) => {
-            crate::lifecycle::http::handle(&ctx, &method, rest, req).await
-        }
+        (_, ["v1", "incus", rest @ ..]) => incus::handle(&ctx, &method, rest, req).await,
         (_, ["v1", ..]) => Err(ApiError::not_found_call(format!(
             "no admin call {method} {path}"
         ))),

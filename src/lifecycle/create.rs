@@ -6,16 +6,16 @@ use std::sync::Arc;
 use store::{Backend, Sandbox, SandboxStatus};
 
 use super::pipeline::Plan;
-use super::wire::{self, CreateSandbox};
 use super::{
     access, golden, image_source, incus_instance, random_id, state_name, Lifecycle, LifecycleError,
     Meta, Progress, Result, DEFAULT_USER, META_COLLECTION,
 };
+use crate::api::incus::{self as wire, CreateSandbox};
 use crate::api::SandboxView;
 use crate::config::ProvisionMode;
 
 /// A new sandbox's certificate settings as the request gave them; checked
-/// with `add`'s rules by [`crate::admin::new_sandbox`].
+/// with `add`'s rules by [`crate::sandbox::new_sandbox`].
 #[derive(Debug, Default)]
 pub(super) struct Tls {
     pub(super) mode: Option<store::TlsMode>,
@@ -165,7 +165,7 @@ impl Lifecycle {
         auth: Option<crate::api::SetAuth>,
         tls: Tls,
     ) -> Result<Sandbox> {
-        let sandbox = crate::admin::new_sandbox(crate::admin::NewSandbox {
+        let sandbox = crate::sandbox::new_sandbox(crate::sandbox::NewSandbox {
             name: name.to_string(),
             domain: domain.to_string(),
             backend: Backend::Incus {
@@ -187,14 +187,7 @@ impl Lifecycle {
             },
             tls_policy: self.tls_policy.clone(),
         })
-        .await
-        .map_err(|e| {
-            if e.status == ::http::StatusCode::BAD_REQUEST {
-                LifecycleError::Invalid(e.message)
-            } else {
-                LifecycleError::Internal(e.message)
-            }
-        })?;
+        .await?;
         // Shape problems (domain taken is checked by the insert itself).
         sandbox.validate()?;
         if let Some(owner) = {

@@ -8,11 +8,11 @@ use store::SandboxStatus;
 
 use super::create::{egress_of, Tls};
 use super::pipeline::Plan;
-use super::wire::{ImportSandbox, UnmanagedInstance};
 use super::{
     access, golden, incus_instance, random_id, Lifecycle, LifecycleError, Meta, Progress, Result,
     DEFAULT_USER, META_COLLECTION,
 };
+use crate::api::incus::{ImportSandbox, UnmanagedInstance};
 use crate::api::SandboxView;
 
 impl Lifecycle {

@@ -5,8 +5,10 @@
 //! This module owns the order of the steps and what the store records
 //! between them; `incusctl` owns the REST calls, the store owns durability,
 //! and the routing snapshot follows the store. It does not watch Incus
-//! events itself (see `crate::watcher`) and knows nothing of HTTP (see
-//! [`http`]).
+//! events itself (see `crate::watcher`) and knows nothing of HTTP (its
+//! admin API calls are `crate::admin`'s, their wire types
+//! `crate::api::incus`). The rules every sandbox record follows
+//! (keys, login, TLS, ports) and its view are `crate::sandbox`'s.
 //!
 //! Invariants:
 //! - a sandbox gets a routable status (`Running` with addresses) only from
@@ -43,7 +45,6 @@ pub mod access;
 mod create;
 mod error;
 pub mod golden;
-pub mod http;
 mod import;
 pub mod netpolicy;
 pub mod network;
@@ -53,7 +54,6 @@ mod progress;
 mod reconcile;
 mod snapshots;
 mod stats;
-pub mod wire;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;

@@ -96,7 +96,7 @@ impl Lifecycle {
             .get(&plan.name)
             .await?
             .ok_or_else(|| store::Error::NotFound(plan.name.clone()))?;
-        Ok(crate::admin::view(&sb))
+        Ok(crate::sandbox::view(&sb))
     }
 
     async fn run_step(

@@ -1,10 +1,15 @@
 //! The admin API's wire types, shared by the daemon (server) and the CLI
 //! (client). Paths are versioned under `/v1/`; errors are
 //! `{"error": {"code", "message"}}`; long operations answer with
-//! newline-delimited JSON [`Event`]s.
+//! newline-delimited JSON [`Event`]s. The calls of the Incus lifecycle
+//! (`/v1/incus/`) have their types in [`incus`]. Domain values travel as
+//! their own types (a sandbox's [`TlsMode`] is the store's, serialized as
+//! its lowercase name).
 
 use serde::{Deserialize, Serialize};
 pub use store::TlsMode;
+
+pub mod incus;
 
 /// Media type of streamed responses.
 pub const NDJSON: &str = "application/x-ndjson";
