@@ -322,3 +322,139 @@ pub async fn new_sandbox(req: NewSandbox) -> Result<Sandbox> {
         updated_at: 0,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    fn key(comment: &str) -> String {
+        keys::generate_ed25519(comment).unwrap().1
+    }
+
+    fn request(keys: Vec<String>) -> NewSandbox {
+        NewSandbox {
+            name: "web".into(),
+            domain: "web.example.com".into(),
+            backend: Backend::Static {
+                host: "127.0.0.1".into(),
+            },
+            ssh_port: 22,
+            app_port: 8000,
+            agent_port: 9999,
+            agent_prefix: "shelley".into(),
+            user: "root".into(),
+            ssh_keys: keys,
+            upstream_host_key: None,
+            auth: None,
+            tls_mode: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            status: SandboxStatus::Running,
+            tls_policy: tlsfiles::Policy {
+                default_internal: false,
+                internal_suffixes: vec!["test".into()],
+            },
+        }
+    }
+
+    #[test]
+    fn key_edits_match_keys_not_comments_and_keep_one() {
+        let (a, b) = (key("a"), key("b"));
+        let mut current = vec![a.clone()];
+        // The same key with another comment is not added twice.
+        let a_renamed = format!("{} renamed", a.rsplit_once(' ').unwrap().0);
+        add_keys(
+            &mut current,
+            &keys_to_add(&[a_renamed.clone(), b.clone()]).unwrap(),
+        );
+        assert_eq!(current.len(), 2);
+        assert!(matches!(keys_to_add(&[]), Err(SandboxError::NoKeyGiven)));
+        assert!(matches!(
+            keys_to_add(&["ssh-ed25519 nonsense".into()]),
+            Err(SandboxError::Key(_))
+        ));
+        // Removal by key line (any comment) or fingerprint.
+        let fp = keys::view(&b).fingerprint;
+        assert_eq!(
+            keys_after_removal("web", &current, &[a_renamed]).unwrap(),
+            vec![b.clone()]
+        );
+        assert_eq!(
+            keys_after_removal("web", &current, &[fp.clone()]).unwrap(),
+            vec![a.clone()]
+        );
+        assert!(matches!(
+            keys_after_removal("web", &current, &[a.clone(), fp]),
+            Err(SandboxError::LastKey { .. })
+        ));
+        assert!(matches!(
+            keys_after_removal("web", &current, &["SHA256:nope".into()]),
+            Err(SandboxError::KeyNotFound { .. })
+        ));
+    }
+
+    #[test]
+    fn logins_and_ports() {
+        let auth = |user: &str, password: &str| SetAuth {
+            user: user.into(),
+            password: password.into(),
+        };
+        assert!(check_auth(&auth("admin", "pw")).is_ok());
+        for user in ["", "a:b", "a\nb", &"u".repeat(65)] {
+            assert!(matches!(
+                check_auth(&auth(user, "pw")),
+                Err(SandboxError::AuthUser)
+            ));
+        }
+        assert!(matches!(
+            check_auth(&auth("admin", "")),
+            Err(SandboxError::Password)
+        ));
+        assert!(check_ports(8000, 9999).is_ok());
+        assert!(matches!(
+            check_ports(9999, 9999),
+            Err(SandboxError::AppPortIsAgentPort(9999))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_new_record_is_checked_then_made() {
+        let sb = new_sandbox(request(vec![key("alice")])).await.unwrap();
+        assert_eq!(sb.client_keys.len(), 1);
+        assert!(sb.upstream_key.private_openssh.contains("PRIVATE KEY"));
+        assert_eq!(
+            view(&sb).upstream_public_key,
+            sb.upstream_key.public_openssh
+        );
+
+        assert!(matches!(
+            new_sandbox(request(vec![])).await,
+            Err(SandboxError::NoClientKey)
+        ));
+        let mut internal = request(vec![key("alice")]);
+        internal.tls_mode = Some(TlsMode::Internal);
+        let err = new_sandbox(internal).await.unwrap_err();
+        assert!(
+            matches!(err, SandboxError::Tls(TlsError::OutsideInternal { .. })),
+            "{err}"
+        );
+        let mut manual = request(vec![key("alice")]);
+        manual.tls_mode = Some(TlsMode::Manual);
+        assert!(matches!(
+            new_sandbox(manual).await,
+            Err(SandboxError::Tls(TlsError::FilesMissing))
+        ));
+        let mut login = request(vec![key("alice")]);
+        login.auth = Some(SetAuth {
+            user: "admin".into(),
+            password: "correct horse".into(),
+        });
+        let sb = new_sandbox(login).await.unwrap();
+        let stored = sb.basic_auth.unwrap();
+        assert_eq!(stored.user, "admin");
+        assert!(stored.password_hash.starts_with("$argon2id$"));
+        assert!(!stored.password_hash.contains("correct horse"));
+    }
+}

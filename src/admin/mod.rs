@@ -31,6 +31,8 @@ use crate::tlsfiles;
 mod error;
 mod incus;
 mod sandboxes;
+#[cfg(test)]
+mod tests;
 
 pub use error::ApiError;
 
