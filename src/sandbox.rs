@@ -382,7 +382,7 @@ mod tests {
             vec![b.clone()]
         );
         assert_eq!(
-            keys_after_removal("web", &current, &[fp.clone()]).unwrap(),
+            keys_after_removal("web", &current, std::slice::from_ref(&fp)).unwrap(),
             vec![a.clone()]
         );
         assert!(matches!(

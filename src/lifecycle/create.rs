@@ -107,7 +107,7 @@ impl Lifecycle {
                 req.app_port,
                 req.auth.clone().or_else(|| generated.clone()),
                 Tls {
-                    mode: req.tls_mode.clone(),
+                    mode: req.tls_mode,
                     cert_file: req.tls_cert_file.clone(),
                     key_file: req.tls_key_file.clone(),
                 },
