@@ -1,6 +1,13 @@
 //! The admin API: HTTP/1.1 + JSON on a unix socket. Every CLI command other
 //! than `serve` is a client of it.
 //!
+//! A thin layer: each call parses its request, asks the sandbox domain
+//! (`crate::sandbox`), the store or the lifecycle (`crate::lifecycle`), and
+//! answers; `error.rs` is the one mapping of their errors to an HTTP
+//! status and a stable code. Files: this one (socket, access, dispatch,
+//! status, sessions, certificates, backup/restore), `sandboxes.rs`
+//! (`/v1/sandboxes`), `incus.rs` (`/v1/incus`), `error.rs`.
+//!
 //! Access: the socket is created 0600 (0660 with `admin_group`) inside a
 //! directory only its owner can enter, and each connection's peer
 //! credentials are checked again (root, the daemon's own uid, or a member of
