@@ -29,7 +29,7 @@ use crate::api::Event;
 use crate::lifecycle::{LifecycleError, Progress};
 
 /// Handles `/v1/incus/REST...`.
-pub async fn handle(
+pub(super) async fn handle(
     ctx: &Arc<AdminContext>,
     method: &Method,
     rest: &[&str],
