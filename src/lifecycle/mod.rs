@@ -53,6 +53,7 @@ mod progress;
 mod reconcile;
 mod snapshots;
 mod stats;
+mod steps;
 pub mod wire;
 
 use std::collections::{HashMap, HashSet};
