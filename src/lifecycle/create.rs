@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use store::{Backend, Sandbox, SandboxStatus};
 
-use super::pipeline::Plan;
+use super::pipeline::{Pipeline, Plan};
 use super::{
     access, golden, image_source, incus_instance, random_id, state_name, Lifecycle, LifecycleError,
     Meta, Progress, Result, DEFAULT_USER, META_COLLECTION,
@@ -70,7 +70,7 @@ impl Lifecycle {
                         name: name.clone(),
                         instance: name.clone(),
                         meta,
-                        create: true,
+                        pipeline: Pipeline::Create,
                         extras,
                     };
                     self.provision(plan, progress).await
@@ -147,7 +147,7 @@ impl Lifecycle {
             name: name.clone(),
             instance: name,
             meta,
-            create: true,
+            pipeline: Pipeline::Create,
             extras,
         };
         self.provision(plan, progress).await

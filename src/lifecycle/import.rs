@@ -7,7 +7,7 @@ use std::sync::Arc;
 use store::SandboxStatus;
 
 use super::create::{egress_of, Tls};
-use super::pipeline::Plan;
+use super::pipeline::{Pipeline, Plan};
 use super::{
     access, golden, incus_instance, random_id, Lifecycle, LifecycleError, Meta, Progress, Result,
     DEFAULT_USER, META_COLLECTION,
@@ -47,7 +47,7 @@ impl Lifecycle {
                         name: name.clone(),
                         instance: name,
                         meta,
-                        create: false,
+                        pipeline: Pipeline::Import,
                         extras: golden::Extras::default(),
                     };
                     self.provision(plan, progress).await
@@ -109,7 +109,7 @@ impl Lifecycle {
             name: name.clone(),
             instance: name,
             meta,
-            create: false,
+            pipeline: Pipeline::Import,
             extras: golden::Extras::default(),
         };
         self.provision(plan, progress).await

@@ -54,6 +54,7 @@ mod progress;
 mod reconcile;
 mod snapshots;
 mod stats;
+mod steps;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;

@@ -139,6 +139,55 @@ fn feed_reports_changes_in_commit_order() {
 }
 
 #[test]
+fn update_if_writes_only_when_the_edit_asks() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    store.insert(sandbox("a", "a.example.com")).unwrap();
+    let before = store.get("a").unwrap().unwrap();
+    let seq = store.seq();
+    let mut rx = store.subscribe();
+    // The edit declines: nothing written, nothing published, even though
+    // it changed its copy.
+    let (kept, written) = store
+        .update_if("a", |sb| {
+            sb.status = SandboxStatus::Stopped;
+            Ok(false)
+        })
+        .unwrap();
+    assert_eq!(written, None);
+    assert_eq!(kept.status, SandboxStatus::Running);
+    assert_eq!(
+        store.get("a").unwrap().unwrap().status,
+        SandboxStatus::Running
+    );
+    assert_eq!(
+        store.get("a").unwrap().unwrap().updated_at,
+        before.updated_at
+    );
+    assert_eq!(store.seq(), seq);
+    assert!(rx.try_recv().is_err());
+    // The edit accepts: written and published with the returned sequence.
+    let (updated, written) = store
+        .update_if("a", |sb| {
+            sb.status = SandboxStatus::Stopped;
+            Ok(true)
+        })
+        .unwrap();
+    assert_eq!(updated.status, SandboxStatus::Stopped);
+    assert_eq!(
+        store.get("a").unwrap().unwrap().status,
+        SandboxStatus::Stopped
+    );
+    assert_eq!(written, Some(store.seq()));
+    assert_eq!(rx.try_recv().unwrap().seq, store.seq());
+    // A missing record is still an error.
+    assert!(matches!(
+        store.update_if("nope", |_| Ok(false)),
+        Err(Error::NotFound(_))
+    ));
+}
+
+#[test]
 fn data_survives_reopen_and_second_opener_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
