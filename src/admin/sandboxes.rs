@@ -153,24 +153,27 @@ pub(super) async fn set_port(
     body: Incoming,
 ) -> Result<Response<Body>, ApiError> {
     let req: SetPort = read_json(body, MAX_BODY).await?;
-    let current = get(ctx, name).await?;
-    sandbox::check_ports(req.port, current.agent_port)?;
+    let store = ctx.store.clone();
     let n = name.to_string();
-    let agent_port = current.agent_port;
-    let sb = commit(ctx, move |s| {
-        s.update(&n, |sb| {
-            // Nothing changes a sandbox's agent port but a restore.
-            if sb.agent_port != agent_port {
-                return Err(store::Error::Invalid {
-                    field: "app port",
-                    reason: "the sandbox changed meanwhile; try again".into(),
-                });
-            }
-            sb.app_port = req.port;
-            Ok(())
-        })
+    // The rule is checked on the record inside the write: nothing is
+    // written when it fails, and the refusal names the record's agent port.
+    let (sb, seq) = blocking(move || {
+        store
+            .update_if(&n, |sb| {
+                if sandbox::check_ports(req.port, sb.agent_port).is_err() {
+                    return Ok(false);
+                }
+                sb.app_port = req.port;
+                Ok(true)
+            })
+            .map_err(ApiError::from)
     })
     .await?;
+    let Some(seq) = seq else {
+        sandbox::check_ports(req.port, sb.agent_port)?;
+        return Err(ApiError::internal("the app port was not written"));
+    };
+    ctx.routes.wait_applied(seq).await;
     Ok(json(StatusCode::OK, &view(&sb)))
 }
 

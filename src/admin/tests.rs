@@ -341,6 +341,8 @@ async fn refusals_answer_with_their_status_and_code() {
         msg.starts_with("invalid app port: 9999 is the agent port"),
         "{msg}"
     );
+    let (_, view) = call(&a.socket, Method::GET, "/v1/sandboxes/web", "").await;
+    assert_eq!(view["app_port"], 8000, "a refused port changes nothing");
     let (status, view) = call_json(
         &a.socket,
         Method::PUT,
