@@ -51,6 +51,7 @@ mod pipeline;
 mod power;
 mod progress;
 mod reconcile;
+mod record;
 mod snapshots;
 mod stats;
 mod steps;

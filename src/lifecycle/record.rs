@@ -1,0 +1,260 @@
+//! The record-keeping create and import share: claiming the name and
+//! finding an unfinished record to resume ([`Lifecycle::begin`]), the new
+//! record checked with `add`'s rules ([`Lifecycle::new_record`]), and
+//! storing it with its metadata ([`Lifecycle::keep_record`]). Nothing is
+//! stored before the last of these, so a refused request leaves nothing
+//! behind.
+
+use std::sync::Arc;
+
+use store::{Backend, Sandbox, SandboxStatus};
+
+use super::pipeline::{Pipeline, Plan};
+use super::wire::{self, CreateSandbox, ImportSandbox};
+use super::{
+    access, golden, incus_instance, state_name, Claim, Lifecycle, LifecycleError, Meta, Progress,
+    Result, DEFAULT_USER, META_COLLECTION,
+};
+use crate::api::SetAuth;
+
+/// The step a record is in from its creation until its pipeline starts.
+const RECORD_STEP: &str = "record";
+
+/// A new sandbox's certificate settings as the request gave them; checked
+/// with `add`'s rules by [`crate::admin::new_sandbox`].
+#[derive(Debug, Default)]
+pub(super) struct Tls {
+    pub(super) mode: Option<String>,
+    pub(super) cert_file: Option<String>,
+    pub(super) key_file: Option<String>,
+}
+
+/// A new sandbox's settings from a create or import request, with the
+/// domain and login user checked.
+#[derive(Debug)]
+pub(super) struct Settings {
+    domain: String,
+    user: String,
+    ssh_keys: Vec<String>,
+    app_port: Option<u16>,
+    auth: Option<SetAuth>,
+    tls: Tls,
+}
+
+impl Settings {
+    /// The domain lowercased, the user `debian` when none is given; both
+    /// checked.
+    fn checked(
+        domain: &str,
+        user: Option<&str>,
+        ssh_keys: &[String],
+        app_port: Option<u16>,
+        auth: Option<&SetAuth>,
+        tls: Tls,
+    ) -> Result<Self> {
+        let domain = domain.trim().to_ascii_lowercase();
+        store::validate_domain(&domain)?;
+        let user = user.unwrap_or(DEFAULT_USER).to_string();
+        store::validate_user(&user)?;
+        Ok(Settings {
+            domain,
+            user,
+            ssh_keys: ssh_keys.to_vec(),
+            app_port,
+            auth: auth.cloned(),
+            tls,
+        })
+    }
+
+    pub(super) fn of_create(req: &CreateSandbox) -> Result<Self> {
+        Self::checked(
+            &req.domain,
+            req.user.as_deref(),
+            &req.ssh_keys,
+            req.app_port,
+            req.auth.as_ref(),
+            Tls {
+                mode: req.tls_mode.clone(),
+                cert_file: req.tls_cert_file.clone(),
+                key_file: req.tls_key_file.clone(),
+            },
+        )
+    }
+
+    pub(super) fn of_import(req: &ImportSandbox) -> Result<Self> {
+        Self::checked(
+            &req.domain,
+            req.user.as_deref(),
+            &req.ssh_keys,
+            req.app_port,
+            req.auth.as_ref(),
+            Tls {
+                mode: req.tls_mode.clone(),
+                cert_file: req.tls_cert_file.clone(),
+                key_file: req.tls_key_file.clone(),
+            },
+        )
+    }
+}
+
+/// How a create or import begins.
+pub(super) enum Begun {
+    /// An unfinished record this pipeline made: run it again with the
+    /// settings it recorded.
+    Resume(Plan),
+    /// No sandbox has the name: a new record may be made.
+    New,
+}
+
+/// A record made by [`Lifecycle::new_record`], not stored yet.
+pub(super) struct NewRecord {
+    sandbox: Sandbox,
+    /// The login generated for a request that gave none.
+    generated: Option<SetAuth>,
+}
+
+impl Pipeline {
+    /// Whether an unfinished record with `meta` was begun by this pipeline
+    /// (a created sandbox records its image, an imported one none) and
+    /// can be resumed by it.
+    fn resumes(self, sb: &Sandbox, meta: &Meta) -> bool {
+        match self {
+            Pipeline::Create => {
+                meta.image.is_some() && incus_instance(sb) == Some(sb.name.as_str())
+            }
+            Pipeline::Import => meta.image.is_none(),
+        }
+    }
+}
+
+impl Lifecycle {
+    /// The start of create and import: claims `name` for the operation,
+    /// checks that Incus answers (before anything is stored), and looks
+    /// for a record of that name: one `pipeline` left unfinished is
+    /// resumed (with `extras`), any other is a taken name.
+    pub(super) async fn begin(
+        self: &Arc<Self>,
+        pipeline: Pipeline,
+        name: &str,
+        extras: golden::Extras,
+        progress: &Progress,
+    ) -> Result<(Claim, Begun)> {
+        let claim = self.claim(name)?;
+        self.incus.server_info().await?;
+        let Some(existing) = self.get(name).await? else {
+            return Ok((claim, Begun::New));
+        };
+        let meta = self.meta(name).await?;
+        let unfinished = matches!(
+            existing.status,
+            SandboxStatus::Creating { .. } | SandboxStatus::Failed { .. }
+        );
+        match meta {
+            Some(meta) if unfinished && pipeline.resumes(&existing, &meta) => {
+                progress
+                    .message(match pipeline {
+                        Pipeline::Create => format!(
+                            "resuming the creation of {name} (was {}); the stored settings apply",
+                            state_name(&existing.status)
+                        ),
+                        Pipeline::Import => format!("resuming the import of {name}"),
+                    })
+                    .await;
+                Ok((
+                    claim,
+                    Begun::Resume(Plan::new(pipeline, name, meta, extras)),
+                ))
+            }
+            _ => Err(store::Error::NameTaken(name.to_string()).into()),
+        }
+    }
+
+    /// A new record in state `Creating` with `settings` (and a generated
+    /// login when they give none) and `egress`, checked with `add`'s rules;
+    /// not stored yet.
+    pub(super) async fn new_record(
+        &self,
+        name: &str,
+        settings: Settings,
+        egress: store::Egress,
+    ) -> Result<NewRecord> {
+        let generated = settings.auth.is_none().then(access::generated_login);
+        let auth = settings.auth.clone().or_else(|| generated.clone());
+        let mut sandbox = crate::admin::new_sandbox(crate::admin::NewSandbox {
+            name: name.to_string(),
+            domain: settings.domain.clone(),
+            backend: Backend::Incus {
+                instance: name.to_string(),
+            },
+            ssh_port: store::DEFAULT_SSH_PORT,
+            app_port: settings.app_port.unwrap_or(store::DEFAULT_APP_PORT),
+            agent_port: store::DEFAULT_AGENT_PORT,
+            agent_prefix: store::DEFAULT_AGENT_PREFIX.to_string(),
+            user: settings.user.clone(),
+            ssh_keys: settings.ssh_keys.clone(),
+            upstream_host_key: None,
+            auth,
+            tls_mode: settings.tls.mode,
+            tls_cert_file: settings.tls.cert_file,
+            tls_key_file: settings.tls.key_file,
+            status: SandboxStatus::Creating {
+                step: RECORD_STEP.into(),
+            },
+            tls_policy: self.tls_policy.clone(),
+        })
+        .await
+        .map_err(|e| {
+            if e.status == ::http::StatusCode::BAD_REQUEST {
+                LifecycleError::Invalid(e.message)
+            } else {
+                LifecycleError::Internal(e.message)
+            }
+        })?;
+        // Shape problems (domain taken is checked by the insert itself).
+        sandbox.validate()?;
+        if let Some(owner) = {
+            let d = settings.domain.clone();
+            self.blocking(move |s| s.owner_of_host(&d)).await?
+        } {
+            return Err(store::Error::HostTaken {
+                host: settings.domain,
+                owner,
+            }
+            .into());
+        }
+        sandbox.egress = egress;
+        Ok(NewRecord { sandbox, generated })
+    }
+
+    /// Stores `record` with its `meta` (neither when either fails), then
+    /// hands a generated login to the caller.
+    pub(super) async fn keep_record(
+        &self,
+        record: NewRecord,
+        meta: &Meta,
+        progress: &Progress,
+    ) -> Result<()> {
+        let NewRecord { sandbox, generated } = record;
+        let name = sandbox.name.clone();
+        self.put_meta(&name, meta).await?;
+        if let Err(e) = self
+            .write(move |s| s.insert(sandbox).map(|seq| ((), seq)))
+            .await
+        {
+            let _ = self
+                .blocking(move |s| s.delete_record(META_COLLECTION, &name))
+                .await;
+            return Err(e);
+        }
+        progress.login(generated).await;
+        Ok(())
+    }
+}
+
+/// The requested egress policy, `restricted` when none is given.
+pub(super) fn egress_of(req: Option<&wire::SetEgress>) -> Result<store::Egress> {
+    match req {
+        Some(e) => e.to_egress().map_err(LifecycleError::Invalid),
+        None => Ok(store::Egress::default()),
+    }
+}
