@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::pipeline::{Pipeline, Plan};
-use super::record::{egress_of, Begun, Settings};
+use super::record::{egress_of, Settings};
 use super::wire::CreateSandbox;
 use super::{golden, image_source, random_id, Lifecycle, LifecycleError, Meta, Progress, Result};
 use crate::api::SandboxView;
@@ -36,10 +36,10 @@ impl Lifecycle {
             hook: req.hook.clone(),
         };
         let egress = egress_of(req.egress.as_ref())?;
-        let (_claim, begun) = self
+        let (_claim, resume) = self
             .begin(Pipeline::Create, &name, extras.clone(), &progress)
             .await?;
-        if let Begun::Resume(plan) = begun {
+        if let Some(plan) = resume {
             return self.provision(plan, progress).await;
         }
 

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use super::pipeline::{Pipeline, Plan};
-use super::record::{egress_of, Begun, Settings};
+use super::record::{egress_of, Settings};
 use super::wire::{ImportSandbox, UnmanagedInstance};
 use super::{golden, incus_instance, random_id, Lifecycle, LifecycleError, Meta, Progress, Result};
 use crate::api::SandboxView;
@@ -25,7 +25,7 @@ impl Lifecycle {
             ))
         })?;
         let egress = egress_of(req.egress.as_ref())?;
-        let (_claim, begun) = self
+        let (_claim, resume) = self
             .begin(
                 Pipeline::Import,
                 &name,
@@ -33,7 +33,7 @@ impl Lifecycle {
                 &progress,
             )
             .await?;
-        if let Begun::Resume(plan) = begun {
+        if let Some(plan) = resume {
             return self.provision(plan, progress).await;
         }
         let instance = self.incus.instance(&name).await?;

@@ -97,15 +97,6 @@ impl Settings {
     }
 }
 
-/// How a create or import begins.
-pub(super) enum Begun {
-    /// An unfinished record this pipeline made: run it again with the
-    /// settings it recorded.
-    Resume(Plan),
-    /// No sandbox has the name: a new record may be made.
-    New,
-}
-
 /// A record made by [`Lifecycle::new_record`], not stored yet.
 pub(super) struct NewRecord {
     sandbox: Sandbox,
@@ -130,19 +121,20 @@ impl Pipeline {
 impl Lifecycle {
     /// The start of create and import: claims `name` for the operation,
     /// checks that Incus answers (before anything is stored), and looks
-    /// for a record of that name: one `pipeline` left unfinished is
-    /// resumed (with `extras`), any other is a taken name.
+    /// for a record of that name: one `pipeline` left unfinished gives the
+    /// plan that resumes it (with `extras`), any other is a taken name;
+    /// with none, a new record may be made.
     pub(super) async fn begin(
         self: &Arc<Self>,
         pipeline: Pipeline,
         name: &str,
         extras: golden::Extras,
         progress: &Progress,
-    ) -> Result<(Claim, Begun)> {
+    ) -> Result<(Claim, Option<Plan>)> {
         let claim = self.claim(name)?;
         self.incus.server_info().await?;
         let Some(existing) = self.get(name).await? else {
-            return Ok((claim, Begun::New));
+            return Ok((claim, None));
         };
         let meta = self.meta(name).await?;
         let unfinished = matches!(
@@ -160,10 +152,7 @@ impl Lifecycle {
                         Pipeline::Import => format!("resuming the import of {name}"),
                     })
                     .await;
-                Ok((
-                    claim,
-                    Begun::Resume(Plan::new(pipeline, name, meta, extras)),
-                ))
+                Ok((claim, Some(Plan::new(pipeline, name, meta, extras))))
             }
             _ => Err(store::Error::NameTaken(name.to_string()).into()),
         }
