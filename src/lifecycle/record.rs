@@ -107,12 +107,11 @@ pub(super) struct NewRecord {
 impl Pipeline {
     /// Whether an unfinished record with `meta` was begun by this pipeline
     /// (a created sandbox records its image, an imported one none) and
-    /// can be resumed by it.
-    fn resumes(self, sb: &Sandbox, meta: &Meta) -> bool {
+    /// can be resumed by it; `own_instance`: the record's instance has the
+    /// sandbox's name (which a resumed create makes).
+    fn resumes(self, meta: &Meta, own_instance: bool) -> bool {
         match self {
-            Pipeline::Create => {
-                meta.image.is_some() && incus_instance(sb) == Some(sb.name.as_str())
-            }
+            Pipeline::Create => meta.image.is_some() && own_instance,
             Pipeline::Import => meta.image.is_none(),
         }
     }
@@ -142,7 +141,10 @@ impl Lifecycle {
             SandboxStatus::Creating { .. } | SandboxStatus::Failed { .. }
         );
         match meta {
-            Some(meta) if unfinished && pipeline.resumes(&existing, &meta) => {
+            Some(meta)
+                if unfinished
+                    && pipeline.resumes(&meta, incus_instance(&existing) == Some(name)) =>
+            {
                 progress
                     .message(match pipeline {
                         Pipeline::Create => format!(
@@ -245,5 +247,55 @@ pub(super) fn egress_of(req: Option<&wire::SetEgress>) -> Result<store::Egress> 
     match req {
         Some(e) => e.to_egress().map_err(LifecycleError::Invalid),
         None => Ok(store::Egress::default()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn meta(image: Option<&str>) -> Meta {
+        Meta {
+            id: "0".repeat(32),
+            image: image.map(str::to_string),
+            cpu: None,
+            memory: None,
+            disk: None,
+            provision: None,
+            gateway_key_only: true,
+        }
+    }
+
+    #[test]
+    fn each_pipeline_resumes_only_its_own_records() {
+        let created = meta(Some("test/debian-ssh"));
+        let imported = meta(None);
+        assert!(Pipeline::Create.resumes(&created, true));
+        // A create resumes on the instance named after the sandbox only.
+        assert!(!Pipeline::Create.resumes(&created, false));
+        // An import's record is not finished by a create, nor a create's by
+        // an import.
+        assert!(!Pipeline::Create.resumes(&imported, true));
+        assert!(Pipeline::Import.resumes(&imported, true));
+        assert!(!Pipeline::Import.resumes(&created, true));
+    }
+
+    #[test]
+    fn settings_are_normalized_and_checked() {
+        let s =
+            Settings::checked(" Box.Example.COM ", None, &[], None, None, Tls::default()).unwrap();
+        assert_eq!(s.domain, "box.example.com");
+        assert_eq!(s.user, DEFAULT_USER);
+        assert!(Settings::checked("no_domain", None, &[], None, None, Tls::default()).is_err());
+        assert!(Settings::checked(
+            "a.example.com",
+            Some("Bad User"),
+            &[],
+            None,
+            None,
+            Tls::default()
+        )
+        .is_err());
     }
 }
