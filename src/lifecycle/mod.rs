@@ -35,10 +35,13 @@
 //!
 //! Files: this one holds the [`Lifecycle`] service, its store helpers and
 //! the small shared helpers; `create.rs` and `import.rs` the two entry
-//! points of the pipeline, `pipeline.rs` its steps, `power.rs`
-//! start/stop/restart/delete and the egress change, `snapshots.rs`,
-//! `reconcile.rs` (with [`Lifecycle::settle`]), `stats.rs` (live figures
-//! and CPU sampling), `progress.rs` ([`Progress`]) and `error.rs`
+//! points, which share their start and their record-keeping in
+//! `record.rs`; `pipeline.rs` the steps (an enum) and their order, with
+//! each step's status and failure recorded; `steps.rs` what each step
+//! does; `power.rs` start/stop/restart/delete and the egress change;
+//! `snapshots.rs`; `reconcile.rs` (with [`Lifecycle::settle`], the
+//! watcher's and the reconcile's only status write); `stats.rs` (live
+//! figures and CPU sampling); `progress.rs` ([`Progress`]) and `error.rs`
 //! ([`LifecycleError`]).
 
 pub mod access;
@@ -52,6 +55,7 @@ mod pipeline;
 mod power;
 mod progress;
 mod reconcile;
+mod record;
 mod snapshots;
 mod stats;
 mod steps;

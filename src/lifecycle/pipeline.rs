@@ -134,6 +134,20 @@ pub(super) struct Plan {
     pub(super) extras: golden::Extras,
 }
 
+impl Plan {
+    /// The plan of `pipeline` for the sandbox `name`, whose instance has
+    /// its name.
+    pub(super) fn new(pipeline: Pipeline, name: &str, meta: Meta, extras: golden::Extras) -> Self {
+        Plan {
+            name: name.to_string(),
+            instance: name.to_string(),
+            meta,
+            pipeline,
+            extras,
+        }
+    }
+}
+
 /// What earlier steps learned, for later ones in the same run.
 #[derive(Default)]
 pub(super) struct StepState {
