@@ -9,10 +9,10 @@ use anyhow::{bail, Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
 use http::Method;
 
-use crate::api::SessionView;
 use crate::api::{
     self, AddSandbox, Event, KeyRequest, KeyView, RouteDump, SandboxView, SetAuth, SetPort, Status,
 };
+use crate::api::{SessionView, TlsMode};
 use crate::client::Client;
 use crate::config::{ServeArgs, DEFAULT_ADMIN_SOCKET};
 
@@ -219,8 +219,8 @@ pub struct AccessArgs {
     #[arg(long, value_name = "FILE", requires = "auth_user")]
     pub auth_password_file: Option<PathBuf>,
     /// Certificate source for this sandbox's hosts.
-    #[arg(long, value_parser = ["acme", "internal", "manual"])]
-    pub tls_mode: Option<String>,
+    #[arg(long, value_parser = tls_mode_parser())]
+    pub tls_mode: Option<TlsMode>,
     /// `--tls-mode manual`: PEM certificate chain file (leaf first), read by
     /// the daemon, again on `certs renew DOMAIN` and every 5 minutes.
     #[arg(long, value_name = "FILE", requires = "tls_key_file")]
@@ -228,6 +228,13 @@ pub struct AccessArgs {
     /// `--tls-mode manual`: PEM private key file of that certificate.
     #[arg(long, value_name = "FILE", requires = "tls_cert_file")]
     pub tls_key_file: Option<PathBuf>,
+}
+
+/// `--tls-mode`: one of the mode names, listed in `--help`.
+fn tls_mode_parser() -> impl clap::builder::TypedValueParser<Value = TlsMode> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(TlsMode::ALL.map(TlsMode::as_str))
+        .try_map(|s| s.parse::<TlsMode>())
 }
 
 impl AccessArgs {
@@ -424,7 +431,7 @@ fn print_sandbox(sb: &SandboxView) {
     println!("agent login:       {}", login_state(sb));
     let certs = match (&sb.tls_mode, &sb.tls_cert_file, &sb.tls_key_file) {
         (Some(m), Some(c), Some(k)) => format!("{m} (certificate {c}, key {k})"),
-        (Some(m), _, _) => m.clone(),
+        (Some(m), _, _) => m.to_string(),
         (None, _, _) => "the daemon's default mode".into(),
     };
     println!("certificates:      {certs}");

@@ -10,13 +10,13 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use http::Method;
 
-use crate::api::{Event, SandboxView};
-use crate::cli::{print_json, read_key_files, table};
-use crate::client::Client;
-use crate::lifecycle::wire::{
+use crate::api::incus::{
     CreateSandbox, ImageBuild, ImageView, ImportSandbox, LlmKey, SnapshotRequest, SnapshotView,
     StatsAnswer, StepOutcome, UnmanagedInstance,
 };
+use crate::api::{Event, SandboxView};
+use crate::cli::{print_json, read_key_files, table};
+use crate::client::Client;
 
 const NONE: Option<&()> = None;
 
@@ -90,8 +90,8 @@ pub struct EgressArgs {
 }
 
 impl EgressArgs {
-    fn request(self) -> crate::lifecycle::wire::SetEgress {
-        crate::lifecycle::wire::SetEgress {
+    fn request(self) -> crate::api::incus::SetEgress {
+        crate::api::incus::SetEgress {
             mode: self.egress,
             allow: self.allow,
         }
@@ -388,7 +388,7 @@ pub async fn state_change(client: &Client, name: &str, action: &str) -> Result<(
 }
 
 pub async fn egress(client: &Client, a: EgressCommandArgs) -> Result<()> {
-    let req = crate::lifecycle::wire::SetEgress {
+    let req = crate::api::incus::SetEgress {
         mode: a.mode,
         allow: a.allow,
     };

@@ -16,6 +16,7 @@ pub mod lifecycle;
 pub mod notify;
 pub mod provision;
 pub mod routes;
+pub mod sandbox;
 pub mod setup;
 pub mod tlsfiles;
 pub mod watcher;

@@ -122,17 +122,19 @@ impl SandboxRoute {
             Target::Stopped => httpgate::Target::Stopped,
             Target::Unavailable { reason } => httpgate::Target::Unavailable { reason },
         };
-        let tls = match sb.tls_mode.as_deref() {
-            Some("acme") => httpgate::TlsMode::Acme,
-            Some("internal") => httpgate::TlsMode::Internal,
-            Some("manual") => match (&sb.tls_cert_file, &sb.tls_key_file) {
+        // httpgate has its own route-level mode (it does not depend on the
+        // store); a manual record without its files gets the default.
+        let tls = match sb.tls_mode {
+            Some(store::TlsMode::Acme) => httpgate::TlsMode::Acme,
+            Some(store::TlsMode::Internal) => httpgate::TlsMode::Internal,
+            Some(store::TlsMode::Manual) => match (&sb.tls_cert_file, &sb.tls_key_file) {
                 (Some(cert), Some(key)) => httpgate::TlsMode::Manual {
                     cert_pem_path: cert.into(),
                     key_pem_path: key.into(),
                 },
                 _ => defaults.tls.clone(),
             },
-            _ => defaults.tls.clone(),
+            None => defaults.tls.clone(),
         };
         // The agent host fails closed: no login set, no way in.
         let (kind, access) = match service {

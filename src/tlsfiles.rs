@@ -1,6 +1,8 @@
-//! A sandbox's TLS settings as `add` and `create` give them: the mode, and
-//! for `manual` the PEM files, checked before anything is recorded (so a
-//! `create` refused here leaves no record and no container). `internal`
+//! A sandbox's TLS settings as `add` and `create` give them: the mode
+//! ([`store::TlsMode`], parsed already where the request was read), and for
+//! `manual` the PEM files, checked before anything is recorded (so a
+//! `create` refused here leaves no record and no container; the rules are
+//! applied by `crate::sandbox::new_sandbox`). `internal`
 //! mode, asked for or the daemon's default, is only for domains under the
 //! internal CA's suffixes ([`Policy`]): its root is constrained to them, so
 //! a leaf for any other name would be refused by every client.
@@ -13,14 +15,11 @@
 
 use std::path::Path;
 
-/// The certificate modes a sandbox may name.
-pub const MODES: [&str; 3] = ["acme", "internal", "manual"];
+use store::TlsMode;
 
 /// A TLS setting refused before anything is recorded.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("tls mode {0:?}: use acme, internal or manual")]
-    UnknownMode(String),
     #[error("give both the certificate file and the key file, or neither")]
     HalfPair,
     #[error(
@@ -68,9 +67,9 @@ pub struct Policy {
 impl Policy {
     /// Refuses `internal` mode (given, or by default) for a domain outside
     /// the internal CA's suffixes.
-    pub fn check(&self, mode: Option<&str>, domain: &str) -> Result<(), TlsError> {
+    pub fn check(&self, mode: Option<TlsMode>, domain: &str) -> Result<(), TlsError> {
         let internal = match mode {
-            Some(m) => m == "internal",
+            Some(m) => m == TlsMode::Internal,
             None => self.default_internal,
         };
         if internal && !httpgate::internal_name_allowed(domain, &self.internal_suffixes) {
@@ -94,7 +93,7 @@ pub struct ManualFiles {
 /// Checks the mode and the files given with it (without reading them):
 /// `manual` needs both files as absolute paths, the others take none.
 pub fn settings(
-    mode: Option<&str>,
+    mode: Option<TlsMode>,
     cert: Option<String>,
     key: Option<String>,
 ) -> Result<Option<ManualFiles>, TlsError> {
@@ -103,10 +102,7 @@ pub fn settings(
         (None, None) => None,
         _ => return Err(TlsError::HalfPair),
     };
-    if let Some(m) = mode.filter(|m| !MODES.contains(m)) {
-        return Err(TlsError::UnknownMode(m.to_string()));
-    }
-    let manual = mode == Some("manual");
+    let manual = mode == Some(TlsMode::Manual);
     match &files {
         None if manual => return Err(TlsError::FilesMissing),
         Some(_) if !manual => return Err(TlsError::NotManual),
@@ -184,13 +180,13 @@ mod tests {
 
     #[test]
     fn files_go_with_manual_mode_only() {
-        let manual = Some("manual");
+        let manual = Some(TlsMode::Manual);
         assert!(matches!(
             settings(None, s("/c.pem"), s("/k.pem")),
             Err(TlsError::NotManual)
         ));
         assert!(matches!(
-            settings(Some("acme"), s("/c.pem"), s("/k.pem")),
+            settings(Some(TlsMode::Acme), s("/c.pem"), s("/k.pem")),
             Err(TlsError::NotManual)
         ));
         assert!(matches!(
@@ -200,10 +196,6 @@ mod tests {
         assert!(matches!(
             settings(manual, s("/c.pem"), None),
             Err(TlsError::HalfPair)
-        ));
-        assert!(matches!(
-            settings(Some("self"), None, None),
-            Err(TlsError::UnknownMode(_))
         ));
         assert!(matches!(
             settings(manual, s("c.pem"), s("/k.pem")),
@@ -219,7 +211,7 @@ mod tests {
                 key: "/k.pem".into()
             })
         );
-        assert_eq!(settings(Some("internal"), None, None).unwrap(), None);
+        assert_eq!(settings(Some(TlsMode::Internal), None, None).unwrap(), None);
         assert_eq!(settings(None, None, None).unwrap(), None);
         // The messages name the flags a user has to give.
         assert!(TlsError::NotManual

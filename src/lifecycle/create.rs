@@ -1,27 +1,15 @@
-//! `sandboxd create`: preflight, the new record, then the pipeline; and
-//! the record-building shared with import.
+//! `sandboxd create`: a new sandbox in a new container. The checks of
+//! the request (nothing stored when one fails), the record (shared with
+//! import, `record.rs`), then the create pipeline.
 
 use std::sync::Arc;
 
-use store::{Backend, Sandbox, SandboxStatus};
-
-use super::pipeline::Plan;
-use super::wire::{self, CreateSandbox};
-use super::{
-    access, golden, image_source, incus_instance, random_id, state_name, Lifecycle, LifecycleError,
-    Meta, Progress, Result, DEFAULT_USER, META_COLLECTION,
-};
+use super::pipeline::{Pipeline, Plan};
+use super::record::{egress_of, Settings};
+use super::{golden, image_source, random_id, Lifecycle, LifecycleError, Meta, Progress, Result};
+use crate::api::incus::CreateSandbox;
 use crate::api::SandboxView;
 use crate::config::ProvisionMode;
-
-/// A new sandbox's certificate settings as the request gave them; checked
-/// with `add`'s rules by [`crate::admin::new_sandbox`].
-#[derive(Debug, Default)]
-pub(super) struct Tls {
-    pub(super) mode: Option<String>,
-    pub(super) cert_file: Option<String>,
-    pub(super) key_file: Option<String>,
-}
 
 impl Lifecycle {
     /// `sandboxd create`: preflight (nothing stored on failure), record,
@@ -48,41 +36,14 @@ impl Lifecycle {
             hook: req.hook.clone(),
         };
         let egress = egress_of(req.egress.as_ref())?;
-        let _claim = self.claim(&name)?;
-        // Incus must answer before anything is stored.
-        self.incus.server_info().await?;
-
-        if let Some(existing) = self.get(&name).await? {
-            let meta = self.meta(&name).await?;
-            let resumable = matches!(
-                existing.status,
-                SandboxStatus::Creating { .. } | SandboxStatus::Failed { .. }
-            ) && incus_instance(&existing) == Some(name.as_str());
-            return match (resumable, meta) {
-                (true, Some(meta)) if meta.image.is_some() => {
-                    progress
-                        .message(format!(
-                            "resuming the creation of {name} (was {}); the stored settings apply",
-                            state_name(&existing.status)
-                        ))
-                        .await;
-                    let plan = Plan {
-                        name: name.clone(),
-                        instance: name.clone(),
-                        meta,
-                        create: true,
-                        extras,
-                    };
-                    self.provision(plan, progress).await
-                }
-                _ => Err(store::Error::NameTaken(name).into()),
-            };
+        let (_claim, resume) = self
+            .begin(Pipeline::Create, &name, extras.clone(), &progress)
+            .await?;
+        if let Some(plan) = resume {
+            return self.provision(plan, progress).await;
         }
 
-        let domain = req.domain.trim().to_ascii_lowercase();
-        store::validate_domain(&domain)?;
-        let user = req.user.clone().unwrap_or_else(|| DEFAULT_USER.to_string());
-        store::validate_user(&user)?;
+        let settings = Settings::of_create(&req)?;
         let image = req
             .image
             .clone()
@@ -97,23 +58,7 @@ impl Lifecycle {
         if req.cpu == Some(0) {
             return Err(LifecycleError::Invalid("--cpu must be at least 1".into()));
         }
-        let generated = req.auth.is_none().then(access::generated_login);
-        let mut sandbox = self
-            .new_record(
-                &name,
-                &domain,
-                &user,
-                &req.ssh_keys,
-                req.app_port,
-                req.auth.clone().or_else(|| generated.clone()),
-                Tls {
-                    mode: req.tls_mode.clone(),
-                    cert_file: req.tls_cert_file.clone(),
-                    key_file: req.tls_key_file.clone(),
-                },
-            )
-            .await?;
-        sandbox.egress = egress;
+        let record = self.new_record(&name, settings, egress).await?;
         if self.incus.instance_exists(&name).await? {
             return Err(LifecycleError::Untracked(name));
         }
@@ -130,92 +75,10 @@ impl Lifecycle {
             provision: mode,
             gateway_key_only: true,
         };
-        self.put_meta(&name, &meta).await?;
-        if let Err(e) = self
-            .write(move |s| s.insert(sandbox).map(|seq| ((), seq)))
-            .await
-        {
-            let n = name.clone();
-            let _ = self
-                .blocking(move |s| s.delete_record(META_COLLECTION, &n))
-                .await;
-            return Err(e);
-        }
-        progress.login(generated).await;
+        self.keep_record(record, &meta, &progress).await?;
         tracing::info!(sandbox = %name, "sandbox recorded; creating its container");
-        let plan = Plan {
-            name: name.clone(),
-            instance: name,
-            meta,
-            create: true,
-            extras,
-        };
+        let plan = Plan::new(Pipeline::Create, &name, meta, extras);
         self.provision(plan, progress).await
-    }
-
-    /// A new record in state `Creating`, not stored yet.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) async fn new_record(
-        &self,
-        name: &str,
-        domain: &str,
-        user: &str,
-        ssh_keys: &[String],
-        app_port: Option<u16>,
-        auth: Option<crate::api::SetAuth>,
-        tls: Tls,
-    ) -> Result<Sandbox> {
-        let sandbox = crate::admin::new_sandbox(crate::admin::NewSandbox {
-            name: name.to_string(),
-            domain: domain.to_string(),
-            backend: Backend::Incus {
-                instance: name.to_string(),
-            },
-            ssh_port: store::DEFAULT_SSH_PORT,
-            app_port: app_port.unwrap_or(store::DEFAULT_APP_PORT),
-            agent_port: store::DEFAULT_AGENT_PORT,
-            agent_prefix: store::DEFAULT_AGENT_PREFIX.to_string(),
-            user: user.to_string(),
-            ssh_keys: ssh_keys.to_vec(),
-            upstream_host_key: None,
-            auth,
-            tls_mode: tls.mode,
-            tls_cert_file: tls.cert_file,
-            tls_key_file: tls.key_file,
-            status: SandboxStatus::Creating {
-                step: "record".into(),
-            },
-            tls_policy: self.tls_policy.clone(),
-        })
-        .await
-        .map_err(|e| {
-            if e.status == ::http::StatusCode::BAD_REQUEST {
-                LifecycleError::Invalid(e.message)
-            } else {
-                LifecycleError::Internal(e.message)
-            }
-        })?;
-        // Shape problems (domain taken is checked by the insert itself).
-        sandbox.validate()?;
-        if let Some(owner) = {
-            let d = domain.to_string();
-            self.blocking(move |s| s.owner_of_host(&d)).await?
-        } {
-            return Err(store::Error::HostTaken {
-                host: domain.to_string(),
-                owner,
-            }
-            .into());
-        }
-        Ok(sandbox)
-    }
-}
-
-/// The requested egress policy, `restricted` when none is given.
-pub(super) fn egress_of(req: Option<&wire::SetEgress>) -> Result<store::Egress> {
-    match req {
-        Some(e) => e.to_egress().map_err(LifecycleError::Invalid),
-        None => Ok(store::Egress::default()),
     }
 }
 

@@ -1,5 +1,5 @@
-//! [`LifecycleError`]: why a lifecycle call failed, with its stable code
-//! and status for the admin API.
+//! [`LifecycleError`]: why a lifecycle call failed. Its stable codes and
+//! HTTP statuses are the admin API's to choose (`crate::admin`).
 
 /// Why a lifecycle call failed.
 #[derive(Debug, thiserror::Error)]
@@ -9,6 +9,9 @@ pub enum LifecycleError {
     Incus(#[from] incusctl::Error),
     #[error("{0}")]
     Store(#[from] store::Error),
+    /// The sandbox request broke a domain rule (keys, login, TLS, ports).
+    #[error("{0}")]
+    Sandbox(#[from] crate::sandbox::SandboxError),
     #[error("{0}")]
     Invalid(String),
     #[error("an Incus instance named {0} already exists and sandboxd does not manage it (adopt it with `sandboxd import {0} --domain ...`, or pick another name)")]
@@ -34,35 +37,4 @@ pub enum LifecycleError {
     },
     #[error("{0}")]
     Internal(String),
-}
-
-impl LifecycleError {
-    /// Stable error code and HTTP status for the admin API.
-    pub fn classify(&self) -> (u16, &'static str) {
-        match self {
-            LifecycleError::Incus(e) if e.is_not_running() => (503, "incus_not_running"),
-            LifecycleError::Incus(e) if e.is_not_found() => (404, "incus_not_found"),
-            LifecycleError::Incus(e) if e.is_conflict() => (409, "incus_conflict"),
-            LifecycleError::Incus(e) if e.is_timeout() => (504, "incus_timeout"),
-            LifecycleError::Incus(e) if e.is_too_large() => (502, "container_data_too_large"),
-            LifecycleError::Incus(_) => (502, "incus_error"),
-            LifecycleError::Store(e) => {
-                use store::Error as E;
-                let status = match e {
-                    E::Invalid { .. } => 400,
-                    E::NameTaken(_) | E::HostTaken { .. } => 409,
-                    E::NotFound(_) => 404,
-                    _ => 500,
-                };
-                (status, e.code())
-            }
-            LifecycleError::Invalid(_) => (400, "invalid_argument"),
-            LifecycleError::Untracked(_) => (409, "untracked_instance"),
-            LifecycleError::Busy(_) => (409, "busy"),
-            LifecycleError::NotIncus(_) => (400, "not_incus"),
-            LifecycleError::WrongState { .. } => (409, "wrong_state"),
-            LifecycleError::Step { source, .. } => source.classify(),
-            LifecycleError::Internal(_) => (500, "internal"),
-        }
-    }
 }

@@ -20,8 +20,8 @@ use std::time::Instant;
 use crate::config::ProvisionMode;
 use crate::provision::{self, Agent, AgentKind, ApiKey, Llm, LlmSettings, Phase, Provider};
 
-use super::wire::{ImageBuild, ImageView, LlmKey, StepOutcome};
 use super::{image_source, random_id, Lifecycle, LifecycleError, Progress, Result};
+use crate::api::incus::{ImageBuild, ImageView, LlmKey, StepOutcome};
 
 /// Image property that marks a golden image.
 pub const GOLDEN_PROPERTY: &str = "sandboxd.golden";

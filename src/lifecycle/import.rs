@@ -4,15 +4,10 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use store::SandboxStatus;
-
-use super::create::{egress_of, Tls};
-use super::pipeline::Plan;
-use super::wire::{ImportSandbox, UnmanagedInstance};
-use super::{
-    access, golden, incus_instance, random_id, Lifecycle, LifecycleError, Meta, Progress, Result,
-    DEFAULT_USER, META_COLLECTION,
-};
+use super::pipeline::{Pipeline, Plan};
+use super::record::{egress_of, Settings};
+use super::{golden, incus_instance, random_id, Lifecycle, LifecycleError, Meta, Progress, Result};
+use crate::api::incus::{ImportSandbox, UnmanagedInstance};
 use crate::api::SandboxView;
 
 impl Lifecycle {
@@ -30,30 +25,16 @@ impl Lifecycle {
             ))
         })?;
         let egress = egress_of(req.egress.as_ref())?;
-        let _claim = self.claim(&name)?;
-        self.incus.server_info().await?;
-        if let Some(existing) = self.get(&name).await? {
-            let meta = self.meta(&name).await?;
-            let resumable = matches!(
-                existing.status,
-                SandboxStatus::Creating { .. } | SandboxStatus::Failed { .. }
-            );
-            return match (resumable, meta) {
-                (true, Some(meta)) if meta.image.is_none() => {
-                    progress
-                        .message(format!("resuming the import of {name}"))
-                        .await;
-                    let plan = Plan {
-                        name: name.clone(),
-                        instance: name,
-                        meta,
-                        create: false,
-                        extras: golden::Extras::default(),
-                    };
-                    self.provision(plan, progress).await
-                }
-                _ => Err(store::Error::NameTaken(name).into()),
-            };
+        let (_claim, resume) = self
+            .begin(
+                Pipeline::Import,
+                &name,
+                golden::Extras::default(),
+                &progress,
+            )
+            .await?;
+        if let Some(plan) = resume {
+            return self.provision(plan, progress).await;
         }
         let instance = self.incus.instance(&name).await?;
         if instance.kind != "container" {
@@ -62,27 +43,8 @@ impl Lifecycle {
                 instance.kind
             )));
         }
-        let domain = req.domain.trim().to_ascii_lowercase();
-        store::validate_domain(&domain)?;
-        let user = req.user.clone().unwrap_or_else(|| DEFAULT_USER.to_string());
-        store::validate_user(&user)?;
-        let generated = req.auth.is_none().then(access::generated_login);
-        let mut sandbox = self
-            .new_record(
-                &name,
-                &domain,
-                &user,
-                &req.ssh_keys,
-                req.app_port,
-                req.auth.clone().or_else(|| generated.clone()),
-                Tls {
-                    mode: req.tls_mode.clone(),
-                    cert_file: req.tls_cert_file.clone(),
-                    key_file: req.tls_key_file.clone(),
-                },
-            )
-            .await?;
-        sandbox.egress = egress;
+        let settings = Settings::of_import(&req)?;
+        let record = self.new_record(&name, settings, egress).await?;
         let meta = Meta {
             id: random_id(),
             image: None,
@@ -92,26 +54,9 @@ impl Lifecycle {
             provision: None,
             gateway_key_only: true,
         };
-        self.put_meta(&name, &meta).await?;
-        if let Err(e) = self
-            .write(move |s| s.insert(sandbox).map(|seq| ((), seq)))
-            .await
-        {
-            let n = name.clone();
-            let _ = self
-                .blocking(move |s| s.delete_record(META_COLLECTION, &n))
-                .await;
-            return Err(e);
-        }
-        progress.login(generated).await;
+        self.keep_record(record, &meta, &progress).await?;
         tracing::info!(sandbox = %name, "adopting instance");
-        let plan = Plan {
-            name: name.clone(),
-            instance: name,
-            meta,
-            create: false,
-            extras: golden::Extras::default(),
-        };
+        let plan = Plan::new(Pipeline::Import, &name, meta, golden::Extras::default());
         self.provision(plan, progress).await
     }
 

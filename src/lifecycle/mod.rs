@@ -5,8 +5,10 @@
 //! This module owns the order of the steps and what the store records
 //! between them; `incusctl` owns the REST calls, the store owns durability,
 //! and the routing snapshot follows the store. It does not watch Incus
-//! events itself (see `crate::watcher`) and knows nothing of HTTP (see
-//! [`http`]).
+//! events itself (see `crate::watcher`) and knows nothing of HTTP (its
+//! admin API calls are `crate::admin`'s, their wire types
+//! `crate::api::incus`). The rules every sandbox record follows
+//! (keys, login, TLS, ports) and its view are `crate::sandbox`'s.
 //!
 //! Invariants:
 //! - a sandbox gets a routable status (`Running` with addresses) only from
@@ -33,17 +35,19 @@
 //!
 //! Files: this one holds the [`Lifecycle`] service, its store helpers and
 //! the small shared helpers; `create.rs` and `import.rs` the two entry
-//! points of the pipeline, `pipeline.rs` its steps, `power.rs`
-//! start/stop/restart/delete and the egress change, `snapshots.rs`,
-//! `reconcile.rs` (with [`Lifecycle::settle`]), `stats.rs` (live figures
-//! and CPU sampling), `progress.rs` ([`Progress`]) and `error.rs`
+//! points, which share their start and their record-keeping in
+//! `record.rs`; `pipeline.rs` the steps (an enum) and their order, with
+//! each step's status and failure recorded; `steps.rs` what each step
+//! does; `power.rs` start/stop/restart/delete and the egress change;
+//! `snapshots.rs`; `reconcile.rs` (with [`Lifecycle::settle`], the
+//! watcher's and the reconcile's only status write); `stats.rs` (live
+//! figures and CPU sampling); `progress.rs` ([`Progress`]) and `error.rs`
 //! ([`LifecycleError`]).
 
 pub mod access;
 mod create;
 mod error;
 pub mod golden;
-pub mod http;
 mod import;
 pub mod netpolicy;
 pub mod network;
@@ -51,9 +55,10 @@ mod pipeline;
 mod power;
 mod progress;
 mod reconcile;
+mod record;
 mod snapshots;
 mod stats;
-pub mod wire;
+mod steps;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;

@@ -1,77 +1,179 @@
-//! The provisioning pipeline shared by create and import: the steps, run
-//! in order, each recorded in the sandbox's status before it runs.
+//! The provisioning pipelines of create and import: which [`Step`]s run
+//! in which order, and what the store records around each. What each step
+//! does is in `steps.rs`.
+//!
+//! Every step is recorded in the sandbox's status (`Creating { step }`)
+//! before it runs and announced as a progress event; a failure records
+//! `Failed { reason }` naming the step. Only the last step, [`Step::Live`],
+//! gives the sandbox a routable status. Every step is idempotent, so
+//! running a pipeline again resumes it.
 
-use std::collections::HashSet;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use store::{Sandbox, SandboxStatus};
-use tokio::sync::mpsc;
+use store::SandboxStatus;
 
-use super::{
-    access, addresses_of, golden, image_source, network, Lifecycle, LifecycleError, Meta, Progress,
-    Result, HOST_KEY_PATH, HOST_KEY_TIMEOUT, ID_KEY, MAX_HOST_KEY_FILE, MAX_SMALL_OUTPUT,
-    STOP_GRACE,
-};
+use super::{golden, Lifecycle, LifecycleError, Meta, Progress, Result};
 use crate::api::SandboxView;
-use crate::config::ProvisionMode;
 
-const CREATE_STEPS: [&str; 10] = [
-    "create",
-    "start",
-    "address",
-    "ready",
-    "provision",
-    "user",
-    "keys",
-    "host-key",
-    "baseline",
-    "live",
+/// One step of a pipeline. Its [`Step::name`] is what users and the store
+/// see: in the status `Creating { step }`, in a failure's reason, in the
+/// progress events and in errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Step {
+    /// Create only: the fixed address and egress rules, then the
+    /// container (made and started by one Incus operation).
+    Create,
+    /// Import only: claim the instance (our id), fixed address and filters,
+    /// restarting it when it must take its address.
+    Adopt,
+    /// Start the container (a no-op when running).
+    Start,
+    /// Wait for the container's fixed address.
+    Address,
+    /// Wait for the boot to finish.
+    Ready,
+    /// Create only: the provisioning plan (none, per-sandbox or all).
+    Provision,
+    /// Make (or find) the login user.
+    User,
+    /// The user's `authorized_keys`: the gateway's key only.
+    Keys,
+    /// Pin the container's sshd host key for the upstream leg.
+    HostKey,
+    /// Create only: the baseline of a provisioned container.
+    Baseline,
+    /// Check the fixed address and give the sandbox its routable status.
+    Live,
+}
+
+impl Step {
+    /// The step's name as users and the store see it.
+    pub(super) const fn name(self) -> &'static str {
+        match self {
+            Step::Create => "create",
+            Step::Adopt => "adopt",
+            Step::Start => "start",
+            Step::Address => "address",
+            Step::Ready => "ready",
+            Step::Provision => "provision",
+            Step::User => "user",
+            Step::Keys => "keys",
+            Step::HostKey => "host-key",
+            Step::Baseline => "baseline",
+            Step::Live => "live",
+        }
+    }
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The steps of `create`, in order.
+const CREATE_STEPS: [Step; 10] = [
+    Step::Create,
+    Step::Start,
+    Step::Address,
+    Step::Ready,
+    Step::Provision,
+    Step::User,
+    Step::Keys,
+    Step::HostKey,
+    Step::Baseline,
+    Step::Live,
 ];
-const IMPORT_STEPS: [&str; 8] = [
-    "adopt", "start", "address", "ready", "user", "keys", "host-key", "live",
+
+/// The steps of `import`, in order.
+const IMPORT_STEPS: [Step; 8] = [
+    Step::Adopt,
+    Step::Start,
+    Step::Address,
+    Step::Ready,
+    Step::User,
+    Step::Keys,
+    Step::HostKey,
+    Step::Live,
 ];
+
+/// Which pipeline a sandbox is made by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Pipeline {
+    /// `sandboxd create`: a new container from an image.
+    Create,
+    /// `sandboxd import`: an existing instance adopted.
+    Import,
+}
+
+impl Pipeline {
+    /// Its steps, in order.
+    pub(super) const fn steps(self) -> &'static [Step] {
+        match self {
+            Pipeline::Create => &CREATE_STEPS,
+            Pipeline::Import => &IMPORT_STEPS,
+        }
+    }
+
+    /// Its name in errors and failure reasons.
+    pub(super) const fn name(self) -> &'static str {
+        match self {
+            Pipeline::Create => "create",
+            Pipeline::Import => "import",
+        }
+    }
+}
 
 /// Everything the provisioning steps need, resolved before they run.
 pub(super) struct Plan {
     pub(super) name: String,
     pub(super) instance: String,
     pub(super) meta: Meta,
-    /// Create (`true`) or adopt (`false`).
-    pub(super) create: bool,
+    pub(super) pipeline: Pipeline,
     /// Per-request provisioning inputs (LLM key, hook).
     pub(super) extras: golden::Extras,
 }
 
+impl Plan {
+    /// The plan of `pipeline` for the sandbox `name`, whose instance has
+    /// its name.
+    pub(super) fn new(pipeline: Pipeline, name: &str, meta: Meta, extras: golden::Extras) -> Self {
+        Plan {
+            name: name.to_string(),
+            instance: name.to_string(),
+            meta,
+            pipeline,
+            extras,
+        }
+    }
+}
+
 /// What earlier steps learned, for later ones in the same run.
 #[derive(Default)]
-struct StepState {
+pub(super) struct StepState {
     /// uid, gid and home of the login user.
-    user: Option<(u32, u32, String)>,
+    pub(super) user: Option<(u32, u32, String)>,
 }
 
 impl Lifecycle {
     /// Runs the steps of `plan`, recording each; a failure records
     /// `Failed { reason }` with the step and returns it.
     pub(super) async fn provision(&self, plan: Plan, progress: Progress) -> Result<SandboxView> {
-        let steps: &[&'static str] = if plan.create {
-            &CREATE_STEPS
-        } else {
-            &IMPORT_STEPS
-        };
-        let what = if plan.create { "create" } else { "import" };
+        let steps = plan.pipeline.steps();
+        let what = plan.pipeline.name();
         let total = steps.len() as u64;
         let started = Instant::now();
         let mut ctx = StepState::default();
-        for (i, step) in steps.iter().enumerate() {
+        for (i, &step) in steps.iter().enumerate() {
             self.set_status(
                 &plan.name,
                 SandboxStatus::Creating {
-                    step: (*step).to_string(),
+                    step: step.name().to_string(),
                 },
                 None,
             )
             .await?;
-            progress.step(step, i as u64 + 1, total).await;
+            progress.step(step.name(), i as u64 + 1, total).await;
             let t = Instant::now();
             if let Err(e) = self.run_step(step, &plan, &mut ctx, &progress).await {
                 let reason = format!("{what} failed at step {step}: {e}");
@@ -85,266 +187,148 @@ impl Lifecycle {
                 return Err(LifecycleError::Step {
                     what,
                     name: plan.name.clone(),
-                    step,
+                    step: step.name(),
                     source: Box::new(e),
                 });
             }
-            tracing::debug!(sandbox = %plan.name, step, elapsed = ?t.elapsed(), "step done");
+            tracing::debug!(sandbox = %plan.name, step = step.name(), elapsed = ?t.elapsed(), "step done");
         }
         tracing::info!(sandbox = %plan.name, elapsed = ?started.elapsed(), "sandbox live");
         let sb = self
             .get(&plan.name)
             .await?
             .ok_or_else(|| store::Error::NotFound(plan.name.clone()))?;
-        Ok(crate::admin::view(&sb))
+        Ok(crate::sandbox::view(&sb))
     }
+}
 
-    async fn run_step(
-        &self,
-        step: &str,
-        plan: &Plan,
-        ctx: &mut StepState,
-        progress: &Progress,
-    ) -> Result<()> {
-        let inst = plan.instance.as_str();
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every step, and where it sits in this list: the match makes a new
+    /// step fail to compile here until it is listed (and so checked below).
+    const ALL: [Step; 11] = [
+        Step::Create,
+        Step::Adopt,
+        Step::Start,
+        Step::Address,
+        Step::Ready,
+        Step::Provision,
+        Step::User,
+        Step::Keys,
+        Step::HostKey,
+        Step::Baseline,
+        Step::Live,
+    ];
+    fn index(step: Step) -> usize {
         match step {
-            "create" => self.step_create(plan, progress).await,
-            "adopt" => {
-                let i = self.incus.instance(inst).await?;
-                match i.config.get(ID_KEY) {
-                    Some(id) if *id != plan.meta.id => Err(LifecycleError::Untracked(format!(
-                        "{inst} (it carries another sandboxd id)"
-                    ))),
-                    _ => {
-                        let mut cfg = std::collections::BTreeMap::new();
-                        cfg.insert(ID_KEY.to_string(), plan.meta.id.clone());
-                        self.incus.update_config(inst, &cfg).await?;
-                        let (ip, restart) = self.isolate_instance(&plan.name, inst).await?;
-                        progress.message(format!("fixed address {ip}")).await;
-                        if restart {
-                            progress
-                                .message(format!(
-                                    "restarting {inst} so that it takes its fixed address"
-                                ))
-                                .await;
-                            self.incus
-                                .restart(inst, incusctl::StopOptions::graceful(STOP_GRACE))
-                                .await?;
-                        }
-                        Ok(())
-                    }
-                }
-            }
-            "start" => Ok(self.incus.start(inst).await?),
-            "address" => {
-                let ip = self.wait_address(&plan.name, inst).await?;
-                progress.message(format!("address {ip}")).await;
-                Ok(())
-            }
-            "ready" => self.wait_booted(inst, progress).await,
-            "provision" => {
-                let mode = plan.meta.provision.unwrap_or(self.provision.mode);
-                let image = plan.meta.image.clone().unwrap_or_default();
-                let Some(phase) = self.phase_for(mode, &image).await? else {
-                    progress.message("provisioning: none asked").await;
-                    return Ok(());
-                };
-                let sb = self.require(&plan.name).await?;
-                let p = self.plan_for(phase, Some(&sb.user), sb.agent_port, &plan.extras)?;
-                progress
-                    .message(format!(
-                        "provisioning: {} steps",
-                        match phase {
-                            crate::provision::Phase::Sandbox => "per-sandbox",
-                            _ => "all",
-                        }
-                    ))
-                    .await;
-                self.run_plan(inst, &p, progress).await?;
-                Ok(())
-            }
-            "baseline" => {
-                let mode = plan.meta.provision.unwrap_or(self.provision.mode);
-                if mode == ProvisionMode::None {
-                    return Ok(());
-                }
-                self.baseline(inst, progress).await
-            }
-            "user" => {
-                let sb = self.require(&plan.name).await?;
-                // A validated login name: safe inside the script.
-                let script = access::account_script(&sb.user, true);
-                let out = self
-                    .incus
-                    .exec_ok(
-                        inst,
-                        &incusctl::ExecRequest::shell(script).max_output(MAX_SMALL_OUTPUT),
-                    )
-                    .await?;
-                ctx.user = Some(access::parse_account(&sb.user, &out.stdout_text())?);
-                Ok(())
-            }
-            "keys" => {
-                let sb = self.require(&plan.name).await?;
-                let Some((uid, gid, home)) = ctx.user.clone() else {
-                    return Err(LifecycleError::Internal("user step skipped".into()));
-                };
-                // Only the gateway's key: client keys stay in the gateway.
-                self.write_authorized_keys(inst, &sb, (uid, gid, &home))
-                    .await
-            }
-            "host-key" => {
-                let f = self
-                    .incus
-                    .pull_file_when_ready(
-                        inst,
-                        HOST_KEY_PATH,
-                        MAX_HOST_KEY_FILE,
-                        Duration::from_millis(200),
-                        HOST_KEY_TIMEOUT,
-                    )
-                    .await?;
-                let text = String::from_utf8_lossy(&f.data).to_string();
-                let key = crate::keys::parse_public(&text).map_err(|e| {
-                    LifecycleError::Invalid(format!("host key {HOST_KEY_PATH}: {e}"))
-                })?;
-                let line = crate::keys::to_line(&key);
-                let n = plan.name.clone();
-                self.write(move |s| {
-                    s.update(&n, |sb| {
-                        sb.upstream_host_key = Some(line.clone());
-                        Ok(())
-                    })
-                })
-                .await?;
-                Ok(())
-            }
-            "live" => {
-                let st = self.incus.instance_state(inst).await?;
-                let addrs = addresses_of(&st);
-                let sb = self.require(&plan.name).await?;
-                let assigned = sb.assigned_ipv4.clone().unwrap_or_default();
-                if !addrs.contains(&assigned) {
-                    return Err(LifecycleError::Invalid(format!(
-                        "the container does not carry its fixed address {assigned:?}"
-                    )));
-                }
-                self.set_status(&plan.name, SandboxStatus::Running, Some(addrs))
-                    .await?;
-                Ok(())
-            }
-            other => Err(LifecycleError::Internal(format!("unknown step {other}"))),
+            Step::Create => 0,
+            Step::Adopt => 1,
+            Step::Start => 2,
+            Step::Address => 3,
+            Step::Ready => 4,
+            Step::Provision => 5,
+            Step::User => 6,
+            Step::Keys => 7,
+            Step::HostKey => 8,
+            Step::Baseline => 9,
+            Step::Live => 10,
         }
     }
 
-    async fn step_create(&self, plan: &Plan, progress: &Progress) -> Result<()> {
-        let inst = plan.instance.as_str();
-        match self.incus.instance(inst).await {
-            Ok(i) => {
-                if i.config.get(ID_KEY) != Some(&plan.meta.id) {
-                    return Err(LifecycleError::Untracked(inst.to_string()));
-                }
-                if i.status != "Error" {
-                    progress
-                        .message(format!("container {inst} exists already ({})", i.status))
-                        .await;
-                    return Ok(());
-                }
-                progress
-                    .message(format!("container {inst} is broken; making it again"))
-                    .await;
-                self.incus.delete_instance(inst, true).await?;
-            }
-            Err(e) if e.is_not_found() => {}
-            Err(e) => return Err(e.into()),
-        }
-        // The address and egress policy exist before the container does, so
-        // that its first DHCP lease is its fixed address and its first
-        // packet is filtered. Incus refuses, when the container starts, an
-        // address another NIC has (a daemon with another store on the same
-        // bridge took it meanwhile): then again with another address.
-        let (bridge, base) = self.bridge_of(None).await?;
-        let mut refused = HashSet::new();
-        for attempt in 1..=3 {
-            let ip = self
-                .assign_address(&plan.name, inst, &bridge, None, &refused)
-                .await?;
-            let sb = self.require(&plan.name).await?;
-            self.apply_egress(&sb, &bridge).await?;
-            progress
-                .message(format!(
-                    "fixed address {ip} on {}, egress {}",
-                    bridge.name,
-                    sb.egress.mode.as_str()
-                ))
-                .await;
-            match self
-                .create_container(plan, &sb, &base, &bridge, ip, progress)
-                .await
-            {
-                Err(LifecycleError::Incus(e))
-                    if attempt < 3 && e.to_string().contains("already defined on another NIC") =>
-                {
-                    progress
-                        .message(format!("{ip} is taken on {}; another address", bridge.name))
-                        .await;
-                    refused.insert(ip);
-                    match self.incus.delete_instance(inst, true).await {
-                        Ok(()) => {}
-                        Err(e) if e.is_not_found() => {}
-                        Err(e) => return Err(e.into()),
-                    }
-                }
-                other => return other,
-            }
-        }
-        Err(LifecycleError::Internal("no address could be used".into()))
+    fn names(p: Pipeline) -> Vec<&'static str> {
+        p.steps().iter().map(|s| s.name()).collect()
     }
 
-    async fn create_container(
-        &self,
-        plan: &Plan,
-        sb: &Sandbox,
-        base: &std::collections::BTreeMap<String, String>,
-        bridge: &network::Bridge,
-        ip: std::net::Ipv4Addr,
-        progress: &Progress,
-    ) -> Result<()> {
-        let inst = plan.instance.as_str();
-        let image = plan.meta.image.clone().unwrap_or_default();
-        let mut req = incusctl::CreateInstance::new(inst, image_source(&image)?)
-            .device("eth0", network::nic_device(base, bridge, ip))
-            .docker_ready()
-            .config(ID_KEY, plan.meta.id.clone())
-            .config("user.sandboxd.domain", sb.domain.clone())
-            .description(format!("sandboxd sandbox {}", sb.name))
-            // Started by the same operation; the `start` step is then a no-op.
-            .start(true);
-        if let Some(cpu) = plan.meta.cpu {
-            req = req.limits_cpu(cpu);
+    fn position(p: Pipeline, step: Step) -> Option<usize> {
+        p.steps().iter().position(|s| *s == step)
+    }
+
+    #[test]
+    fn pipelines_run_the_steps_users_see_in_their_order() {
+        // The strings are what `show` prints as the status and what
+        // failure reasons ("create failed at step keys: ...") say.
+        assert_eq!(
+            names(Pipeline::Create),
+            [
+                "create",
+                "start",
+                "address",
+                "ready",
+                "provision",
+                "user",
+                "keys",
+                "host-key",
+                "baseline",
+                "live"
+            ]
+        );
+        assert_eq!(
+            names(Pipeline::Import),
+            ["adopt", "start", "address", "ready", "user", "keys", "host-key", "live"]
+        );
+        assert_eq!(Pipeline::Create.name(), "create");
+        assert_eq!(Pipeline::Import.name(), "import");
+    }
+
+    #[test]
+    fn each_step_runs_after_what_it_needs() {
+        for p in [Pipeline::Create, Pipeline::Import] {
+            let steps = p.steps();
+            // Only the last step gives a routable status.
+            assert_eq!(steps.last(), Some(&Step::Live), "{p:?}");
+            // The container exists first (made or adopted).
+            assert!(matches!(steps[0], Step::Create | Step::Adopt), "{p:?}");
+            let before = |a: Step, b: Step| {
+                let (Some(a), Some(b)) = (position(p, a), position(p, b)) else {
+                    return true;
+                };
+                a < b
+            };
+            // Keys need the user's uid and home; the host key and the user
+            // need a booted container; the address is waited for before
+            // anything reads it.
+            assert!(before(Step::User, Step::Keys), "{p:?}");
+            assert!(before(Step::Ready, Step::User), "{p:?}");
+            assert!(before(Step::Ready, Step::HostKey), "{p:?}");
+            assert!(before(Step::Start, Step::Address), "{p:?}");
+            assert!(before(Step::Address, Step::Ready), "{p:?}");
+            assert!(before(Step::Provision, Step::Baseline), "{p:?}");
+            for s in steps {
+                assert_eq!(
+                    steps.iter().filter(|t| *t == s).count(),
+                    1,
+                    "{p:?} runs {s} once"
+                );
+            }
         }
-        if let Some(m) = &plan.meta.memory {
-            req = req.limits_memory(m.clone());
+        // Import never makes a container nor provisions one; create never
+        // adopts.
+        assert_eq!(position(Pipeline::Import, Step::Create), None);
+        assert_eq!(position(Pipeline::Import, Step::Provision), None);
+        assert_eq!(position(Pipeline::Import, Step::Baseline), None);
+        assert_eq!(position(Pipeline::Create, Step::Adopt), None);
+    }
+
+    #[test]
+    fn step_names_are_distinct_and_lead_back_to_their_step() {
+        for (i, step) in ALL.iter().enumerate() {
+            assert_eq!(index(*step), i);
+            assert_eq!(step.to_string(), step.name());
+            // Each name leads back to one step only.
+            let back: Vec<Step> = ALL
+                .iter()
+                .copied()
+                .filter(|s| s.name() == step.name())
+                .collect();
+            assert_eq!(back, [*step]);
+            // Every step runs in some pipeline.
+            assert!(
+                position(Pipeline::Create, *step).is_some()
+                    || position(Pipeline::Import, *step).is_some(),
+                "{step} runs nowhere"
+            );
         }
-        if let Some(d) = &plan.meta.disk {
-            req = req.root_disk("default", Some(d));
-        }
-        let (tx, mut rx) = mpsc::channel::<incusctl::Progress>(32);
-        let forward = {
-            let progress = progress.clone();
-            tokio::spawn(async move {
-                let mut last = String::new();
-                while let Some(p) = rx.recv().await {
-                    if p.text != last {
-                        progress.message(p.text.clone()).await;
-                        last = p.text;
-                    }
-                }
-            })
-        };
-        let created = self.incus.create_instance_with_progress(&req, tx).await;
-        let _ = forward.await;
-        created?;
-        Ok(())
     }
 }

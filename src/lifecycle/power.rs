@@ -57,7 +57,7 @@ impl Lifecycle {
         Self::settled(&sb)?;
         self.incus.start(&inst).await?;
         let sb = self.refresh_running(name, &inst).await?;
-        Ok(crate::admin::view(&sb))
+        Ok(crate::sandbox::view(&sb))
     }
 
     /// Stops a sandbox's container (clean shutdown, killed after a grace
@@ -70,7 +70,7 @@ impl Lifecycle {
         let sb = self
             .set_status(name, SandboxStatus::Stopped, Some(vec![]))
             .await?;
-        Ok(crate::admin::view(&sb))
+        Ok(crate::sandbox::view(&sb))
     }
 
     /// Restarts a sandbox's container; the route follows the new address.
@@ -87,7 +87,7 @@ impl Lifecycle {
             self.incus.start(&inst).await?;
         }
         let sb = self.refresh_running(name, &inst).await?;
-        Ok(crate::admin::view(&sb))
+        Ok(crate::sandbox::view(&sb))
     }
 
     /// Deletes a sandbox: its route first (the HTTPS gate's certificate
@@ -140,7 +140,7 @@ impl Lifecycle {
         let removed = self.write(move |s| s.remove(&n)).await?;
         lock(&self.samples).remove(&inst);
         tracing::info!(sandbox = %name, "sandbox deleted with its container");
-        Ok(crate::admin::view(&removed))
+        Ok(crate::sandbox::view(&removed))
     }
 
     async fn delete_failed(&self, name: &str, e: LifecycleError) -> LifecycleError {
@@ -182,6 +182,6 @@ impl Lifecycle {
         }
         let sb = self.require(name).await?;
         tracing::info!(sandbox = %name, egress = egress.mode.as_str(), "egress policy applied");
-        Ok(crate::admin::view(&sb))
+        Ok(crate::sandbox::view(&sb))
     }
 }

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use store::{Backend, Sandbox, SandboxStatus};
 
-use super::{addresses_of, incus_instance, lock, Lifecycle, LifecycleError, Result, STOP_GRACE};
+use super::{addresses_of, incus_instance, lock, Lifecycle, Result, STOP_GRACE};
 
 /// Marks a sandbox busy for the reconcile's own work; skipped when a
 /// lifecycle operation holds it.
@@ -46,30 +46,25 @@ impl Lifecycle {
         addresses: Vec<String>,
     ) -> Result<bool> {
         let n = name.to_string();
-        let outcome = self
-            .write(move |s| {
-                s.update(&n, |sb| {
+        let (_, written) = self
+            .blocking(move |s| {
+                s.update_if(&n, |sb| {
                     let settled =
                         matches!(sb.status, SandboxStatus::Running | SandboxStatus::Stopped);
                     if !settled || (sb.status == status && sb.addresses == addresses) {
-                        return Err(store::Error::Invalid {
-                            field: "status",
-                            reason: "unchanged".into(),
-                        });
+                        return Ok(false);
                     }
                     sb.status = status.clone();
                     sb.addresses = addresses.clone();
-                    Ok(())
+                    Ok(true)
                 })
             })
-            .await;
-        match outcome {
-            Ok(_) => Ok(true),
-            Err(LifecycleError::Store(store::Error::Invalid {
-                field: "status", ..
-            })) => Ok(false),
-            Err(e) => Err(e),
-        }
+            .await?;
+        let Some(seq) = written else {
+            return Ok(false);
+        };
+        self.routes.wait_applied(seq).await;
+        Ok(true)
     }
 
     /// Compares every settled Incus sandbox with Incus' view (one

@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use store::SandboxStatus;
 
-use super::wire::SnapshotView;
 use super::{Lifecycle, LifecycleError, Result};
+use crate::api::incus::SnapshotView;
 use crate::api::SandboxView;
 
 impl Lifecycle {
@@ -54,7 +54,7 @@ impl Lifecycle {
             self.set_status(name, SandboxStatus::Stopped, Some(vec![]))
                 .await?
         };
-        Ok(crate::admin::view(&sb))
+        Ok(crate::sandbox::view(&sb))
     }
 
     pub async fn snapshot_delete(self: &Arc<Self>, name: &str, snap: &str) -> Result<()> {

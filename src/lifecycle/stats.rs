@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use store::Sandbox;
 
-use super::wire::{SandboxStats, StatsAnswer};
 use super::{incus_instance, lock, Lifecycle};
+use crate::api::incus::{SandboxStats, StatsAnswer};
 
 /// One CPU sample of an instance.
 #[derive(Debug, Clone, Copy)]

@@ -407,15 +407,29 @@ impl Store {
     where
         F: Fn(&mut Sandbox) -> Result<()>,
     {
+        let (updated, seq) = self.update_if(name, |sb| edit(sb).map(|()| true))?;
+        Ok((updated, seq.unwrap_or_else(|| self.seq())))
+    }
+
+    /// Like [`Store::update`], but `edit` decides in the transaction
+    /// whether to write: when it returns `false` nothing is written or
+    /// published. Returns the record as it now is and, when written, the
+    /// sequence number of the change.
+    pub fn update_if<F>(&self, name: &str, edit: F) -> Result<(Sandbox, Option<u64>)>
+    where
+        F: Fn(&mut Sandbox) -> Result<bool>,
+    {
         let _guard = self.lock();
-        let updated = (&self.sandboxes, &self.hosts, &self.addresses)
+        let (updated, written) = (&self.sandboxes, &self.hosts, &self.addresses)
             .transaction(|(sandboxes, hosts, addresses)| {
                 let Some(old) = sandboxes.get(name.as_bytes())? else {
                     return Err(abort(Error::NotFound(name.to_string())));
                 };
                 let old = decode_sandbox(name.as_bytes(), &old).map_err(abort)?;
                 let mut new = old.clone();
-                edit(&mut new).map_err(abort)?;
+                if !edit(&mut new).map_err(abort)? {
+                    return Ok((old, false));
+                }
                 if new.name != old.name {
                     return Err(abort(Error::Invalid {
                         field: "name",
@@ -457,12 +471,15 @@ impl Store {
                     }
                 }
                 sandboxes.insert(name.as_bytes(), encode(&new).map_err(abort)?)?;
-                Ok(new)
+                Ok((new, true))
             })
             .map_err(tx_err)?;
+        if !written {
+            return Ok((updated, None));
+        }
         self.db.flush()?;
         let seq = self.publish(ChangeKind::Put(Arc::new(updated.clone())));
-        Ok((updated, seq))
+        Ok((updated, Some(seq)))
     }
 
     /// Removes a sandbox and its host names.

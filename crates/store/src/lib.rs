@@ -27,6 +27,6 @@ pub use db::{AddressPool, Backup, Change, ChangeKind, Store, BACKUP_FORMAT, SCHE
 pub use error::{Error, Result};
 pub use model::{
     validate_domain, validate_egress, validate_name, validate_user, Backend, BasicAuth, Egress,
-    EgressMode, KeyPair, Sandbox, SandboxStatus, DEFAULT_AGENT_PORT, DEFAULT_AGENT_PREFIX,
+    EgressMode, KeyPair, Sandbox, SandboxStatus, TlsMode, DEFAULT_AGENT_PORT, DEFAULT_AGENT_PREFIX,
     DEFAULT_APP_PORT, DEFAULT_SSH_PORT,
 };

@@ -41,6 +41,62 @@ pub enum SandboxStatus {
     Failed { reason: String },
 }
 
+/// Where a sandbox's certificates come from. Stored, and sent over the
+/// admin API, as the lowercase names `acme`, `internal` and `manual`; a
+/// record without one uses the daemon's default mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TlsMode {
+    /// A public certificate from the ACME directory.
+    Acme,
+    /// A leaf signed by the daemon's internal CA.
+    Internal,
+    /// The operator's own PEM files (`tls_cert_file`, `tls_key_file`).
+    Manual,
+}
+
+impl TlsMode {
+    /// Every mode, in the order help texts list them.
+    pub const ALL: [TlsMode; 3] = [TlsMode::Acme, TlsMode::Internal, TlsMode::Manual];
+
+    /// The lowercase name used on the command line, on the wire and on disk.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsMode::Acme => "acme",
+            TlsMode::Internal => "internal",
+            TlsMode::Manual => "manual",
+        }
+    }
+}
+
+impl std::fmt::Display for TlsMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for TlsMode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        TlsMode::ALL
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| format!("tls mode {s:?}: use acme, internal or manual"))
+    }
+}
+
+impl Serialize for TlsMode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for TlsMode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        name.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// What an Incus sandbox may reach besides the gateway's own connections
 /// to it (applied by the binary as an Incus network ACL).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -138,9 +194,10 @@ pub struct Sandbox {
     /// Pinned host key of the upstream sshd (OpenSSH public-key line).
     pub upstream_host_key: Option<String>,
     pub basic_auth: Option<BasicAuth>,
-    /// TLS mode override for this sandbox's hosts (`acme`, `internal`, `manual`).
+    /// TLS mode override for this sandbox's hosts; the daemon's default
+    /// when `None`.
     #[serde(default)]
-    pub tls_mode: Option<String>,
+    pub tls_mode: Option<TlsMode>,
     /// `manual` mode: the PEM certificate chain file (absolute path on the host).
     #[serde(default)]
     pub tls_cert_file: Option<String>,

@@ -3,7 +3,9 @@
 
 use std::os::unix::fs::PermissionsExt;
 
-use store::{AddressPool, Backend, ChangeKind, Error, KeyPair, Sandbox, SandboxStatus, Store};
+use store::{
+    AddressPool, Backend, ChangeKind, Error, KeyPair, Sandbox, SandboxStatus, Store, TlsMode,
+};
 
 fn sandbox(name: &str, domain: &str) -> Sandbox {
     Sandbox {
@@ -137,6 +139,55 @@ fn feed_reports_changes_in_commit_order() {
 }
 
 #[test]
+fn update_if_writes_only_when_the_edit_asks() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    store.insert(sandbox("a", "a.example.com")).unwrap();
+    let before = store.get("a").unwrap().unwrap();
+    let seq = store.seq();
+    let mut rx = store.subscribe();
+    // The edit declines: nothing written, nothing published, even though
+    // it changed its copy.
+    let (kept, written) = store
+        .update_if("a", |sb| {
+            sb.status = SandboxStatus::Stopped;
+            Ok(false)
+        })
+        .unwrap();
+    assert_eq!(written, None);
+    assert_eq!(kept.status, SandboxStatus::Running);
+    assert_eq!(
+        store.get("a").unwrap().unwrap().status,
+        SandboxStatus::Running
+    );
+    assert_eq!(
+        store.get("a").unwrap().unwrap().updated_at,
+        before.updated_at
+    );
+    assert_eq!(store.seq(), seq);
+    assert!(rx.try_recv().is_err());
+    // The edit accepts: written and published with the returned sequence.
+    let (updated, written) = store
+        .update_if("a", |sb| {
+            sb.status = SandboxStatus::Stopped;
+            Ok(true)
+        })
+        .unwrap();
+    assert_eq!(updated.status, SandboxStatus::Stopped);
+    assert_eq!(
+        store.get("a").unwrap().unwrap().status,
+        SandboxStatus::Stopped
+    );
+    assert_eq!(written, Some(store.seq()));
+    assert_eq!(rx.try_recv().unwrap().seq, store.seq());
+    // A missing record is still an error.
+    assert!(matches!(
+        store.update_if("nope", |_| Ok(false)),
+        Err(Error::NotFound(_))
+    ));
+}
+
+#[test]
 fn data_survives_reopen_and_second_opener_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
@@ -244,6 +295,74 @@ fn unversioned_data_is_migrated() {
     // Records from before egress policies get the default one.
     assert_eq!(sb.egress.mode, store::EgressMode::Restricted);
     assert_eq!(sb.assigned_ipv4, None);
+}
+
+/// The TLS mode is stored as the lowercase names it always had: records
+/// written when it was a plain string load as the typed mode, a backup
+/// carries the same strings, and a name no version wrote is a corrupt
+/// record, not a silent default.
+#[test]
+fn tls_modes_keep_their_stored_names() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path()).unwrap();
+        store.insert(sandbox("new", "new.example.com")).unwrap();
+    }
+    {
+        let db = sled::open(dir.path().join("db")).unwrap();
+        let tree = db.open_tree("sandboxes").unwrap();
+        for (name, mode) in [("a", "acme"), ("i", "internal"), ("m", "manual")] {
+            let mut v =
+                serde_json::to_value(sandbox(name, &format!("{name}.example.com"))).unwrap();
+            v["tls_mode"] = serde_json::json!(mode);
+            if mode == "manual" {
+                v["tls_cert_file"] = serde_json::json!("/etc/c.pem");
+                v["tls_key_file"] = serde_json::json!("/etc/k.pem");
+            }
+            tree.insert(name, serde_json::to_vec(&v).unwrap()).unwrap();
+        }
+        db.flush().unwrap();
+    }
+    let store = Store::open(dir.path()).unwrap();
+    let mode = |name: &str| store.get(name).unwrap().unwrap().tls_mode;
+    assert_eq!(mode("a"), Some(TlsMode::Acme));
+    assert_eq!(mode("i"), Some(TlsMode::Internal));
+    assert_eq!(mode("m"), Some(TlsMode::Manual));
+    assert_eq!(mode("new"), None);
+
+    let backup = serde_json::to_value(store.export().unwrap()).unwrap();
+    let modes: Vec<&serde_json::Value> = backup["sandboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|sb| &sb["tls_mode"])
+        .collect();
+    assert_eq!(
+        modes,
+        [
+            &serde_json::json!("acme"),
+            &serde_json::json!("internal"),
+            &serde_json::json!("manual"),
+            &serde_json::Value::Null
+        ]
+    );
+    // The backup restores into an empty store with the same modes.
+    let other = Store::open(&dir.path().join("other")).unwrap();
+    let doc: store::Backup = serde_json::from_value(backup).unwrap();
+    other.import(&doc, false, |_| {}).unwrap();
+    assert_eq!(
+        other.get("m").unwrap().unwrap().tls_mode,
+        Some(TlsMode::Manual)
+    );
+
+    let mut v = serde_json::to_value(sandbox("x", "x.example.com")).unwrap();
+    v["tls_mode"] = serde_json::json!("selfsigned");
+    let err = serde_json::from_value::<Sandbox>(v).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("tls mode \"selfsigned\": use acme, internal or manual"),
+        "{err}"
+    );
 }
 
 fn pool(first: &str, last: &str, preferred: Option<&str>, exclude: &[&str]) -> AddressPool {

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::api::SetAuth;
+use crate::api::{SetAuth, TlsMode};
 
 /// `POST /v1/incus/create`: a new sandbox in a new Incus container.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -33,7 +33,7 @@ pub struct CreateSandbox {
     #[serde(default)]
     pub auth: Option<SetAuth>,
     #[serde(default)]
-    pub tls_mode: Option<String>,
+    pub tls_mode: Option<TlsMode>,
     /// `manual` TLS mode: certificate chain and key PEM files (absolute
     /// paths), as in [`crate::api::AddSandbox`].
     #[serde(default)]
@@ -151,7 +151,7 @@ pub struct ImportSandbox {
     pub auth: Option<SetAuth>,
     /// As in [`CreateSandbox`].
     #[serde(default)]
-    pub tls_mode: Option<String>,
+    pub tls_mode: Option<TlsMode>,
     #[serde(default)]
     pub tls_cert_file: Option<String>,
     #[serde(default)]

@@ -5,7 +5,7 @@
 //! | `POST create` (body [`CreateSandbox`]) | NDJSON events, `done` with the sandbox |
 //! | `POST import` (body [`ImportSandbox`]) | NDJSON events, `done` with the sandbox |
 //! | `GET unmanaged` | instances no sandbox manages |
-//! | `GET stats` | [`super::wire::StatsAnswer`] from one Incus listing |
+//! | `GET stats` | [`crate::api::incus::StatsAnswer`] from one Incus listing |
 //! | `POST sandboxes/NAME/{start,stop,restart}` | the sandbox |
 //! | `DELETE sandboxes/NAME` | the deleted sandbox |
 //! | `POST sandboxes/NAME/egress` (body [`SetEgress`]) | the sandbox, policy applied |
@@ -15,31 +15,21 @@
 //! | `POST images/build` (body [`ImageBuild`]) | NDJSON events, `done` with the image |
 //! | `POST sandboxes/NAME/update-agent` | NDJSON events, `done` with the step |
 //!
-//! This module only translates HTTP to [`super::Lifecycle`] calls.
+//! This module only translates HTTP to [`crate::lifecycle::Lifecycle`]
+//! calls; their errors get their status and code from [`super::error`].
 
 use std::sync::Arc;
 
 use http::{Method, Request, StatusCode};
 use hyper::body::Incoming;
 
-use super::wire::{CreateSandbox, ImageBuild, ImportSandbox, SetEgress, SnapshotRequest};
-use super::{LifecycleError, Progress};
-use crate::admin::{event_stream, json, read_json, AdminContext, ApiError, Body, MAX_BODY};
-use crate::api::{ErrorBody, Event};
-
-impl From<LifecycleError> for ApiError {
-    fn from(e: LifecycleError) -> Self {
-        let (status, code) = e.classify();
-        ApiError::new(
-            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-            code,
-            e.to_string(),
-        )
-    }
-}
+use super::{event_stream, json, read_json, AdminContext, ApiError, Body, MAX_BODY};
+use crate::api::incus::{CreateSandbox, ImageBuild, ImportSandbox, SetEgress, SnapshotRequest};
+use crate::api::Event;
+use crate::lifecycle::{LifecycleError, Progress};
 
 /// Handles `/v1/incus/REST...`.
-pub async fn handle(
+pub(super) async fn handle(
     ctx: &Arc<AdminContext>,
     method: &Method,
     rest: &[&str],
@@ -85,9 +75,7 @@ pub async fn handle(
         (&Method::DELETE, ["sandboxes", name]) => Ok(json(StatusCode::OK, &lc.delete(name).await?)),
         (&Method::POST, ["sandboxes", name, "egress"]) => {
             let body: SetEgress = read_json(req.into_body(), MAX_BODY).await?;
-            let egress = body
-                .to_egress()
-                .map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", m))?;
+            let egress = body.to_egress().map_err(ApiError::bad)?;
             Ok(json(StatusCode::OK, &lc.set_egress(name, egress).await?))
         }
         (&Method::GET, ["sandboxes", name, "snapshots"]) => {
@@ -108,11 +96,10 @@ pub async fn handle(
             lc.snapshot_delete(name, snap).await?;
             Ok(json(StatusCode::OK, &serde_json::json!({})))
         }
-        _ => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "no_such_call",
-            format!("no admin call {method} /v1/incus/{}", rest.join("/")),
-        )),
+        _ => Err(ApiError::not_found_call(format!(
+            "no admin call {method} /v1/incus/{}",
+            rest.join("/")
+        ))),
     }
 }
 
@@ -131,15 +118,9 @@ where
             Ok(view) => Event::Done {
                 result: serde_json::to_value(&view).unwrap_or_default(),
             },
-            Err(e) => {
-                let (_, code) = e.classify();
-                Event::Error {
-                    error: ErrorBody {
-                        code: code.to_string(),
-                        message: e.to_string(),
-                    },
-                }
-            }
+            Err(e) => Event::Error {
+                error: ApiError::from(e).body(),
+            },
         };
         let _ = tx.send(event).await;
     });

@@ -1,9 +1,15 @@
 //! The admin API's wire types, shared by the daemon (server) and the CLI
 //! (client). Paths are versioned under `/v1/`; errors are
 //! `{"error": {"code", "message"}}`; long operations answer with
-//! newline-delimited JSON [`Event`]s.
+//! newline-delimited JSON [`Event`]s. The calls of the Incus lifecycle
+//! (`/v1/incus/`) have their types in [`incus`]. Domain values travel as
+//! their own types (a sandbox's [`TlsMode`] is the store's, serialized as
+//! its lowercase name).
 
 use serde::{Deserialize, Serialize};
+pub use store::TlsMode;
+
+pub mod incus;
 
 /// Media type of streamed responses.
 pub const NDJSON: &str = "application/x-ndjson";
@@ -31,7 +37,7 @@ pub struct AddSandbox {
     #[serde(default)]
     pub auth: Option<SetAuth>,
     #[serde(default)]
-    pub tls_mode: Option<String>,
+    pub tls_mode: Option<TlsMode>,
     /// `manual` TLS mode: certificate chain and key PEM files (absolute paths).
     #[serde(default)]
     pub tls_cert_file: Option<String>,
@@ -110,7 +116,7 @@ pub struct SandboxView {
     pub upstream_public_key: String,
     pub upstream_host_key: Option<String>,
     pub auth_user: Option<String>,
-    pub tls_mode: Option<String>,
+    pub tls_mode: Option<TlsMode>,
     /// `manual` TLS mode: the certificate and key files the daemon reads.
     #[serde(default)]
     pub tls_cert_file: Option<String>,
