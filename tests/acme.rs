@@ -79,7 +79,7 @@ fn now_rfc3339_after(v: &serde_json::Value) -> bool {
 #[test]
 fn acme_issue_restart_and_outage_in_the_daemon() {
     let mut pebble = Pebble::start();
-    let mut d = Daemon::builder()
+    let mut d = Daemon::builder(common::BIN)
         .args(&["--tls-mode", "acme"])
         .args(&["--acme-directory", &pebble.directory()])
         .args(&["--acme-ca-root", pebble.cert_file.to_str().unwrap()])
@@ -171,7 +171,7 @@ fn acme_http01_through_the_daemons_http_listener() {
     let pebble = Pebble::start();
     // HTTP-01 only, and the HTTPS listener is not where Pebble would look
     // for TLS-ALPN-01: the certificate can only come through the HTTP listener.
-    let d = Daemon::builder()
+    let d = Daemon::builder(common::BIN)
         .config("acme_challenges = [\"http-01\"]\n")
         .args(&["--tls-mode", "acme"])
         .args(&["--acme-directory", &pebble.directory()])

@@ -108,7 +108,9 @@ fn add(d: &Daemon, name: &str, app_port: u16, agent_port: u16, login: Option<&Pa
 
 #[test]
 fn an_agent_host_without_login_is_closed() {
-    let d = Daemon::builder().args(&["--tls-mode", "internal"]).start();
+    let d = Daemon::builder(common::BIN)
+        .args(&["--tls-mode", "internal"])
+        .start();
     let (agent_port, accepted) = counting_upstream();
     let (app_port, _) = counting_upstream();
     add(&d, "shut", app_port, agent_port, None);
@@ -255,7 +257,9 @@ asyncio.run(main())
 
 #[test]
 fn websockets_end_when_the_login_changes_or_the_sandbox_is_removed() {
-    let d = Daemon::builder().args(&["--tls-mode", "internal"]).start();
+    let d = Daemon::builder(common::BIN)
+        .args(&["--tls-mode", "internal"])
+        .start();
     let (a_app, a_agent, b_app, b_agent) = (ws_echo(), ws_echo(), ws_echo(), ws_echo());
     let pw = write_secret(d.dir.path(), "pw", "correct horse\n");
     add(&d, "wsa", a_app.port, a_agent.port, Some(&pw));

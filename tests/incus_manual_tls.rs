@@ -9,8 +9,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
-#[path = "common/incus.rs"]
-mod support;
+use common::incus as support;
 
 use std::process::Command;
 use std::time::Instant;

@@ -19,7 +19,7 @@ struct Setup {
 }
 
 fn setup(name: &str) -> Setup {
-    let d = Daemon::start();
+    let d = Daemon::start(common::BIN);
     let sshd = Sshd::start(d.dir.path(), name);
     let key = d.keygen(&format!("client-{name}"));
     let user = "root";

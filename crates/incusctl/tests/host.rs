@@ -3,8 +3,6 @@
 //! as `None`, a second create is a conflict.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
-
 use std::collections::BTreeMap;
 
 fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -16,7 +14,7 @@ fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 
 #[tokio::test]
 async fn pool_network_and_profile_round_trip() {
-    let incus = support::incus().await;
+    let incus = testsupport::incus::client().await;
     let tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
     let pool = format!("t-incusctl-p-{tag}");
     let bridge = format!("tic{tag}");

@@ -6,8 +6,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
-
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
@@ -16,7 +14,8 @@ use incusctl::{
     Client, CreateInstance, Error, ExecRequest, ExecStdin, FileKind, ImageSource, ImageTarballs,
     LifecycleAction, OutputChunk, PushOptions, StopOptions,
 };
-use support::{incus, unique_name, TestInstance, ADDRESS_TIMEOUT, TEST_IMAGE};
+use testsupport::incus::{client as incus, unique_name, TestInstance, ADDRESS_TIMEOUT, TEST_IMAGE};
+use testsupport::{require, Component};
 
 const EVENT_TIMEOUT: Duration = Duration::from_secs(30);
 
