@@ -15,6 +15,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
+use testsupport::{require, Component};
 
 use common::pebble::Pebble;
 use common::pki::served_serial;
@@ -78,6 +79,9 @@ fn now_rfc3339_after(v: &serde_json::Value) -> bool {
 
 #[test]
 fn acme_issue_restart_and_outage_in_the_daemon() {
+    if !require(&[Component::Pebble]) {
+        return;
+    }
     let mut pebble = Pebble::start();
     let mut d = Daemon::builder(common::BIN)
         .args(&["--tls-mode", "acme"])
@@ -168,6 +172,9 @@ fn acme_issue_restart_and_outage_in_the_daemon() {
 
 #[test]
 fn acme_http01_through_the_daemons_http_listener() {
+    if !require(&[Component::Pebble]) {
+        return;
+    }
     let pebble = Pebble::start();
     // HTTP-01 only, and the HTTPS listener is not where Pebble would look
     // for TLS-ALPN-01: the certificate can only come through the HTTP listener.

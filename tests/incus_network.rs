@@ -13,6 +13,7 @@
 
 mod common;
 use common::incus as support;
+use testsupport::{require, Component};
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -110,6 +111,9 @@ impl Drop for RulesGuard {
 
 #[test]
 fn tenants_are_isolated_by_incus() {
+    if !require(&[Component::Incus]) {
+        return;
+    }
     let d = common::Daemon::builder(common::BIN)
         .config(&format!(
             "default_image = \"{TEST_IMAGE}\"\nincus_reconcile_secs = 1\n\

@@ -5,7 +5,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub use testsupport::daemon::*;
-pub use testsupport::{pebble, pki, require, sshd, Component};
+pub use testsupport::{pebble, pki, sshd};
 
 /// The `sandboxd` binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_sandboxd");

@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use testsupport::{require, Component};
 
 use base64::Engine;
 use bytes::Bytes;
@@ -330,6 +331,9 @@ fn attempt_script(agent: &str, cross: bool, from: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_browser_page_of_another_site_cannot_drive_the_agent() {
+    if !require(&[Component::Chromium]) {
+        return;
+    }
     let agent_seen = Arc::new(Seen::default());
     let (agent_addr, _agent) = page_server(agent_seen.clone()).await;
     let (app_addr, _app) = page_server(Arc::new(Seen::default())).await;

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
+use testsupport::{require, Component};
 
 fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs
@@ -14,6 +15,9 @@ fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 
 #[tokio::test]
 async fn pool_network_and_profile_round_trip() {
+    if !require(&[Component::Incus]) {
+        return;
+    }
     let incus = testsupport::incus::client().await;
     let tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
     let pool = format!("t-incusctl-p-{tag}");

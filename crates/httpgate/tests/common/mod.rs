@@ -492,7 +492,7 @@ async fn upstream_handle(
 
 pub use testsupport::pebble::Pebble;
 pub use testsupport::pki::served_serial;
-pub use testsupport::{free_port, require, Component, Proc};
+pub use testsupport::{free_port, Proc};
 
 /// Waits (at most 20 s) until something accepts on 127.0.0.1:`port`.
 pub async fn wait_port(port: u16) {

@@ -43,7 +43,7 @@ impl RouteSource for MemRoutes {
 }
 
 pub use testsupport::sshd::Sshd;
-pub use testsupport::{free_port, require, ssh_key as keygen, Component};
+pub use testsupport::{free_port, ssh_key as keygen};
 
 pub fn read_pub(path: &Path) -> PublicKey {
     let text = std::fs::read_to_string(path.with_extension("pub")).unwrap();
