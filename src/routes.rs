@@ -479,3 +479,6 @@ impl httpgate::RouteSource for HttpRoutes {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests;
