@@ -20,6 +20,7 @@ pub mod incus;
 pub mod pebble;
 pub mod pki;
 pub mod sshd;
+pub mod ws;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};

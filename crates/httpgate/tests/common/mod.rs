@@ -502,28 +502,12 @@ pub async fn wait_port(port: u16) {
 }
 
 /// A websocket echo server (python3-websockets) on a free loopback port.
-pub async fn ws_echo_server() -> (Proc, SocketAddr) {
-    let port = free_port();
-    let script = r#"
-import asyncio, sys, websockets
-async def echo(ws, path=None):
-    async for m in ws:
-        await ws.send(m)
-async def main():
-    async with websockets.serve(echo, "127.0.0.1", int(sys.argv[1])):
-        await asyncio.Future()
-asyncio.run(main())
-"#;
-    let child = Command::new("/usr/bin/python3")
-        .arg("-c")
-        .arg(script)
-        .arg(port.to_string())
-        .stdin(Stdio::null())
-        .spawn()
+pub async fn ws_echo_server() -> (testsupport::ws::WsEcho, SocketAddr) {
+    let echo = tokio::task::spawn_blocking(testsupport::ws::echo_server)
+        .await
         .unwrap();
-    let p = Proc(child);
-    wait_port(port).await;
-    (p, SocketAddr::from(([127, 0, 0, 1], port)))
+    let addr = SocketAddr::from(([127, 0, 0, 1], echo.port));
+    (echo, addr)
 }
 
 /// Wait until `f` returns true (polling), or panic after `secs`.
