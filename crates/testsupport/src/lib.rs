@@ -33,7 +33,8 @@ pub use daemon::{Daemon, DaemonBuilder};
 pub enum Component {
     /// Running as root (effective UID 0).
     Root,
-    /// incusd answering on its unix socket (`.ci/setup-incus.sh`).
+    /// incusd answering on its unix socket, with the test image
+    /// (`.ci/setup-incus.sh`).
     Incus,
     /// OpenSSH: `/usr/sbin/sshd` and the client tools (`ssh`, `ssh-keygen`, ...).
     Sshd,
@@ -82,13 +83,13 @@ fn absent(c: Component) -> Option<String> {
         }
         Component::Incus => {
             let socket = incus_socket();
-            match std::os::unix::net::UnixStream::connect(&socket) {
-                Ok(_) => None,
-                Err(e) => Some(format!(
+            if let Err(e) = std::os::unix::net::UnixStream::connect(&socket) {
+                return Some(format!(
                     "needs incusd on {} ({e}); run .ci/setup-incus.sh as root",
                     socket.display()
-                )),
+                ));
             }
+            incus_image_missing()
         }
         Component::Sshd => {
             if !is_executable(Path::new("/usr/sbin/sshd")) {
@@ -105,6 +106,32 @@ fn absent(c: Component) -> Option<String> {
             .map(|m| format!("{m}, headless (run .ci/setup-browser.sh)")),
         Component::Program(p) => missing_programs(&[p]),
     }
+}
+
+/// Why the test image is not in incusd, or `None` if it is. Asked on a
+/// thread of its own: the caller may be on an async runtime.
+fn incus_image_missing() -> Option<String> {
+    std::thread::spawn(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .ok()?;
+        rt.block_on(async {
+            let client = match incusctl::Client::connect(None).await {
+                Ok(c) => c,
+                Err(e) => return Some(format!("needs incusd ({e})")),
+            };
+            match client.image_alias(incus::TEST_IMAGE).await {
+                Ok(_) => None,
+                Err(e) => Some(format!(
+                    "needs the image {} in incusd ({e}); run .ci/setup-incus.sh as root",
+                    incus::TEST_IMAGE
+                )),
+            }
+        })
+    })
+    .join()
+    .unwrap_or_else(|_| Some("the incusd check panicked".into()))
 }
 
 fn incus_socket() -> PathBuf {
