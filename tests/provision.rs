@@ -123,7 +123,7 @@ fn start_container(name: &str) {
 
 #[test]
 fn full_provisioning_rerun_restart_key_and_failing_hook() {
-    if !require(&[Component::Incus]) {
+    if !require(&[Component::Incus, Component::PackageCache]) {
         return;
     }
     let name = support::unique("prov");

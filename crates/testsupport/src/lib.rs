@@ -42,6 +42,10 @@ pub enum Component {
     Pebble,
     /// `chromium`, run headless (`.ci/setup-browser.sh`).
     Chromium,
+    /// The host's package cache the provisioning tests install through
+    /// (`SANDBOXD_TEST_APT_PROXY`, default `http://198.18.0.1:3142`;
+    /// `.ci/setup-provision.sh`).
+    PackageCache,
     /// Any other program that must be on `PATH` (`curl`, `openssl`, `wrk`, ...).
     Program(&'static str),
 }
@@ -104,6 +108,22 @@ fn absent(c: Component) -> Option<String> {
             .map(|m| format!("{m} (run .ci/setup-httpgate.sh)")),
         Component::Chromium => missing_programs(&["chromium"])
             .map(|m| format!("{m}, headless (run .ci/setup-browser.sh)")),
+        Component::PackageCache => {
+            let url = std::env::var("SANDBOXD_TEST_APT_PROXY")
+                .unwrap_or_else(|_| "http://198.18.0.1:3142".into());
+            let addr = url
+                .trim_start_matches("http://")
+                .trim_end_matches('/')
+                .to_string();
+            let reachable = std::net::ToSocketAddrs::to_socket_addrs(&addr.as_str())
+                .ok()
+                .and_then(|mut a| a.next())
+                .is_some_and(|a| {
+                    std::net::TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok()
+                });
+            (!reachable)
+                .then(|| format!("needs the package cache at {url} (run .ci/setup-provision.sh)"))
+        }
         Component::Program(p) => missing_programs(&[p]),
     }
 }
