@@ -32,57 +32,28 @@ CONNS=${CONNS:-50}
 THREADS=${THREADS:-2}
 PEER_LOGS=${PEER_LOGS:-on}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-WORK=$(mktemp -d /tmp/https-bench.XXXXXX)
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
+bench_workdir https-bench
 chmod 755 "$WORK"   # nginx workers (www-data) read the static files
-PIDS=()
 
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-read -r UP GW CADDY NGINX BASE < <(python3 -c '
-import socket
-ss = [socket.socket() for _ in range(5)]
-for s in ss: s.bind(("127.0.0.1", 0))
-print(*[s.getsockname()[1] for s in ss])
-')
+read -r UP GW CADDY NGINX BASE < <(free_ports 5)
 HOST=bench.test
 
-echo "building sandboxd (release)..." >&2
-(cd "$ROOT" && cargo build --quiet --release --bin sandboxd)
-SBX="$ROOT/target/release/sandboxd"
+# SBX=path/to/sandboxd skips the release build.
+SBX=${SBX:-$(release_sandboxd "$ROOT")}
 
 # The routed name resolves inside a private mount namespace only.
-printf '127.0.0.1 localhost\n127.0.0.1 %s shelley.%s\n' "$HOST" "$HOST" > "$WORK/hosts"
-# shellcheck disable=SC2016 # $0 and $@ expand in the inner shell
-in_ns() { unshare -m sh -c 'mount --bind "$0" /etc/hosts && exec "$@"' "$WORK/hosts" "$@"; }
+ns_hosts "$HOST" "shelley.$HOST"
 
 # Certificate for nginx and Caddy (sandboxd issues its own from its internal CA).
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
   -keyout "$WORK/key.pem" -out "$WORK/cert.pem" -days 2 -subj "/CN=$HOST" \
   -addext "subjectAltName=DNS:$HOST" 2>/dev/null
 
-mkdir -p "$WORK/www" "$WORK/tmp"
+nginx_static "$WORK/upstream.conf" "$UP"
 printf 'hello\n' > "$WORK/www/small"
 head -c 102400 /dev/zero | tr '\0' 'x' > "$WORK/www/big"
-
-cat > "$WORK/upstream.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $WORK/upstream.pid;
-error_log $WORK/upstream.err warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $WORK/tmp; proxy_temp_path $WORK/tmp; fastcgi_temp_path $WORK/tmp;
-  uwsgi_temp_path $WORK/tmp; scgi_temp_path $WORK/tmp;
-  keepalive_requests 1000000;
-  server { listen 127.0.0.1:$UP; root $WORK/www; }
-}
-EOF
 
 if [ "$PEER_LOGS" = on ]; then
   NGINX_LOG="access_log $WORK/nginx-access.log combined buffer=32k flush=1s;"
@@ -140,30 +111,16 @@ EOF
 nginx -c "$WORK/upstream.conf" -p "$WORK" & PIDS+=($!)
 # sandboxd as a service would run it: default log level (info, so one
 # access-log line per request, here to a file), internal-CA certificates.
-mkdir -m 700 "$WORK/sbx"
 SOCK="$WORK/sbx/admin.sock"
-"$SBX" serve --state-dir "$WORK/sbx/state" --admin-socket "$SOCK" \
-  --ssh-listen 127.0.0.1:0 --https-listen "127.0.0.1:$GW" --http-listen 127.0.0.1:0 \
-  --tls-mode internal 2>"$WORK/sandboxd.log" & PIDS+=($!); GW_PID=$!
-for _ in $(seq 1 100); do
-  "$SBX" --admin-socket "$SOCK" status >/dev/null 2>&1 && break
-  sleep 0.1
-done
+sbx_serve "$SBX" "$WORK/sbx" "$GW" "$WORK/sandboxd.log"; GW_PID=$SBX_PID
 ssh-keygen -q -t ed25519 -N '' -f "$WORK/sbx/key" >/dev/null
 "$SBX" --admin-socket "$SOCK" add bench --domain "$HOST" --upstream 127.0.0.1 \
   --app-port "$UP" --ssh-key "$WORK/sbx/key.pub" >/dev/null
 "$SBX" --admin-socket "$SOCK" ca-cert > "$WORK/gw-ca.pem"
 # The same for an older build, when one is given (SBX_BASE).
 start_base() {
-  mkdir -m 700 "$WORK/base"
   local sock="$WORK/base/admin.sock"
-  "$SBX_BASE" serve --state-dir "$WORK/base/state" --admin-socket "$sock" \
-    --ssh-listen 127.0.0.1:0 --https-listen "127.0.0.1:$BASE" --http-listen 127.0.0.1:0 \
-    --tls-mode internal 2>"$WORK/base.log" & PIDS+=($!); BASE_PID=$!
-  for _ in $(seq 1 100); do
-    "$SBX_BASE" --admin-socket "$sock" status >/dev/null 2>&1 && break
-    sleep 0.1
-  done
+  sbx_serve "$SBX_BASE" "$WORK/base" "$BASE" "$WORK/base.log"; BASE_PID=$SBX_PID
   "$SBX_BASE" --admin-socket "$sock" add bench --domain "$HOST" --upstream 127.0.0.1 \
     --app-port "$UP" --ssh-key "$WORK/sbx/key.pub" >/dev/null
   "$SBX_BASE" --admin-socket "$sock" ca-cert > "$WORK/base-ca.pem"

@@ -29,9 +29,9 @@ case $GATEWAY in
   *) echo "GATEWAY must be daemon or example" >&2; exit 2 ;;
 esac
 
-for tool in ssh ssh-keygen /usr/sbin/sshd hyperfine jq ss; do
-  command -v "$tool" >/dev/null || { echo "missing $tool (run .ci/setup-sshgate.sh)" >&2; exit 1; }
-done
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
+need_tools "run .ci/setup-sshgate.sh" ssh ssh-keygen /usr/sbin/sshd hyperfine jq ss
 
 if [ "$GATEWAY" = daemon ] && [ -n "${SBX:-}" ]; then
   GW_BIN=$SBX   # a given build (e.g. an older one, to compare before/after)
@@ -43,29 +43,12 @@ else
   GW_BIN=$ROOT/target/release/examples/ssh_gateway
 fi
 
-WORK=$(mktemp -d /tmp/sshgate-bench.XXXXXX)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+bench_workdir sshgate-bench
 
 ME=$(id -un)
 mkdir -p /run/sshd
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 keygen() { ssh-keygen -q -t ed25519 -N '' -C "$1" -f "$WORK/$1"; }
 for k in client upstream host_target host_jump; do keygen "$k"; done
-
-wait_port() {
-  local port=$1 i
-  for i in $(seq 200); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
-    sleep 0.05
-  done
-  echo "port $port never opened" >&2; return 1
-}
 
 start_sshd() { # name port hostkey authorized_keys...
   local name=$1 port=$2 hostkey=$3; shift 3

@@ -481,3 +481,6 @@ impl httpgate::RouteSource for HttpRoutes {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests;

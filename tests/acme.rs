@@ -15,6 +15,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
+use testsupport::{require, Component};
 
 use common::pebble::Pebble;
 use common::pki::served_serial;
@@ -78,8 +79,11 @@ fn now_rfc3339_after(v: &serde_json::Value) -> bool {
 
 #[test]
 fn acme_issue_restart_and_outage_in_the_daemon() {
+    if !require(&[Component::Pebble]) {
+        return;
+    }
     let mut pebble = Pebble::start();
-    let mut d = Daemon::builder()
+    let mut d = Daemon::builder(common::BIN)
         .args(&["--tls-mode", "acme"])
         .args(&["--acme-directory", &pebble.directory()])
         .args(&["--acme-ca-root", pebble.cert_file.to_str().unwrap()])
@@ -168,10 +172,13 @@ fn acme_issue_restart_and_outage_in_the_daemon() {
 
 #[test]
 fn acme_http01_through_the_daemons_http_listener() {
+    if !require(&[Component::Pebble]) {
+        return;
+    }
     let pebble = Pebble::start();
     // HTTP-01 only, and the HTTPS listener is not where Pebble would look
     // for TLS-ALPN-01: the certificate can only come through the HTTP listener.
-    let d = Daemon::builder()
+    let d = Daemon::builder(common::BIN)
         .config("acme_challenges = [\"http-01\"]\n")
         .args(&["--tls-mode", "acme"])
         .args(&["--acme-directory", &pebble.directory()])

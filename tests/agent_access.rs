@@ -6,15 +6,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use common::Daemon;
+use testsupport::ws::{echo_server, WsClient};
 
 /// A loopback HTTP server that counts the TCP connections it accepts and
 /// answers every request with 200 "agent".
@@ -108,7 +107,9 @@ fn add(d: &Daemon, name: &str, app_port: u16, agent_port: u16, login: Option<&Pa
 
 #[test]
 fn an_agent_host_without_login_is_closed() {
-    let d = Daemon::builder().args(&["--tls-mode", "internal"]).start();
+    let d = Daemon::builder(common::BIN)
+        .args(&["--tls-mode", "internal"])
+        .start();
     let (agent_port, accepted) = counting_upstream();
     let (app_port, _) = counting_upstream();
     add(&d, "shut", app_port, agent_port, None);
@@ -143,129 +144,30 @@ fn an_agent_host_without_login_is_closed() {
     assert_eq!(accepted.load(Ordering::SeqCst), before);
 }
 
-/// A python3-websockets echo server on a free loopback port.
-struct WsEcho {
-    port: u16,
-    child: Child,
-}
-
-impl Drop for WsEcho {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn ws_echo() -> WsEcho {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let script = r#"
-import asyncio, sys, websockets
-async def echo(ws, path=None):
-    async for m in ws:
-        await ws.send(m)
-async def main():
-    async with websockets.serve(echo, "127.0.0.1", int(sys.argv[1])):
-        await asyncio.Future()
-asyncio.run(main())
-"#;
-    let child = Command::new("/usr/bin/python3")
-        .args(["-c", script, &port.to_string()])
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "ws echo did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    WsEcho { port, child }
-}
-
-/// A websocket client through the gate to `host` with basic auth `cred`.
-/// It prints `open hi` after its first echo, then `closed` when the
-/// connection ends, or `still-open again` after a line on its stdin.
-struct WsClient {
-    child: Child,
-    out: std::io::Lines<BufReader<ChildStdout>>,
-}
-
-impl Drop for WsClient {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl WsClient {
-    fn open(gate: &Gate, host: &str, cred: &str) -> WsClient {
-        let script = r#"
-import asyncio, base64, socket, ssl, sys, websockets
-async def main():
-    port, ca, host, cred = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
-    ctx = ssl.create_default_context(cafile=ca)
-    sock = socket.create_connection(("127.0.0.1", int(port)))
-    auth = "Basic " + base64.b64encode(cred.encode()).decode()
-    async with websockets.connect("wss://%s:%s/ws" % (host, port), ssl=ctx, sock=sock,
-            server_hostname=host, extra_headers={"Authorization": auth}) as ws:
-        await ws.send("hi")
-        print("open " + await ws.recv(), flush=True)
-        line = asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-        closed = asyncio.ensure_future(ws.wait_closed())
-        done, _ = await asyncio.wait([line, closed], return_when=asyncio.FIRST_COMPLETED)
-        if closed in done:
-            print("closed", flush=True)
-            return
-        await ws.send("again")
-        print("still-open " + await ws.recv(), flush=True)
-asyncio.run(main())
-"#;
-        let mut child = Command::new("timeout")
-            .args(["60", "/usr/bin/python3", "-c", script])
-            .arg(gate.port.to_string())
-            .arg(&gate.ca)
-            .arg(host)
-            .arg(cred)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let out = BufReader::new(child.stdout.take().unwrap()).lines();
-        let mut c = WsClient { child, out };
-        assert_eq!(c.line(), "open hi", "websocket to {host}");
-        c
-    }
-
-    fn line(&mut self) -> String {
-        self.out.next().map(|l| l.unwrap()).unwrap_or_default()
-    }
-
-    /// `closed` or `still-open again`.
-    fn state(&mut self) -> String {
-        let mut stdin = self.child.stdin.take().unwrap();
-        // The client may have ended already: a broken pipe is an answer too.
-        let _ = stdin.write_all(b"check\n");
-        let _ = stdin.flush();
-        self.line()
-    }
+/// A websocket client through the gate to `host` with basic auth `cred`,
+/// once its first echo came back (see `testsupport::ws::WsClient`).
+fn open_ws(gate: &Gate, host: &str, cred: &str) -> WsClient {
+    let mut c = WsClient::start(gate.port, &gate.ca, host, cred, 60);
+    assert_eq!(c.line(), "open hi", "websocket to {host}");
+    c
 }
 
 #[test]
 fn websockets_end_when_the_login_changes_or_the_sandbox_is_removed() {
-    let d = Daemon::builder().args(&["--tls-mode", "internal"]).start();
-    let (a_app, a_agent, b_app, b_agent) = (ws_echo(), ws_echo(), ws_echo(), ws_echo());
+    let d = Daemon::builder(common::BIN)
+        .args(&["--tls-mode", "internal"])
+        .start();
+    let (a_app, a_agent, b_app, b_agent) =
+        (echo_server(), echo_server(), echo_server(), echo_server());
     let pw = write_secret(d.dir.path(), "pw", "correct horse\n");
     add(&d, "wsa", a_app.port, a_agent.port, Some(&pw));
     add(&d, "wsb", b_app.port, b_agent.port, Some(&pw));
     let gate = Gate::of(&d);
     let cred = "alice:correct horse";
-    let mut wsa_agent = WsClient::open(&gate, "shelley.wsa.test", cred);
-    let mut wsa_app = WsClient::open(&gate, "wsa.test", "x:y");
-    let mut wsb_agent = WsClient::open(&gate, "shelley.wsb.test", cred);
-    let mut wsb_app = WsClient::open(&gate, "wsb.test", "x:y");
+    let mut wsa_agent = open_ws(&gate, "shelley.wsa.test", cred);
+    let mut wsa_app = open_ws(&gate, "wsa.test", "x:y");
+    let mut wsb_agent = open_ws(&gate, "shelley.wsb.test", cred);
+    let mut wsb_app = open_ws(&gate, "wsb.test", "x:y");
 
     // A new password for wsa: its agent websocket ends at once...
     let pw2 = write_secret(d.dir.path(), "pw2", "battery staple\n");
@@ -280,7 +182,7 @@ fn websockets_end_when_the_login_changes_or_the_sandbox_is_removed() {
     // ...and a new one needs the new password.
     let (code, _) = gate.curl("shelley.wsa.test", &["-u", cred]);
     assert_eq!(code, 401);
-    let mut wsa_agent = WsClient::open(&gate, "shelley.wsa.test", "alice:battery staple");
+    let mut wsa_agent = open_ws(&gate, "shelley.wsa.test", "alice:battery staple");
 
     // Removing wsb ends both its websockets; wsa's stay open.
     d.ok(&["remove", "wsb"]);
@@ -290,7 +192,7 @@ fn websockets_end_when_the_login_changes_or_the_sandbox_is_removed() {
     assert_eq!(wsa_app.state(), "still-open again");
 
     // Removing wsa's login ends its agent websocket.
-    let mut wsa_agent = WsClient::open(&gate, "shelley.wsa.test", "alice:battery staple");
+    let mut wsa_agent = open_ws(&gate, "shelley.wsa.test", "alice:battery staple");
     d.ok(&["auth", "wsa", "--remove"]);
     assert_eq!(wsa_agent.line(), "closed");
 }

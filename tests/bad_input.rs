@@ -6,6 +6,7 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::process::Command;
+use testsupport::{require, Component};
 
 use common::{Daemon, BIN};
 
@@ -24,7 +25,7 @@ fn add_args<'a>(name: &'a str, domain: &'a str, key: &'a str) -> Vec<&'a str> {
 
 #[test]
 fn invalid_names_and_domains_change_nothing() {
-    let d = Daemon::start();
+    let d = Daemon::start(common::BIN);
     d.add("good", "good.example.test");
     let before = d.ok(&["list", "--json"]);
     let key = d.keygen("k");
@@ -69,7 +70,7 @@ fn invalid_names_and_domains_change_nothing() {
 
 #[test]
 fn duplicates_and_unknown_sandboxes() {
-    let d = Daemon::start();
+    let d = Daemon::start(common::BIN);
     d.add("a", "a.example.test");
     let before = d.ok(&["list", "--json"]);
     let key = d.keygen("k");
@@ -115,7 +116,7 @@ fn curl(socket: &std::path::Path, args: &[&str]) -> (u16, String) {
 
 #[test]
 fn malformed_and_oversized_admin_requests() {
-    let d = Daemon::start();
+    let d = Daemon::start(common::BIN);
     d.add("a", "a.example.test");
     let before = d.ok(&["list", "--json"]);
     let url = "http://sandboxd/v1/sandboxes";
@@ -166,9 +167,12 @@ fn malformed_and_oversized_admin_requests() {
 
 #[test]
 fn other_uids_are_refused() {
+    if !require(&[Component::Root]) {
+        return;
+    }
     // A world-traversable directory so that uid 65534 can reach the socket
     // path at all; the daemon still makes the socket itself 0600.
-    let d = Daemon::start();
+    let d = Daemon::start(common::BIN);
     d.add("a", "a.example.test");
     let before = d.ok(&["list", "--json"]);
     let open = tempfile::tempdir().unwrap();
@@ -242,7 +246,7 @@ fn serve_on(state: &std::path::Path, socket: &std::path::Path) -> std::process::
 
 #[test]
 fn second_daemon_on_same_state_is_refused_and_first_unharmed() {
-    let d = Daemon::start();
+    let d = Daemon::start(common::BIN);
     d.add("a", "a.example.test");
     let other_socket = d.dir.path().join("other.sock");
     let out = serve_on(&d.state, &other_socket);
@@ -325,7 +329,7 @@ fn bad_config_files() {
 
 #[test]
 fn missing_state_dir_is_created_private() {
-    let d = Daemon::builder().start();
+    let d = Daemon::builder(common::BIN).start();
     // The harness points --state-dir at a directory that did not exist.
     let mode = std::fs::metadata(&d.state).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o700);
@@ -376,6 +380,9 @@ fn busy_listener_port_is_reported() {
 /// real one would.
 #[test]
 fn a_socket_served_by_another_user_gets_nothing() {
+    if !require(&[Component::Root]) {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let run = dir.path().join("run");

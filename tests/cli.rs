@@ -7,7 +7,7 @@ use common::Daemon;
 
 #[test]
 fn add_list_show_remove() {
-    let d = Daemon::start();
+    let d = Daemon::start(common::BIN);
     let out = d.add("myapp-example-com", "MyApp.Example.test");
     assert!(
         out.contains("ssh-ed25519 "),
@@ -57,7 +57,7 @@ fn add_list_show_remove() {
 
 #[test]
 fn add_with_all_options_and_host_key_file() {
-    let d = Daemon::start();
+    let d = Daemon::start(common::BIN);
     let k1 = d.keygen("k1");
     let k2 = d.keygen("k2");
     let host = d.keygen("hostkey");
@@ -114,7 +114,7 @@ fn add_with_all_options_and_host_key_file() {
 
 #[test]
 fn keys_port_and_auth() {
-    let d = Daemon::start();
+    let d = Daemon::start(common::BIN);
     d.add("a", "a.example.test");
     let extra = d.keygen("extra");
     let listed = d.ok(&["key", "add", "a", extra.to_str().unwrap()]);
@@ -184,7 +184,7 @@ fn keys_port_and_auth() {
 
 #[test]
 fn status_routes_and_completions() {
-    let d = Daemon::start();
+    let d = Daemon::start(common::BIN);
     let st = d.json(&["status", "--json"]);
     assert_eq!(st["sandboxes"], 0);
     for key in ["ssh_listen", "https_listen", "http_listen"] {
@@ -257,7 +257,7 @@ fn status_routes_and_completions() {
 
 #[test]
 fn admin_socket_option_before_or_after_and_from_env() {
-    let d = Daemon::start();
+    let d = Daemon::start(common::BIN);
     d.add("a", "a.example.test");
     let sock = d.socket.to_str().unwrap();
     let after = std::process::Command::new(common::BIN)
@@ -286,7 +286,7 @@ fn admin_socket_option_before_or_after_and_from_env() {
 
 #[test]
 fn route_is_live_when_add_returns() {
-    let d = Daemon::start();
+    let d = Daemon::start(common::BIN);
     // No sleeps: the order "add acknowledged, then route visible" must hold
     // every time.
     for i in 0..30 {
@@ -318,7 +318,7 @@ fn route_is_live_when_add_returns() {
 
 #[test]
 fn backup_wipe_restore_is_identical() {
-    let mut d = Daemon::start();
+    let mut d = Daemon::start(common::BIN);
     for i in 0..25 {
         d.add(&format!("b{i}"), &format!("b{i}.example.test"));
     }
@@ -364,7 +364,7 @@ fn backup_wipe_restore_is_identical() {
 
 #[test]
 fn sigterm_exits_cleanly_and_removes_the_socket() {
-    let mut d = Daemon::start();
+    let mut d = Daemon::start(common::BIN);
     d.add("a", "a.example.test");
     let status = d.terminate();
     assert!(status.success(), "{status}");
@@ -378,7 +378,7 @@ fn sigterm_exits_cleanly_and_removes_the_socket() {
 /// host and every view says so; the app port can never be the agent port.
 #[test]
 fn no_login_is_closed_and_app_port_is_never_the_agent_port() {
-    let d = Daemon::start();
+    let d = Daemon::start(common::BIN);
     let out = d.add("a", "a.example.test");
     assert!(
         out.contains("the agent host https://shelley.a.example.test is closed until it has a login: sandboxd auth a USER"),
@@ -460,7 +460,7 @@ fn no_login_is_closed_and_app_port_is_never_the_agent_port() {
 #[test]
 fn backup_is_private_and_never_printed_to_a_terminal() {
     use std::os::unix::fs::PermissionsExt;
-    let d = Daemon::start();
+    let d = Daemon::start(common::BIN);
     d.add("a", "a.example.test");
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     let file = d.dir.path().join("backup.json");
@@ -520,7 +520,7 @@ fn backup_is_private_and_never_printed_to_a_terminal() {
 #[test]
 fn readable_manual_key_file_is_refused() {
     use std::os::unix::fs::PermissionsExt;
-    let d = Daemon::start();
+    let d = Daemon::start(common::BIN);
     let pki = d.dir.path().join("pki");
     std::fs::create_dir(&pki).unwrap();
     let ca = common::pki::Ca::new(&pki, "ca");

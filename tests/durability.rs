@@ -12,7 +12,7 @@ use rand::Rng;
 
 #[test]
 fn thousand_adds_with_kill9_lose_nothing_acknowledged() {
-    let mut d = Daemon::start();
+    let mut d = Daemon::start(common::BIN);
     let key = d.keygen("k");
     let key = key.to_str().unwrap().to_string();
     let socket = d.socket.clone();

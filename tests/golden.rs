@@ -13,8 +13,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
-#[path = "common/incus.rs"]
-mod support;
+use common::incus as support;
+use testsupport::{require, Component};
 
 use std::time::Instant;
 
@@ -51,12 +51,15 @@ fn stderr(out: &std::process::Output) -> String {
 
 #[test]
 fn golden_image_then_create_clones_it_with_per_sandbox_steps_only() {
+    if !require(&[Component::Incus, Component::PackageCache]) {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let install = dir.path().join("agent-install.sh");
     std::fs::write(&install, AGENT_INSTALL).unwrap();
     let alias = format!("test/golden-{}", unique("g"));
     let _image = ImageGuard(alias.clone());
-    let d = common::Daemon::builder()
+    let d = common::Daemon::builder(common::BIN)
         .config(&format!(
             "default_image = \"{}\"\nincus_reconcile_secs = 5\n\
              [provision]\nmode = \"auto\"\napt_proxy = \"{APT_CACHE}\"\n\

@@ -20,7 +20,10 @@ fn curl(args: &[&str]) -> (u16, String, String) {
 
 #[test]
 fn app_and_agent_hosts_with_internal_certificates() {
-    let d = Daemon::builder().arg("--tls-mode").arg("internal").start();
+    let d = Daemon::builder(common::BIN)
+        .arg("--tls-mode")
+        .arg("internal")
+        .start();
     let app = python_upstream(d.dir.path(), "app", "app-content");
     let agent = python_upstream(d.dir.path(), "agent", "agent-content");
     let key = d.keygen("k");
@@ -281,7 +284,7 @@ fn echo_upstream() -> u16 {
 fn http_table_sets_trusted_proxies_and_limits() {
     let echo = echo_upstream();
     let run = |config: &str| -> (String, u16) {
-        let d = Daemon::builder()
+        let d = Daemon::builder(common::BIN)
             .arg("--tls-mode")
             .arg("internal")
             .config(config)
@@ -338,7 +341,10 @@ fn cert_status(d: &Daemon, domain: &str) -> serde_json::Value {
 #[test]
 fn manual_certificates_from_pem_files() {
     use common::pki::{file_serial, served_serial, Ca};
-    let d = Daemon::builder().arg("--tls-mode").arg("internal").start();
+    let d = Daemon::builder(common::BIN)
+        .arg("--tls-mode")
+        .arg("internal")
+        .start();
     let app = python_upstream(d.dir.path(), "app", "manual-app");
     let pki_dir = d.dir.path().join("pki");
     std::fs::create_dir(&pki_dir).unwrap();
@@ -584,7 +590,7 @@ fn open_for(
 
 #[test]
 fn idle_client_connections_closed_after_the_configured_timeout() {
-    let d = Daemon::builder()
+    let d = Daemon::builder(common::BIN)
         .arg("--tls-mode")
         .arg("internal")
         .config("[http]\nidle_timeout_secs = 1\n")
@@ -624,7 +630,10 @@ fn request_abandoned_by_the_client_is_logged() {
             }
         }
     });
-    let d = Daemon::builder().arg("--tls-mode").arg("internal").start();
+    let d = Daemon::builder(common::BIN)
+        .arg("--tls-mode")
+        .arg("internal")
+        .start();
     let (https, ca) = add_app(&d, "hang", "hang.test", port);
     let resolve = format!("hang.test:{https}:127.0.0.1");
     let url = format!("https://hang.test:{https}/waiting?for=ever");
@@ -661,7 +670,7 @@ fn request_abandoned_by_the_client_is_logged() {
 #[test]
 fn one_source_cannot_take_every_connection() {
     let echo = echo_upstream();
-    let d = Daemon::builder()
+    let d = Daemon::builder(common::BIN)
         .arg("--tls-mode")
         .arg("internal")
         .config(
@@ -710,7 +719,10 @@ fn one_source_cannot_take_every_connection() {
 /// it), with the way out in the message; the suffixes are configurable.
 #[test]
 fn internal_mode_is_only_for_the_internal_ca_suffixes() {
-    let d = Daemon::builder().arg("--tls-mode").arg("internal").start();
+    let d = Daemon::builder(common::BIN)
+        .arg("--tls-mode")
+        .arg("internal")
+        .start();
     let key = d.keygen("k");
     let add = |name: &str, domain: &str, extra: &[&str]| d.try_add(name, domain, extra);
     for extra in [&[][..], &["--tls-mode", "internal"][..]] {
@@ -747,7 +759,7 @@ fn internal_mode_is_only_for_the_internal_ca_suffixes() {
     assert!(add("dev", "dev.home.arpa", &[]).status.success());
     drop(d);
 
-    let d = Daemon::builder()
+    let d = Daemon::builder(common::BIN)
         .arg("--tls-mode")
         .arg("internal")
         .config("internal_ca_suffixes = [\".corp.example.com\"]\n")
@@ -788,7 +800,10 @@ fn internal_mode_is_only_for_the_internal_ca_suffixes() {
 #[test]
 fn an_unconstrained_ca_root_is_replaced_and_reported() {
     let echo = echo_upstream();
-    let mut d = Daemon::builder().arg("--tls-mode").arg("internal").start();
+    let mut d = Daemon::builder(common::BIN)
+        .arg("--tls-mode")
+        .arg("internal")
+        .start();
     add_app(&d, "echo", "echo.test", echo);
     let old = common::pki::Ca::new(d.dir.path(), "old-root");
     let mut backup: serde_json::Value = serde_json::from_slice(&d.cli(&["backup"]).stdout).unwrap();
@@ -853,7 +868,10 @@ fn an_unconstrained_ca_root_is_replaced_and_reported() {
 /// serve the agent; the page and `sandboxd routes` say why and what to do.
 #[test]
 fn an_old_record_with_the_app_on_the_agent_port_does_not_serve_the_agent() {
-    let mut d = Daemon::builder().arg("--tls-mode").arg("internal").start();
+    let mut d = Daemon::builder(common::BIN)
+        .arg("--tls-mode")
+        .arg("internal")
+        .start();
     let agent = python_upstream(d.dir.path(), "agent", "agent-content");
     let app = python_upstream(d.dir.path(), "app", "app-content");
     d.add_with(

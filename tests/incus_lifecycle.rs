@@ -9,8 +9,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
-#[path = "common/incus.rs"]
-mod support;
+use common::incus as support;
+use testsupport::{require, Component};
 
 use std::io::BufRead;
 use std::process::{Command, Stdio};
@@ -32,6 +32,9 @@ fn address(d: &common::Daemon, name: &str) -> String {
 
 #[test]
 fn create_route_stop_start_snapshot_restart_delete() {
+    if !require(&[Component::Incus]) {
+        return;
+    }
     let mut d = daemon();
     let name = unique("main");
     let _guard = InstanceGuard::new(&name);
@@ -171,6 +174,9 @@ fn create_route_stop_start_snapshot_restart_delete() {
 
 #[test]
 fn import_adopts_an_instance_made_outside() {
+    if !require(&[Component::Incus]) {
+        return;
+    }
     let d = daemon();
     let name = unique("imp");
     let _guard = InstanceGuard::new(&name);
@@ -414,6 +420,9 @@ fn generated_login_and_gateway_only_keys(d: &mut common::Daemon, name: &str, cre
 
 #[test]
 fn bad_input_and_incus_absent_store_nothing() {
+    if !require(&[Component::Incus]) {
+        return;
+    }
     let d = daemon();
     let name = unique("bad");
     let _guard = InstanceGuard::new(&name);
@@ -534,6 +543,9 @@ fn assert_failed_unrouted(d: &common::Daemon, name: &str, err: &str) {
 
 #[test]
 fn incus_gone_mid_create_then_create_resumes() {
+    if !require(&[Component::Incus]) {
+        return;
+    }
     let (_dir, link, d) = linked_daemon();
     let name = unique("cut");
     let _guard = InstanceGuard::new(&name);
@@ -559,6 +571,9 @@ fn incus_gone_mid_create_then_create_resumes() {
 
 #[test]
 fn incus_gone_mid_create_then_delete_cleans_up() {
+    if !require(&[Component::Incus]) {
+        return;
+    }
     let (_dir, link, d) = linked_daemon();
     let name = unique("cutdel");
     let _guard = InstanceGuard::new(&name);
@@ -583,6 +598,9 @@ fn incus_gone_mid_create_then_delete_cleans_up() {
 /// container, and each sandbox's gateway key opens only its own sshd.
 #[test]
 fn two_sandboxes_never_reach_each_other() {
+    if !require(&[Component::Incus]) {
+        return;
+    }
     let d = daemon();
     let a = unique("iso-a");
     let b = unique("iso-b");

@@ -9,8 +9,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
-#[path = "common/incus.rs"]
-mod support;
+use common::incus as support;
+use testsupport::{require, Component};
 
 use std::process::Command;
 use std::time::Instant;
@@ -30,6 +30,9 @@ fn cert_status(d: &common::Daemon, domain: &str) -> serde_json::Value {
 
 #[test]
 fn create_serves_manual_certificates_and_refuses_a_mismatched_key() {
+    if !require(&[Component::Incus]) {
+        return;
+    }
     let d = daemon();
     let name = unique("tls");
     let _guard = InstanceGuard::new(&name);

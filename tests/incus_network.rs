@@ -12,8 +12,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
-#[path = "common/incus.rs"]
-mod support;
+use common::incus as support;
+use testsupport::{require, Component};
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -111,7 +111,10 @@ impl Drop for RulesGuard {
 
 #[test]
 fn tenants_are_isolated_by_incus() {
-    let d = common::Daemon::builder()
+    if !require(&[Component::Incus]) {
+        return;
+    }
+    let d = common::Daemon::builder(common::BIN)
         .config(&format!(
             "default_image = \"{TEST_IMAGE}\"\nincus_reconcile_secs = 1\n\
              [provision]\nmode = \"none\"\napt_proxy = \"http://{HOST}:{CACHE_PORT}\"\n"

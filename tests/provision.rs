@@ -15,8 +15,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
-#[path = "common/incus.rs"]
-mod support;
+use common::incus as support;
+use testsupport::{require, Component};
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -123,6 +123,9 @@ fn start_container(name: &str) {
 
 #[test]
 fn full_provisioning_rerun_restart_key_and_failing_hook() {
+    if !require(&[Component::Incus, Component::PackageCache]) {
+        return;
+    }
     let name = support::unique("prov");
     let _guard = InstanceGuard::new(&name);
     start_container(&name);
@@ -268,6 +271,9 @@ fn full_provisioning_rerun_restart_key_and_failing_hook() {
 
 #[test]
 fn every_provisioning_script_passes_shellcheck() {
+    if !require(&[Component::Program("shellcheck")]) {
+        return;
+    }
     let root = env!("CARGO_MANIFEST_DIR");
     let mut files = vec![
         format!("{root}/provision/lib.sh"),

@@ -11,6 +11,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
+use testsupport::{require, Component};
 
 const BIN: &str = env!("CARGO_BIN_EXE_sandboxd");
 
@@ -182,6 +183,13 @@ fn mtime(p: &Path) -> (i64, i64) {
 
 #[test]
 fn setup_twice_creates_then_changes_nothing() {
+    if !require(&[
+        Component::Root,
+        Component::Incus,
+        Component::Program("systemd-analyze"),
+    ]) {
+        return;
+    }
     let _serial = serial();
     let f = Fixture::new(&["--no-start", "--ssh-listen", "127.0.0.1:0"]);
     let first = f.ok(&[]);
@@ -294,6 +302,9 @@ fn setup_twice_creates_then_changes_nothing() {
 
 #[test]
 fn a_bad_flag_is_one_line_and_changes_nothing() {
+    if !require(&[Component::Root, Component::Incus]) {
+        return;
+    }
     let _serial = serial();
     let f = Fixture::new(&["--no-start"]);
     for bad in [
@@ -316,6 +327,9 @@ fn a_bad_flag_is_one_line_and_changes_nothing() {
 
 #[test]
 fn zfs_without_its_tools_fails_at_the_storage_step() {
+    if !require(&[Component::Root, Component::Incus]) {
+        return;
+    }
     let _serial = serial();
     let has_zfs = ["/usr/sbin/zfs", "/sbin/zfs", "/usr/bin/zfs"]
         .iter()
@@ -341,6 +355,9 @@ fn zfs_without_its_tools_fails_at_the_storage_step() {
 
 #[test]
 fn btrfs_loop_pool_is_made_once() {
+    if !require(&[Component::Root, Component::Incus]) {
+        return;
+    }
     let _serial = serial();
     let mut f = Fixture::new(&["--no-start", "--storage", "btrfs", "--storage-size", "1GiB"]);
     // The existing test bridge is found and left alone.
@@ -375,6 +392,9 @@ fn free_port() -> u16 {
 
 #[test]
 fn without_systemd_the_daemon_starts_detached_as_its_user() {
+    if !require(&[Component::Root, Component::Incus]) {
+        return;
+    }
     let _serial = serial();
     let ssh = free_low_port();
     let f = Fixture::new(&[

@@ -6,6 +6,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use testsupport::{require, Component};
 
 use common::sshd::Sshd;
 use common::Daemon;
@@ -19,7 +20,7 @@ struct Setup {
 }
 
 fn setup(name: &str) -> Setup {
-    let d = Daemon::start();
+    let d = Daemon::start(common::BIN);
     let sshd = Sshd::start(d.dir.path(), name);
     let key = d.keygen(&format!("client-{name}"));
     let user = "root";
@@ -78,6 +79,9 @@ fn run(mut c: Command) -> Output {
 
 #[test]
 fn ssh_through_the_daemon_right_after_add() {
+    if !require(&[Component::Sshd]) {
+        return;
+    }
     let s = setup("web");
     let out = run({
         let mut c = ssh_cmd(&s, "web", &s.key);
@@ -134,6 +138,9 @@ fn held_session(s: &Setup, user: &str, key: &Path) -> std::process::Child {
 
 #[test]
 fn sessions_listed_and_killed() {
+    if !require(&[Component::Sshd]) {
+        return;
+    }
     let s = setup("live");
     let mut child = held_session(&s, "live", &s.key);
     let sessions = s.d.json(&["sessions", "--json"]);
@@ -156,6 +163,9 @@ fn sessions_listed_and_killed() {
 
 #[test]
 fn key_remove_ends_that_keys_sessions_and_remove_ends_the_rest() {
+    if !require(&[Component::Sshd]) {
+        return;
+    }
     let s = setup("revoke");
     let key_b = s.d.keygen("client-b");
     s.d.ok(&["key", "add", "revoke", key_b.to_str().unwrap()]);
@@ -205,6 +215,9 @@ fn key_remove_ends_that_keys_sessions_and_remove_ends_the_rest() {
 
 #[test]
 fn host_key_persists_across_restarts() {
+    if !require(&[Component::Sshd]) {
+        return;
+    }
     let mut s = setup("persist");
     let before = s.d.ok(&["host-key"]);
     assert!(

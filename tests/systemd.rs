@@ -12,6 +12,7 @@ use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use testsupport::{require, Component};
 
 const BIN: &str = env!("CARGO_BIN_EXE_sandboxd");
 const UNIT: &str = include_str!("../systemd/sandboxd.service");
@@ -235,6 +236,9 @@ fn systemd_analyze(args: &[&str], unit: &Path) -> std::process::Output {
 
 #[test]
 fn unit_passes_systemd_analyze_verify() {
+    if !require(&[Component::Program("systemd-analyze")]) {
+        return;
+    }
     let (_dir, unit) = unit_copy();
     let out = systemd_analyze(&["verify"], &unit);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -256,6 +260,9 @@ fn unit_passes_systemd_analyze_verify() {
 
 #[test]
 fn unit_security_exposure_is_ok() {
+    if !require(&[Component::Program("systemd-analyze")]) {
+        return;
+    }
     let (_dir, unit) = unit_copy();
     let out = systemd_analyze(&["security", "--offline=true", "--no-pager"], &unit);
     let stdout = String::from_utf8_lossy(&out.stdout);

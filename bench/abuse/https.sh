@@ -26,28 +26,13 @@ PROBES=${PROBES:-200}
 MAX_CONNECTIONS=${MAX_CONNECTIONS:-300}
 PER_SOURCE=${PER_SOURCE:-256}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-WORK=$(mktemp -d /tmp/abuse-https.XXXXXX)
-PIDS=()
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
+bench_workdir abuse-https
 
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+SBX=${SBX:-$(release_sandboxd "$ROOT")}
 
-if [ -z "${SBX:-}" ]; then
-  echo "building sandboxd (release)..." >&2
-  (cd "$ROOT" && cargo build --quiet --release --bin sandboxd)
-  SBX="$ROOT/target/release/sandboxd"
-fi
-
-read -r UP GW < <(python3 -c '
-import socket
-ss = [socket.socket() for _ in range(2)]
-for s in ss: s.bind(("127.0.0.1", 0))
-print(*[s.getsockname()[1] for s in ss])
-')
+read -r UP GW < <(free_ports 2)
 HOST=bench.test
 
 mkdir -p "$WORK/www"
@@ -55,17 +40,11 @@ printf 'hello\n' > "$WORK/www/small"
 python3 -m http.server --bind 127.0.0.1 --directory "$WORK/www" "$UP" \
   >/dev/null 2>&1 & PIDS+=($!)
 
-mkdir -m 700 "$WORK/sbx"
 SOCK="$WORK/sbx/admin.sock"
 printf '[http]\nmax_connections = %s\nmax_connections_per_source = %s\n' \
   "$MAX_CONNECTIONS" "$PER_SOURCE" > "$WORK/sandboxd.toml"
-RUST_LOG=warn "$SBX" serve --config "$WORK/sandboxd.toml" --state-dir "$WORK/sbx/state" \
-  --admin-socket "$SOCK" --ssh-listen 127.0.0.1:0 --https-listen "127.0.0.1:$GW" \
-  --http-listen 127.0.0.1:0 --tls-mode internal 2>"$WORK/sandboxd.log" & PIDS+=($!)
-for _ in $(seq 1 100); do
-  "$SBX" --admin-socket "$SOCK" status >/dev/null 2>&1 && break
-  sleep 0.1
-done
+RUST_LOG=warn sbx_serve "$SBX" "$WORK/sbx" "$GW" "$WORK/sandboxd.log" \
+  --config "$WORK/sandboxd.toml"
 ssh-keygen -q -t ed25519 -N '' -f "$WORK/sbx/key" >/dev/null
 "$SBX" --admin-socket "$SOCK" add bench --domain "$HOST" --upstream 127.0.0.1 \
   --app-port "$UP" --ssh-key "$WORK/sbx/key.pub" >/dev/null

@@ -27,65 +27,27 @@ CONNS=${CONNS:-256}
 N=${N:-10000}
 NEW=${NEW:-500}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-WORK=$(mktemp -d /tmp/login-bench.XXXXXX)
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
+bench_workdir login-bench
 chmod 755 "$WORK"
-PIDS=()
 
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-read -r APP AGENT GW < <(python3 -c '
-import socket
-ss = [socket.socket() for _ in range(3)]
-for s in ss: s.bind(("127.0.0.1", 0))
-print(*[s.getsockname()[1] for s in ss])
-')
+read -r APP AGENT GW < <(free_ports 3)
 DOMAIN=login.test
 HOST=shelley.$DOMAIN
 PROBE="$ROOT/bench/abuse/login_probe.py"
 
 # bench/abuse.sh builds once and passes the binary in SBX.
-if [ -z "${SBX:-}" ]; then
-  echo "building sandboxd (release)..." >&2
-  (cd "$ROOT" && cargo build --quiet --release --bin sandboxd)
-  SBX="$ROOT/target/release/sandboxd"
-fi
+SBX=${SBX:-$(release_sandboxd "$ROOT")}
 
-printf '127.0.0.1 localhost\n127.0.0.1 %s %s\n' "$DOMAIN" "$HOST" > "$WORK/hosts"
-# shellcheck disable=SC2016 # $0 and $@ expand in the inner shell
-in_ns() { unshare -m sh -c 'mount --bind "$0" /etc/hosts && exec "$@"' "$WORK/hosts" "$@"; }
+ns_hosts "$DOMAIN" "$HOST"
 
-mkdir -p "$WORK/www" "$WORK/tmp"
+nginx_static "$WORK/upstream.conf" "$APP" "$AGENT"
 printf 'hello\n' > "$WORK/www/index.html"
-cat > "$WORK/upstream.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $WORK/upstream.pid;
-error_log $WORK/upstream.err warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $WORK/tmp; proxy_temp_path $WORK/tmp; fastcgi_temp_path $WORK/tmp;
-  uwsgi_temp_path $WORK/tmp; scgi_temp_path $WORK/tmp;
-  keepalive_requests 1000000;
-  server { listen 127.0.0.1:$APP; listen 127.0.0.1:$AGENT; root $WORK/www; }
-}
-EOF
 nginx -c "$WORK/upstream.conf" -p "$WORK" & PIDS+=($!)
 
-mkdir -m 700 "$WORK/sbx"
 SOCK="$WORK/sbx/admin.sock"
-"$SBX" serve --state-dir "$WORK/sbx/state" --admin-socket "$SOCK" \
-  --ssh-listen 127.0.0.1:0 --https-listen "127.0.0.1:$GW" --http-listen 127.0.0.1:0 \
-  --tls-mode internal 2>"$WORK/sandboxd.log" & PIDS+=($!)
-for _ in $(seq 1 100); do
-  "$SBX" --admin-socket "$SOCK" status >/dev/null 2>&1 && break
-  sleep 0.1
-done
+sbx_serve "$SBX" "$WORK/sbx" "$GW" "$WORK/sandboxd.log"
 ssh-keygen -q -t ed25519 -N '' -f "$WORK/sbx/key" >/dev/null
 PASSWORD=$(head -c 18 /dev/urandom | base64)
 printf '%s\n' "$PASSWORD" > "$WORK/sbx/pw"

@@ -22,33 +22,15 @@ STALL_MIB=${STALL_MIB:-16}
 SIZE_MIB=${SIZE_MIB:-256}
 RUNS=${RUNS:-10}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-for tool in ssh ssh-keygen /usr/sbin/sshd jq python3 bc; do
-  command -v "$tool" >/dev/null || { echo "missing $tool (run .ci/setup-sshgate.sh)" >&2; exit 1; }
-done
-if [ -z "${BIN:-}" ]; then
-  (cd "$ROOT" && cargo build --quiet --release --bin sandboxd)
-  BIN=$ROOT/target/release/sandboxd
-fi
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
+need_tools "run .ci/setup-sshgate.sh" ssh ssh-keygen /usr/sbin/sshd jq python3 bc
+BIN=${BIN:-$(release_sandboxd "$ROOT")}
 
-WORK=$(mktemp -d /tmp/sshgate-abuse.XXXXXX)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+bench_workdir sshgate-abuse
 
 ME=$(id -un)
 mkdir -p /run/sshd
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-  for _ in $(seq 200); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-    sleep 0.05
-  done
-  echo "port $1 never opened" >&2; return 1
-}
 for k in client host_target; do ssh-keygen -q -t ed25519 -N '' -C "$k" -f "$WORK/$k"; done
 
 TP=$(free_port)

@@ -9,6 +9,7 @@ mod common;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use testsupport::{require, Component};
 
 use common::*;
 use httpgate::{BasicAuth, ChallengeKind, TlsMode};
@@ -22,9 +23,12 @@ fn has_cert(gw: &Gateway, domain: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http01_issues_and_restart_reuses() {
+    if !require(&[Component::Pebble]) {
+        return;
+    }
     init_tracing();
-    let pebble = Pebble::start(None).await;
-    let root = pebble.root_file().await;
+    let pebble = Pebble::start_async(None).await;
+    let root = pebble.root_file();
     let app = Upstream::start("app").await;
     let store = Arc::new(MemStore::default());
     let gw = GatewayBuilder::new()
@@ -110,9 +114,12 @@ async fn http01_issues_and_restart_reuses() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_alpn01_issues() {
+    if !require(&[Component::Pebble]) {
+        return;
+    }
     init_tracing();
-    let pebble = Pebble::start(None).await;
-    let root = pebble.root_file().await;
+    let pebble = Pebble::start_async(None).await;
+    let root = pebble.root_file();
     let app = Upstream::start("app").await;
     let t = Instant::now();
     let gw = GatewayBuilder::new()
@@ -135,10 +142,13 @@ async fn tls_alpn01_issues() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renewal_without_failed_requests_then_outage() {
+    if !require(&[Component::Pebble]) {
+        return;
+    }
     init_tracing();
     // Short-lived certificates: renewal is due after two thirds of 15 s.
-    let mut pebble = Pebble::start(Some(15)).await;
-    let root = pebble.root_file().await;
+    let mut pebble = Pebble::start_async(Some(15)).await;
+    let root = pebble.root_file();
     let app = Upstream::start("app").await;
     let gw = GatewayBuilder::new()
         .acme(&pebble, ChallengeKind::TlsAlpn01)

@@ -6,11 +6,12 @@
 mod common;
 
 use std::convert::Infallible;
-use std::io::{BufRead, BufReader};
+
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use testsupport::{require, Component};
 
 use base64::Engine;
 use bytes::Bytes;
@@ -21,6 +22,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
+use testsupport::ws::WsClient;
 use tokio::net::TcpListener;
 
 fn login(user: &str, password: &str) -> BasicAuth {
@@ -30,65 +32,25 @@ fn login(user: &str, password: &str) -> BasicAuth {
     }
 }
 
-/// A websocket client (python3-websockets) through the gateway to `host`,
-/// with basic-auth credentials `user:pw` and no Origin (not a browser). It
-/// prints `open` once the first echo came back, then `closed` when the
-/// connection ends (or `still-open` if it is still open after a `check`
-/// line on stdin).
-fn ws_client(
-    gw: &Gateway,
-    host: &str,
-    user_pw: &str,
-) -> (Proc, std::io::Lines<BufReader<std::process::ChildStdout>>) {
-    let script = r#"
-import asyncio, base64, socket, ssl, sys, websockets
-async def main():
-    port, ca, host, cred = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
-    ctx = ssl.create_default_context(cafile=ca)
-    sock = socket.create_connection(("127.0.0.1", int(port)))
-    auth = "Basic " + base64.b64encode(cred.encode()).decode()
-    async with websockets.connect("wss://%s:%s/ws" % (host, port), ssl=ctx, sock=sock,
-            server_hostname=host, extra_headers={"Authorization": auth}) as ws:
-        await ws.send("hi")
-        print("open " + await ws.recv(), flush=True)
-        loop = asyncio.get_running_loop()
-        line = loop.run_in_executor(None, sys.stdin.readline)
-        closed = asyncio.ensure_future(ws.wait_closed())
-        done, _ = await asyncio.wait([line, closed], return_when=asyncio.FIRST_COMPLETED)
-        if closed in done:
-            print("closed", flush=True)
-            return
-        await ws.send("again")
-        print("still-open " + await ws.recv(), flush=True)
-asyncio.run(main())
-"#;
-    let mut child = Proc(
-        // Bounded: a client left open ends after 30 s (then prints nothing).
-        Command::new("timeout")
-            .args(["30", "/usr/bin/python3", "-c", script])
-            .arg(gw.https.port().to_string())
-            .arg(&gw.ca_file)
-            .arg(host)
-            .arg(user_pw)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let lines = BufReader::new(child.0.stdout.take().unwrap()).lines();
-    (child, lines)
+/// A websocket client through the gateway to `host` with basic-auth
+/// credentials `user:pw` (see `testsupport::ws::WsClient`); bounded: a
+/// client left open ends after 30 s (then prints nothing).
+fn ws_client(gw: &Gateway, host: &str, user_pw: &str) -> WsClient {
+    WsClient::start(gw.https.port(), &gw.ca_file, host, user_pw, 30)
 }
 
-async fn next_line(
-    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
-) -> (String, std::io::Lines<BufReader<std::process::ChildStdout>>) {
-    tokio::task::spawn_blocking(move || {
-        let mut lines = lines;
-        let l = lines.next().map(|l| l.unwrap()).unwrap_or_default();
-        (l, lines)
-    })
-    .await
-    .unwrap()
+/// The client's next line, read off the async threads.
+async fn next_line(mut client: WsClient) -> (String, WsClient) {
+    tokio::task::spawn_blocking(move || (client.line(), client))
+        .await
+        .unwrap()
+}
+
+/// Whether the client's connection is still open, asked off the async threads.
+async fn ask_state(mut client: WsClient) -> (String, WsClient) {
+    tokio::task::spawn_blocking(move || (client.state(), client))
+        .await
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -330,6 +292,9 @@ fn attempt_script(agent: &str, cross: bool, from: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_browser_page_of_another_site_cannot_drive_the_agent() {
+    if !require(&[Component::Chromium]) {
+        return;
+    }
     let agent_seen = Arc::new(Seen::default());
     let (agent_addr, _agent) = page_server(agent_seen.clone()).await;
     let (app_addr, _app) = page_server(Arc::new(Seen::default())).await;
@@ -480,10 +445,10 @@ async fn login_changes_and_removals_end_open_websockets() {
         .route("b.test", app_route("b", ws_addr, TlsMode::Internal))
         .start()
         .await;
-    let (_a_agent, a_agent_out) = ws_client(&gw, "shelley.a.test", "alice:pw");
-    let (mut a_app, a_app_out) = ws_client(&gw, "a.test", "x:y");
-    let (_b_agent, b_agent_out) = ws_client(&gw, "shelley.b.test", "alice:pw");
-    let (_b_app, b_app_out) = ws_client(&gw, "b.test", "x:y");
+    let a_agent_out = ws_client(&gw, "shelley.a.test", "alice:pw");
+    let a_app_out = ws_client(&gw, "a.test", "x:y");
+    let b_agent_out = ws_client(&gw, "shelley.b.test", "alice:pw");
+    let b_app_out = ws_client(&gw, "b.test", "x:y");
     let (l, a_agent_out) = next_line(a_agent_out).await;
     assert_eq!(l, "open hi");
     let (l, a_app_out) = next_line(a_app_out).await;
@@ -509,11 +474,7 @@ async fn login_changes_and_removals_end_open_websockets() {
     assert_eq!(l, "closed");
     let (l, _) = next_line(b_app_out).await;
     assert_eq!(l, "closed");
-    use std::io::Write;
-    let mut stdin = a_app.0.stdin.take().unwrap();
-    stdin.write_all(b"check\n").unwrap();
-    stdin.flush().unwrap();
-    let (l, _) = next_line(a_app_out).await;
+    let (l, _) = ask_state(a_app_out).await;
     assert_eq!(l, "still-open again");
     gw.stop().await;
 }

@@ -3,9 +3,8 @@
 //! as `None`, a second create is a conflict.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
-
 use std::collections::BTreeMap;
+use testsupport::{require, Component};
 
 fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs
@@ -16,7 +15,10 @@ fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 
 #[tokio::test]
 async fn pool_network_and_profile_round_trip() {
-    let incus = support::incus().await;
+    if !require(&[Component::Incus]) {
+        return;
+    }
+    let incus = testsupport::incus::client().await;
     let tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
     let pool = format!("t-incusctl-p-{tag}");
     let bridge = format!("tic{tag}");

@@ -6,8 +6,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
-
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
@@ -16,7 +14,8 @@ use incusctl::{
     Client, CreateInstance, Error, ExecRequest, ExecStdin, FileKind, ImageSource, ImageTarballs,
     LifecycleAction, OutputChunk, PushOptions, StopOptions,
 };
-use support::{incus, unique_name, TestInstance, ADDRESS_TIMEOUT, TEST_IMAGE};
+use testsupport::incus::{client as incus, unique_name, TestInstance, ADDRESS_TIMEOUT, TEST_IMAGE};
+use testsupport::{require, Component};
 
 const EVENT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -144,6 +143,9 @@ fn in_bridge(ip: Ipv4Addr) -> bool {
 
 #[tokio::test]
 async fn server_info_names_version_and_extensions() {
+    if !require(&[Component::Incus]) {
+        return;
+    }
     let incus = incus().await;
     let info = incus.server_info().await.unwrap();
     assert_eq!(info.api_version, "1.0");
@@ -167,6 +169,9 @@ async fn server_info_names_version_and_extensions() {
 /// and listing.
 #[tokio::test]
 async fn launch_exec_files_state_and_list() {
+    if !require(&[Component::Incus]) {
+        return;
+    }
     let incus = incus().await;
     let mut events = incus.events_connected().await.unwrap();
     let started = Instant::now();
@@ -492,6 +497,9 @@ async fn launch_exec_files_state_and_list() {
 /// lifecycle event.
 #[tokio::test]
 async fn snapshots_and_state_changes_with_events() {
+    if !require(&[Component::Incus]) {
+        return;
+    }
     let incus = incus().await;
     let (c, progress) = TestInstance::launch_with_progress(&incus, "life").await;
     let name = c.name.as_str();
@@ -604,6 +612,9 @@ async fn snapshots_and_state_changes_with_events() {
 
 #[tokio::test]
 async fn errors_say_what_incus_said() {
+    if !require(&[Component::Incus]) {
+        return;
+    }
     let incus = incus().await;
 
     // Image that does not exist: nothing is created.
@@ -699,6 +710,9 @@ async fn missing_or_dead_socket_is_a_clear_error() {
 
 #[tokio::test]
 async fn images_import_and_aliases() {
+    if !require(&[Component::Incus]) {
+        return;
+    }
     let incus = incus().await;
     let dir = tempfile::tempdir().unwrap();
     let tag = unique_name("img");

@@ -7,12 +7,16 @@ mod common;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
+use testsupport::{require, Component};
 
 use common::*;
 use sshgate::Target;
 
 #[test]
 fn several_keys_offered_right_one_last() {
+    if !require(&[Component::Sshd]) {
+        return;
+    }
     let h = harness().client_keys(5).start();
     let mut c = Command::new("ssh");
     c.args(h.ssh_opts())
@@ -33,6 +37,9 @@ fn several_keys_offered_right_one_last() {
 
 #[test]
 fn unknown_user_and_wrong_key_fail_the_same_way() {
+    if !require(&[Component::Sshd]) {
+        return;
+    }
     let h = harness().client_keys(2).start();
     let wrong_key = run(h.ssh_as(&h.sandbox, &h.keys[1]).arg("true"));
     let unknown_user = run(h.ssh_as("no-such-sandbox", &h.keys[0]).arg("true"));
@@ -49,6 +56,9 @@ fn unknown_user_and_wrong_key_fail_the_same_way() {
 
 #[test]
 fn repeated_failures_ban_that_address_only_and_the_ban_expires() {
+    if !require(&[Component::Sshd]) {
+        return;
+    }
     let h = harness()
         .client_keys(2)
         .ban(2, Duration::from_secs(4))
@@ -97,12 +107,18 @@ fn assert_one_line_refusal(h: &Harness, expect: &str) {
 
 #[test]
 fn stopped_sandbox_says_so() {
+    if !require(&[Component::Sshd]) {
+        return;
+    }
     let h = harness().target(Target::Stopped).start();
     assert_one_line_refusal(&h, "sandbox app-example-com is stopped");
 }
 
 #[test]
 fn unreachable_sandbox_says_so_promptly() {
+    if !require(&[Component::Sshd]) {
+        return;
+    }
     let closed = free_port();
     let h = harness()
         .target(Target::Addr {
@@ -115,6 +131,9 @@ fn unreachable_sandbox_says_so_promptly() {
 
 #[test]
 fn upstream_that_never_answers_times_out() {
+    if !require(&[Component::Sshd]) {
+        return;
+    }
     // A listener that accepts but never speaks SSH.
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
@@ -138,18 +157,27 @@ fn upstream_that_never_answers_times_out() {
 
 #[test]
 fn wrong_upstream_host_key_is_refused() {
+    if !require(&[Component::Sshd]) {
+        return;
+    }
     let h = harness().wrong_pinned_host_key().start();
     assert_one_line_refusal(&h, "host key mismatch");
 }
 
 #[test]
 fn missing_pinned_host_key_is_refused() {
+    if !require(&[Component::Sshd]) {
+        return;
+    }
     let h = harness().no_pinned_host_key().start();
     assert_one_line_refusal(&h, "has no pinned host key");
 }
 
 #[test]
 fn persistent_host_keys_serve_ed25519_and_rsa_sha2_clients() {
+    if !require(&[Component::Sshd]) {
+        return;
+    }
     let h = harness().host_keys_from_dir().start();
     for alg in ["ssh-ed25519", "rsa-sha2-512", "rsa-sha2-256"] {
         let out = run(h
@@ -162,6 +190,9 @@ fn persistent_host_keys_serve_ed25519_and_rsa_sha2_clients() {
 
 #[test]
 fn ipv6_listener_serves_the_same_routes() {
+    if !require(&[Component::Sshd]) {
+        return;
+    }
     let h = harness().ipv6().start();
     let a6 = h.addr6.unwrap();
     let mut c = Command::new("ssh");

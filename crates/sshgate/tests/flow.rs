@@ -15,6 +15,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use testsupport::{require, Component};
 
 use common::*;
 
@@ -201,6 +202,9 @@ impl Master {
 
 #[test]
 fn a_destination_that_stops_reading_does_not_stall_the_connection() {
+    if !require(&[Component::Sshd]) {
+        return;
+    }
     let h = harness().start();
     let (sink, _held) = sink_server();
     let lp = free_port();
@@ -235,6 +239,9 @@ fn a_destination_that_stops_reading_does_not_stall_the_connection() {
 
 #[test]
 fn a_client_that_stops_reading_does_not_stall_the_connection() {
+    if !require(&[Component::Sshd]) {
+        return;
+    }
     let h = harness().start();
     let sent = Arc::new(AtomicU64::new(0));
     let hose = firehose_server(sent.clone());
@@ -255,6 +262,9 @@ fn a_client_that_stops_reading_does_not_stall_the_connection() {
 
 #[test]
 fn refused_requests_are_reported_as_refused() {
+    if !require(&[Component::Sshd]) {
+        return;
+    }
     let h = harness().start();
     // A subsystem the upstream sshd does not have: the client is told the
     // request failed (its own message), not that it succeeded.
@@ -300,6 +310,9 @@ fn refused_requests_are_reported_as_refused() {
 
 #[test]
 fn a_pty_the_upstream_refuses_is_reported_by_the_client_itself() {
+    if !require(&[Component::Sshd]) {
+        return;
+    }
     // sshd answers pty-req with failure; OpenSSH prints its own message
     // only when it really gets that failure, and behaves as it does
     // against that sshd directly.

@@ -11,6 +11,7 @@ use std::net::TcpStream;
 use std::os::unix::net::UnixListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use testsupport::{require, Component};
 
 use common::*;
 
@@ -33,6 +34,9 @@ fn echo_roundtrip(port: u16, payload: &[u8]) -> Vec<u8> {
 
 #[test]
 fn local_forward_tcp_and_unix_socket() {
+    if !require(&[Component::Sshd]) {
+        return;
+    }
     let h = harness().start();
     let echo = echo_server();
     let sock = h.path("echo.sock");
@@ -105,6 +109,9 @@ fn socks_forward(ssh: impl Fn() -> Command) -> (u16, Kill) {
 
 #[test]
 fn dynamic_forward_socks() {
+    if !require(&[Component::Sshd]) {
+        return;
+    }
     let h = harness().start();
     let web = http_server("hello through socks");
     let (dp, _ssh) = socks_forward(|| h.ssh());
@@ -122,6 +129,9 @@ fn dynamic_forward_socks() {
 
 #[test]
 fn remote_forward_reaches_back_to_the_client() {
+    if !require(&[Component::Sshd]) {
+        return;
+    }
     let h = harness().start();
     let echo = echo_server();
     let rp = free_port();
@@ -138,6 +148,9 @@ fn remote_forward_reaches_back_to_the_client() {
 
 #[test]
 fn remote_forward_with_dynamic_port_then_cancel() {
+    if !require(&[Component::Sshd]) {
+        return;
+    }
     let h = harness().start();
     let echo = echo_server();
     let ctl = h.path("ctl.sock");
@@ -178,6 +191,9 @@ fn remote_forward_with_dynamic_port_then_cancel() {
 
 #[test]
 fn remote_forward_of_a_unix_socket() {
+    if !require(&[Component::Sshd]) {
+        return;
+    }
     let h = harness().start();
     let echo = echo_server();
     let remote_sock = h.path("remote.sock");
@@ -202,6 +218,9 @@ fn remote_forward_of_a_unix_socket() {
 
 #[test]
 fn agent_forwarding_shows_the_clients_agent_upstream() {
+    if !require(&[Component::Sshd]) {
+        return;
+    }
     let h = harness().start();
     let sock = h.path("agent.sock");
     let _agent = Kill(
@@ -237,6 +256,9 @@ fn agent_forwarding_shows_the_clients_agent_upstream() {
 
 #[test]
 fn vscode_pattern_script_on_stdin_then_socks() {
+    if !require(&[Component::Sshd]) {
+        return;
+    }
     let h = harness().start();
     let web = http_server("vscode server");
     let dp = free_port();
@@ -297,6 +319,9 @@ fn blackhole() -> (u16, Vec<TcpStream>, std::net::TcpListener) {
 
 #[test]
 fn never_answering_destination_does_not_stall_other_channels() {
+    if !require(&[Component::Sshd]) {
+        return;
+    }
     let h = harness().start();
     let (hole, _fillers, _l) = blackhole();
     let echo = echo_server();

@@ -10,6 +10,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::Duration;
+use testsupport::{require, Component};
 
 use common::*;
 
@@ -41,6 +42,9 @@ fn closed_within(s: &mut TcpStream, limit: Duration) -> bool {
 
 #[test]
 fn three_hundred_stalled_connections_from_one_address_do_not_lock_out_another() {
+    if !require(&[Component::Sshd]) {
+        return;
+    }
     let h = harness().start();
     // 300 connections from 127.0.0.1 that never log in: half send nothing,
     // half only a version line.
@@ -64,6 +68,9 @@ fn three_hundred_stalled_connections_from_one_address_do_not_lock_out_another() 
 
 #[test]
 fn connections_that_time_out_in_login_grace_get_their_address_banned() {
+    if !require(&[Component::Sshd]) {
+        return;
+    }
     let h = harness()
         .ban(2, Duration::from_secs(600))
         .login_grace(Duration::from_secs(1))
@@ -85,6 +92,9 @@ fn connections_that_time_out_in_login_grace_get_their_address_banned() {
 
 #[test]
 fn channels_beyond_the_per_connection_limit_are_refused() {
+    if !require(&[Component::Sshd]) {
+        return;
+    }
     let h = harness()
         .config(|c| c.max_channels_per_connection = 4)
         .start();
@@ -144,6 +154,9 @@ fn channels_beyond_the_per_connection_limit_are_refused() {
 
 #[test]
 fn connections_beyond_the_per_sandbox_limit_are_told_so() {
+    if !require(&[Component::Sshd]) {
+        return;
+    }
     let h = harness().config(|c| c.max_sessions_per_sandbox = 2).start();
     let mut held: Vec<_> = (0..2)
         .map(|_| {
@@ -177,6 +190,9 @@ fn connections_beyond_the_per_sandbox_limit_are_told_so() {
 
 #[test]
 fn removing_a_key_ends_that_keys_sessions_only() {
+    if !require(&[Component::Sshd]) {
+        return;
+    }
     let h = harness().client_keys(2).start();
     let mut route = h.routes.get(&h.sandbox);
     route.authorized_keys.push(read_pub(&h.keys[1]));
@@ -225,6 +241,9 @@ fn removing_a_key_ends_that_keys_sessions_only() {
 
 #[test]
 fn ssh_audit_finds_no_failure_and_openssh_rsa_sha2_still_works() {
+    if !require(&[Component::Sshd]) {
+        return;
+    }
     let h = harness().host_keys_from_dir().start();
     let out = Command::new("ssh-audit")
         .args(["-j", "-t", "20", "-p"])

@@ -9,6 +9,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
+use testsupport::{require, Component};
 
 use common::*;
 
@@ -32,6 +33,9 @@ fn closed_within(mut s: TcpStream, limit: Duration) -> bool {
 
 #[test]
 fn garbage_and_truncated_version_lines_are_dropped() {
+    if !require(&[Component::Sshd]) {
+        return;
+    }
     let h = harness().start();
     let mut random = vec![0u8; 64 * 1024];
     rand::Rng::fill(&mut rand::thread_rng(), &mut random[..]);
@@ -54,6 +58,9 @@ fn garbage_and_truncated_version_lines_are_dropped() {
 
 #[test]
 fn a_client_stalled_mid_handshake_is_cut_after_the_login_grace() {
+    if !require(&[Component::Sshd]) {
+        return;
+    }
     let h = harness().login_grace(Duration::from_secs(2)).start();
     // Version line only, then silence.
     let mut a = TcpStream::connect(h.addr).unwrap();
@@ -73,6 +80,9 @@ fn a_client_stalled_mid_handshake_is_cut_after_the_login_grace() {
 
 #[test]
 fn a_thousand_dropped_connections_do_not_disturb_service() {
+    if !require(&[Component::Sshd]) {
+        return;
+    }
     let h = harness()
         .config(|c| c.per_source_max_startups = sshgate::Startups::hard(1000))
         .start();
@@ -103,6 +113,9 @@ fn a_thousand_dropped_connections_do_not_disturb_service() {
 
 #[test]
 fn a_hundred_concurrent_sessions_all_succeed() {
+    if !require(&[Component::Sshd]) {
+        return;
+    }
     // One address logging in 100 times at once, 100 connections to one
     // sandbox: beyond the per-source and per-sandbox defaults; this test
     // is about the relay, so lift them.
@@ -137,6 +150,9 @@ fn a_hundred_concurrent_sessions_all_succeed() {
 
 #[test]
 fn connections_beyond_the_login_limit_are_dropped_until_slots_free() {
+    if !require(&[Component::Sshd]) {
+        return;
+    }
     let h = harness()
         .config(|c| c.max_startups = sshgate::Startups::hard(2))
         .login_grace(Duration::from_secs(3))

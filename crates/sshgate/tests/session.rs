@@ -8,11 +8,15 @@ mod common;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Command, Stdio};
 use std::time::Duration;
+use testsupport::{require, Component};
 
 use common::*;
 
 #[test]
 fn exec_keeps_exit_code_stdout_and_stderr_apart() {
+    if !require(&[Component::Sshd]) {
+        return;
+    }
     let h = harness().start();
     let out = run(h.ssh().arg("echo out; echo err >&2; exit 7"));
     assert_eq!(out.status.code(), Some(7), "stderr: {}", text(&out.stderr));
@@ -25,6 +29,9 @@ fn exec_keeps_exit_code_stdout_and_stderr_apart() {
 
 #[test]
 fn exit_by_signal_looks_like_direct() {
+    if !require(&[Component::Sshd]) {
+        return;
+    }
     let h = harness().start();
     let via = run(h.ssh().arg("kill -TERM $$"));
     let direct = run(h.ssh_direct().arg("kill -TERM $$"));
@@ -34,6 +41,9 @@ fn exit_by_signal_looks_like_direct() {
 
 #[test]
 fn stdin_is_relayed_to_eof_both_ways() {
+    if !require(&[Component::Sshd]) {
+        return;
+    }
     let h = harness().start();
     let input = h.path("input");
     random_file(&input, 5 << 20);
@@ -75,6 +85,9 @@ fn stdin_is_relayed_to_eof_both_ways() {
 
 #[test]
 fn env_is_passed() {
+    if !require(&[Component::Sshd]) {
+        return;
+    }
     let h = harness().start();
     let out = run(h
         .ssh()
@@ -129,6 +142,9 @@ sys.exit(os.waitstatus_to_exitcode(status))
 
 #[test]
 fn pty_carries_size_modes_term_and_resize() {
+    if !require(&[Component::Sshd]) {
+        return;
+    }
     let h = harness().start();
     let remote = "stty size; echo \"term=$TERM\"; stty -a | grep -o 'erase = [^;]*'; echo READY; \
                   read x; for i in $(seq 200); do [ \"$(stty size)\" = '50 132' ] && break; sleep 0.05; done; \
@@ -149,6 +165,9 @@ fn pty_carries_size_modes_term_and_resize() {
 
 #[test]
 fn banner_is_shown_before_login() {
+    if !require(&[Component::Sshd]) {
+        return;
+    }
     let h = harness().banner("Welcome to the sandbox gateway\n").start();
     let out = run(h.ssh().arg("true"));
     assert!(out.status.success());
@@ -157,6 +176,9 @@ fn banner_is_shown_before_login() {
 
 #[test]
 fn sessions_are_listed_and_can_be_killed() {
+    if !require(&[Component::Sshd]) {
+        return;
+    }
     let h = harness().start();
     let mut child = h
         .ssh()
@@ -206,6 +228,9 @@ fn sessions_are_listed_and_can_be_killed() {
 
 #[test]
 fn a_route_edit_that_revokes_nothing_leaves_open_sessions_alone() {
+    if !require(&[Component::Sshd]) {
+        return;
+    }
     let h = harness().client_keys(2).start();
     let mut child = h
         .ssh()
@@ -230,6 +255,9 @@ fn a_route_edit_that_revokes_nothing_leaves_open_sessions_alone() {
 
 #[test]
 fn idle_session_is_not_cut_and_keepalives_flow() {
+    if !require(&[Component::Sshd]) {
+        return;
+    }
     // Keepalives every 200 ms from both ends of the client leg; an idle
     // session of 2 s must survive them.
     let h = harness()

@@ -5,6 +5,7 @@
 mod common;
 
 use std::process::Command;
+use testsupport::{require, Component};
 
 use common::*;
 
@@ -12,6 +13,9 @@ const SIZE: usize = 64 << 20;
 
 #[test]
 fn scp_64_mib_both_ways_in_both_protocols() {
+    if !require(&[Component::Sshd]) {
+        return;
+    }
     let h = harness().start();
     let src = h.path("src.bin");
     random_file(&src, SIZE);
@@ -37,6 +41,9 @@ fn scp_64_mib_both_ways_in_both_protocols() {
 
 #[test]
 fn sftp_64_mib_both_ways() {
+    if !require(&[Component::Sshd]) {
+        return;
+    }
     let h = harness().start();
     let src = h.path("src.bin");
     random_file(&src, SIZE);
@@ -66,6 +73,9 @@ fn sftp_64_mib_both_ways() {
 
 #[test]
 fn rsync_copies_a_tree_and_then_only_changes() {
+    if !require(&[Component::Sshd, Component::Program("rsync")]) {
+        return;
+    }
     let h = harness().start();
     let src = h.path("tree");
     std::fs::create_dir_all(src.join("sub")).unwrap();
@@ -107,6 +117,9 @@ fn rsync_copies_a_tree_and_then_only_changes() {
 
 #[test]
 fn transfers_across_gateway_initiated_rekeys_arrive_whole() {
+    if !require(&[Component::Sshd]) {
+        return;
+    }
     // The gateway re-keys both legs every 4 MiB, so 64 MiB each way runs
     // through many re-keys it starts itself while windows have grown.
     let h = harness().config(|c| c.rekey_bytes = 4 << 20).start();

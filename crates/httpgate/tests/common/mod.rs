@@ -1,13 +1,14 @@
 //! Shared test harness: an in-memory route table and certificate store, a
 //! gateway builder bound to loopback ports, real upstream HTTP servers
-//! (hyper, in-process), curl as the client, and Pebble for ACME tests.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+//! (hyper, in-process), curl as the client; Pebble and the test PKI come
+//! from the shared `testsupport` crate.
+#![allow(dead_code, unused_imports, clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -489,209 +490,24 @@ async fn upstream_handle(
 
 // ---------- processes ----------
 
-/// A child process killed (by its own PID) on drop.
-pub struct Proc(pub Child);
+pub use testsupport::pebble::Pebble;
+pub use testsupport::pki::served_serial;
+pub use testsupport::{free_port, Proc};
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
+/// Waits (at most 20 s) until something accepts on 127.0.0.1:`port`.
 pub async fn wait_port(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("port {port} never opened");
+    tokio::task::spawn_blocking(move || testsupport::wait_port(port))
+        .await
+        .unwrap();
 }
 
 /// A websocket echo server (python3-websockets) on a free loopback port.
-pub async fn ws_echo_server() -> (Proc, SocketAddr) {
-    let port = free_port();
-    let script = r#"
-import asyncio, sys, websockets
-async def echo(ws, path=None):
-    async for m in ws:
-        await ws.send(m)
-async def main():
-    async with websockets.serve(echo, "127.0.0.1", int(sys.argv[1])):
-        await asyncio.Future()
-asyncio.run(main())
-"#;
-    let child = Command::new("/usr/bin/python3")
-        .arg("-c")
-        .arg(script)
-        .arg(port.to_string())
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let p = Proc(child);
-    wait_port(port).await;
-    (p, SocketAddr::from(([127, 0, 0, 1], port)))
-}
-
-// ---------- Pebble ----------
-
-pub struct Pebble {
-    pub dir: tempfile::TempDir,
-    pub cert_file: PathBuf,
-    pub config_file: PathBuf,
-    pub listen: u16,
-    pub mgmt: u16,
-    pub http_port: u16,
-    pub tls_port: u16,
-    pub dns_port: u16,
-    pebble: Option<Proc>,
-    _challtest: Proc,
-    _lock: std::fs::File,
-}
-
-impl Pebble {
-    /// Start Pebble and pebble-challtestsrv (every name resolves to 127.0.0.1).
-    /// ACME tests hold a file lock so that only one Pebble runs at a time.
-    pub async fn start(validity_secs: Option<u64>) -> Self {
-        use fs2::FileExt;
-        let lock_path = std::env::temp_dir().join("httpgate-pebble-tests.lock");
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(lock_path)
-            .unwrap();
-        let lock = tokio::task::spawn_blocking(move || {
-            lock.lock_exclusive().unwrap();
-            lock
-        })
+pub async fn ws_echo_server() -> (testsupport::ws::WsEcho, SocketAddr) {
+    let echo = tokio::task::spawn_blocking(testsupport::ws::echo_server)
         .await
         .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let key = rcgen::KeyPair::generate().unwrap();
-        let params =
-            rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
-                .unwrap();
-        let cert = params.self_signed(&key).unwrap();
-        let cert_file = dir.path().join("pebble-cert.pem");
-        std::fs::write(&cert_file, cert.pem()).unwrap();
-        std::fs::write(dir.path().join("pebble-key.pem"), key.serialize_pem()).unwrap();
-        let (listen, mgmt, http_port, tls_port, dns_port, chall_mgmt) = (
-            free_port(),
-            free_port(),
-            free_port(),
-            free_port(),
-            free_port(),
-            free_port(),
-        );
-        let mut pebble_cfg = serde_json::json!({"pebble": {
-            "listenAddress": format!("127.0.0.1:{listen}"),
-            "managementListenAddress": format!("127.0.0.1:{mgmt}"),
-            "certificate": cert_file.display().to_string(),
-            "privateKey": dir.path().join("pebble-key.pem").display().to_string(),
-            "httpPort": http_port, "tlsPort": tls_port,
-            "ocspResponderURL": "", "externalAccountBindingRequired": false}});
-        if let Some(v) = validity_secs {
-            pebble_cfg["pebble"]["certificateValidityPeriod"] = serde_json::json!(v);
-        }
-        let config_file = dir.path().join("pebble.json");
-        std::fs::write(&config_file, pebble_cfg.to_string()).unwrap();
-        let challtest = Command::new("pebble-challtestsrv")
-            .args([
-                "-defaultIPv4",
-                "127.0.0.1",
-                "-defaultIPv6",
-                "",
-                "-http01",
-                "",
-                "-https01",
-                "",
-                "-tlsalpn01",
-                "",
-                "-management",
-                &format!("127.0.0.1:{chall_mgmt}"),
-                "-dns01",
-                &format!("127.0.0.1:{dns_port}"),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let challtest = Proc(challtest);
-        wait_port(chall_mgmt).await;
-        let mut p = Self {
-            dir,
-            cert_file,
-            config_file,
-            listen,
-            mgmt,
-            http_port,
-            tls_port,
-            dns_port,
-            pebble: None,
-            _challtest: challtest,
-            _lock: lock,
-        };
-        p.start_pebble().await;
-        p
-    }
-
-    pub async fn start_pebble(&mut self) {
-        let child = Command::new("pebble")
-            .arg("-config")
-            .arg(&self.config_file)
-            .arg("-dnsserver")
-            .arg(format!("127.0.0.1:{}", self.dns_port))
-            .env("PEBBLE_VA_NOSLEEP", "1")
-            .env("PEBBLE_WFE_NONCEREJECT", "0")
-            .env("PEBBLE_AUTHZREUSE", "0")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.pebble = Some(Proc(child));
-        wait_port(self.listen).await;
-        wait_port(self.mgmt).await;
-    }
-
-    pub fn stop_pebble(&mut self) {
-        self.pebble = None;
-    }
-
-    pub fn directory(&self) -> String {
-        format!("https://127.0.0.1:{}/dir", self.listen)
-    }
-
-    /// Pebble's current issuing root, written to a file.
-    pub async fn root_file(&self) -> PathBuf {
-        let out = Curl {
-            args: vec![
-                "-sS".into(),
-                "--cacert".into(),
-                self.cert_file.display().to_string(),
-            ],
-            url: format!("https://127.0.0.1:{}/roots/0", self.mgmt),
-        }
-        .run()
-        .await;
-        assert_eq!(out.status, 200, "{out:?}");
-        let f = self.dir.path().join("root.pem");
-        std::fs::write(&f, out.body).unwrap();
-        f
-    }
+    let addr = SocketAddr::from(([127, 0, 0, 1], echo.port));
+    (echo, addr)
 }
 
 /// Wait until `f` returns true (polling), or panic after `secs`.
@@ -704,19 +520,6 @@ pub async fn eventually(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("timed out waiting for {what}");
-}
-
-/// The serial number (hex) of the certificate a server presents for `host`.
-pub fn served_serial(host: &str, port: u16) -> Option<String> {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "openssl s_client -connect 127.0.0.1:{port} -servername {host} </dev/null 2>/dev/null | openssl x509 -noout -serial"
-        ))
-        .output()
-        .ok()?;
-    let s = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    s.strip_prefix("serial=").map(str::to_owned)
 }
 
 // ---------- raw TLS client ----------

@@ -1,15 +1,16 @@
-//! Test harness: a real OpenSSH sshd upstream on loopback, the gateway
+//! Test harness: a real OpenSSH sshd upstream on loopback (the shared
+//! `testsupport::sshd`), the gateway
 //! in-process on 127.0.0.1:0 (own runtime on a background thread) with an
 //! in-memory route table, and helpers that drive the system ssh, scp, sftp
 //! and rsync against it. Every harness has its own temp dir and ports, so
 //! tests run in parallel.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+#![allow(dead_code, unused_imports, clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -41,117 +42,12 @@ impl RouteSource for MemRoutes {
     }
 }
 
-/// A real sshd in the foreground on a loopback port.
-pub struct Sshd {
-    pub port: u16,
-    pub host_key: PublicKey,
-    child: Child,
-    pub log: PathBuf,
-}
-
-impl Drop for Sshd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-pub fn keygen(dir: &Path, name: &str) -> PathBuf {
-    let path = dir.join(name);
-    let st = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
-        .arg(&path)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    path
-}
+pub use testsupport::sshd::Sshd;
+pub use testsupport::{free_port, ssh_key as keygen};
 
 pub fn read_pub(path: &Path) -> PublicKey {
     let text = std::fs::read_to_string(path.with_extension("pub")).unwrap();
     PublicKey::from_openssh(text.trim()).unwrap()
-}
-
-impl Sshd {
-    /// Start sshd that accepts `authorized` keys (OpenSSH lines); `extra`
-    /// config lines come first, so they win over the defaults.
-    pub fn start(dir: &Path, authorized: &[String], extra: &str) -> Sshd {
-        std::fs::create_dir_all("/run/sshd").unwrap();
-        let dir = dir.join("sshd");
-        std::fs::create_dir_all(&dir).unwrap();
-        let host_key = keygen(&dir, "host_ed25519");
-        let auth = dir.join("authorized_keys");
-        std::fs::write(&auth, authorized.join("\n") + "\n").unwrap();
-        let log = dir.join("sshd.log");
-        for _attempt in 0..5 {
-            let port = free_port();
-            let config = dir.join("sshd_config");
-            std::fs::write(
-                &config,
-                format!(
-                    "{extra}Port {port}\nListenAddress 127.0.0.1\nHostKey {hk}\nAuthorizedKeysFile {auth}\n\
-                     PidFile {pid}\nUsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
-                     PermitRootLogin prohibit-password\nStrictModes no\nSubsystem sftp /usr/lib/openssh/sftp-server\n\
-                     AllowTcpForwarding yes\nAllowAgentForwarding yes\nAllowStreamLocalForwarding yes\n\
-                     StreamLocalBindUnlink yes\nAcceptEnv LANG LC_* TESTVAR_*\nMaxStartups 300\nMaxSessions 50\n\
-                     PrintMotd no\nPrintLastLog no\nLogLevel VERBOSE\n",
-                    hk = host_key.display(),
-                    auth = auth.display(),
-                    pid = dir.join("sshd.pid").display(),
-                ),
-            )
-            .unwrap();
-            let child = Command::new("/usr/sbin/sshd")
-                .arg("-D")
-                .arg("-e")
-                .arg("-f")
-                .arg(&config)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&log).unwrap())
-                .spawn()
-                .unwrap();
-            let mut sshd = Sshd {
-                port,
-                host_key: read_pub(&host_key),
-                child,
-                log: log.clone(),
-            };
-            if sshd.wait_ready() {
-                return sshd;
-            }
-        }
-        panic!(
-            "sshd did not start: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-    }
-
-    fn wait_ready(&mut self) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return false;
-            }
-            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) {
-                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-                let mut buf = [0u8; 4];
-                if s.read_exact(&mut buf).is_ok() && &buf == b"SSH-" {
-                    return true;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        false
-    }
 }
 
 /// Builder for a [`Harness`].
@@ -246,9 +142,10 @@ impl HarnessBuilder {
             upstream_key.public_key().to_openssh().unwrap(),
             read_pub(&direct_key).to_openssh().unwrap(),
         ];
-        let sshd = Sshd::start(dir.path(), &authorized, &self.sshd_extra);
+        let sshd = Sshd::start_with(dir.path(), "upstream", &authorized, &self.sshd_extra);
+        let sshd_host_key = read_pub(&sshd.host_key_file);
         let pinned = match self.pin {
-            Pin::Sshd => Some(sshd.host_key.clone()),
+            Pin::Sshd => Some(sshd_host_key.clone()),
             Pin::None => None,
             Pin::Wrong => Some(
                 PrivateKey::random(&mut rand_ssh::rng(), Algorithm::Ed25519)
@@ -311,7 +208,7 @@ impl HarnessBuilder {
         let mut kh = format!(
             "[127.0.0.1]:{} {}\n",
             sshd.port,
-            sshd.host_key.to_openssh().unwrap()
+            sshd_host_key.to_openssh().unwrap()
         );
         for k in &host_keys {
             kh.push_str(&format!(

@@ -1,6 +1,5 @@
 //! Test certificates made with the real openssl command: a CA, leaf
 //! certificates it signs, and what a server presents on the wire.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

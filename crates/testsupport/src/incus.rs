@@ -1,8 +1,9 @@
-//! Helpers of the Incus lifecycle tests: a daemon wired to the real incusd
-//! prepared by `.ci/setup-incus.sh`, unique container names, containers
-//! removed when a test ends (also on panic), and checks a user would make
-//! (routes, list, ssh with the gateway's own key).
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+//! Helpers of the tests that drive the real incusd prepared by
+//! `.ci/setup-incus.sh`: a client, unique container names, containers
+//! removed when a test ends (also on panic), a daemon wired to the test
+//! image, and checks a user would make (routes, list, ssh with the
+//! gateway's own key). Tests that use them start with
+//! `require(&[Component::Incus])`.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -10,10 +11,15 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use crate::common::{keygen, Daemon, DaemonBuilder};
+use incusctl::{Client, CreateInstance, ImageSource};
+
+use crate::daemon::{keygen, Daemon, DaemonBuilder};
 
 /// Alias of the image `.ci/setup-incus.sh` imports.
 pub const TEST_IMAGE: &str = "test/debian-ssh";
+
+/// Bound on waiting for a fresh container's DHCP address.
+pub const ADDRESS_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn runtime() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
@@ -26,55 +32,140 @@ fn runtime() -> &'static tokio::runtime::Runtime {
     })
 }
 
-/// Runs a future on the helpers' runtime.
+/// Runs a future on the helpers' runtime (from synchronous tests).
 pub fn block_on<F: Future>(f: F) -> F::Output {
     runtime().block_on(f)
 }
 
 /// A client of the real incusd, or a failure with instructions.
-pub fn incus() -> incusctl::Client {
-    block_on(incusctl::Client::connect(None)).unwrap_or_else(|e| {
+pub async fn client() -> Client {
+    Client::connect(None).await.unwrap_or_else(|e| {
         panic!("these tests need incusd with the test image ({e}); run .ci/setup-incus.sh as root")
     })
 }
 
-/// `t-lc-<tag>-<random>`: unique per test and per run.
-pub fn unique(tag: &str) -> String {
-    format!("t-lc-{tag}-{:06x}", rand::random::<u32>() & 0xff_ffff)
+/// [`client`] from synchronous tests.
+pub fn incus() -> Client {
+    block_on(client())
 }
 
-/// Deletes the container `name` (forcibly) when dropped.
-pub struct InstanceGuard {
+/// `t-lc-<tag>-<random>`: unique per test and per run.
+pub fn unique(tag: &str) -> String {
+    unique_with("t-lc", tag)
+}
+
+/// `t-incusctl-<tag>-<random>`: unique per test and per run.
+pub fn unique_name(tag: &str) -> String {
+    unique_with("t-incusctl", tag)
+}
+
+fn unique_with(prefix: &str, tag: &str) -> String {
+    format!("{prefix}-{tag}-{:06x}", rand::random::<u32>() & 0xff_ffff)
+}
+
+/// An instance deleted (forcibly) when dropped.
+pub struct TestInstance {
+    pub client: Client,
     pub name: String,
 }
 
-impl InstanceGuard {
+/// The name the daemon tests give [`TestInstance`].
+pub type InstanceGuard = TestInstance;
+
+impl TestInstance {
+    /// A guard for the container `name` (from synchronous tests).
     pub fn new(name: &str) -> Self {
-        InstanceGuard {
+        Self::adopt(&incus(), name)
+    }
+
+    /// A guard for an instance the test creates itself.
+    pub fn adopt(client: &Client, name: &str) -> TestInstance {
+        TestInstance {
+            client: client.clone(),
             name: name.to_string(),
         }
     }
-}
 
-impl Drop for InstanceGuard {
-    fn drop(&mut self) {
-        let client = incus();
-        let _ = block_on(client.delete_instance(&self.name, true));
+    /// Launches `test/debian-ssh` with nesting and small limits, started.
+    pub async fn launch(client: &Client, tag: &str) -> TestInstance {
+        let (guard, req) = Self::prepare(client, tag);
+        client.create_instance(&req).await.expect("create instance");
+        guard
+    }
+
+    /// Like [`TestInstance::launch`], collecting Incus' progress reports.
+    pub async fn launch_with_progress(
+        client: &Client,
+        tag: &str,
+    ) -> (TestInstance, Vec<incusctl::Progress>) {
+        let (guard, req) = Self::prepare(client, tag);
+        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        let collector = tokio::spawn(async move {
+            let mut all = Vec::new();
+            while let Some(p) = rx.recv().await {
+                all.push(p);
+            }
+            all
+        });
+        client
+            .create_instance_with_progress(&req, tx)
+            .await
+            .expect("create instance");
+        (guard, collector.await.unwrap())
+    }
+
+    fn prepare(client: &Client, tag: &str) -> (TestInstance, CreateInstance) {
+        let name = unique_name(tag);
+        let req = CreateInstance::new(&name, ImageSource::local(TEST_IMAGE))
+            .docker_ready()
+            .limits_cpu(1)
+            .limits_memory("512MiB")
+            .config("user.incusctl.test", "1")
+            .start(true);
+        // The guard exists before the instance, so a half-made instance
+        // is removed too.
+        (Self::adopt(client, &name), req)
     }
 }
 
-/// A daemon whose default image is the test image and whose reconcile runs
-/// every second; `tune` adds flags or replaces nothing else.
-pub fn daemon_with(tune: impl FnOnce(DaemonBuilder) -> DaemonBuilder) -> Daemon {
-    tune(Daemon::builder().config(&format!(
+impl Drop for TestInstance {
+    fn drop(&mut self) {
+        let client = self.client.clone();
+        let name = self.name.clone();
+        // Drop cannot be async and may run on a runtime: clean up on a
+        // thread of its own with its own small runtime.
+        let handle = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("cleanup runtime");
+            rt.block_on(async {
+                match client.delete_instance(&name, true).await {
+                    Ok(()) => {}
+                    Err(e) if e.is_not_found() => {}
+                    Err(e) => eprintln!("cleanup of instance {name} failed: {e}"),
+                }
+            });
+        });
+        let _ = handle.join();
+    }
+}
+
+/// A daemon of `bin` whose default image is the test image and whose
+/// reconcile runs every second; `tune` adds flags or replaces nothing else.
+pub fn daemon_with(
+    bin: impl AsRef<Path>,
+    tune: impl FnOnce(DaemonBuilder) -> DaemonBuilder,
+) -> Daemon {
+    tune(Daemon::builder(bin).config(&format!(
         "default_image = \"{TEST_IMAGE}\"\nincus_reconcile_secs = 1\n\
          [provision]\nmode = \"none\"\n"
     )))
     .start()
 }
 
-pub fn daemon() -> Daemon {
-    daemon_with(|b| b)
+pub fn daemon(bin: impl AsRef<Path>) -> Daemon {
+    daemon_with(bin, |b| b)
 }
 
 /// Polls `check` every 100 ms until it holds, for at most `limit`.

@@ -1,58 +1,47 @@
-//! A real ACME server for daemon tests: Pebble and pebble-challtestsrv (its
+//! A real ACME server for tests: Pebble and pebble-challtestsrv (its
 //! DNS answers 127.0.0.1 for every name) on free loopback ports. Pebble
 //! validates HTTP-01 on `http_port` and TLS-ALPN-01 on `tls_port`, so the
-//! daemon under test listens there. Like the httpgate crate's ACME tests,
-//! each holds a file lock while its Pebble runs, so that Pebble instances
-//! never overlap (test binaries and tests may run in parallel).
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+//! gateway or daemon under test listens there. Every Pebble holds a file
+//! lock while it runs, so that Pebble instances never overlap (test
+//! binaries and tests may run in parallel). Tests that use it start with
+//! `require(&[Component::Pebble])`.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
-/// A child process, killed (by its own PID) on drop.
-pub struct Proc(pub Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-pub fn wait_port(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "port {port} never opened");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+use crate::{free_port, wait_port, Proc};
 
 pub struct Pebble {
     pub dir: tempfile::TempDir,
     /// The CA of Pebble's own TLS certificate (trust it to reach the directory).
     pub cert_file: PathBuf,
-    config_file: PathBuf,
+    pub config_file: PathBuf,
     pub listen: u16,
     pub mgmt: u16,
     pub http_port: u16,
     pub tls_port: u16,
-    dns_port: u16,
+    pub dns_port: u16,
     pebble: Option<Proc>,
     _challtest: Proc,
     _lock: nix::fcntl::Flock<std::fs::File>,
 }
 
 impl Pebble {
+    /// Pebble with its default certificate validity.
     pub fn start() -> Pebble {
+        Self::start_with_validity(None)
+    }
+
+    /// [`Pebble::start`] off the async threads (the file lock may wait).
+    pub async fn start_async(validity_secs: Option<u64>) -> Pebble {
+        tokio::task::spawn_blocking(move || Self::start_with_validity(validity_secs))
+            .await
+            .unwrap()
+    }
+
+    /// Pebble issuing certificates valid for `validity_secs` (its default
+    /// if `None`).
+    pub fn start_with_validity(validity_secs: Option<u64>) -> Pebble {
         let lock = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -64,7 +53,7 @@ impl Pebble {
             .unwrap();
         let dir = tempfile::tempdir().unwrap();
         // Pebble's own certificate, from a CA that the daemon is told to trust.
-        let ca = super::pki::Ca::new(dir.path(), "pebble-test-ca");
+        let ca = crate::pki::Ca::new(dir.path(), "pebble-test-ca");
         let (_, key_file) = ca.leaf("pebble", &["localhost", "127.0.0.1"]);
         let cert_file = ca.cert.clone();
         let leaf_file = dir.path().join("pebble.leaf.pem");
@@ -76,13 +65,16 @@ impl Pebble {
             free_port(),
             free_port(),
         );
-        let cfg = serde_json::json!({"pebble": {
+        let mut cfg = serde_json::json!({"pebble": {
             "listenAddress": format!("127.0.0.1:{listen}"),
             "managementListenAddress": format!("127.0.0.1:{mgmt}"),
             "certificate": leaf_file.display().to_string(),
             "privateKey": key_file.display().to_string(),
             "httpPort": http_port, "tlsPort": tls_port,
             "ocspResponderURL": "", "externalAccountBindingRequired": false}});
+        if let Some(v) = validity_secs {
+            cfg["pebble"]["certificateValidityPeriod"] = serde_json::json!(v);
+        }
         let config_file = dir.path().join("pebble.json");
         std::fs::write(&config_file, cfg.to_string()).unwrap();
         let challtest = Proc(
