@@ -16,6 +16,9 @@ use crate::api::{
 use crate::client::Client;
 use crate::config::{ServeArgs, DEFAULT_ADMIN_SOCKET};
 
+pub(crate) mod out;
+use out::{errln, out, outln};
+
 /// sandboxd hosts persistent coding sandboxes (Incus system containers)
 /// behind one SSH router and one HTTPS proxy.
 ///
@@ -381,63 +384,68 @@ pub(crate) fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
 }
 
 pub(crate) fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
+    outln!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
 
-fn print_sandbox(sb: &SandboxView) {
+fn print_sandbox(sb: &SandboxView) -> Result<()> {
     let target = if sb.backend == "static" {
         format!("{}:{}", sb.upstream, sb.ssh_port)
     } else {
         format!("incus:{}", sb.upstream)
     };
-    println!("name:              {}", sb.name);
-    println!(
+    outln!("name:              {}", sb.name);
+    outln!(
         "domain:            https://{} -> port {}",
-        sb.domain, sb.app_port
+        sb.domain,
+        sb.app_port
     );
-    println!(
+    outln!(
         "agent:             https://{} -> port {}",
-        sb.agent_host, sb.agent_port
+        sb.agent_host,
+        sb.agent_port
     );
-    println!(
+    outln!(
         "ssh:               ssh -p 2222 {}@HOST -> {}@{}",
-        sb.name, sb.user, target
+        sb.name,
+        sb.user,
+        target
     );
     let status = match &sb.status_reason {
         Some(r) => format!("{} ({r})", sb.status),
         None => sb.status.clone(),
     };
-    println!("status:            {status}");
+    outln!("status:            {status}");
     if let Some(ip) = &sb.assigned_ipv4 {
-        println!("address:           {ip} (fixed; the gates connect here)");
+        outln!("address:           {ip} (fixed; the gates connect here)");
     }
     if !sb.addresses.is_empty() {
-        println!("reported:          {}", sb.addresses.join(", "));
+        outln!("reported:          {}", sb.addresses.join(", "));
     }
     if let Some(mode) = &sb.egress {
         match sb.egress_allow.as_slice() {
-            [] => println!("egress:            {mode}"),
-            allow => println!("egress:            {mode} ({})", allow.join(", ")),
+            [] => outln!("egress:            {mode}"),
+            allow => outln!("egress:            {mode} ({})", allow.join(", ")),
         }
     }
-    println!("agent login:       {}", login_state(sb));
+    outln!("agent login:       {}", login_state(sb));
     let certs = match (&sb.tls_mode, &sb.tls_cert_file, &sb.tls_key_file) {
         (Some(m), Some(c), Some(k)) => format!("{m} (certificate {c}, key {k})"),
         (Some(m), _, _) => m.clone(),
         (None, _, _) => "the daemon's default mode".into(),
     };
-    println!("certificates:      {certs}");
-    println!(
+    outln!("certificates:      {certs}");
+    outln!(
         "upstream host key: {}",
         sb.upstream_host_key.as_deref().unwrap_or("not pinned")
     );
-    println!("client keys:");
+    outln!("client keys:");
     for k in &sb.client_keys {
-        println!("  {} {} {}", k.algorithm, k.fingerprint, k.comment);
+        outln!("  {} {} {}", k.algorithm, k.fingerprint, k.comment);
     }
-    println!("gateway key (add to the upstream user's authorized_keys):");
-    println!("  {}", sb.upstream_public_key);
+    outln!("gateway key (add to the upstream user's authorized_keys):");
+    outln!("  {}", sb.upstream_public_key);
+    Ok(())
 }
 
 /// The agent host's login as `list` and `show` say it.
@@ -452,7 +460,7 @@ pub(crate) fn login_state(sb: &SandboxView) -> String {
 /// 401 to everyone).
 pub(crate) const CLOSED: &str = "closed (no login)";
 
-fn print_keys(keys: &[KeyView]) {
+fn print_keys(keys: &[KeyView]) -> Result<()> {
     let rows = keys
         .iter()
         .map(|k| {
@@ -463,7 +471,8 @@ fn print_keys(keys: &[KeyView]) {
             ]
         })
         .collect();
-    print!("{}", table(&["TYPE", "FINGERPRINT", "COMMENT"], rows));
+    out!("{}", table(&["TYPE", "FINGERPRINT", "COMMENT"], rows));
+    Ok(())
 }
 
 /// Runs the CLI; returns the process exit code.
@@ -473,13 +482,10 @@ pub fn main() -> std::process::ExitCode {
         Command::Serve(args) => crate::daemon::main(args, cli.admin_socket),
         Command::Setup(args) => crate::setup::main(*args),
         Command::Completions { shell } => {
-            clap_complete::generate(
-                shell,
-                &mut Cli::command(),
-                "sandboxd",
-                &mut std::io::stdout(),
-            );
-            Ok(())
+            // Generated whole first: clap_complete panics on a failed write.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "sandboxd", &mut script);
+            out::bytes(&script)
         }
         command => {
             let socket = cli
@@ -490,6 +496,8 @@ pub fn main() -> std::process::ExitCode {
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // The reader of the output went away: a normal, quiet end.
+        Err(e) if out::is_closed(&e) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             let mut msg = e.to_string();
             for cause in e.chain().skip(1) {
@@ -541,14 +549,16 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
             let sb: SandboxView = client
                 .call(Method::POST, "/v1/sandboxes", Some(&req))
                 .await?;
-            println!(
+            outln!(
                 "added {}: https://{} and ssh -p 2222 {}@HOST",
-                sb.name, sb.domain, sb.name
+                sb.name,
+                sb.domain,
+                sb.name
             );
-            println!("install the gateway key for {} upstream:", sb.user);
-            println!("  {}", sb.upstream_public_key);
+            outln!("install the gateway key for {} upstream:", sb.user);
+            outln!("  {}", sb.upstream_public_key);
             if sb.auth_user.is_none() {
-                println!(
+                outln!(
                     "the agent host https://{} is closed until it has a login: sandboxd auth {} USER",
                     sb.agent_host, sb.name
                 );
@@ -581,13 +591,13 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
             if json {
                 return print_json(&sb);
             }
-            print_sandbox(&sb);
+            print_sandbox(&sb)?;
         }
         Command::Remove { name } => {
             let sb: SandboxView = client
                 .call(Method::DELETE, &format!("/v1/sandboxes/{name}"), NONE)
                 .await?;
-            println!("removed {} ({})", sb.name, sb.domain);
+            outln!("removed {} ({})", sb.name, sb.domain);
         }
         Command::Key(KeyCommand::Add { name, files }) => {
             let req = KeyRequest {
@@ -600,7 +610,7 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
                     Some(&req),
                 )
                 .await?;
-            print_keys(&keys);
+            print_keys(&keys)?;
         }
         Command::Key(KeyCommand::List { name, json }) => {
             let keys: Vec<KeyView> = client
@@ -609,7 +619,7 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
             if json {
                 return print_json(&keys);
             }
-            print_keys(&keys);
+            print_keys(&keys)?;
         }
         Command::Key(KeyCommand::Remove { name, keys }) => {
             let req = KeyRequest { keys };
@@ -620,7 +630,7 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
                     Some(&req),
                 )
                 .await?;
-            print_keys(&left);
+            print_keys(&left)?;
         }
         Command::Port { name, app_port } => {
             let sb: SandboxView = client
@@ -630,7 +640,7 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
                     Some(&SetPort { port: app_port }),
                 )
                 .await?;
-            println!("https://{} -> port {}", sb.domain, sb.app_port);
+            outln!("https://{} -> port {}", sb.domain, sb.app_port);
         }
         Command::Auth {
             name,
@@ -641,7 +651,7 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
             let path = format!("/v1/sandboxes/{name}/auth");
             if remove {
                 let sb: SandboxView = client.call(Method::DELETE, &path, NONE).await?;
-                println!(
+                outln!(
                     "login removed from {name}: https://{} is closed until it has a login again (sandboxd auth {name} USER)",
                     sb.agent_host
                 );
@@ -651,7 +661,7 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
                 let sb: SandboxView = client
                     .call(Method::PUT, &path, Some(&SetAuth { user, password }))
                     .await?;
-                println!(
+                outln!(
                     "https://{} now asks for user {}",
                     sb.agent_host,
                     sb.auth_user.unwrap_or_default()
@@ -663,30 +673,33 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
             if json {
                 return print_json(&st);
             }
-            println!(
+            outln!(
                 "sandboxd {} (pid {}), up {} s",
-                st.version, st.pid, st.uptime_secs
+                st.version,
+                st.pid,
+                st.uptime_secs
             );
-            println!("state:      {}", st.state_dir);
-            println!("admin:      {}", st.admin_socket);
-            println!("ssh:        {}", st.ssh_listen.join(" "));
-            println!("https:      {}", st.https_listen.join(" "));
-            println!("http:       {}", st.http_listen.join(" "));
-            println!("sandboxes:  {}", st.sandboxes);
-            println!(
+            outln!("state:      {}", st.state_dir);
+            outln!("admin:      {}", st.admin_socket);
+            outln!("ssh:        {}", st.ssh_listen.join(" "));
+            outln!("https:      {}", st.https_listen.join(" "));
+            outln!("http:       {}", st.http_listen.join(" "));
+            outln!("sandboxes:  {}", st.sandboxes);
+            outln!(
                 "routes:     {} (generation {})",
-                st.routes, st.route_generation
+                st.routes,
+                st.route_generation
             );
             let conns: Vec<String> = st.https_connections.iter().map(|n| n.to_string()).collect();
             match conns.is_empty() {
-                true => println!("https open: none"),
-                false => println!(
+                true => outln!("https open: none"),
+                false => outln!(
                     "https open: {} (client connections per serving thread)",
                     conns.join(" + ")
                 ),
             }
             if let Some(notice) = &st.ca_notice {
-                println!("notice:     {notice}");
+                outln!("notice:     {notice}");
             }
         }
         Command::Routes { json } => {
@@ -707,7 +720,7 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
                     ]
                 })
                 .collect();
-            print!(
+            out!(
                 "{}",
                 table(
                     &["PROTO", "USER/HOST", "SANDBOX", "SERVICE", "TARGET"],
@@ -722,7 +735,7 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
             let _: serde_json::Value = client
                 .call(Method::DELETE, &format!("/v1/sessions/{id}"), NONE)
                 .await?;
-            println!("session {id} killed");
+            outln!("session {id} killed");
         }
         Command::Sessions { action: None, json } => {
             let sessions: Vec<SessionView> = client.call(Method::GET, "/v1/sessions", NONE).await?;
@@ -747,7 +760,7 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
                     ]
                 })
                 .collect();
-            print!(
+            out!(
                 "{}",
                 table(
                     &["ID", "SANDBOX", "CLIENT", "AGE", "UP", "DOWN", "KEY"],
@@ -761,7 +774,7 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
                 return print_json(&keys);
             }
             for k in keys {
-                println!("{k}");
+                outln!("{k}");
             }
         }
         Command::Certs {
@@ -775,7 +788,7 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
                 Some("manual") => "reloaded from its files",
                 _ => "renewed",
             };
-            println!(
+            outln!(
                 "{domain}: {done}, valid until {}",
                 status["not_after"].as_str().unwrap_or("?")
             );
@@ -799,7 +812,7 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
                     ]
                 })
                 .collect();
-            print!(
+            out!(
                 "{}",
                 table(
                     &[
@@ -816,7 +829,7 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
         }
         Command::CaCert => {
             let pem = client.call_raw(Method::GET, "/v1/ca-cert", None).await?;
-            std::io::stdout().write_all(&pem)?;
+            out::bytes(&pem)?;
         }
         Command::Backup { output } => {
             if output.is_none() && std::io::stdout().is_terminal() {
@@ -826,10 +839,8 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
             match output {
                 Some(path) => write_private(&path, &bytes)?,
                 None => {
-                    let mut out = std::io::stdout().lock();
                     restrict_stdout_file();
-                    out.write_all(&bytes)?;
-                    out.flush()?;
+                    out::bytes(&bytes)?;
                 }
             }
         }
@@ -849,14 +860,15 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
             let result = client
                 .stream(Method::POST, path, Some(doc), |ev| {
                     if let Event::Progress { step, done, total } = ev {
-                        eprintln!("{step}: {done}/{total}");
+                        errln!("{step}: {done}/{total}");
                     }
                 })
                 .await?;
             let r: api::RestoreResult = serde_json::from_value(result)?;
-            println!(
+            outln!(
                 "restored {} sandboxes and {} records",
-                r.sandboxes, r.records
+                r.sandboxes,
+                r.records
             );
         }
     }

@@ -3,7 +3,7 @@
 //! their admin API calls. Progress of long operations is printed on stderr,
 //! one line per step; results on stdout.
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use http::Method;
 
 use crate::api::{Event, SandboxView};
+use crate::cli::out::{errln, out, outln};
 use crate::cli::{print_json, read_key_files, table};
 use crate::client::Client;
 use crate::lifecycle::wire::{
@@ -168,24 +169,27 @@ pub enum SnapshotCommand {
 fn progress_printer() -> impl FnMut(&Event) {
     move |ev| match ev {
         Event::Progress { step, done, total } if *total > 0 => {
-            eprintln!("[{done}/{total}] {step}");
+            errln!("[{done}/{total}] {step}");
         }
-        Event::Progress { step, .. } => eprintln!("{step}"),
-        Event::Message { text } => eprintln!("      {text}"),
+        Event::Progress { step, .. } => errln!("{step}"),
+        Event::Message { text } => errln!("      {text}"),
         Event::Login { .. } | Event::Done { .. } | Event::Error { .. } => {}
     }
 }
 
-fn print_live(sb: &SandboxView, verb: &str) {
+fn print_live(sb: &SandboxView, verb: &str) -> Result<()> {
     let addr = sb
         .assigned_ipv4
         .as_deref()
         .or(sb.addresses.first().map(String::as_str))
         .unwrap_or("-");
-    println!(
+    outln!(
         "{verb} {}: ssh -p 2222 {}@HOST, https://{} (container address {addr})",
-        sb.name, sb.name, sb.domain
+        sb.name,
+        sb.name,
+        sb.domain
     );
+    Ok(())
 }
 
 /// Runs a streamed create or import: progress on stderr, and the login the
@@ -203,8 +207,8 @@ async fn create_or_import(client: &Client, path: &str, body: Vec<u8>) -> Result<
     let view = result.and_then(|v| Ok(serde_json::from_value::<SandboxView>(v)?));
     if let Some((user, password)) = login {
         let name = view.as_ref().map(|sb| sb.name.as_str()).unwrap_or("NAME");
-        println!("agent login (shown only now): user {user}, password {password}");
-        println!("  change it with: sandboxd auth {name} {user}");
+        outln!("agent login (shown only now): user {user}, password {password}");
+        outln!("  change it with: sandboxd auth {name} {user}");
     }
     view
 }
@@ -250,7 +254,7 @@ pub async fn create(client: &Client, a: CreateArgs) -> Result<()> {
     };
     let body = serde_json::to_vec(&req)?;
     let sb = create_or_import(client, "/v1/incus/create", body).await?;
-    print_live(&sb, "created");
+    print_live(&sb, "created")?;
     Ok(())
 }
 
@@ -292,7 +296,7 @@ pub async fn image(client: &Client, cmd: ImageCommand) -> Result<()> {
             if json {
                 print_json(&img)?;
             } else {
-                println!(
+                outln!(
                     "published {} ({}, {:.1} MiB, from {}) in {:.0} s",
                     img.alias,
                     &img.fingerprint[..img.fingerprint.len().min(12)],
@@ -312,7 +316,7 @@ pub async fn update_agent(client: &Client, name: &str) -> Result<()> {
         .stream(Method::POST, &path, None, progress_printer())
         .await?;
     let step: StepOutcome = serde_json::from_value(result)?;
-    println!(
+    outln!(
         "{name}: agent {} ({})",
         if step.changed { "updated" } else { "unchanged" },
         step.detail
@@ -338,7 +342,7 @@ pub async fn import(client: &Client, a: ImportArgs) -> Result<()> {
             .iter()
             .map(|i| vec![i.name.clone(), i.status.clone(), i.kind.clone()])
             .collect();
-        print!("{}", table(&["INSTANCE", "STATUS", "TYPE"], rows));
+        out!("{}", table(&["INSTANCE", "STATUS", "TYPE"], rows));
         return Ok(());
     };
     let Some(domain) = a.domain else {
@@ -362,7 +366,7 @@ pub async fn import(client: &Client, a: ImportArgs) -> Result<()> {
     };
     let body = serde_json::to_vec(&req)?;
     let sb = create_or_import(client, "/v1/incus/import", body).await?;
-    print_live(&sb, "adopted");
+    print_live(&sb, "adopted")?;
     Ok(())
 }
 
@@ -380,9 +384,9 @@ pub async fn state_change(client: &Client, name: &str, action: &str) -> Result<(
         _ => "restarted",
     };
     if sb.status == "running" {
-        print_live(&sb, past);
+        print_live(&sb, past)?;
     } else {
-        println!("{past} {}", sb.name);
+        outln!("{past} {}", sb.name);
     }
     Ok(())
 }
@@ -401,8 +405,8 @@ pub async fn egress(client: &Client, a: EgressCommandArgs) -> Result<()> {
         .await?;
     let mode = sb.egress.as_deref().unwrap_or("-");
     match sb.egress_allow.as_slice() {
-        [] => println!("egress of {}: {mode}", sb.name),
-        allow => println!("egress of {}: {mode} ({})", sb.name, allow.join(", ")),
+        [] => outln!("egress of {}: {mode}", sb.name),
+        allow => outln!("egress of {}: {mode} ({})", sb.name, allow.join(", ")),
     }
     Ok(())
 }
@@ -411,7 +415,7 @@ pub async fn delete(client: &Client, name: &str) -> Result<()> {
     let sb: SandboxView = client
         .call(Method::DELETE, &format!("/v1/incus/sandboxes/{name}"), NONE)
         .await?;
-    println!("deleted {} ({}) and its container", sb.name, sb.domain);
+    outln!("deleted {} ({}) and its container", sb.name, sb.domain);
     Ok(())
 }
 
@@ -425,7 +429,7 @@ pub async fn snapshot(client: &Client, cmd: SnapshotCommand) -> Result<()> {
                     Some(&SnapshotRequest { name: snap }),
                 )
                 .await?;
-            println!("snapshot {} of {name} taken", s.name);
+            outln!("snapshot {} of {name} taken", s.name);
         }
         SnapshotCommand::List { name, json } => {
             let all: Vec<SnapshotView> = client
@@ -442,7 +446,7 @@ pub async fn snapshot(client: &Client, cmd: SnapshotCommand) -> Result<()> {
                 .iter()
                 .map(|s| vec![s.name.clone(), s.created_at.clone()])
                 .collect();
-            print!("{}", table(&["SNAPSHOT", "CREATED"], rows));
+            out!("{}", table(&["SNAPSHOT", "CREATED"], rows));
         }
         SnapshotCommand::Restore { name, snap } => {
             let sb: SandboxView = client
@@ -452,7 +456,7 @@ pub async fn snapshot(client: &Client, cmd: SnapshotCommand) -> Result<()> {
                     NONE,
                 )
                 .await?;
-            println!("restored {name} to {snap}; now {}", sb.status);
+            outln!("restored {name} to {snap}; now {}", sb.status);
         }
         SnapshotCommand::Delete { name, snap } => {
             let _: serde_json::Value = client
@@ -462,7 +466,7 @@ pub async fn snapshot(client: &Client, cmd: SnapshotCommand) -> Result<()> {
                     NONE,
                 )
                 .await?;
-            println!("snapshot {snap} of {name} deleted");
+            outln!("snapshot {snap} of {name} deleted");
         }
     }
     Ok(())
@@ -592,9 +596,9 @@ pub async fn list(client: &Client, json: bool) -> Result<()> {
     if json {
         return print_json(&all);
     }
-    print!("{}", render_table(&all));
+    out!("{}", render_table(&all));
     if let Some(e) = incus_error {
-        eprintln!("note: no live figures: {e}");
+        errln!("note: no live figures: {e}");
     }
     Ok(())
 }
@@ -619,11 +623,7 @@ pub async fn top(client: &Client, count: Option<u64>, interval: f64) -> Result<(
         if let Some(e) = incus_error {
             out.push_str(&format!("note: no live figures: {e}\n"));
         }
-        {
-            let mut stdout = std::io::stdout().lock();
-            stdout.write_all(out.as_bytes())?;
-            stdout.flush()?;
-        }
+        crate::cli::out::bytes(out.as_bytes())?;
         n += 1;
         if count.is_some_and(|c| n >= c) {
             return Ok(());

@@ -354,7 +354,10 @@ pub fn main(args: SetupArgs) -> Result<()> {
     step!("binary", host.binary());
     step!("unit", host.unit());
     step!("start", host.start());
-    print!("{}", host.next_steps());
+    // Like the step lines: a closed stdout does not stop the setup.
+    let _ = std::io::stdout()
+        .lock()
+        .write_all(host.next_steps().as_bytes());
     Ok(())
 }
 
