@@ -11,10 +11,12 @@ use http::Method;
 
 use crate::api::SessionView;
 use crate::api::{
-    self, AddSandbox, Event, KeyRequest, KeyView, RouteDump, SandboxView, SetAuth, SetPort, Status,
+    self, AddSandbox, BackendKind, Event, KeyRequest, KeyView, RouteDump, SandboxView, SetAuth,
+    SetPort, Status,
 };
 use crate::client::Client;
 use crate::config::{ServeArgs, DEFAULT_ADMIN_SOCKET};
+use httpgate::CertStatus;
 
 pub(crate) mod out;
 use out::{errln, out, outln};
@@ -388,8 +390,8 @@ pub(crate) fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
     Ok(())
 }
 
-fn print_sandbox(sb: &SandboxView) -> Result<()> {
-    let target = if sb.backend == "static" {
+fn print_sandbox(sb: &SandboxView, ssh: &str) -> Result<()> {
+    let target = if sb.backend_kind() == Some(BackendKind::Static) {
         format!("{}:{}", sb.upstream, sb.ssh_port)
     } else {
         format!("incus:{}", sb.upstream)
@@ -405,12 +407,7 @@ fn print_sandbox(sb: &SandboxView) -> Result<()> {
         sb.agent_host,
         sb.agent_port
     );
-    outln!(
-        "ssh:               ssh -p 2222 {}@HOST -> {}@{}",
-        sb.name,
-        sb.user,
-        target
-    );
+    outln!("ssh:               {ssh} -> {}@{}", sb.user, target);
     let status = match &sb.status_reason {
         Some(r) => format!("{} ({r})", sb.status),
         None => sb.status.clone(),
@@ -446,6 +443,33 @@ fn print_sandbox(sb: &SandboxView) -> Result<()> {
     outln!("gateway key (add to the upstream user's authorized_keys):");
     outln!("  {}", sb.upstream_public_key);
     Ok(())
+}
+
+/// The port to give `ssh -p`: the daemon's SSH listening port as
+/// `/v1/status` reports it. `Err` when the daemon could not be asked,
+/// `Ok(None)` when it has no SSH listener.
+pub(crate) async fn ssh_port(client: &Client) -> Result<Option<u16>> {
+    let st: Status = client.call(Method::GET, "/v1/status", None::<&()>).await?;
+    Ok(st.ssh_port())
+}
+
+/// The SSH command line that reaches sandbox `name` through the gateway.
+pub(crate) fn ssh_command(port: Result<Option<u16>>, name: &str) -> String {
+    match port {
+        Ok(Some(22)) => format!("ssh {name}@HOST"),
+        Ok(Some(port)) => format!("ssh -p {port} {name}@HOST"),
+        Ok(None) => format!("no SSH (the daemon has no SSH listener) for {name}"),
+        Err(_) => format!("ssh -p SSH-PORT {name}@HOST"),
+    }
+}
+
+/// A certificate time as the admin API writes it (RFC 3339), or `none`.
+fn time_or(t: Option<time::OffsetDateTime>, none: &str) -> String {
+    t.and_then(|t| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .ok()
+    })
+    .unwrap_or_else(|| none.to_string())
 }
 
 /// The agent host's login as `list` and `show` say it.
@@ -549,12 +573,8 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
             let sb: SandboxView = client
                 .call(Method::POST, "/v1/sandboxes", Some(&req))
                 .await?;
-            outln!(
-                "added {}: https://{} and ssh -p 2222 {}@HOST",
-                sb.name,
-                sb.domain,
-                sb.name
-            );
+            let ssh = ssh_command(ssh_port(&client).await, &sb.name);
+            outln!("added {}: https://{} and {ssh}", sb.name, sb.domain);
             outln!("install the gateway key for {} upstream:", sb.user);
             outln!("  {}", sb.upstream_public_key);
             if sb.auth_user.is_none() {
@@ -585,13 +605,16 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
             crate::cli_lifecycle::top(&client, count, interval).await?
         }
         Command::Show { name, json } => {
-            let sb: SandboxView = client
-                .call(Method::GET, &format!("/v1/sandboxes/{name}"), NONE)
-                .await?;
+            let path = format!("/v1/sandboxes/{name}");
+            let (sb, port) = tokio::join!(
+                client.call::<SandboxView>(Method::GET, &path, NONE),
+                ssh_port(&client)
+            );
+            let sb = sb?;
             if json {
                 return print_json(&sb);
             }
-            print_sandbox(&sb)?;
+            print_sandbox(&sb, &ssh_command(port, &sb.name))?;
         }
         Command::Remove { name } => {
             let sb: SandboxView = client
@@ -732,7 +755,7 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
             action: Some(SessionsCommand::Kill { id }),
             ..
         } => {
-            let _: serde_json::Value = client
+            let _: serde::de::IgnoredAny = client
                 .call(Method::DELETE, &format!("/v1/sessions/{id}"), NONE)
                 .await?;
             outln!("session {id} killed");
@@ -781,34 +804,32 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
             action: Some(CertsCommand::Renew { domain }),
             ..
         } => {
-            let status: serde_json::Value = client
+            let status: Option<CertStatus> = client
                 .call(Method::POST, &format!("/v1/certs/{domain}/renew"), NONE)
                 .await?;
-            let done = match status["mode"].as_str() {
+            let done = match status.as_ref().map(|s| s.mode.to_string()).as_deref() {
                 Some("manual") => "reloaded from its files",
                 _ => "renewed",
             };
-            outln!(
-                "{domain}: {done}, valid until {}",
-                status["not_after"].as_str().unwrap_or("?")
-            );
+            let until = status.and_then(|s| s.not_after);
+            outln!("{domain}: {done}, valid until {}", time_or(until, "?"));
         }
         Command::Certs { action: None, json } => {
-            let certs: Vec<serde_json::Value> = client.call(Method::GET, "/v1/certs", NONE).await?;
+            let certs: Vec<CertStatus> = client.call(Method::GET, "/v1/certs", NONE).await?;
             if json {
                 return print_json(&certs);
             }
-            let s = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_string();
+            let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
             let rows = certs
                 .iter()
                 .map(|c| {
                     vec![
-                        s(&c["domain"]),
-                        s(&c["mode"]),
-                        s(&c["issuer"]),
-                        s(&c["not_after"]),
-                        s(&c["next_renewal"]),
-                        s(&c["last_error"]),
+                        c.domain.clone(),
+                        c.mode.to_string(),
+                        or_dash(&c.issuer),
+                        time_or(c.not_after, "-"),
+                        time_or(c.next_renewal, "-"),
+                        or_dash(&c.last_error),
                     ]
                 })
                 .collect();

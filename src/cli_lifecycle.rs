@@ -10,13 +10,13 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use http::Method;
 
-use crate::api::{Event, SandboxView};
+use crate::api::{BackendKind, Event, SandboxView, StatusKind};
 use crate::cli::out::{errln, out, outln};
 use crate::cli::{print_json, read_key_files, table};
 use crate::client::Client;
 use crate::lifecycle::wire::{
-    CreateSandbox, ImageBuild, ImageView, ImportSandbox, LlmKey, SnapshotRequest, SnapshotView,
-    StatsAnswer, StepOutcome, UnmanagedInstance,
+    CreateSandbox, ImageBuild, ImageView, ImportSandbox, LlmKey, SandboxStats, SnapshotRequest,
+    SnapshotView, StatsAnswer, StepOutcome, UnmanagedInstance,
 };
 
 const NONE: Option<&()> = None;
@@ -177,15 +177,15 @@ fn progress_printer() -> impl FnMut(&Event) {
     }
 }
 
-fn print_live(sb: &SandboxView, verb: &str) -> Result<()> {
+async fn print_live(client: &Client, sb: &SandboxView, verb: &str) -> Result<()> {
     let addr = sb
         .assigned_ipv4
         .as_deref()
         .or(sb.addresses.first().map(String::as_str))
         .unwrap_or("-");
+    let ssh = crate::cli::ssh_command(crate::cli::ssh_port(client).await, &sb.name);
     outln!(
-        "{verb} {}: ssh -p 2222 {}@HOST, https://{} (container address {addr})",
-        sb.name,
+        "{verb} {}: {ssh}, https://{} (container address {addr})",
         sb.name,
         sb.domain
     );
@@ -229,12 +229,7 @@ pub async fn create(client: &Client, a: CreateArgs) -> Result<()> {
         tls_mode: a.access.tls_mode,
         tls_cert_file,
         tls_key_file,
-        provision: a.provision.map(|m| {
-            serde_json::to_value(m)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default()
-        }),
+        provision: a.provision,
         llm: match (a.llm_provider, a.llm_key_file) {
             (Some(provider), Some(file)) => Some(LlmKey {
                 provider,
@@ -254,7 +249,7 @@ pub async fn create(client: &Client, a: CreateArgs) -> Result<()> {
     };
     let body = serde_json::to_vec(&req)?;
     let sb = create_or_import(client, "/v1/incus/create", body).await?;
-    print_live(&sb, "created")?;
+    print_live(client, &sb, "created").await?;
     Ok(())
 }
 
@@ -366,7 +361,7 @@ pub async fn import(client: &Client, a: ImportArgs) -> Result<()> {
     };
     let body = serde_json::to_vec(&req)?;
     let sb = create_or_import(client, "/v1/incus/import", body).await?;
-    print_live(&sb, "adopted")?;
+    print_live(client, &sb, "adopted").await?;
     Ok(())
 }
 
@@ -383,8 +378,8 @@ pub async fn state_change(client: &Client, name: &str, action: &str) -> Result<(
         "stop" => "stopped",
         _ => "restarted",
     };
-    if sb.status == "running" {
-        print_live(&sb, past)?;
+    if sb.status_kind() == Some(StatusKind::Running) {
+        print_live(client, &sb, past).await?;
     } else {
         outln!("{past} {}", sb.name);
     }
@@ -459,7 +454,7 @@ pub async fn snapshot(client: &Client, cmd: SnapshotCommand) -> Result<()> {
             outln!("restored {name} to {snap}; now {}", sb.status);
         }
         SnapshotCommand::Delete { name, snap } => {
-            let _: serde_json::Value = client
+            let _: serde::de::IgnoredAny = client
                 .call(
                     Method::DELETE,
                     &format!("/v1/incus/sandboxes/{name}/snapshots/{snap}"),
@@ -472,41 +467,65 @@ pub async fn snapshot(client: &Client, cmd: SnapshotCommand) -> Result<()> {
     Ok(())
 }
 
-/// Every sandbox as a JSON object, with live Incus figures added
-/// (`state`, `ipv4`, `ipv6`, `cpu_percent`, `memory_bytes`,
-/// `memory_limit_bytes`, `disk_bytes`; null for static sandboxes), and the
-/// reason there are none when Incus is unreachable.
-async fn list_with_stats(client: &Client) -> Result<(Vec<serde_json::Value>, Option<String>)> {
-    let (all, stats) = tokio::join!(
-        client.call::<Vec<serde_json::Value>>(Method::GET, "/v1/sandboxes", NONE),
-        client.call::<StatsAnswer>(Method::GET, "/v1/incus/stats", NONE),
-    );
-    let mut all = all?;
-    let stats = stats.context("reading live figures")?;
-    for sb in &mut all {
-        let Some(obj) = sb.as_object_mut() else {
-            continue;
-        };
-        let name = obj.get("name").and_then(|n| n.as_str()).unwrap_or("");
-        let st = stats.sandboxes.iter().find(|s| s.name == name);
-        let fields = match st {
-            Some(s) => serde_json::json!({
-                "state": s.state, "ipv4": s.ipv4, "ipv6": s.ipv6,
-                "cpu_percent": s.cpu_percent, "memory_bytes": s.memory_bytes,
-                "memory_limit_bytes": s.memory_limit_bytes, "disk_bytes": s.disk_bytes,
-            }),
-            None => serde_json::json!({
-                "state": null, "ipv4": null, "ipv6": null, "cpu_percent": null,
-                "memory_bytes": null, "memory_limit_bytes": null, "disk_bytes": null,
-            }),
-        };
-        if let Some(f) = fields.as_object() {
-            for (k, v) in f {
-                obj.insert(k.clone(), v.clone());
-            }
+/// One row of `list` and `top`: a sandbox's view and its live Incus
+/// figures; in `--json`, one object with the figures' fields beside the
+/// view's (null for static sandboxes and when Incus is unreachable).
+#[derive(Debug, serde::Serialize)]
+struct ListRow {
+    #[serde(flatten)]
+    sandbox: SandboxView,
+    #[serde(flatten)]
+    live: Live,
+}
+
+/// Live figures of a sandbox (see [`SandboxStats`]).
+#[derive(Debug, Default, serde::Serialize)]
+struct Live {
+    state: Option<String>,
+    ipv4: Option<String>,
+    ipv6: Option<String>,
+    cpu_percent: Option<f64>,
+    memory_bytes: Option<u64>,
+    memory_limit_bytes: Option<u64>,
+    disk_bytes: Option<u64>,
+}
+
+impl From<&SandboxStats> for Live {
+    fn from(s: &SandboxStats) -> Self {
+        Live {
+            state: Some(s.state.clone()),
+            ipv4: s.ipv4.clone(),
+            ipv6: s.ipv6.clone(),
+            cpu_percent: s.cpu_percent,
+            memory_bytes: s.memory_bytes,
+            memory_limit_bytes: s.memory_limit_bytes,
+            disk_bytes: s.disk_bytes,
         }
     }
-    Ok((all, stats.incus_error))
+}
+
+/// Every sandbox with its live figures, and the reason there are none
+/// when Incus is unreachable.
+async fn list_with_stats(client: &Client) -> Result<(Vec<ListRow>, Option<String>)> {
+    let (all, stats) = tokio::join!(
+        client.call::<Vec<SandboxView>>(Method::GET, "/v1/sandboxes", NONE),
+        client.call::<StatsAnswer>(Method::GET, "/v1/incus/stats", NONE),
+    );
+    let all = all?;
+    let stats = stats.context("reading live figures")?;
+    let rows = all
+        .into_iter()
+        .map(|sandbox| {
+            let live = stats
+                .sandboxes
+                .iter()
+                .find(|s| s.name == sandbox.name)
+                .map(Live::from)
+                .unwrap_or_default();
+            ListRow { sandbox, live }
+        })
+        .collect();
+    Ok((rows, stats.incus_error))
 }
 
 fn human_bytes(b: Option<u64>) -> String {
@@ -527,56 +546,36 @@ fn human_bytes(b: Option<u64>) -> String {
     }
 }
 
-fn render_table(all: &[serde_json::Value]) -> String {
-    let s = |v: &serde_json::Value, k: &str| -> String {
-        match v.get(k) {
-            Some(serde_json::Value::String(s)) => s.clone(),
-            Some(serde_json::Value::Number(n)) => n.to_string(),
-            _ => "-".into(),
-        }
-    };
+fn render_table(all: &[ListRow]) -> String {
+    let dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
     let rows = all
         .iter()
-        .map(|v| {
-            let upstream = if s(v, "backend") == "static" {
-                format!("{}:{}", s(v, "upstream"), s(v, "ssh_port"))
-            } else {
-                format!("incus:{}", s(v, "upstream"))
+        .map(|ListRow { sandbox: sb, live }| {
+            let upstream = match sb.backend_kind() {
+                Some(BackendKind::Static) => format!("{}:{}", sb.upstream, sb.ssh_port),
+                _ => format!("incus:{}", sb.upstream),
             };
-            let cpu = v
-                .get("cpu_percent")
-                .and_then(|c| c.as_f64())
+            let cpu = live
+                .cpu_percent
                 .map(|c| format!("{c:.1}%"))
                 .unwrap_or_else(|| "-".into());
-            let mem = match (
-                v.get("memory_bytes").and_then(|m| m.as_u64()),
-                v.get("memory_limit_bytes").and_then(|m| m.as_u64()),
-            ) {
+            let mem = match (live.memory_bytes, live.memory_limit_bytes) {
                 (Some(m), Some(l)) => format!("{}/{}", human_bytes(Some(m)), human_bytes(Some(l))),
                 (m, _) => human_bytes(m),
             };
-            let keys = v
-                .get("client_keys")
-                .and_then(|k| k.as_array())
-                .map(|a| a.len().to_string())
-                .unwrap_or_default();
-            let login = match v.get("auth_user").and_then(|u| u.as_str()) {
-                Some(u) => u.to_string(),
-                None => crate::cli::CLOSED.to_string(),
-            };
             vec![
-                s(v, "name"),
-                s(v, "domain"),
-                s(v, "status"),
+                sb.name.clone(),
+                sb.domain.clone(),
+                sb.status.clone(),
                 upstream,
-                s(v, "ipv4"),
-                s(v, "ipv6"),
+                dash(&live.ipv4),
+                dash(&live.ipv6),
                 cpu,
                 mem,
-                human_bytes(v.get("disk_bytes").and_then(|d| d.as_u64())),
-                s(v, "app_port"),
-                keys,
-                login,
+                human_bytes(live.disk_bytes),
+                sb.app_port.to_string(),
+                sb.client_keys.len().to_string(),
+                crate::cli::login_state(sb),
             ]
         })
         .collect();

@@ -48,6 +48,13 @@ fn add_list_show_remove() {
         human.contains("https://shelley.myapp.example.test"),
         "{human}"
     );
+    // The SSH port the daemon listens on, not a fixed 2222.
+    let ssh = format!(
+        "ssh -p {} myapp-example-com@HOST",
+        d.listen_port("ssh_listen")
+    );
+    assert!(human.contains(&ssh), "{human}");
+    assert!(out.contains(&ssh), "add: {out}");
 
     d.ok(&["remove", "myapp-example-com"]);
     assert_eq!(d.json(&["list", "--json"]), serde_json::json!([]));

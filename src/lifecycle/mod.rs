@@ -613,13 +613,7 @@ impl Lifecycle {
     ) -> Result<SandboxView> {
         store::validate_name(&req.name)?;
         let name = req.name.clone();
-        let mode = match &req.provision {
-            Some(m) => Some(
-                m.parse::<ProvisionMode>()
-                    .map_err(LifecycleError::Invalid)?,
-            ),
-            None => None,
-        };
+        let mode = req.provision;
         let extras = golden::Extras {
             llm: req.llm.clone(),
             hook: req.hook.clone(),
