@@ -2,13 +2,32 @@
 //! (flags win), in two stages: collect raw values, then validate them all,
 //! reporting every problem at once. Unknown keys are errors.
 //!
-//! This module is the only place (with `cli`) that reads flags, files named
-//! by the operator and environment variables.
+//! Each key of the file is declared once, in a `config_keys!` block
+//! ([`keys`]): the top level here, `[provision]` in [`provision`], `[http]`
+//! in [`http`], `[ssh]` in [`ssh`]. The README's example must list every
+//! declared key (a unit test in `keys` holds it to that).
+//!
+//! The daemon's settings come only from here. Other environment variables
+//! are read where they are used: `SANDBOXD_ADMIN_SOCKET` by `cli` (the
+//! `--admin-socket` option), `SANDBOXD_DAEMON_USER` by `client`,
+//! `RUST_LOG` by `daemon` (over `log`), `NOTIFY_SOCKET`, `WATCHDOG_USEC`
+//! and `WATCHDOG_PID` by `notify`, and `PATH` by `setup`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use clap::Args;
+
+pub mod http;
+pub mod keys;
+pub mod provision;
+pub mod ssh;
+
+pub use http::HttpSettings;
+pub use provision::{ProvisionConfig, ProvisionMode, DEFAULT_GOLDEN_ALIAS};
+pub use ssh::SshSettings;
+
+use keys::{Int, List, Str, Table};
 
 /// Default admin socket path.
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/sandboxd/admin.sock";
@@ -94,402 +113,6 @@ pub struct Config {
     pub ssh: SshSettings,
 }
 
-/// The `[http]` table. `None` keeps the proxy's built-in default (see
-/// `httpgate::config`): the defaults suit most hosts, these are for hosts
-/// behind a load balancer (`trusted_proxies`) or with unusual clients.
-#[derive(Debug, Clone, Default)]
-pub struct HttpSettings {
-    /// Peers whose X-Forwarded-* headers are kept and appended to; from any
-    /// other peer they are replaced.
-    pub trusted_proxies: Vec<std::net::IpAddr>,
-    /// Open client connections per listener; more are closed at once.
-    pub max_connections: Option<usize>,
-    /// Open client connections per listener from one source address (IPv6:
-    /// one /64); more are closed at accept. 0: no cap.
-    pub max_connections_per_source: Option<usize>,
-    /// `Strict-Transport-Security: max-age=N` on responses; 0: never.
-    pub hsts_max_age: Option<u64>,
-    /// The certificate modes whose hosts get HSTS (default: acme only).
-    pub hsts_tls_modes: Option<Vec<String>>,
-    /// Agent logins: distinct wrong passwords a source address (IPv6: its
-    /// /64) may send before it must wait.
-    pub login_failures_per_source: Option<u32>,
-    /// Agent logins: distinct wrong passwords a sandbox takes from all
-    /// sources before every source without a good login must wait.
-    pub login_failures_per_sandbox: Option<u32>,
-    /// Agent logins: the longest wait (the first is 1 s, then it doubles).
-    pub login_max_backoff: Option<std::time::Duration>,
-    /// Largest request head (request line and headers), in bytes.
-    pub max_header_bytes: Option<usize>,
-    /// TLS handshake of a client.
-    pub handshake_timeout: Option<std::time::Duration>,
-    /// Time a client has to send a complete request head.
-    pub header_timeout: Option<std::time::Duration>,
-    /// Idle client connections (HTTP/1 keep-alive, HTTP/2 with no stream) are closed after this.
-    pub idle_timeout: Option<std::time::Duration>,
-    /// TCP connect to a sandbox.
-    pub upstream_connect_timeout: Option<std::time::Duration>,
-    /// From the request sent to the response head received (then 504).
-    pub upstream_response_timeout: Option<std::time::Duration>,
-    /// Kept-alive connections to a sandbox unused for this long are closed.
-    pub upstream_idle_timeout: Option<std::time::Duration>,
-    /// HTTP/2: a PING when nothing came from the client for this long.
-    pub h2_ping_interval: Option<std::time::Duration>,
-    /// HTTP/2: a connection whose PING is not answered in this time is closed.
-    pub h2_ping_timeout: Option<std::time::Duration>,
-}
-
-impl HttpSettings {
-    /// Applies the configured values over the proxy's defaults.
-    pub fn apply(&self, cfg: &mut httpgate::HttpConfig) {
-        cfg.trusted_proxies.clone_from(&self.trusted_proxies);
-        let set = |slot: &mut std::time::Duration, v: Option<std::time::Duration>| {
-            if let Some(v) = v {
-                *slot = v;
-            }
-        };
-        set(&mut cfg.timeouts.handshake, self.handshake_timeout);
-        set(&mut cfg.timeouts.header_read, self.header_timeout);
-        set(&mut cfg.timeouts.idle, self.idle_timeout);
-        set(
-            &mut cfg.timeouts.upstream_connect,
-            self.upstream_connect_timeout,
-        );
-        set(
-            &mut cfg.timeouts.upstream_response,
-            self.upstream_response_timeout,
-        );
-        set(
-            &mut cfg.timeouts.upstream_pool_idle,
-            self.upstream_idle_timeout,
-        );
-        set(&mut cfg.timeouts.h2_ping_interval, self.h2_ping_interval);
-        set(&mut cfg.timeouts.h2_ping_timeout, self.h2_ping_timeout);
-        if let Some(n) = self.max_connections {
-            cfg.limits.max_connections = n;
-        }
-        if let Some(n) = self.max_connections_per_source {
-            cfg.limits.max_connections_per_source = n;
-        }
-        if let Some(n) = self.hsts_max_age {
-            cfg.hsts.max_age_secs = n;
-        }
-        if let Some(modes) = &self.hsts_tls_modes {
-            let on = |m: &str| modes.iter().any(|x| x == m);
-            cfg.hsts.acme = on("acme");
-            cfg.hsts.manual = on("manual");
-            cfg.hsts.internal = on("internal");
-        }
-        if let Some(n) = self.max_header_bytes {
-            cfg.limits.max_header_bytes = n;
-        }
-        if let Some(n) = self.login_failures_per_source {
-            cfg.login.source_free_failures = n;
-        }
-        if let Some(n) = self.login_failures_per_sandbox {
-            cfg.login.sandbox_free_failures = n;
-        }
-        if let Some(d) = self.login_max_backoff {
-            cfg.login.max_backoff = d;
-            cfg.login.first_backoff = cfg.login.first_backoff.min(d);
-        }
-    }
-}
-
-/// An integer `http.KEY` within `lo..=hi`.
-fn ranged(t: &toml::Table, key: &str, lo: i64, hi: i64, errs: &mut Vec<String>) -> Option<u64> {
-    let n = take_int(t, key, errs)?;
-    if (lo..=hi).contains(&n) {
-        Some(n.unsigned_abs())
-    } else {
-        errs.push(format!(
-            "`http.{key}` must be between {lo} and {hi}, not {n}"
-        ));
-        None
-    }
-}
-
-const HTTP_KEYS: &[&str] = &[
-    "trusted_proxies",
-    "max_connections",
-    "max_connections_per_source",
-    "hsts_max_age_secs",
-    "hsts_tls_modes",
-    "login_failures_per_source",
-    "login_failures_per_sandbox",
-    "login_max_backoff_secs",
-    "max_header_bytes",
-    "handshake_timeout_secs",
-    "header_timeout_secs",
-    "idle_timeout_secs",
-    "upstream_connect_timeout_secs",
-    "upstream_response_timeout_secs",
-    "upstream_idle_timeout_secs",
-    "h2_ping_interval_secs",
-    "h2_ping_timeout_secs",
-];
-
-fn read_http(table: &toml::Table, errs: &mut Vec<String>) -> HttpSettings {
-    let mut h = HttpSettings::default();
-    let Some(value) = table.get("http") else {
-        return h;
-    };
-    let Some(t) = value.as_table() else {
-        errs.push(format!("`http` must be a table, not {}", value.type_str()));
-        return h;
-    };
-    for key in t.keys() {
-        if !HTTP_KEYS.contains(&key.as_str()) {
-            errs.push(format!(
-                "unknown key `http.{key}` (known: {})",
-                HTTP_KEYS.join(", ")
-            ));
-        }
-    }
-    for ip in take_list(t, "trusted_proxies", errs).unwrap_or_default() {
-        match ip.parse() {
-            Ok(a) => h.trusted_proxies.push(a),
-            Err(_) => errs.push(format!(
-                "`http.trusted_proxies`: {ip:?} is not an IP address"
-            )),
-        }
-    }
-    let size = |n: u64| usize::try_from(n).ok();
-    h.max_connections = ranged(t, "max_connections", 1, 1_000_000, errs).and_then(size);
-    h.max_connections_per_source =
-        ranged(t, "max_connections_per_source", 0, 1_000_000, errs).and_then(size);
-    h.hsts_max_age = ranged(t, "hsts_max_age_secs", 0, 2 * 365 * 86_400, errs);
-    let count = |n: u64| u32::try_from(n).ok();
-    h.login_failures_per_source =
-        ranged(t, "login_failures_per_source", 1, 100_000, errs).and_then(count);
-    h.login_failures_per_sandbox =
-        ranged(t, "login_failures_per_sandbox", 1, 1_000_000, errs).and_then(count);
-    h.login_max_backoff =
-        ranged(t, "login_max_backoff_secs", 1, 86_400, errs).map(std::time::Duration::from_secs);
-    if let Some(modes) = take_list(t, "hsts_tls_modes", errs) {
-        for m in &modes {
-            if !["acme", "manual", "internal"].contains(&m.as_str()) {
-                errs.push(format!(
-                    "`http.hsts_tls_modes`: {m:?} is not acme, manual or internal"
-                ));
-            }
-        }
-        h.hsts_tls_modes = Some(modes);
-    }
-    h.max_header_bytes = ranged(t, "max_header_bytes", 1024, 1024 * 1024, errs).and_then(size);
-    let secs = |key: &str, errs: &mut Vec<String>| {
-        ranged(t, key, 1, 86_400, errs).map(std::time::Duration::from_secs)
-    };
-    h.handshake_timeout = secs("handshake_timeout_secs", errs);
-    h.header_timeout = secs("header_timeout_secs", errs);
-    h.idle_timeout = secs("idle_timeout_secs", errs);
-    h.upstream_connect_timeout = secs("upstream_connect_timeout_secs", errs);
-    h.upstream_response_timeout = secs("upstream_response_timeout_secs", errs);
-    h.upstream_idle_timeout = secs("upstream_idle_timeout_secs", errs);
-    h.h2_ping_interval = secs("h2_ping_interval_secs", errs);
-    h.h2_ping_timeout = secs("h2_ping_timeout_secs", errs);
-    h
-}
-
-/// How much provisioning `create` runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ProvisionMode {
-    /// Per-sandbox steps on a golden image (one made by `sandboxd image
-    /// build`), everything on any other image.
-    Auto,
-    /// Every step, whatever the image.
-    Full,
-    /// Only the per-sandbox steps.
-    Sandbox,
-    /// Nothing beyond the login user and keys.
-    None,
-}
-
-impl std::str::FromStr for ProvisionMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(Self::Auto),
-            "full" => Ok(Self::Full),
-            "sandbox" => Ok(Self::Sandbox),
-            "none" => Ok(Self::None),
-            other => Err(format!(
-                "unknown provisioning mode {other:?} (auto, full, sandbox or none)"
-            )),
-        }
-    }
-}
-
-/// The `[provision]` table: where packages come from, which agent runs in
-/// each sandbox, the LLM provider's key file on the host and a hook script.
-/// Files are read when a sandbox is provisioned, so a key can be rotated
-/// without a restart; the key itself never enters the configuration.
-#[derive(Debug, Clone)]
-pub struct ProvisionConfig {
-    pub mode: ProvisionMode,
-    /// `distro` (the distribution's packages) or `upstream` installers.
-    pub packages: String,
-    /// HTTP proxy or package cache for apt inside containers.
-    pub apt_proxy: Option<String>,
-    /// `shelley`, `command` (see `agent_command`) or `none`.
-    pub agent: String,
-    /// The agent's command line (ExecStart of its unit) for `agent = "command"`.
-    pub agent_command: Option<String>,
-    /// A host file run in the container to install the agent.
-    pub agent_install: Option<PathBuf>,
-    /// `anthropic`, `openai` or `fireworks`.
-    pub llm_provider: Option<String>,
-    /// Host file holding the provider's API key (mode 0600 or stricter).
-    pub llm_key_file: Option<PathBuf>,
-    pub llm_base_url: Option<String>,
-    /// Host file run last in every new sandbox, as root.
-    pub hook: Option<PathBuf>,
-    /// Alias that `sandboxd image build` publishes to.
-    pub golden_alias: String,
-}
-
-/// Alias of the golden image unless configured.
-pub const DEFAULT_GOLDEN_ALIAS: &str = "sandboxd/golden";
-
-impl Default for ProvisionConfig {
-    fn default() -> Self {
-        Self {
-            mode: ProvisionMode::Auto,
-            packages: "distro".into(),
-            apt_proxy: None,
-            agent: "shelley".into(),
-            agent_command: None,
-            agent_install: None,
-            llm_provider: None,
-            llm_key_file: None,
-            llm_base_url: None,
-            hook: None,
-            golden_alias: DEFAULT_GOLDEN_ALIAS.into(),
-        }
-    }
-}
-
-const PROVISION_KEYS: &[&str] = &[
-    "mode",
-    "packages",
-    "apt_proxy",
-    "agent",
-    "agent_command",
-    "agent_install",
-    "llm_provider",
-    "llm_key_file",
-    "llm_base_url",
-    "hook",
-    "golden_alias",
-];
-
-fn read_provision(table: &toml::Table, errs: &mut Vec<String>) -> ProvisionConfig {
-    let mut p = ProvisionConfig::default();
-    let Some(value) = table.get("provision") else {
-        return p;
-    };
-    let Some(t) = value.as_table() else {
-        errs.push(format!(
-            "`provision` must be a table, not {}",
-            value.type_str()
-        ));
-        return p;
-    };
-    for key in t.keys() {
-        if !PROVISION_KEYS.contains(&key.as_str()) {
-            errs.push(format!(
-                "unknown key `provision.{key}` (known: {})",
-                PROVISION_KEYS.join(", ")
-            ));
-        }
-    }
-    let one_of = |key: &str, v: Option<String>, allowed: &[&str], errs: &mut Vec<String>| {
-        let v = v?;
-        if allowed.contains(&v.as_str()) {
-            Some(v)
-        } else {
-            errs.push(format!(
-                "`provision.{key}` must be one of {}, not {v:?}",
-                allowed.join(", ")
-            ));
-            None
-        }
-    };
-    if let Some(m) = take_string(t, "mode", errs) {
-        match m.parse() {
-            Ok(m) => p.mode = m,
-            Err(e) => errs.push(format!("`provision.mode`: {e}")),
-        }
-    }
-    if let Some(v) = one_of(
-        "packages",
-        take_string(t, "packages", errs),
-        &["distro", "upstream"],
-        errs,
-    ) {
-        p.packages = v;
-    }
-    p.apt_proxy = take_string(t, "apt_proxy", errs);
-    if let Some(u) = &p.apt_proxy {
-        if !(u.starts_with("http://") || u.starts_with("https://"))
-            || u.contains(char::is_whitespace)
-        {
-            errs.push(format!(
-                "`provision.apt_proxy` must be an http(s) URL, not {u:?}"
-            ));
-        }
-    }
-    if let Some(v) = one_of(
-        "agent",
-        take_string(t, "agent", errs),
-        &["shelley", "command", "none"],
-        errs,
-    ) {
-        p.agent = v;
-    }
-    p.agent_command = take_string(t, "agent_command", errs);
-    if p.agent == "command"
-        && p.agent_command
-            .as_deref()
-            .is_none_or(|c| c.trim().is_empty())
-    {
-        errs.push("`provision.agent = \"command\"` needs `provision.agent_command`".into());
-    }
-    p.agent_install = take_string(t, "agent_install", errs).map(PathBuf::from);
-    p.llm_provider = one_of(
-        "llm_provider",
-        take_string(t, "llm_provider", errs),
-        &["anthropic", "openai", "fireworks"],
-        errs,
-    );
-    p.llm_key_file = take_string(t, "llm_key_file", errs).map(PathBuf::from);
-    if p.llm_key_file.is_some() && p.llm_provider.is_none() {
-        errs.push("`provision.llm_key_file` needs `provision.llm_provider`".into());
-    }
-    p.llm_base_url = take_string(t, "llm_base_url", errs);
-    p.hook = take_string(t, "hook", errs).map(PathBuf::from);
-    for (key, path) in [
-        ("agent_install", &p.agent_install),
-        ("llm_key_file", &p.llm_key_file),
-        ("hook", &p.hook),
-    ] {
-        if let Some(path) = path {
-            if let Err(e) = std::fs::metadata(path) {
-                errs.push(format!("`provision.{key}` {}: {e}", path.display()));
-            }
-        }
-    }
-    if let Some(a) = take_string(t, "golden_alias", errs) {
-        if a.trim().is_empty() {
-            errs.push("`provision.golden_alias` must not be empty".into());
-        } else {
-            p.golden_alias = a;
-        }
-    }
-    p
-}
-
 /// Default image alias of `sandboxd create`.
 pub const DEFAULT_IMAGE: &str = "debian/12";
 /// Default period of the Incus reconcile, in seconds.
@@ -526,104 +149,61 @@ fn render(problems: &[String]) -> String {
     }
 }
 
-const KNOWN_KEYS: &[&str] = &[
-    "state_dir",
-    "admin_socket",
-    "admin_group",
-    "ssh_listen",
-    "https_listen",
-    "http_listen",
-    "tls_mode",
-    "acme_directory",
-    "acme_ca_root",
-    "acme_email",
-    "acme_challenges",
-    "log",
-    "ssh_banner",
-    "incus_socket",
-    "default_image",
-    "incus_reconcile_secs",
-    "provision",
-    "http",
-    "internal_ca_suffixes",
-    "ssh",
-];
+keys::config_keys! {
+    /// The top level of the configuration file as read; `None` means not
+    /// given. (Its tables' fields stay empty: their modules read them.)
+    #[allow(dead_code)]
+    pub(crate) struct RawFile in "" {
+        /// Directory of the database, keys and certificates (created 0700).
+        state_dir: Str = "\"/var/lib/sandboxd\"",
+        /// The admin API's unix socket.
+        admin_socket: Str = "\"/run/sandboxd/admin.sock\"",
+        /// Members of this group may use the admin socket (besides root).
+        admin_group: Str = "none",
+        /// Addresses of the SSH router.
+        ssh_listen: List = "[\"0.0.0.0:2222\", \"[::]:2222\"]",
+        /// Addresses of the HTTPS proxy.
+        https_listen: List = "[\"0.0.0.0:443\", \"[::]:443\"]",
+        /// Addresses of plain HTTP (ACME HTTP-01 and redirects).
+        http_listen: List = "[\"0.0.0.0:80\", \"[::]:80\"]",
+        /// Default certificate source of new domains: internal or acme.
+        tls_mode: Str = "\"internal\"",
+        /// ACME directory URL.
+        acme_directory: Str = "Let's Encrypt production",
+        /// Extra PEM root to trust for the ACME server's own TLS.
+        acme_ca_root: Str = "none",
+        /// Contact e-mail of the ACME account.
+        acme_email: Str = "none",
+        /// ACME challenge types in order of preference.
+        acme_challenges: List = "[\"tls-alpn-01\", \"http-01\"]",
+        /// `tracing` filter, e.g. info or sandboxd=debug,info.
+        log: Str = "\"info\"",
+        /// Text shown to SSH clients before authentication.
+        ssh_banner: Str = "none",
+        /// Incus unix socket.
+        incus_socket: Str = "the first standard socket",
+        /// Image alias of `create` without --image.
+        default_image: Str = "\"debian/12\"",
+        /// Seconds between full reconciles with Incus.
+        incus_reconcile_secs: Int<1, 86_400> = "30",
+        /// DNS suffixes the internal CA may issue for.
+        internal_ca_suffixes: List = "httpgate's list of names no public CA issues for",
+        /// What containers get (see the `provision` module).
+        provision: Table = "",
+        /// The HTTPS proxy's limits and timeouts (see the `http` module).
+        http: Table = "",
+        /// The SSH gate's limits (see the `ssh` module).
+        ssh: Table = "",
+    }
+}
 
-/// Raw values, before validation; `None` means not given.
+/// The configuration file, read: its top-level values and its tables.
 #[derive(Default)]
 struct Raw {
-    state_dir: Option<String>,
-    admin_socket: Option<String>,
-    admin_group: Option<String>,
-    ssh_listen: Option<Vec<String>>,
-    https_listen: Option<Vec<String>>,
-    http_listen: Option<Vec<String>>,
-    tls_mode: Option<String>,
-    acme_directory: Option<String>,
-    acme_ca_root: Option<String>,
-    acme_email: Option<String>,
-    acme_challenges: Option<Vec<String>>,
-    log: Option<String>,
-    ssh_banner: Option<String>,
-    incus_socket: Option<String>,
-    default_image: Option<String>,
-    incus_reconcile_secs: Option<i64>,
+    file: RawFile,
     provision: ProvisionConfig,
     http: HttpSettings,
-    internal_ca_suffixes: Option<Vec<String>>,
     ssh: SshSettings,
-}
-
-fn take_int(table: &toml::Table, key: &str, errs: &mut Vec<String>) -> Option<i64> {
-    match table.get(key)? {
-        toml::Value::Integer(i) => Some(*i),
-        other => {
-            errs.push(format!(
-                "`{key}` must be an integer, not {}",
-                other.type_str()
-            ));
-            None
-        }
-    }
-}
-
-fn take_string(table: &toml::Table, key: &str, errs: &mut Vec<String>) -> Option<String> {
-    match table.get(key)? {
-        toml::Value::String(s) => Some(s.clone()),
-        other => {
-            errs.push(format!(
-                "`{key}` must be a string, not {}",
-                other.type_str()
-            ));
-            None
-        }
-    }
-}
-
-fn take_list(table: &toml::Table, key: &str, errs: &mut Vec<String>) -> Option<Vec<String>> {
-    match table.get(key)? {
-        toml::Value::Array(items) => {
-            let mut out = Vec::new();
-            for item in items {
-                match item {
-                    toml::Value::String(s) => out.push(s.clone()),
-                    other => errs.push(format!(
-                        "`{key}` must be a list of strings; found {}",
-                        other.type_str()
-                    )),
-                }
-            }
-            Some(out)
-        }
-        toml::Value::String(s) => Some(vec![s.clone()]),
-        other => {
-            errs.push(format!(
-                "`{key}` must be a list of strings, not {}",
-                other.type_str()
-            ));
-            None
-        }
-    }
 }
 
 fn read_file(path: &Path, errs: &mut Vec<String>) -> Raw {
@@ -645,36 +225,12 @@ fn read_file(path: &Path, errs: &mut Vec<String>) -> Raw {
             return Raw::default();
         }
     };
-    for key in table.keys() {
-        if !KNOWN_KEYS.contains(&key.as_str()) {
-            errs.push(format!(
-                "unknown key `{key}` in {} (known: {})",
-                path.display(),
-                KNOWN_KEYS.join(", ")
-            ));
-        }
-    }
+    keys::check_unknown(&table, "", RawFile::KEYS, Some(path), errs);
     Raw {
-        state_dir: take_string(&table, "state_dir", errs),
-        admin_socket: take_string(&table, "admin_socket", errs),
-        admin_group: take_string(&table, "admin_group", errs),
-        ssh_listen: take_list(&table, "ssh_listen", errs),
-        https_listen: take_list(&table, "https_listen", errs),
-        http_listen: take_list(&table, "http_listen", errs),
-        tls_mode: take_string(&table, "tls_mode", errs),
-        acme_directory: take_string(&table, "acme_directory", errs),
-        acme_ca_root: take_string(&table, "acme_ca_root", errs),
-        acme_email: take_string(&table, "acme_email", errs),
-        acme_challenges: take_list(&table, "acme_challenges", errs),
-        log: take_string(&table, "log", errs),
-        ssh_banner: take_string(&table, "ssh_banner", errs),
-        incus_socket: take_string(&table, "incus_socket", errs),
-        default_image: take_string(&table, "default_image", errs),
-        incus_reconcile_secs: take_int(&table, "incus_reconcile_secs", errs),
-        provision: read_provision(&table, errs),
-        http: read_http(&table, errs),
-        internal_ca_suffixes: take_list(&table, "internal_ca_suffixes", errs),
-        ssh: read_ssh(&table, errs),
+        file: RawFile::read_known(&table, errs),
+        provision: provision::read(&table, errs),
+        http: http::read(&table, errs),
+        ssh: ssh::read(&table, errs),
     }
 }
 
@@ -702,136 +258,20 @@ fn nonempty(v: Vec<String>) -> Option<Vec<String>> {
     (!v.is_empty()).then_some(v)
 }
 
-/// The `[ssh]` table: the SSH gate's limits. `None` keeps the gate's
-/// built-in default (see `sshgate::GatewayConfig`).
-#[derive(Debug, Clone, Default)]
-pub struct SshSettings {
-    /// Connections logging in, all sources (`start:rate:full`) [100:30:256].
-    pub max_startups: Option<sshgate::Startups>,
-    /// Connections logging in per source address, IPv6 per /64 [10:30:20].
-    pub per_source_max_startups: Option<sshgate::Startups>,
-    /// Time to log in; a connection that takes longer counts as a failed
-    /// login for the ban [30 s].
-    pub login_grace: Option<std::time::Duration>,
-    /// Channels open at once on one connection [64].
-    pub max_channels_per_connection: Option<usize>,
-    /// Logged-in connections at once per sandbox [32].
-    pub max_sessions_per_sandbox: Option<usize>,
-    /// Channel window above the initial one, all channels together, in MiB [128].
-    pub relay_buffer_mib: Option<u64>,
-    /// The part of `relay_buffer_mib` one sandbox may hold, in MiB [48].
-    pub relay_buffer_per_sandbox_mib: Option<u64>,
-}
-
-impl SshSettings {
-    /// Applies the configured values over the gate's defaults.
-    pub fn apply(&self, cfg: &mut sshgate::GatewayConfig) {
-        if let Some(v) = self.max_startups {
-            cfg.max_startups = v;
-        }
-        if let Some(v) = self.per_source_max_startups {
-            cfg.per_source_max_startups = v;
-        }
-        if let Some(v) = self.login_grace {
-            cfg.login_grace = v;
-        }
-        if let Some(v) = self.max_channels_per_connection {
-            cfg.max_channels_per_connection = v;
-        }
-        if let Some(v) = self.max_sessions_per_sandbox {
-            cfg.max_sessions_per_sandbox = v;
-        }
-        if let Some(v) = self.relay_buffer_mib {
-            cfg.relay_budget = v * 1024 * 1024;
-        }
-        if let Some(v) = self.relay_buffer_per_sandbox_mib {
-            cfg.relay_budget_per_sandbox = v * 1024 * 1024;
-        }
-    }
-}
-
-const SSH_KEYS: &[&str] = &[
-    "max_startups",
-    "per_source_max_startups",
-    "login_grace_secs",
-    "max_channels_per_connection",
-    "max_sessions_per_sandbox",
-    "relay_buffer_mib",
-    "relay_buffer_per_sandbox_mib",
-];
-
-fn read_ssh(table: &toml::Table, errs: &mut Vec<String>) -> SshSettings {
-    let mut s = SshSettings::default();
-    let Some(value) = table.get("ssh") else {
-        return s;
-    };
-    let Some(t) = value.as_table() else {
-        errs.push(format!("`ssh` must be a table, not {}", value.type_str()));
-        return s;
-    };
-    for key in t.keys() {
-        if !SSH_KEYS.contains(&key.as_str()) {
-            errs.push(format!(
-                "unknown key `ssh.{key}` (known: {})",
-                SSH_KEYS.join(", ")
-            ));
-        }
-    }
-    let ranged = |key: &str, lo: i64, hi: i64, errs: &mut Vec<String>| {
-        let n = take_int(t, key, errs)?;
-        if (lo..=hi).contains(&n) {
-            Some(n.unsigned_abs())
-        } else {
-            errs.push(format!(
-                "`ssh.{key}` must be between {lo} and {hi}, not {n}"
-            ));
-            None
-        }
-    };
-    s.login_grace = ranged("login_grace_secs", 1, 600, errs).map(std::time::Duration::from_secs);
-    let size = |n: u64| usize::try_from(n).ok();
-    s.max_channels_per_connection =
-        ranged("max_channels_per_connection", 1, 100_000, errs).and_then(size);
-    s.max_sessions_per_sandbox =
-        ranged("max_sessions_per_sandbox", 1, 100_000, errs).and_then(size);
-    s.relay_buffer_mib = ranged("relay_buffer_mib", 0, 1024 * 1024, errs);
-    s.relay_buffer_per_sandbox_mib = ranged("relay_buffer_per_sandbox_mib", 0, 1024 * 1024, errs);
-    let startups = |key: &str, errs: &mut Vec<String>| match t.get(key)? {
-        toml::Value::String(v) => match v.parse::<sshgate::Startups>() {
-            Ok(x) => Some(x),
-            Err(e) => {
-                errs.push(format!("`ssh.{key}`: {e}"));
-                None
-            }
-        },
-        toml::Value::Integer(n) => match u32::try_from(*n) {
-            Ok(n) if n > 0 => Some(sshgate::Startups::hard(n)),
-            _ => {
-                errs.push(format!("`ssh.{key}` must be positive, not {n}"));
-                None
-            }
-        },
-        other => {
-            errs.push(format!(
-                "`ssh.{key}` must be a string like \"10:30:100\", not {}",
-                other.type_str()
-            ));
-            None
-        }
-    };
-    s.max_startups = startups("max_startups", errs);
-    s.per_source_max_startups = startups("per_source_max_startups", errs);
-    s
-}
-
 /// Merges the file named by `--config` (if any) with the flags and validates
 /// the result. `admin_socket` comes from the global option.
 pub fn load(args: &ServeArgs, admin_socket: Option<PathBuf>) -> Result<Config, ConfigErrors> {
     let mut errs = Vec::new();
-    let file = match &args.config {
+    let raw = match &args.config {
         Some(path) => read_file(path, &mut errs),
         None => Raw::default(),
     };
+    let Raw {
+        file,
+        provision,
+        http,
+        ssh,
+    } = raw;
     let state_dir = args
         .state_dir
         .clone()
@@ -942,16 +382,7 @@ pub fn load(args: &ServeArgs, admin_socket: Option<PathBuf>) -> Result<Config, C
         default_image: file
             .default_image
             .unwrap_or_else(|| DEFAULT_IMAGE.to_string()),
-        reconcile_secs: match file.incus_reconcile_secs {
-            None => DEFAULT_RECONCILE_SECS,
-            Some(n) if (1..=86_400).contains(&n) => n.unsigned_abs(),
-            Some(n) => {
-                errs.push(format!(
-                    "`incus_reconcile_secs` must be between 1 and 86400, not {n}"
-                ));
-                DEFAULT_RECONCILE_SECS
-            }
-        },
+        reconcile_secs: file.incus_reconcile_secs.unwrap_or(DEFAULT_RECONCILE_SECS),
     };
     if incus.default_image.trim().is_empty() {
         errs.push("`default_image` must not be empty".to_string());
@@ -975,10 +406,10 @@ pub fn load(args: &ServeArgs, admin_socket: Option<PathBuf>) -> Result<Config, C
         log,
         ssh_banner: file.ssh_banner,
         incus,
-        provision: file.provision,
-        http: file.http,
+        provision,
+        http,
         internal_ca_suffixes,
-        ssh: file.ssh,
+        ssh,
     })
 }
 
@@ -1228,6 +659,26 @@ mod tests {
         let c = load(&args, None).unwrap();
         assert_eq!(c.acme_challenges, vec![httpgate::ChallengeKind::Http01]);
         assert!(c.acme_ca_root.is_none());
+    }
+
+    /// Each top-level key whose declared default is a TOML value, set to
+    /// it, gives the configuration of an empty file.
+    #[test]
+    fn declared_defaults_are_the_defaults() {
+        let (_f, args) = with_file("");
+        let want = format!("{:?}", load(&args, None).unwrap());
+        let mut tried = 0;
+        for key in RawFile::KEYS {
+            let text = format!("{} = {}\n", key.name, key.default);
+            if text.parse::<toml::Table>().is_err() {
+                continue;
+            }
+            tried += 1;
+            let (_f, args) = with_file(&text);
+            let got = format!("{:?}", load(&args, None).unwrap());
+            assert_eq!(got, want, "{}", key.name);
+        }
+        assert!(tried >= 8, "{tried}");
     }
 
     #[test]
