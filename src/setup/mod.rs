@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 /// The unit installed to `<unit-dir>/sandboxd.service`.
-pub const UNIT: &str = include_str!("../systemd/sandboxd.service");
+pub const UNIT: &str = include_str!("../../systemd/sandboxd.service");
 const UNIT_EXEC: &str = "/usr/local/bin/sandboxd serve --config /etc/sandboxd/sandboxd.toml";
 
 /// Group of the Incus unix socket in the Debian, Ubuntu and upstream packages.
