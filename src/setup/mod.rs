@@ -22,6 +22,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+mod incus;
+mod service;
+mod system;
+use system::*;
+
 /// The unit installed to `<unit-dir>/sandboxd.service`.
 pub const UNIT: &str = include_str!("../../systemd/sandboxd.service");
 const UNIT_EXEC: &str = "/usr/local/bin/sandboxd serve --config /etc/sandboxd/sandboxd.toml";
@@ -367,123 +372,6 @@ struct Host {
     unit_changed: bool,
 }
 
-/// True when systemd is the init system (the test `sd_booted()` makes).
-fn systemd_running() -> bool {
-    Path::new("/run/systemd/system").is_dir()
-}
-
-fn find_program(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
-/// Runs a command; a failure carries its last output lines.
-fn run(cmd: &mut Command) -> Result<String> {
-    let shown = format!("{cmd:?}");
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("cannot run {shown}"))?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        let tail: Vec<&str> = err.lines().rev().take(3).collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
-        bail!("{shown} failed ({}): {}", out.status, tail.join(" / "));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn os_release() -> Result<BTreeMap<String, String>> {
-    let text = std::fs::read_to_string("/etc/os-release")
-        .or_else(|_| std::fs::read_to_string("/usr/lib/os-release"))
-        .context("cannot read /etc/os-release")?;
-    Ok(text
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
-        .collect())
-}
-
-/// Derives the bookworm-backports sources from the machine's own Debian
-/// sources (deb822 stanzas): the stanzas whose suites include `bookworm`,
-/// with their suite changed. No archive address is written by us.
-pub fn derive_backports(debian_sources: &str) -> Option<String> {
-    let mut out = String::new();
-    for stanza in debian_sources.split("\n\n") {
-        let mut keep = false;
-        let mut lines = Vec::new();
-        for line in stanza.lines() {
-            if let Some(suites) = line.strip_prefix("Suites:") {
-                keep = suites.split_whitespace().any(|s| s == "bookworm");
-                lines.push("Suites: bookworm-backports".to_string());
-            } else {
-                lines.push(line.to_string());
-            }
-        }
-        if keep {
-            out.push_str(&lines.join("\n"));
-            out.push_str("\n\n");
-        }
-    }
-    (!out.is_empty()).then_some(out)
-}
-
-/// The same for a one-line-style `sources.list`.
-fn derive_backports_list(list: &str) -> Option<String> {
-    let out: Vec<String> = list
-        .lines()
-        .filter(|l| l.trim_start().starts_with("deb "))
-        .filter_map(|l| {
-            let words: Vec<&str> = l.split_whitespace().collect();
-            let i = words.iter().position(|w| *w == "bookworm")?;
-            let mut w = words.clone();
-            w[i] = "bookworm-backports";
-            Some(w.join(" "))
-        })
-        .collect();
-    (!out.is_empty()).then(|| out.join("\n") + "\n")
-}
-
-fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<()> {
-    let tmp = path.with_extension("sandboxd-tmp");
-    std::fs::write(&tmp, data).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
-}
-
-fn user_ids(name: &str) -> Result<(nix::unistd::Uid, nix::unistd::Gid)> {
-    let u = nix::unistd::User::from_name(name)?.with_context(|| format!("no user {name:?}"))?;
-    Ok((u.uid, u.gid))
-}
-
-/// Makes `dir` exist with `mode`, owned by `owner`; says whether it changed.
-fn ensure_dir(dir: &Path, mode: u32, owner: (nix::unistd::Uid, nix::unistd::Gid)) -> Result<bool> {
-    let mut changed = false;
-    if !dir.is_dir() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        changed = true;
-    }
-    let meta = std::fs::metadata(dir)?;
-    if meta.mode() & 0o7777 != mode {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))?;
-        changed = true;
-    }
-    if meta.uid() != owner.0.as_raw() || meta.gid() != owner.1.as_raw() {
-        std::os::unix::fs::chown(dir, Some(owner.0.as_raw()), Some(owner.1.as_raw()))?;
-        changed = true;
-    }
-    Ok(changed)
-}
-
-fn toml_list(items: &[String]) -> String {
-    let quoted: Vec<String> = items.iter().map(|s| format!("{s:?}")).collect();
-    format!("[{}]", quoted.join(", "))
-}
-
 impl Host {
     fn args(&self) -> &SetupArgs {
         &self.plan.args
@@ -509,720 +397,6 @@ impl Host {
         ))
     }
 
-    fn os(&self) -> Result<Outcome> {
-        let os = os_release()?;
-        let id = os.get("ID").map(String::as_str).unwrap_or("?");
-        let version = os.get("VERSION_ID").map(String::as_str).unwrap_or("?");
-        let pretty = os.get("PRETTY_NAME").cloned().unwrap_or_default();
-        match (id, version) {
-            ("debian", "12") | ("ubuntu", "24.04") => Ok(Outcome::Ok(pretty)),
-            _ => bail!("{pretty} ({id} {version}) is not supported: use Debian 12 or Ubuntu 24.04"),
-        }
-    }
-
-    fn incusd_path() -> Option<PathBuf> {
-        ["/usr/libexec/incus/incusd", "/opt/incus/bin/incusd"]
-            .map(PathBuf::from)
-            .into_iter()
-            .find(|p| p.is_file())
-            .or_else(|| find_program("incusd"))
-    }
-
-    fn incus(&self) -> Result<Outcome> {
-        if let Some(p) = Self::incusd_path() {
-            return Ok(Outcome::Ok(format!("installed ({})", p.display())));
-        }
-        let os = os_release()?;
-        let id = os.get("ID").cloned().unwrap_or_default();
-        let codename = os.get("VERSION_CODENAME").cloned().unwrap_or_default();
-        let apt = |args: &[&str]| {
-            run(Command::new("apt-get")
-                .args(args)
-                .env("DEBIAN_FRONTEND", "noninteractive"))
-        };
-        let detail = match self.plan.source {
-            Source::Distro if id == "debian" => {
-                let dst = Path::new("/etc/apt/sources.list.d/sandboxd-backports.sources");
-                let list_dst = Path::new("/etc/apt/sources.list.d/sandboxd-backports.list");
-                if !dst.exists() && !list_dst.exists() {
-                    let deb822 = std::fs::read_to_string("/etc/apt/sources.list.d/debian.sources")
-                        .ok()
-                        .and_then(|t| derive_backports(&t));
-                    match deb822 {
-                        Some(text) => write_atomic(dst, text.as_bytes(), 0o644)?,
-                        None => {
-                            let list = std::fs::read_to_string("/etc/apt/sources.list")
-                                .ok()
-                                .and_then(|t| derive_backports_list(&t))
-                                .context(
-                                    "found no bookworm source in /etc/apt to derive bookworm-backports from",
-                                )?;
-                            write_atomic(list_dst, list.as_bytes(), 0o644)?;
-                        }
-                    }
-                }
-                // Other sources may fail to refresh; the install decides.
-                let _ = apt(&["update", "-q"]);
-                apt(&["install", "-y", "-q", "-t", "bookworm-backports", "incus"])?;
-                "installed incus from bookworm-backports"
-            }
-            Source::Distro => {
-                let _ = apt(&["update", "-q"]);
-                apt(&["install", "-y", "-q", "incus"])?;
-                "installed incus from the distribution"
-            }
-            Source::Zabbly => {
-                let (Some(repo), Some(key)) = (&self.args().zabbly_repo, &self.args().zabbly_key)
-                else {
-                    bail!("--incus-source zabbly needs --zabbly-repo and --zabbly-key");
-                };
-                let keyring = Path::new("/etc/apt/keyrings/sandboxd-zabbly.asc");
-                std::fs::create_dir_all("/etc/apt/keyrings")?;
-                let key_text =
-                    std::fs::read(key).with_context(|| format!("reading {}", key.display()))?;
-                write_atomic(keyring, &key_text, 0o644)?;
-                let arch = run(Command::new("dpkg").arg("--print-architecture"))?;
-                let sources = format!(
-                    "Enabled: yes\nTypes: deb\nURIs: {}/incus/stable\nSuites: {codename}\nComponents: main\nArchitectures: {}\nSigned-By: {}\n",
-                    repo.trim_end_matches('/'),
-                    arch.trim(),
-                    keyring.display()
-                );
-                write_atomic(
-                    Path::new("/etc/apt/sources.list.d/sandboxd-zabbly-incus.sources"),
-                    sources.as_bytes(),
-                    0o644,
-                )?;
-                let _ = apt(&["update", "-q"]);
-                apt(&["install", "-y", "-q", "incus"])?;
-                "installed incus from the maintainers' repository"
-            }
-        };
-        if Self::incusd_path().is_none() {
-            bail!("incus was installed but incusd is not found");
-        }
-        Ok(Outcome::Done(detail.to_string()))
-    }
-
-    async fn answering(path: &Path) -> Option<String> {
-        let c = incusctl::Client::lazy(
-            path.to_path_buf(),
-            incusctl::ClientOptions {
-                request_timeout: Duration::from_secs(5),
-                ..Default::default()
-            },
-        );
-        c.server_info()
-            .await
-            .ok()
-            .map(|i| i.environment.server_version.clone())
-    }
-
-    async fn find_answering(&self) -> Option<(PathBuf, String)> {
-        let candidates: Vec<PathBuf> = match &self.args().incus_socket {
-            Some(p) => vec![p.clone()],
-            None => incusctl::DEFAULT_SOCKETS.map(PathBuf::from).to_vec(),
-        };
-        for p in candidates {
-            if let Some(v) = Self::answering(&p).await {
-                return Some((p, v));
-            }
-        }
-        None
-    }
-
-    async fn wait_answering(&self, limit: Duration) -> Option<(PathBuf, String)> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(found) = self.find_answering().await {
-                return Some(found);
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-    }
-
-    async fn incusd(&mut self) -> Result<Outcome> {
-        if let Some((p, v)) = self.find_answering().await {
-            self.socket = Some(p.clone());
-            return Ok(Outcome::Ok(format!("Incus {v} answers on {}", p.display())));
-        }
-        let how = if systemd_running() {
-            run(Command::new("systemctl").args([
-                "enable",
-                "--now",
-                "incus.socket",
-                "incus.service",
-            ]))?;
-            "started incus.socket and incus.service".to_string()
-        } else {
-            let incusd = Self::incusd_path().context("incusd not found")?;
-            let group = if nix::unistd::Group::from_name(INCUS_GROUP)?.is_some() {
-                INCUS_GROUP
-            } else {
-                "root"
-            };
-            let log_path = Path::new("/var/log/incusd-sandboxd.log");
-            let log = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(log_path)
-                .with_context(|| format!("opening {}", log_path.display()))?;
-            // From /: a detached daemon must not hold on to (or lose) the
-            // directory setup was run from.
-            let child = Command::new("setsid")
-                .current_dir("/")
-                .arg(&incusd)
-                .args(["--group", group])
-                .stdin(Stdio::null())
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                .spawn()
-                .with_context(|| format!("starting {}", incusd.display()))?;
-            write_atomic(
-                Path::new("/run/incusd-sandboxd.pid"),
-                format!("{}\n", child.id()).as_bytes(),
-                0o644,
-            )?;
-            format!(
-                "systemd not found: started incusd detached (pid {}, log {}, PID file /run/incusd-sandboxd.pid)",
-                child.id(),
-                log_path.display()
-            )
-        };
-        match self.wait_answering(Duration::from_secs(60)).await {
-            Some((p, v)) => {
-                self.socket = Some(p.clone());
-                Ok(Outcome::Done(format!(
-                    "{how}; Incus {v} answers on {}",
-                    p.display()
-                )))
-            }
-            None => bail!("{how}, but no Incus socket answered within 60 s"),
-        }
-    }
-
-    async fn storage(&self) -> Result<Outcome> {
-        let incus = self.client()?;
-        let name = &self.args().pool;
-        if let Some(p) = incus.storage_pool(name).await? {
-            let note = if p.driver != self.plan.driver.name() {
-                format!(" (--storage {} not applied)", self.plan.driver.name())
-            } else {
-                String::new()
-            };
-            return Ok(Outcome::Ok(format!(
-                "pool {name} exists, driver {}{note}",
-                p.driver
-            )));
-        }
-        let mut config = BTreeMap::new();
-        match self.plan.driver {
-            Driver::Dir => {}
-            Driver::Btrfs => {
-                if find_program("mkfs.btrfs").is_none() {
-                    run(Command::new("apt-get")
-                        .args(["install", "-y", "-q", "btrfs-progs"])
-                        .env("DEBIAN_FRONTEND", "noninteractive"))
-                    .context("btrfs needs btrfs-progs")?;
-                }
-                config.insert("size".to_string(), self.args().storage_size.clone());
-            }
-            Driver::Zfs => {
-                if find_program("zfs").is_none() || find_program("zpool").is_none() {
-                    bail!("--storage zfs needs the zfs tools (zfsutils-linux) and the zfs kernel module; install them or use --storage btrfs");
-                }
-                config.insert("size".to_string(), self.args().storage_size.clone());
-            }
-        }
-        incus
-            .create_storage_pool(name, self.plan.driver.name(), &config)
-            .await?;
-        let size = config
-            .get("size")
-            .map(|s| format!(", loop file of {s}"))
-            .unwrap_or_default();
-        Ok(Outcome::Done(format!(
-            "created pool {name} (driver {}{size})",
-            self.plan.driver.name()
-        )))
-    }
-
-    async fn network(&self) -> Result<Outcome> {
-        let incus = self.client()?;
-        let a = self.args();
-        // The sandboxes' egress rules live in one ACL attached to the
-        // bridge (see `lifecycle::network`); made and attached here so that
-        // the daemon never has to change the network.
-        let acl = crate::lifecycle::network::acl_name(&a.bridge);
-        incus.edit_network_acl(&acl, |_| false).await?;
-        if let Some(n) = incus.network(&a.bridge).await? {
-            let addr = n.config.get("ipv4.address").cloned().unwrap_or_default();
-            let set = incus
-                .edit_network_config(&a.bridge, |cfg| {
-                    let mut changed = false;
-                    for key in ACL_DEFAULT_KEYS {
-                        if !cfg.contains_key(key) {
-                            cfg.insert(key.to_string(), "allow".to_string());
-                            changed = true;
-                        }
-                    }
-                    let list = cfg.get("security.acls").cloned().unwrap_or_default();
-                    if !list.split(',').any(|x| x.trim() == acl) {
-                        let joined = if list.trim().is_empty() {
-                            acl.clone()
-                        } else {
-                            format!("{list},{acl}")
-                        };
-                        cfg.insert("security.acls".to_string(), joined);
-                        changed = true;
-                    }
-                    changed
-                })
-                .await?;
-            let what = format!("network {} exists ({} {addr})", a.bridge, n.kind);
-            return Ok(if set {
-                Outcome::Done(format!("{what}; egress ACL {acl} attached"))
-            } else {
-                Outcome::Ok(what)
-            });
-        }
-        let mut config: BTreeMap<String, String> = [
-            ("ipv4.address", a.bridge_ipv4.as_str()),
-            ("ipv4.nat", if a.no_nat { "false" } else { "true" }),
-            ("ipv6.address", a.bridge_ipv6.as_str()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        for key in ACL_DEFAULT_KEYS {
-            config.insert(key.to_string(), "allow".to_string());
-        }
-        config.insert("security.acls".to_string(), acl);
-        incus.create_bridge(&a.bridge, &config).await?;
-        Ok(Outcome::Done(format!(
-            "created bridge {} ({}, NAT {})",
-            a.bridge,
-            a.bridge_ipv4,
-            if a.no_nat { "off" } else { "on" }
-        )))
-    }
-
-    async fn profile(&self) -> Result<Outcome> {
-        let incus = self.client()?;
-        let a = self.args();
-        let eth0: BTreeMap<String, String> = [
-            ("type", "nic"),
-            ("name", "eth0"),
-            ("network", a.bridge.as_str()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        let root: BTreeMap<String, String> =
-            [("type", "disk"), ("path", "/"), ("pool", a.pool.as_str())]
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect();
-        match incus.profile(&a.profile).await? {
-            None => {
-                let p = incusctl::Profile {
-                    name: a.profile.clone(),
-                    description: "sandboxd: sandboxes' network and root disk".to_string(),
-                    devices: [("eth0".to_string(), eth0), ("root".to_string(), root)]
-                        .into_iter()
-                        .collect(),
-                    ..Default::default()
-                };
-                incus.create_profile(&p).await?;
-                Ok(Outcome::Done(format!(
-                    "created profile {} (eth0 on {}, root on {})",
-                    a.profile, a.bridge, a.pool
-                )))
-            }
-            Some(mut p) => {
-                let mut added = Vec::new();
-                if !p.devices.contains_key("eth0") {
-                    p.devices.insert("eth0".into(), eth0);
-                    added.push(format!("eth0 on {}", a.bridge));
-                }
-                if !p.devices.contains_key("root") {
-                    p.devices.insert("root".into(), root);
-                    added.push(format!("root on {}", a.pool));
-                }
-                if added.is_empty() {
-                    let on = |dev: &str, key: &str| {
-                        p.devices
-                            .get(dev)
-                            .and_then(|d| d.get(key))
-                            .cloned()
-                            .unwrap_or_default()
-                    };
-                    return Ok(Outcome::Ok(format!(
-                        "profile {} has eth0 (on {}) and root (on {})",
-                        a.profile,
-                        on("eth0", "network"),
-                        on("root", "pool")
-                    )));
-                }
-                incus.update_profile(&p).await?;
-                Ok(Outcome::Done(format!(
-                    "profile {}: added {}",
-                    a.profile,
-                    added.join(", ")
-                )))
-            }
-        }
-    }
-
-    fn user(&self) -> Result<Outcome> {
-        let name = &self.args().user;
-        let mut did = Vec::new();
-        if nix::unistd::Group::from_name(INCUS_GROUP)?.is_none() {
-            run(Command::new("groupadd").args(["--system", INCUS_GROUP]))?;
-            did.push(format!("created group {INCUS_GROUP}"));
-        }
-        let user = nix::unistd::User::from_name(name)?;
-        if user.is_none() {
-            run(Command::new("useradd")
-                .args(["--system", "--user-group", "--no-create-home"])
-                .arg("--home-dir")
-                .arg(&self.args().state_dir)
-                .args([
-                    "--shell",
-                    "/usr/sbin/nologin",
-                    "--comment",
-                    "sandboxd daemon",
-                ])
-                .args(["--groups", INCUS_GROUP])
-                .arg(name))?;
-            did.push(format!("created system user {name} in group {INCUS_GROUP}"));
-        } else {
-            let members = nix::unistd::Group::from_name(INCUS_GROUP)?
-                .map(|g| g.mem)
-                .unwrap_or_default();
-            if !members.iter().any(|m| m == name) {
-                run(Command::new("usermod").args(["--append", "--groups", INCUS_GROUP, name]))?;
-                did.push(format!("added {name} to group {INCUS_GROUP}"));
-            }
-        }
-        if did.is_empty() {
-            Ok(Outcome::Ok(format!(
-                "user {name} exists, member of {INCUS_GROUP}"
-            )))
-        } else {
-            Ok(Outcome::Done(did.join("; ")))
-        }
-    }
-
-    fn config_text(&self) -> String {
-        let a = self.args();
-        let mut s = String::new();
-        let _ = writeln!(s, "# sandboxd configuration, written by `sandboxd setup`.");
-        let _ = writeln!(
-            s,
-            "# Every key is described in README.md; unknown keys are errors."
-        );
-        let _ = writeln!(s, "state_dir = {:?}", a.state_dir.display().to_string());
-        let _ = writeln!(
-            s,
-            "admin_socket = {:?}",
-            a.run_dir.join("admin.sock").display().to_string()
-        );
-        let _ = writeln!(s, "ssh_listen = {}", toml_list(&self.plan.ssh));
-        let _ = writeln!(s, "https_listen = {}", toml_list(&self.plan.https));
-        let _ = writeln!(s, "http_listen = {}", toml_list(&self.plan.http));
-        let _ = writeln!(
-            s,
-            "# \"internal\" serves certificates of a local CA; switch to \"acme\" (and set\n# acme_email) once DNS points the sandboxes' names here."
-        );
-        let _ = writeln!(s, "tls_mode = \"internal\"");
-        if let Some(sock) = &self.socket {
-            let _ = writeln!(s, "incus_socket = {:?}", sock.display().to_string());
-        }
-        let _ = writeln!(s, "log = \"info\"");
-        s
-    }
-
-    fn config(&self) -> Result<Outcome> {
-        let owner = user_ids(&self.args().user)?;
-        let dir = &self.args().config_dir;
-        let mut did = Vec::new();
-        if ensure_dir(dir, 0o700, owner)? {
-            did.push(format!("{} (0700)", dir.display()));
-        }
-        let file = self.config_file();
-        if !file.exists() {
-            write_atomic(&file, self.config_text().as_bytes(), 0o600)?;
-            std::os::unix::fs::chown(&file, Some(owner.0.as_raw()), Some(owner.1.as_raw()))?;
-            did.push(format!("wrote {} (0600)", file.display()));
-        } else {
-            let meta = std::fs::metadata(&file)?;
-            if meta.mode() & 0o777 != 0o600 {
-                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))?;
-                did.push(format!("{} made 0600", file.display()));
-            }
-            if meta.uid() != owner.0.as_raw() {
-                std::os::unix::fs::chown(&file, Some(owner.0.as_raw()), Some(owner.1.as_raw()))?;
-                did.push(format!("{} given to {}", file.display(), self.args().user));
-            }
-        }
-        // The file must be one the daemon accepts.
-        let serve = crate::config::ServeArgs {
-            config: Some(file.clone()),
-            ..Default::default()
-        };
-        crate::config::load(&serve, None)
-            .with_context(|| format!("{} is not a valid configuration", file.display()))?;
-        if did.is_empty() {
-            Ok(Outcome::Ok(format!("{} (kept as it is)", file.display())))
-        } else {
-            Ok(Outcome::Done(did.join("; ")))
-        }
-    }
-
-    fn state(&self) -> Result<Outcome> {
-        let owner = user_ids(&self.args().user)?;
-        let dir = &self.args().state_dir;
-        if ensure_dir(dir, 0o700, owner)? {
-            Ok(Outcome::Done(format!(
-                "{} (0700, {})",
-                dir.display(),
-                self.args().user
-            )))
-        } else {
-            Ok(Outcome::Ok(dir.display().to_string()))
-        }
-    }
-
-    fn binary(&mut self) -> Result<Outcome> {
-        let me = std::env::current_exe().context("finding the running executable")?;
-        let target = self.bin();
-        if me == target {
-            return Ok(Outcome::Ok(format!("{} (running it)", target.display())));
-        }
-        let mine = std::fs::read(&me).with_context(|| format!("reading {}", me.display()))?;
-        if std::fs::read(&target).ok().as_deref() == Some(&mine[..]) {
-            return Ok(Outcome::Ok(format!("{} is this version", target.display())));
-        }
-        if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        write_atomic(&target, &mine, 0o755)?;
-        // A running service must move to the new binary: the start step
-        // restarts it as it does for a changed unit.
-        self.unit_changed = true;
-        Ok(Outcome::Done(format!("installed {}", target.display())))
-    }
-
-    /// The unit text for these paths and this user.
-    pub fn unit_text(&self) -> String {
-        let a = self.args();
-        let exec = format!(
-            "{} serve --config {}",
-            self.bin().display(),
-            self.config_file().display()
-        );
-        let mut text = UNIT.replace(UNIT_EXEC, &exec);
-        if a.user != "sandboxd" {
-            text = text
-                .replace("\nUser=sandboxd\n", &format!("\nUser={}\n", a.user))
-                .replace("\nGroup=sandboxd\n", &format!("\nGroup={}\n", a.user));
-        }
-        let extra: Vec<String> = [
-            (&a.state_dir, crate::config::DEFAULT_STATE_DIR),
-            (&a.run_dir, "/run/sandboxd"),
-        ]
-        .iter()
-        .filter(|(p, default)| p.as_path() != Path::new(default))
-        .map(|(p, _)| p.display().to_string())
-        .collect();
-        if !extra.is_empty() {
-            text = text.replace(
-                "\nUMask=0077\n",
-                &format!("\nUMask=0077\nReadWritePaths={}\n", extra.join(" ")),
-            );
-        }
-        text
-    }
-
-    fn unit(&mut self) -> Result<Outcome> {
-        let path = self.args().unit_dir.join("sandboxd.service");
-        let text = self.unit_text();
-        if std::fs::read_to_string(&path).ok().as_deref() == Some(text.as_str()) {
-            return Ok(Outcome::Ok(path.display().to_string()));
-        }
-        std::fs::create_dir_all(&self.args().unit_dir)?;
-        write_atomic(&path, text.as_bytes(), 0o644)?;
-        self.unit_changed = true;
-        Ok(Outcome::Done(format!("installed {}", path.display())))
-    }
-
-    /// The PID in the PID file, if that process is a live sandboxd, and
-    /// whether it runs a binary that has been replaced since it started.
-    fn running_pid(&self) -> Option<(i32, bool)> {
-        let pid: i32 = std::fs::read_to_string(self.pid_file())
-            .ok()?
-            .trim()
-            .parse()
-            .ok()?;
-        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
-        match exe.file_name()?.to_str()? {
-            "sandboxd" => Some((pid, false)),
-            "sandboxd (deleted)" => Some((pid, true)),
-            _ => None,
-        }
-    }
-
-    /// Stops a detached daemon (SIGTERM: it drains) and waits for it.
-    fn stop_detached(pid: i32) -> Result<()> {
-        use nix::sys::signal::{kill, Signal};
-        let pid = nix::unistd::Pid::from_raw(pid);
-        kill(pid, Signal::SIGTERM).with_context(|| format!("stopping sandboxd (pid {pid})"))?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Path::new(&format!("/proc/{pid}")).exists() {
-            if Instant::now() > deadline {
-                bail!("sandboxd (pid {pid}) did not stop within 30 s of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Ok(())
-    }
-
-    fn start(&self) -> Result<Outcome> {
-        if self.plan.args.no_start {
-            return Ok(Outcome::Ok("not started (--no-start)".into()));
-        }
-        if systemd_running() {
-            let active = Command::new("systemctl")
-                .args(["is-active", "--quiet", "sandboxd.service"])
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false);
-            if self.unit_changed {
-                run(Command::new("systemctl").arg("daemon-reload"))?;
-            }
-            if active && !self.unit_changed {
-                run(Command::new("systemctl").args(["enable", "sandboxd.service"]))?;
-                return Ok(Outcome::Ok("sandboxd.service is active".into()));
-            }
-            run(Command::new("systemctl").args(["enable", "sandboxd.service"]))?;
-            // Type=notify: returns once the daemon said READY=1.
-            run(Command::new("systemctl").args(["restart", "sandboxd.service"]))?;
-            return Ok(Outcome::Done("sandboxd.service enabled and started".into()));
-        }
-        match self.running_pid() {
-            Some((pid, false)) => {
-                return Ok(Outcome::Ok(format!(
-                    "systemd not found; sandboxd runs detached (pid {pid}, {})",
-                    self.pid_file().display()
-                )))
-            }
-            Some((pid, true)) => {
-                // Its binary was replaced (by the binary step of this or an
-                // earlier run): restart it on the new one.
-                Self::stop_detached(pid)?;
-                return match self.start_detached()? {
-                    Outcome::Done(how) => Ok(Outcome::Done(format!(
-                        "restarted on the new binary (was pid {pid}); {how}"
-                    ))),
-                    other => Ok(other),
-                };
-            }
-            None => {}
-        }
-        self.start_detached()
-    }
-
-    /// Without systemd: `setsid setpriv ... sandboxd serve`, readiness heard
-    /// through the daemon's own sd_notify on an abstract socket.
-    fn start_detached(&self) -> Result<Outcome> {
-        use std::os::linux::net::SocketAddrExt;
-        let a = self.args();
-        let owner = user_ids(&a.user)?;
-        ensure_dir(&a.run_dir, 0o700, owner)?;
-        let log_path = a.state_dir.join("sandboxd.log");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .with_context(|| format!("opening {}", log_path.display()))?;
-        std::os::unix::fs::chown(&log_path, Some(owner.0.as_raw()), Some(owner.1.as_raw()))?;
-        let name = format!("sandboxd-setup-{}", std::process::id());
-        let notify = std::os::unix::net::UnixDatagram::bind_addr(
-            &std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?,
-        )?;
-        let mut cmd = Command::new("setsid");
-        cmd.current_dir("/");
-        if owner.0.is_root() {
-            cmd.arg(self.bin());
-        } else {
-            cmd.arg("setpriv")
-                .arg(format!("--reuid={}", owner.0))
-                .arg(format!("--regid={}", owner.1))
-                .arg("--init-groups")
-                .arg("--inh-caps=+net_bind_service")
-                .arg("--ambient-caps=+net_bind_service")
-                .arg("--")
-                .arg(self.bin());
-        }
-        let mut child = cmd
-            .arg("serve")
-            .arg("--config")
-            .arg(self.config_file())
-            .env("NOTIFY_SOCKET", format!("@{name}"))
-            .env_remove("WATCHDOG_USEC")
-            .current_dir("/")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting sandboxd serve")?;
-        notify.set_read_timeout(Some(Duration::from_millis(250)))?;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut buf = [0u8; 4096];
-        loop {
-            if let Ok(n) = notify.recv(&mut buf) {
-                if String::from_utf8_lossy(&buf[..n])
-                    .lines()
-                    .any(|l| l == "READY=1")
-                {
-                    break;
-                }
-            }
-            if let Some(status) = child.try_wait()? {
-                let text = std::fs::read_to_string(&log_path).unwrap_or_default();
-                let last = text.lines().last().unwrap_or("").to_string();
-                bail!(
-                    "sandboxd serve exited ({status}); see {}: {last}",
-                    log_path.display()
-                );
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!(
-                    "sandboxd serve was not ready within 60 s; see {}",
-                    log_path.display()
-                );
-            }
-        }
-        write_atomic(
-            &self.pid_file(),
-            format!("{}\n", child.id()).as_bytes(),
-            0o644,
-        )?;
-        Ok(Outcome::Done(format!(
-            "systemd not found: started sandboxd detached as {} (pid {}, PID file {}, log {})",
-            a.user,
-            child.id(),
-            self.pid_file().display(),
-            log_path.display()
-        )))
-    }
-
     fn next_steps(&self) -> String {
         let a = self.args();
         let socket = a.run_dir.join("admin.sock");
@@ -1236,9 +410,37 @@ impl Host {
             s,
             "     and a wildcard or one record per agent host (shelley.DOMAIN)."
         );
+        // The ports of the configuration the daemon runs with (a kept file
+        // may name others than the flags).
+        let serve = crate::config::ServeArgs {
+            config: Some(self.config_file()),
+            ..Default::default()
+        };
+        let (ssh, web) = match crate::config::load(&serve, None) {
+            Ok(c) => (
+                ports(c.ssh_listen.iter().map(|a| a.port())),
+                ports(
+                    c.http_listen
+                        .iter()
+                        .chain(&c.https_listen)
+                        .map(|a| a.port()),
+                ),
+            ),
+            Err(_) => {
+                let port = |a: &String| a.parse::<std::net::SocketAddr>().ok().map(|a| a.port());
+                let p = &self.plan;
+                (
+                    ports(p.ssh.iter().filter_map(port)),
+                    ports(p.http.iter().chain(&p.https).filter_map(port)),
+                )
+            }
+        };
+        let ssh_port = ssh.first().copied();
         let _ = writeln!(
             s,
-            "  2. Firewall: open TCP 2222 (sandbox SSH), 80 and 443 (HTTPS, certificates) and 22 (this host's own sshd)."
+            "  2. Firewall: open TCP {} (sandbox SSH), {} (HTTPS, certificates) and 22 (this host's own sshd).",
+            join_ports(&ssh),
+            join_ports(&web)
         );
         let _ = writeln!(
             s,
@@ -1258,7 +460,15 @@ impl Host {
             "       {env}sandboxd --admin-socket {} create myapp --domain myapp.example.com --ssh-key ~/.ssh/id_ed25519.pub",
             socket.display()
         );
-        let _ = writeln!(s, "       ssh -p 2222 myapp@myapp.example.com");
+        match ssh_port {
+            Some(22) => {
+                let _ = writeln!(s, "       ssh myapp@myapp.example.com");
+            }
+            Some(port) => {
+                let _ = writeln!(s, "       ssh -p {port} myapp@myapp.example.com");
+            }
+            None => {}
+        }
         if !systemd_running() && !a.no_start {
             let _ = writeln!(
                 s,
@@ -1270,27 +480,20 @@ impl Host {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
+/// Distinct ports, sorted.
+fn ports(all: impl Iterator<Item = u16>) -> Vec<u16> {
+    let mut v: Vec<u16> = all.collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
 
-    #[test]
-    fn backports_from_deb822() {
-        let src = "Types: deb\nURIs: http://mirror.invalid/debian\nSuites: bookworm bookworm-updates\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\nTypes: deb\nURIs: http://mirror.invalid/debian-security\nSuites: bookworm-security\nComponents: main\n";
-        let out = derive_backports(src).unwrap();
-        assert_eq!(out.matches("Suites: bookworm-backports").count(), 1);
-        assert!(!out.contains("security"));
-        assert!(out.contains("URIs: http://mirror.invalid/debian\n"));
-        assert!(derive_backports("Types: deb\nSuites: trixie\n").is_none());
-    }
-
-    #[test]
-    fn backports_from_sources_list() {
-        let out = derive_backports_list(
-            "deb http://m.invalid/debian bookworm main\ndeb http://m.invalid/s bookworm-security main\n",
-        )
-        .unwrap();
-        assert_eq!(out, "deb http://m.invalid/debian bookworm-backports main\n");
+/// `80 and 443`, `2222`, or `none`.
+fn join_ports(ports: &[u16]) -> String {
+    let words: Vec<String> = ports.iter().map(u16::to_string).collect();
+    match words.as_slice() {
+        [] => "none".into(),
+        [one] => one.clone(),
+        [rest @ .., last] => format!("{} and {last}", rest.join(", ")),
     }
 }
