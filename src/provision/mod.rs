@@ -49,7 +49,7 @@ const MAX_SMALL_OUTPUT: usize = 64 * 1024;
 /// file is not sandboxd's and is written again).
 const MAX_LLM_ENV_FILE: usize = 64 * 1024;
 
-const LIB: &str = include_str!("../provision/lib.sh");
+const LIB: &str = include_str!("../../provision/lib.sh");
 
 /// One embedded step script.
 struct Script {
@@ -62,57 +62,57 @@ const SCRIPTS: &[Script] = &[
     Script {
         name: "apt-source",
         file: "10-apt-source.sh",
-        body: include_str!("../provision/steps/10-apt-source.sh"),
+        body: include_str!("../../provision/steps/10-apt-source.sh"),
     },
     Script {
         name: "base",
         file: "20-base.sh",
-        body: include_str!("../provision/steps/20-base.sh"),
+        body: include_str!("../../provision/steps/20-base.sh"),
     },
     Script {
         name: "sshd",
         file: "30-sshd.sh",
-        body: include_str!("../provision/steps/30-sshd.sh"),
+        body: include_str!("../../provision/steps/30-sshd.sh"),
     },
     Script {
         name: "docker",
         file: "40-docker.sh",
-        body: include_str!("../provision/steps/40-docker.sh"),
+        body: include_str!("../../provision/steps/40-docker.sh"),
     },
     Script {
         name: "go",
         file: "50-go.sh",
-        body: include_str!("../provision/steps/50-go.sh"),
+        body: include_str!("../../provision/steps/50-go.sh"),
     },
     Script {
         name: "node",
         file: "60-node.sh",
-        body: include_str!("../provision/steps/60-node.sh"),
+        body: include_str!("../../provision/steps/60-node.sh"),
     },
     Script {
         name: "agent-install",
         file: "70-agent-install.sh",
-        body: include_str!("../provision/steps/70-agent-install.sh"),
+        body: include_str!("../../provision/steps/70-agent-install.sh"),
     },
     Script {
         name: "user",
         file: "80-user.sh",
-        body: include_str!("../provision/steps/80-user.sh"),
+        body: include_str!("../../provision/steps/80-user.sh"),
     },
     Script {
         name: "llm-env",
         file: "85-llm-env.sh",
-        body: include_str!("../provision/steps/85-llm-env.sh"),
+        body: include_str!("../../provision/steps/85-llm-env.sh"),
     },
     Script {
         name: "agent",
         file: "90-agent.sh",
-        body: include_str!("../provision/steps/90-agent.sh"),
+        body: include_str!("../../provision/steps/90-agent.sh"),
     },
     Script {
         name: "hook",
         file: "99-hook.sh",
-        body: include_str!("../provision/steps/99-hook.sh"),
+        body: include_str!("../../provision/steps/99-hook.sh"),
     },
 ];
 
