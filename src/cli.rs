@@ -1,6 +1,9 @@
 //! Command-line interface: argument parsing, and every command except
-//! `serve` as a client of the admin API. Output is a human table by default
-//! and JSON with `--json`; failures print one line and exit non-zero.
+//! `serve`, `setup` and `completions` as a client of the admin API, whose
+//! answers are read as the typed views of `api`. Output is a human table by
+//! default and JSON with `--json`, written through [`out`] (a reader that
+//! went away ends the command quietly, status 0); failures print one line
+//! and exit non-zero.
 
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
@@ -428,7 +431,7 @@ fn print_sandbox(sb: &SandboxView, ssh: &str) -> Result<()> {
     outln!("agent login:       {}", login_state(sb));
     let certs = match (&sb.tls_mode, &sb.tls_cert_file, &sb.tls_key_file) {
         (Some(m), Some(c), Some(k)) => format!("{m} (certificate {c}, key {k})"),
-        (Some(m), _, _) => m.clone(),
+        (Some(m), _, _) => m.to_string(),
         (None, _, _) => "the daemon's default mode".into(),
     };
     outln!("certificates:      {certs}");
