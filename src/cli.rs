@@ -1,6 +1,9 @@
 //! Command-line interface: argument parsing, and every command except
-//! `serve` as a client of the admin API. Output is a human table by default
-//! and JSON with `--json`; failures print one line and exit non-zero.
+//! `serve`, `setup` and `completions` as a client of the admin API, whose
+//! answers are read as the typed views of `api`. Output is a human table by
+//! default and JSON with `--json`, written through [`out`] (a reader that
+//! went away ends the command quietly, status 0); failures print one line
+//! and exit non-zero.
 
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
@@ -10,11 +13,16 @@ use clap::{CommandFactory, Parser, Subcommand};
 use http::Method;
 
 use crate::api::{
-    self, AddSandbox, Event, KeyRequest, KeyView, RouteDump, SandboxView, SetAuth, SetPort, Status,
+    self, AddSandbox, BackendKind, Event, KeyRequest, KeyView, RouteDump, SandboxView, SetAuth,
+    SetPort, Status,
 };
 use crate::api::{SessionView, TlsMode};
 use crate::client::Client;
 use crate::config::{ServeArgs, DEFAULT_ADMIN_SOCKET};
+use httpgate::CertStatus;
+
+pub(crate) mod out;
+use out::{errln, out, outln};
 
 /// sandboxd hosts persistent coding sandboxes (Incus system containers)
 /// behind one SSH router and one HTTPS proxy.
@@ -388,63 +396,90 @@ pub(crate) fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
 }
 
 pub(crate) fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
+    outln!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
 
-fn print_sandbox(sb: &SandboxView) {
-    let target = if sb.backend == "static" {
+fn print_sandbox(sb: &SandboxView, ssh: &str) -> Result<()> {
+    let target = if sb.backend_kind() == Some(BackendKind::Static) {
         format!("{}:{}", sb.upstream, sb.ssh_port)
     } else {
         format!("incus:{}", sb.upstream)
     };
-    println!("name:              {}", sb.name);
-    println!(
+    outln!("name:              {}", sb.name);
+    outln!(
         "domain:            https://{} -> port {}",
-        sb.domain, sb.app_port
+        sb.domain,
+        sb.app_port
     );
-    println!(
+    outln!(
         "agent:             https://{} -> port {}",
-        sb.agent_host, sb.agent_port
+        sb.agent_host,
+        sb.agent_port
     );
-    println!(
-        "ssh:               ssh -p 2222 {}@HOST -> {}@{}",
-        sb.name, sb.user, target
-    );
+    outln!("ssh:               {ssh} -> {}@{}", sb.user, target);
     let status = match &sb.status_reason {
         Some(r) => format!("{} ({r})", sb.status),
         None => sb.status.clone(),
     };
-    println!("status:            {status}");
+    outln!("status:            {status}");
     if let Some(ip) = &sb.assigned_ipv4 {
-        println!("address:           {ip} (fixed; the gates connect here)");
+        outln!("address:           {ip} (fixed; the gates connect here)");
     }
     if !sb.addresses.is_empty() {
-        println!("reported:          {}", sb.addresses.join(", "));
+        outln!("reported:          {}", sb.addresses.join(", "));
     }
     if let Some(mode) = &sb.egress {
         match sb.egress_allow.as_slice() {
-            [] => println!("egress:            {mode}"),
-            allow => println!("egress:            {mode} ({})", allow.join(", ")),
+            [] => outln!("egress:            {mode}"),
+            allow => outln!("egress:            {mode} ({})", allow.join(", ")),
         }
     }
-    println!("agent login:       {}", login_state(sb));
+    outln!("agent login:       {}", login_state(sb));
     let certs = match (&sb.tls_mode, &sb.tls_cert_file, &sb.tls_key_file) {
         (Some(m), Some(c), Some(k)) => format!("{m} (certificate {c}, key {k})"),
         (Some(m), _, _) => m.to_string(),
         (None, _, _) => "the daemon's default mode".into(),
     };
-    println!("certificates:      {certs}");
-    println!(
+    outln!("certificates:      {certs}");
+    outln!(
         "upstream host key: {}",
         sb.upstream_host_key.as_deref().unwrap_or("not pinned")
     );
-    println!("client keys:");
+    outln!("client keys:");
     for k in &sb.client_keys {
-        println!("  {} {} {}", k.algorithm, k.fingerprint, k.comment);
+        outln!("  {} {} {}", k.algorithm, k.fingerprint, k.comment);
     }
-    println!("gateway key (add to the upstream user's authorized_keys):");
-    println!("  {}", sb.upstream_public_key);
+    outln!("gateway key (add to the upstream user's authorized_keys):");
+    outln!("  {}", sb.upstream_public_key);
+    Ok(())
+}
+
+/// The port to give `ssh -p`: the daemon's SSH listening port as
+/// `/v1/status` reports it. `Err` when the daemon could not be asked,
+/// `Ok(None)` when it has no SSH listener.
+pub(crate) async fn ssh_port(client: &Client) -> Result<Option<u16>> {
+    let st: Status = client.call(Method::GET, "/v1/status", None::<&()>).await?;
+    Ok(st.ssh_port())
+}
+
+/// The SSH command line that reaches sandbox `name` through the gateway.
+pub(crate) fn ssh_command(port: Result<Option<u16>>, name: &str) -> String {
+    match port {
+        Ok(Some(22)) => format!("ssh {name}@HOST"),
+        Ok(Some(port)) => format!("ssh -p {port} {name}@HOST"),
+        Ok(None) => format!("no SSH (the daemon has no SSH listener) for {name}"),
+        Err(_) => format!("ssh -p SSH-PORT {name}@HOST"),
+    }
+}
+
+/// A certificate time as the admin API writes it (RFC 3339), or `none`.
+fn time_or(t: Option<time::OffsetDateTime>, none: &str) -> String {
+    t.and_then(|t| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .ok()
+    })
+    .unwrap_or_else(|| none.to_string())
 }
 
 /// The agent host's login as `list` and `show` say it.
@@ -459,7 +494,7 @@ pub(crate) fn login_state(sb: &SandboxView) -> String {
 /// 401 to everyone).
 pub(crate) const CLOSED: &str = "closed (no login)";
 
-fn print_keys(keys: &[KeyView]) {
+fn print_keys(keys: &[KeyView]) -> Result<()> {
     let rows = keys
         .iter()
         .map(|k| {
@@ -470,7 +505,8 @@ fn print_keys(keys: &[KeyView]) {
             ]
         })
         .collect();
-    print!("{}", table(&["TYPE", "FINGERPRINT", "COMMENT"], rows));
+    out!("{}", table(&["TYPE", "FINGERPRINT", "COMMENT"], rows));
+    Ok(())
 }
 
 /// Runs the CLI; returns the process exit code.
@@ -480,13 +516,10 @@ pub fn main() -> std::process::ExitCode {
         Command::Serve(args) => crate::daemon::main(args, cli.admin_socket),
         Command::Setup(args) => crate::setup::main(*args),
         Command::Completions { shell } => {
-            clap_complete::generate(
-                shell,
-                &mut Cli::command(),
-                "sandboxd",
-                &mut std::io::stdout(),
-            );
-            Ok(())
+            // Generated whole first: clap_complete panics on a failed write.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "sandboxd", &mut script);
+            out::bytes(&script)
         }
         command => {
             let socket = cli
@@ -497,6 +530,8 @@ pub fn main() -> std::process::ExitCode {
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // The reader of the output went away: a normal, quiet end.
+        Err(e) if out::is_closed(&e) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             let mut msg = e.to_string();
             for cause in e.chain().skip(1) {
@@ -548,14 +583,12 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
             let sb: SandboxView = client
                 .call(Method::POST, "/v1/sandboxes", Some(&req))
                 .await?;
-            println!(
-                "added {}: https://{} and ssh -p 2222 {}@HOST",
-                sb.name, sb.domain, sb.name
-            );
-            println!("install the gateway key for {} upstream:", sb.user);
-            println!("  {}", sb.upstream_public_key);
+            let ssh = ssh_command(ssh_port(&client).await, &sb.name);
+            outln!("added {}: https://{} and {ssh}", sb.name, sb.domain);
+            outln!("install the gateway key for {} upstream:", sb.user);
+            outln!("  {}", sb.upstream_public_key);
             if sb.auth_user.is_none() {
-                println!(
+                outln!(
                     "the agent host https://{} is closed until it has a login: sandboxd auth {} USER",
                     sb.agent_host, sb.name
                 );
@@ -582,19 +615,22 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
             crate::cli_lifecycle::top(&client, count, interval).await?
         }
         Command::Show { name, json } => {
-            let sb: SandboxView = client
-                .call(Method::GET, &format!("/v1/sandboxes/{name}"), NONE)
-                .await?;
+            let path = format!("/v1/sandboxes/{name}");
+            let (sb, port) = tokio::join!(
+                client.call::<SandboxView>(Method::GET, &path, NONE),
+                ssh_port(&client)
+            );
+            let sb = sb?;
             if json {
                 return print_json(&sb);
             }
-            print_sandbox(&sb);
+            print_sandbox(&sb, &ssh_command(port, &sb.name))?;
         }
         Command::Remove { name } => {
             let sb: SandboxView = client
                 .call(Method::DELETE, &format!("/v1/sandboxes/{name}"), NONE)
                 .await?;
-            println!("removed {} ({})", sb.name, sb.domain);
+            outln!("removed {} ({})", sb.name, sb.domain);
         }
         Command::Key(KeyCommand::Add { name, files }) => {
             let req = KeyRequest {
@@ -607,7 +643,7 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
                     Some(&req),
                 )
                 .await?;
-            print_keys(&keys);
+            print_keys(&keys)?;
         }
         Command::Key(KeyCommand::List { name, json }) => {
             let keys: Vec<KeyView> = client
@@ -616,7 +652,7 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
             if json {
                 return print_json(&keys);
             }
-            print_keys(&keys);
+            print_keys(&keys)?;
         }
         Command::Key(KeyCommand::Remove { name, keys }) => {
             let req = KeyRequest { keys };
@@ -627,7 +663,7 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
                     Some(&req),
                 )
                 .await?;
-            print_keys(&left);
+            print_keys(&left)?;
         }
         Command::Port { name, app_port } => {
             let sb: SandboxView = client
@@ -637,7 +673,7 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
                     Some(&SetPort { port: app_port }),
                 )
                 .await?;
-            println!("https://{} -> port {}", sb.domain, sb.app_port);
+            outln!("https://{} -> port {}", sb.domain, sb.app_port);
         }
         Command::Auth {
             name,
@@ -648,7 +684,7 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
             let path = format!("/v1/sandboxes/{name}/auth");
             if remove {
                 let sb: SandboxView = client.call(Method::DELETE, &path, NONE).await?;
-                println!(
+                outln!(
                     "login removed from {name}: https://{} is closed until it has a login again (sandboxd auth {name} USER)",
                     sb.agent_host
                 );
@@ -658,7 +694,7 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
                 let sb: SandboxView = client
                     .call(Method::PUT, &path, Some(&SetAuth { user, password }))
                     .await?;
-                println!(
+                outln!(
                     "https://{} now asks for user {}",
                     sb.agent_host,
                     sb.auth_user.unwrap_or_default()
@@ -670,30 +706,33 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
             if json {
                 return print_json(&st);
             }
-            println!(
+            outln!(
                 "sandboxd {} (pid {}), up {} s",
-                st.version, st.pid, st.uptime_secs
+                st.version,
+                st.pid,
+                st.uptime_secs
             );
-            println!("state:      {}", st.state_dir);
-            println!("admin:      {}", st.admin_socket);
-            println!("ssh:        {}", st.ssh_listen.join(" "));
-            println!("https:      {}", st.https_listen.join(" "));
-            println!("http:       {}", st.http_listen.join(" "));
-            println!("sandboxes:  {}", st.sandboxes);
-            println!(
+            outln!("state:      {}", st.state_dir);
+            outln!("admin:      {}", st.admin_socket);
+            outln!("ssh:        {}", st.ssh_listen.join(" "));
+            outln!("https:      {}", st.https_listen.join(" "));
+            outln!("http:       {}", st.http_listen.join(" "));
+            outln!("sandboxes:  {}", st.sandboxes);
+            outln!(
                 "routes:     {} (generation {})",
-                st.routes, st.route_generation
+                st.routes,
+                st.route_generation
             );
             let conns: Vec<String> = st.https_connections.iter().map(|n| n.to_string()).collect();
             match conns.is_empty() {
-                true => println!("https open: none"),
-                false => println!(
+                true => outln!("https open: none"),
+                false => outln!(
                     "https open: {} (client connections per serving thread)",
                     conns.join(" + ")
                 ),
             }
             if let Some(notice) = &st.ca_notice {
-                println!("notice:     {notice}");
+                outln!("notice:     {notice}");
             }
         }
         Command::Routes { json } => {
@@ -714,7 +753,7 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
                     ]
                 })
                 .collect();
-            print!(
+            out!(
                 "{}",
                 table(
                     &["PROTO", "USER/HOST", "SANDBOX", "SERVICE", "TARGET"],
@@ -726,10 +765,10 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
             action: Some(SessionsCommand::Kill { id }),
             ..
         } => {
-            let _: serde_json::Value = client
+            let _: serde::de::IgnoredAny = client
                 .call(Method::DELETE, &format!("/v1/sessions/{id}"), NONE)
                 .await?;
-            println!("session {id} killed");
+            outln!("session {id} killed");
         }
         Command::Sessions { action: None, json } => {
             let sessions: Vec<SessionView> = client.call(Method::GET, "/v1/sessions", NONE).await?;
@@ -754,7 +793,7 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
                     ]
                 })
                 .collect();
-            print!(
+            out!(
                 "{}",
                 table(
                     &["ID", "SANDBOX", "CLIENT", "AGE", "UP", "DOWN", "KEY"],
@@ -768,45 +807,43 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
                 return print_json(&keys);
             }
             for k in keys {
-                println!("{k}");
+                outln!("{k}");
             }
         }
         Command::Certs {
             action: Some(CertsCommand::Renew { domain }),
             ..
         } => {
-            let status: serde_json::Value = client
+            let status: Option<CertStatus> = client
                 .call(Method::POST, &format!("/v1/certs/{domain}/renew"), NONE)
                 .await?;
-            let done = match status["mode"].as_str() {
+            let done = match status.as_ref().map(|s| s.mode.to_string()).as_deref() {
                 Some("manual") => "reloaded from its files",
                 _ => "renewed",
             };
-            println!(
-                "{domain}: {done}, valid until {}",
-                status["not_after"].as_str().unwrap_or("?")
-            );
+            let until = status.and_then(|s| s.not_after);
+            outln!("{domain}: {done}, valid until {}", time_or(until, "?"));
         }
         Command::Certs { action: None, json } => {
-            let certs: Vec<serde_json::Value> = client.call(Method::GET, "/v1/certs", NONE).await?;
+            let certs: Vec<CertStatus> = client.call(Method::GET, "/v1/certs", NONE).await?;
             if json {
                 return print_json(&certs);
             }
-            let s = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_string();
+            let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
             let rows = certs
                 .iter()
                 .map(|c| {
                     vec![
-                        s(&c["domain"]),
-                        s(&c["mode"]),
-                        s(&c["issuer"]),
-                        s(&c["not_after"]),
-                        s(&c["next_renewal"]),
-                        s(&c["last_error"]),
+                        c.domain.clone(),
+                        c.mode.to_string(),
+                        or_dash(&c.issuer),
+                        time_or(c.not_after, "-"),
+                        time_or(c.next_renewal, "-"),
+                        or_dash(&c.last_error),
                     ]
                 })
                 .collect();
-            print!(
+            out!(
                 "{}",
                 table(
                     &[
@@ -823,7 +860,7 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
         }
         Command::CaCert => {
             let pem = client.call_raw(Method::GET, "/v1/ca-cert", None).await?;
-            std::io::stdout().write_all(&pem)?;
+            out::bytes(&pem)?;
         }
         Command::Backup { output } => {
             if output.is_none() && std::io::stdout().is_terminal() {
@@ -833,10 +870,8 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
             match output {
                 Some(path) => write_private(&path, &bytes)?,
                 None => {
-                    let mut out = std::io::stdout().lock();
                     restrict_stdout_file();
-                    out.write_all(&bytes)?;
-                    out.flush()?;
+                    out::bytes(&bytes)?;
                 }
             }
         }
@@ -856,14 +891,15 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
             let result = client
                 .stream(Method::POST, path, Some(doc), |ev| {
                     if let Event::Progress { step, done, total } = ev {
-                        eprintln!("{step}: {done}/{total}");
+                        errln!("{step}: {done}/{total}");
                     }
                 })
                 .await?;
             let r: api::RestoreResult = serde_json::from_value(result)?;
-            println!(
+            outln!(
                 "restored {} sandboxes and {} records",
-                r.sandboxes, r.records
+                r.sandboxes,
+                r.records
             );
         }
     }

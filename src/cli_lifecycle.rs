@@ -3,7 +3,7 @@
 //! their admin API calls. Progress of long operations is printed on stderr,
 //! one line per step; results on stdout.
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -11,10 +11,11 @@ use anyhow::{bail, Context, Result};
 use http::Method;
 
 use crate::api::incus::{
-    CreateSandbox, ImageBuild, ImageView, ImportSandbox, LlmKey, SnapshotRequest, SnapshotView,
-    StatsAnswer, StepOutcome, UnmanagedInstance,
+    CreateSandbox, ImageBuild, ImageView, ImportSandbox, LlmKey, SandboxStats, SnapshotRequest,
+    SnapshotView, StatsAnswer, StepOutcome, UnmanagedInstance,
 };
-use crate::api::{Event, SandboxView};
+use crate::api::{BackendKind, Event, SandboxView, StatusKind};
+use crate::cli::out::{errln, out, outln};
 use crate::cli::{print_json, read_key_files, table};
 use crate::client::Client;
 
@@ -168,24 +169,27 @@ pub enum SnapshotCommand {
 fn progress_printer() -> impl FnMut(&Event) {
     move |ev| match ev {
         Event::Progress { step, done, total } if *total > 0 => {
-            eprintln!("[{done}/{total}] {step}");
+            errln!("[{done}/{total}] {step}");
         }
-        Event::Progress { step, .. } => eprintln!("{step}"),
-        Event::Message { text } => eprintln!("      {text}"),
+        Event::Progress { step, .. } => errln!("{step}"),
+        Event::Message { text } => errln!("      {text}"),
         Event::Login { .. } | Event::Done { .. } | Event::Error { .. } => {}
     }
 }
 
-fn print_live(sb: &SandboxView, verb: &str) {
+async fn print_live(client: &Client, sb: &SandboxView, verb: &str) -> Result<()> {
     let addr = sb
         .assigned_ipv4
         .as_deref()
         .or(sb.addresses.first().map(String::as_str))
         .unwrap_or("-");
-    println!(
-        "{verb} {}: ssh -p 2222 {}@HOST, https://{} (container address {addr})",
-        sb.name, sb.name, sb.domain
+    let ssh = crate::cli::ssh_command(crate::cli::ssh_port(client).await, &sb.name);
+    outln!(
+        "{verb} {}: {ssh}, https://{} (container address {addr})",
+        sb.name,
+        sb.domain
     );
+    Ok(())
 }
 
 /// Runs a streamed create or import: progress on stderr, and the login the
@@ -203,8 +207,8 @@ async fn create_or_import(client: &Client, path: &str, body: Vec<u8>) -> Result<
     let view = result.and_then(|v| Ok(serde_json::from_value::<SandboxView>(v)?));
     if let Some((user, password)) = login {
         let name = view.as_ref().map(|sb| sb.name.as_str()).unwrap_or("NAME");
-        println!("agent login (shown only now): user {user}, password {password}");
-        println!("  change it with: sandboxd auth {name} {user}");
+        outln!("agent login (shown only now): user {user}, password {password}");
+        outln!("  change it with: sandboxd auth {name} {user}");
     }
     view
 }
@@ -225,12 +229,7 @@ pub async fn create(client: &Client, a: CreateArgs) -> Result<()> {
         tls_mode: a.access.tls_mode,
         tls_cert_file,
         tls_key_file,
-        provision: a.provision.map(|m| {
-            serde_json::to_value(m)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default()
-        }),
+        provision: a.provision,
         llm: match (a.llm_provider, a.llm_key_file) {
             (Some(provider), Some(file)) => Some(LlmKey {
                 provider,
@@ -250,7 +249,7 @@ pub async fn create(client: &Client, a: CreateArgs) -> Result<()> {
     };
     let body = serde_json::to_vec(&req)?;
     let sb = create_or_import(client, "/v1/incus/create", body).await?;
-    print_live(&sb, "created");
+    print_live(client, &sb, "created").await?;
     Ok(())
 }
 
@@ -292,7 +291,7 @@ pub async fn image(client: &Client, cmd: ImageCommand) -> Result<()> {
             if json {
                 print_json(&img)?;
             } else {
-                println!(
+                outln!(
                     "published {} ({}, {:.1} MiB, from {}) in {:.0} s",
                     img.alias,
                     &img.fingerprint[..img.fingerprint.len().min(12)],
@@ -312,7 +311,7 @@ pub async fn update_agent(client: &Client, name: &str) -> Result<()> {
         .stream(Method::POST, &path, None, progress_printer())
         .await?;
     let step: StepOutcome = serde_json::from_value(result)?;
-    println!(
+    outln!(
         "{name}: agent {} ({})",
         if step.changed { "updated" } else { "unchanged" },
         step.detail
@@ -338,7 +337,7 @@ pub async fn import(client: &Client, a: ImportArgs) -> Result<()> {
             .iter()
             .map(|i| vec![i.name.clone(), i.status.clone(), i.kind.clone()])
             .collect();
-        print!("{}", table(&["INSTANCE", "STATUS", "TYPE"], rows));
+        out!("{}", table(&["INSTANCE", "STATUS", "TYPE"], rows));
         return Ok(());
     };
     let Some(domain) = a.domain else {
@@ -362,7 +361,7 @@ pub async fn import(client: &Client, a: ImportArgs) -> Result<()> {
     };
     let body = serde_json::to_vec(&req)?;
     let sb = create_or_import(client, "/v1/incus/import", body).await?;
-    print_live(&sb, "adopted");
+    print_live(client, &sb, "adopted").await?;
     Ok(())
 }
 
@@ -379,10 +378,10 @@ pub async fn state_change(client: &Client, name: &str, action: &str) -> Result<(
         "stop" => "stopped",
         _ => "restarted",
     };
-    if sb.status == "running" {
-        print_live(&sb, past);
+    if sb.status_kind() == Some(StatusKind::Running) {
+        print_live(client, &sb, past).await?;
     } else {
-        println!("{past} {}", sb.name);
+        outln!("{past} {}", sb.name);
     }
     Ok(())
 }
@@ -401,8 +400,8 @@ pub async fn egress(client: &Client, a: EgressCommandArgs) -> Result<()> {
         .await?;
     let mode = sb.egress.as_deref().unwrap_or("-");
     match sb.egress_allow.as_slice() {
-        [] => println!("egress of {}: {mode}", sb.name),
-        allow => println!("egress of {}: {mode} ({})", sb.name, allow.join(", ")),
+        [] => outln!("egress of {}: {mode}", sb.name),
+        allow => outln!("egress of {}: {mode} ({})", sb.name, allow.join(", ")),
     }
     Ok(())
 }
@@ -411,7 +410,7 @@ pub async fn delete(client: &Client, name: &str) -> Result<()> {
     let sb: SandboxView = client
         .call(Method::DELETE, &format!("/v1/incus/sandboxes/{name}"), NONE)
         .await?;
-    println!("deleted {} ({}) and its container", sb.name, sb.domain);
+    outln!("deleted {} ({}) and its container", sb.name, sb.domain);
     Ok(())
 }
 
@@ -425,7 +424,7 @@ pub async fn snapshot(client: &Client, cmd: SnapshotCommand) -> Result<()> {
                     Some(&SnapshotRequest { name: snap }),
                 )
                 .await?;
-            println!("snapshot {} of {name} taken", s.name);
+            outln!("snapshot {} of {name} taken", s.name);
         }
         SnapshotCommand::List { name, json } => {
             let all: Vec<SnapshotView> = client
@@ -442,7 +441,7 @@ pub async fn snapshot(client: &Client, cmd: SnapshotCommand) -> Result<()> {
                 .iter()
                 .map(|s| vec![s.name.clone(), s.created_at.clone()])
                 .collect();
-            print!("{}", table(&["SNAPSHOT", "CREATED"], rows));
+            out!("{}", table(&["SNAPSHOT", "CREATED"], rows));
         }
         SnapshotCommand::Restore { name, snap } => {
             let sb: SandboxView = client
@@ -452,57 +451,81 @@ pub async fn snapshot(client: &Client, cmd: SnapshotCommand) -> Result<()> {
                     NONE,
                 )
                 .await?;
-            println!("restored {name} to {snap}; now {}", sb.status);
+            outln!("restored {name} to {snap}; now {}", sb.status);
         }
         SnapshotCommand::Delete { name, snap } => {
-            let _: serde_json::Value = client
+            let _: serde::de::IgnoredAny = client
                 .call(
                     Method::DELETE,
                     &format!("/v1/incus/sandboxes/{name}/snapshots/{snap}"),
                     NONE,
                 )
                 .await?;
-            println!("snapshot {snap} of {name} deleted");
+            outln!("snapshot {snap} of {name} deleted");
         }
     }
     Ok(())
 }
 
-/// Every sandbox as a JSON object, with live Incus figures added
-/// (`state`, `ipv4`, `ipv6`, `cpu_percent`, `memory_bytes`,
-/// `memory_limit_bytes`, `disk_bytes`; null for static sandboxes), and the
-/// reason there are none when Incus is unreachable.
-async fn list_with_stats(client: &Client) -> Result<(Vec<serde_json::Value>, Option<String>)> {
-    let (all, stats) = tokio::join!(
-        client.call::<Vec<serde_json::Value>>(Method::GET, "/v1/sandboxes", NONE),
-        client.call::<StatsAnswer>(Method::GET, "/v1/incus/stats", NONE),
-    );
-    let mut all = all?;
-    let stats = stats.context("reading live figures")?;
-    for sb in &mut all {
-        let Some(obj) = sb.as_object_mut() else {
-            continue;
-        };
-        let name = obj.get("name").and_then(|n| n.as_str()).unwrap_or("");
-        let st = stats.sandboxes.iter().find(|s| s.name == name);
-        let fields = match st {
-            Some(s) => serde_json::json!({
-                "state": s.state, "ipv4": s.ipv4, "ipv6": s.ipv6,
-                "cpu_percent": s.cpu_percent, "memory_bytes": s.memory_bytes,
-                "memory_limit_bytes": s.memory_limit_bytes, "disk_bytes": s.disk_bytes,
-            }),
-            None => serde_json::json!({
-                "state": null, "ipv4": null, "ipv6": null, "cpu_percent": null,
-                "memory_bytes": null, "memory_limit_bytes": null, "disk_bytes": null,
-            }),
-        };
-        if let Some(f) = fields.as_object() {
-            for (k, v) in f {
-                obj.insert(k.clone(), v.clone());
-            }
+/// One row of `list` and `top`: a sandbox's view and its live Incus
+/// figures; in `--json`, one object with the figures' fields beside the
+/// view's (null for static sandboxes and when Incus is unreachable).
+#[derive(Debug, serde::Serialize)]
+struct ListRow {
+    #[serde(flatten)]
+    sandbox: SandboxView,
+    #[serde(flatten)]
+    live: Live,
+}
+
+/// Live figures of a sandbox (see [`SandboxStats`]).
+#[derive(Debug, Default, serde::Serialize)]
+struct Live {
+    state: Option<String>,
+    ipv4: Option<String>,
+    ipv6: Option<String>,
+    cpu_percent: Option<f64>,
+    memory_bytes: Option<u64>,
+    memory_limit_bytes: Option<u64>,
+    disk_bytes: Option<u64>,
+}
+
+impl From<&SandboxStats> for Live {
+    fn from(s: &SandboxStats) -> Self {
+        Live {
+            state: Some(s.state.clone()),
+            ipv4: s.ipv4.clone(),
+            ipv6: s.ipv6.clone(),
+            cpu_percent: s.cpu_percent,
+            memory_bytes: s.memory_bytes,
+            memory_limit_bytes: s.memory_limit_bytes,
+            disk_bytes: s.disk_bytes,
         }
     }
-    Ok((all, stats.incus_error))
+}
+
+/// Every sandbox with its live figures, and the reason there are none
+/// when Incus is unreachable.
+async fn list_with_stats(client: &Client) -> Result<(Vec<ListRow>, Option<String>)> {
+    let (all, stats) = tokio::join!(
+        client.call::<Vec<SandboxView>>(Method::GET, "/v1/sandboxes", NONE),
+        client.call::<StatsAnswer>(Method::GET, "/v1/incus/stats", NONE),
+    );
+    let all = all?;
+    let stats = stats.context("reading live figures")?;
+    let rows = all
+        .into_iter()
+        .map(|sandbox| {
+            let live = stats
+                .sandboxes
+                .iter()
+                .find(|s| s.name == sandbox.name)
+                .map(Live::from)
+                .unwrap_or_default();
+            ListRow { sandbox, live }
+        })
+        .collect();
+    Ok((rows, stats.incus_error))
 }
 
 fn human_bytes(b: Option<u64>) -> String {
@@ -523,56 +546,36 @@ fn human_bytes(b: Option<u64>) -> String {
     }
 }
 
-fn render_table(all: &[serde_json::Value]) -> String {
-    let s = |v: &serde_json::Value, k: &str| -> String {
-        match v.get(k) {
-            Some(serde_json::Value::String(s)) => s.clone(),
-            Some(serde_json::Value::Number(n)) => n.to_string(),
-            _ => "-".into(),
-        }
-    };
+fn render_table(all: &[ListRow]) -> String {
+    let dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
     let rows = all
         .iter()
-        .map(|v| {
-            let upstream = if s(v, "backend") == "static" {
-                format!("{}:{}", s(v, "upstream"), s(v, "ssh_port"))
-            } else {
-                format!("incus:{}", s(v, "upstream"))
+        .map(|ListRow { sandbox: sb, live }| {
+            let upstream = match sb.backend_kind() {
+                Some(BackendKind::Static) => format!("{}:{}", sb.upstream, sb.ssh_port),
+                _ => format!("incus:{}", sb.upstream),
             };
-            let cpu = v
-                .get("cpu_percent")
-                .and_then(|c| c.as_f64())
+            let cpu = live
+                .cpu_percent
                 .map(|c| format!("{c:.1}%"))
                 .unwrap_or_else(|| "-".into());
-            let mem = match (
-                v.get("memory_bytes").and_then(|m| m.as_u64()),
-                v.get("memory_limit_bytes").and_then(|m| m.as_u64()),
-            ) {
+            let mem = match (live.memory_bytes, live.memory_limit_bytes) {
                 (Some(m), Some(l)) => format!("{}/{}", human_bytes(Some(m)), human_bytes(Some(l))),
                 (m, _) => human_bytes(m),
             };
-            let keys = v
-                .get("client_keys")
-                .and_then(|k| k.as_array())
-                .map(|a| a.len().to_string())
-                .unwrap_or_default();
-            let login = match v.get("auth_user").and_then(|u| u.as_str()) {
-                Some(u) => u.to_string(),
-                None => crate::cli::CLOSED.to_string(),
-            };
             vec![
-                s(v, "name"),
-                s(v, "domain"),
-                s(v, "status"),
+                sb.name.clone(),
+                sb.domain.clone(),
+                sb.status.clone(),
                 upstream,
-                s(v, "ipv4"),
-                s(v, "ipv6"),
+                dash(&live.ipv4),
+                dash(&live.ipv6),
                 cpu,
                 mem,
-                human_bytes(v.get("disk_bytes").and_then(|d| d.as_u64())),
-                s(v, "app_port"),
-                keys,
-                login,
+                human_bytes(live.disk_bytes),
+                sb.app_port.to_string(),
+                sb.client_keys.len().to_string(),
+                crate::cli::login_state(sb),
             ]
         })
         .collect();
@@ -592,9 +595,9 @@ pub async fn list(client: &Client, json: bool) -> Result<()> {
     if json {
         return print_json(&all);
     }
-    print!("{}", render_table(&all));
+    out!("{}", render_table(&all));
     if let Some(e) = incus_error {
-        eprintln!("note: no live figures: {e}");
+        errln!("note: no live figures: {e}");
     }
     Ok(())
 }
@@ -619,11 +622,7 @@ pub async fn top(client: &Client, count: Option<u64>, interval: f64) -> Result<(
         if let Some(e) = incus_error {
             out.push_str(&format!("note: no live figures: {e}\n"));
         }
-        {
-            let mut stdout = std::io::stdout().lock();
-            stdout.write_all(out.as_bytes())?;
-            stdout.flush()?;
-        }
+        crate::cli::out::bytes(out.as_bytes())?;
         n += 1;
         if count.is_some_and(|c| n >= c) {
             return Ok(());

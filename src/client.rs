@@ -1,4 +1,5 @@
-//! The admin API client used by every CLI command except `serve`.
+//! The admin API client used by every CLI command except `serve`, `setup`
+//! and `completions`.
 //!
 //! Before a byte is sent on a connection, the process serving the socket
 //! must be root, the CLI's own user or the daemon's user (see

@@ -48,6 +48,13 @@ fn add_list_show_remove() {
         human.contains("https://shelley.myapp.example.test"),
         "{human}"
     );
+    // The SSH port the daemon listens on, not a fixed 2222.
+    let ssh = format!(
+        "ssh -p {} myapp-example-com@HOST",
+        d.listen_port("ssh_listen")
+    );
+    assert!(human.contains(&ssh), "{human}");
+    assert!(out.contains(&ssh), "add: {out}");
 
     d.ok(&["remove", "myapp-example-com"]);
     assert_eq!(d.json(&["list", "--json"]), serde_json::json!([]));
@@ -561,4 +568,75 @@ fn readable_manual_key_file_is_refused() {
         err.contains("is readable by other users (mode 0640)"),
         "{err}"
     );
+}
+
+/// Runs `cmd` with its stdout a pipe whose reader is already gone, so that
+/// every write fails (EPIPE).
+fn with_closed_stdout(cmd: &mut std::process::Command) -> std::process::Output {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap()
+}
+
+/// A reader that goes away (`| head -1`) ends a command quietly: exit
+/// status 0, nothing on stderr, no panic; whatever the command prints.
+#[test]
+fn output_survives_a_closed_pipe() {
+    let d = Daemon::start(common::BIN);
+    d.add("a", "a.example.test");
+    let quiet = |what: &str, out: std::process::Output| {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && err.is_empty(),
+            "{what}: {} {err}",
+            out.status
+        );
+    };
+    let bin = || std::process::Command::new(common::BIN);
+    quiet(
+        "completions bash",
+        with_closed_stdout(bin().args(["completions", "bash"])),
+    );
+    quiet("--help", with_closed_stdout(bin().arg("--help")));
+    let socket = d.socket.to_str().unwrap();
+    for args in [
+        &["list"][..],
+        &["list", "--json"],
+        &["show", "a"],
+        &["status"],
+        &["certs"],
+        &["key", "list", "a"],
+        &["backup"],
+        &["top", "--count", "2", "--interval", "0.1"],
+    ] {
+        let out = with_closed_stdout(bin().args(["--admin-socket", socket]).args(args));
+        quiet(&args.join(" "), out);
+    }
+    // A reader that takes the first line and goes: later writes fail.
+    let mut child = bin()
+        .args(["--admin-socket", socket])
+        .args(["top", "--count", "5", "--interval", "0.1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    let stdout = child.stdout.take().unwrap();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut first).unwrap();
+    assert!(first.starts_with("NAME"), "{first}");
+    quiet("top | head -1", child.wait_with_output().unwrap());
+    // With the shell's own pipe and pipefail, as users write it.
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "set -o pipefail; {} completions bash | head -1 >/dev/null",
+            common::BIN
+        ))
+        .output()
+        .unwrap();
+    quiet("completions bash | head -1", out);
 }

@@ -43,7 +43,7 @@ pub struct CreateSandbox {
     /// `auto`, `full`, `sandbox` or `none`; the daemon's `provision.mode`
     /// when absent.
     #[serde(default)]
-    pub provision: Option<String>,
+    pub provision: Option<crate::config::ProvisionMode>,
     /// The LLM provider's key for this sandbox (else the daemon's
     /// `provision.llm_key_file`). Travels only over the admin socket.
     #[serde(default)]

@@ -229,3 +229,56 @@ pub struct SessionView {
     pub bytes_up: u64,
     pub bytes_down: u64,
 }
+
+/// Where a sandbox runs, as [`SandboxView::backend`] names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// An existing machine (`sandboxd add`).
+    Static,
+    /// An Incus container (`sandboxd create` or `import`).
+    Incus,
+}
+
+/// A sandbox's lifecycle state, as [`SandboxView::status`] names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StatusKind {
+    Creating,
+    Running,
+    Stopped,
+    Failed,
+}
+
+impl SandboxView {
+    /// The backend, typed; `None` for a name this build does not know.
+    pub fn backend_kind(&self) -> Option<BackendKind> {
+        match self.backend.as_str() {
+            "static" => Some(BackendKind::Static),
+            "incus" => Some(BackendKind::Incus),
+            _ => None,
+        }
+    }
+
+    /// The status, typed; `None` for a name this build does not know.
+    pub fn status_kind(&self) -> Option<StatusKind> {
+        match self.status.as_str() {
+            "creating" => Some(StatusKind::Creating),
+            "running" => Some(StatusKind::Running),
+            "stopped" => Some(StatusKind::Stopped),
+            "failed" => Some(StatusKind::Failed),
+            _ => None,
+        }
+    }
+}
+
+impl Status {
+    /// The port of the SSH router's first listening address, the one to
+    /// give `ssh -p`; `None` when the daemon has no SSH listener.
+    pub fn ssh_port(&self) -> Option<u16> {
+        self.ssh_listen
+            .iter()
+            .find_map(|a| a.parse::<std::net::SocketAddr>().ok())
+            .map(|a| a.port())
+    }
+}

@@ -9,7 +9,6 @@ use super::record::{egress_of, Settings};
 use super::{golden, image_source, random_id, Lifecycle, LifecycleError, Meta, Progress, Result};
 use crate::api::incus::CreateSandbox;
 use crate::api::SandboxView;
-use crate::config::ProvisionMode;
 
 impl Lifecycle {
     /// `sandboxd create`: preflight (nothing stored on failure), record,
@@ -24,13 +23,7 @@ impl Lifecycle {
     ) -> Result<SandboxView> {
         store::validate_name(&req.name)?;
         let name = req.name.clone();
-        let mode = match &req.provision {
-            Some(m) => Some(
-                m.parse::<ProvisionMode>()
-                    .map_err(LifecycleError::Invalid)?,
-            ),
-            None => None,
-        };
+        let mode = req.provision;
         let extras = golden::Extras {
             llm: req.llm.clone(),
             hook: req.hook.clone(),

@@ -115,7 +115,7 @@ fn abort(e: Error) -> ConflictableTransactionError<Error> {
 }
 
 fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
-    serde_json::to_vec(v).map_err(|e| Error::Storage(format!("encoding: {e}")))
+    serde_json::to_vec(v).map_err(|e| Error::Storage(format!("cannot encode a record: {e}")))
 }
 
 fn decode_sandbox(key: &[u8], bytes: &[u8]) -> Result<Sandbox> {
@@ -214,7 +214,12 @@ impl Store {
         let db = sled::Config::new()
             .path(dir.join("db"))
             .open()
-            .map_err(|e| Error::Storage(format!("cannot open database: {e}")))?;
+            .map_err(|e| {
+                Error::Storage(format!(
+                    "cannot open the database: {}",
+                    crate::error::sled_sentence(&e)
+                ))
+            })?;
         let store = Store {
             sandboxes: db.open_tree("sandboxes")?,
             hosts: db.open_tree("hosts")?,

@@ -1,0 +1,689 @@
+//! Daemon configuration: a TOML file merged with `sandboxd serve` flags
+//! (flags win), in two stages: collect raw values, then validate them all,
+//! reporting every problem at once. Unknown keys are errors.
+//!
+//! Each key of the file is declared once, in a `config_keys!` block
+//! ([`keys`]): the top level here, `[provision]` in [`provision`], `[http]`
+//! in [`http`], `[ssh]` in [`ssh`]. The README's example must list every
+//! declared key (a unit test in `keys` holds it to that).
+//!
+//! The daemon's settings come only from here. Other environment variables
+//! are read where they are used: `SANDBOXD_ADMIN_SOCKET` by `cli` (the
+//! `--admin-socket` option), `SANDBOXD_DAEMON_USER` by `client`,
+//! `RUST_LOG` by `daemon` (over `log`), `NOTIFY_SOCKET`, `WATCHDOG_USEC`
+//! and `WATCHDOG_PID` by `notify`, and `PATH` by `setup`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+
+pub mod http;
+pub mod keys;
+pub mod provision;
+pub mod ssh;
+
+pub use http::HttpSettings;
+pub use provision::{ProvisionConfig, ProvisionMode, DEFAULT_GOLDEN_ALIAS};
+pub use ssh::SshSettings;
+
+use keys::{Int, List, Str, Table};
+
+/// Default admin socket path.
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/sandboxd/admin.sock";
+/// Default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/sandboxd";
+/// Default ACME directory (Let's Encrypt production).
+pub const DEFAULT_ACME_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/directory";
+
+/// Flags of `sandboxd serve`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ServeArgs {
+    /// TOML configuration file; flags given here override its values.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Directory for the database, keys and certificates (created 0700).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Address for the SSH router (repeatable) [default: 0.0.0.0:2222 and [::]:2222].
+    #[arg(long, value_name = "ADDR")]
+    pub ssh_listen: Vec<String>,
+    /// Address for HTTPS (repeatable) [default: 0.0.0.0:443 and [::]:443].
+    #[arg(long, value_name = "ADDR")]
+    pub https_listen: Vec<String>,
+    /// Address for plain HTTP: ACME HTTP-01 and redirects (repeatable) [default: 0.0.0.0:80 and [::]:80].
+    #[arg(long, value_name = "ADDR")]
+    pub http_listen: Vec<String>,
+    /// Default certificate source for new domains.
+    #[arg(long, value_name = "MODE", value_parser = ["internal", "acme"])]
+    pub tls_mode: Option<String>,
+    /// ACME directory URL [default: Let's Encrypt production].
+    #[arg(long, value_name = "URL")]
+    pub acme_directory: Option<String>,
+    /// Extra PEM root to trust for the ACME server's own TLS (a test CA).
+    #[arg(long, value_name = "FILE")]
+    pub acme_ca_root: Option<PathBuf>,
+    /// Contact e-mail for the ACME account.
+    #[arg(long, value_name = "EMAIL")]
+    pub acme_email: Option<String>,
+    /// Incus unix socket [default: /var/lib/incus/unix.socket or /run/incus/unix.socket].
+    #[arg(long, value_name = "PATH")]
+    pub incus_socket: Option<PathBuf>,
+}
+
+/// How certificates are obtained by default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    Internal,
+    Acme,
+}
+
+/// Validated daemon configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub state_dir: PathBuf,
+    pub admin_socket: PathBuf,
+    /// Members of this group may use the admin socket (besides root).
+    pub admin_group: Option<String>,
+    pub ssh_listen: Vec<SocketAddr>,
+    pub https_listen: Vec<SocketAddr>,
+    pub http_listen: Vec<SocketAddr>,
+    pub tls_mode: TlsMode,
+    pub acme_directory: String,
+    pub acme_ca_root: Option<PathBuf>,
+    pub acme_email: Option<String>,
+    /// ACME challenge types in order of preference (a failed attempt moves to the next).
+    pub acme_challenges: Vec<httpgate::ChallengeKind>,
+    /// `tracing` filter, e.g. `info` or `sandboxd=debug,info`.
+    pub log: String,
+    /// Text shown to SSH clients before authentication.
+    pub ssh_banner: Option<String>,
+    /// Incus settings (socket, default image, reconcile period).
+    pub incus: IncusConfig,
+    /// What `create` and `image build` install in containers.
+    pub provision: ProvisionConfig,
+    /// The `[http]` table: proxy limits, timeouts and trusted proxies.
+    pub http: HttpSettings,
+    /// DNS suffixes the internal CA may issue for (its root's name
+    /// constraints), lowercase, without leading dot; `internal` mode is
+    /// refused for domains outside them.
+    pub internal_ca_suffixes: Vec<String>,
+    /// The `[ssh]` table: the SSH gate's limits.
+    pub ssh: SshSettings,
+}
+
+/// Default image alias of `sandboxd create`.
+pub const DEFAULT_IMAGE: &str = "debian/12";
+/// Default period of the Incus reconcile, in seconds.
+pub const DEFAULT_RECONCILE_SECS: u64 = 30;
+
+/// Incus settings of the daemon.
+#[derive(Debug, Clone)]
+pub struct IncusConfig {
+    /// Socket path; `None` finds the standard locations.
+    pub socket: Option<PathBuf>,
+    /// Image alias (or `URL:ALIAS` on a simplestreams server) used when
+    /// `create` names none.
+    pub default_image: String,
+    /// Period of the full reconcile with Incus.
+    pub reconcile_secs: u64,
+}
+
+/// Every problem found in the configuration.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", render(.0))]
+pub struct ConfigErrors(pub Vec<String>);
+
+fn render(problems: &[String]) -> String {
+    match problems {
+        [one] => one.clone(),
+        many => {
+            let mut s = format!("{} problems in the configuration:", many.len());
+            for p in many {
+                s.push_str("\n  - ");
+                s.push_str(p);
+            }
+            s
+        }
+    }
+}
+
+keys::config_keys! {
+    /// The top level of the configuration file as read; `None` means not
+    /// given. (Its tables' fields stay empty: their modules read them.)
+    #[allow(dead_code)]
+    pub(crate) struct RawFile in "" {
+        /// Directory of the database, keys and certificates (created 0700).
+        state_dir: Str = "\"/var/lib/sandboxd\"",
+        /// The admin API's unix socket.
+        admin_socket: Str = "\"/run/sandboxd/admin.sock\"",
+        /// Members of this group may use the admin socket (besides root).
+        admin_group: Str = "none",
+        /// Addresses of the SSH router.
+        ssh_listen: List = "[\"0.0.0.0:2222\", \"[::]:2222\"]",
+        /// Addresses of the HTTPS proxy.
+        https_listen: List = "[\"0.0.0.0:443\", \"[::]:443\"]",
+        /// Addresses of plain HTTP (ACME HTTP-01 and redirects).
+        http_listen: List = "[\"0.0.0.0:80\", \"[::]:80\"]",
+        /// Default certificate source of new domains: internal or acme.
+        tls_mode: Str = "\"internal\"",
+        /// ACME directory URL.
+        acme_directory: Str = "Let's Encrypt production",
+        /// Extra PEM root to trust for the ACME server's own TLS.
+        acme_ca_root: Str = "none",
+        /// Contact e-mail of the ACME account.
+        acme_email: Str = "none",
+        /// ACME challenge types in order of preference.
+        acme_challenges: List = "[\"tls-alpn-01\", \"http-01\"]",
+        /// `tracing` filter, e.g. info or sandboxd=debug,info.
+        log: Str = "\"info\"",
+        /// Text shown to SSH clients before authentication.
+        ssh_banner: Str = "none",
+        /// Incus unix socket.
+        incus_socket: Str = "the first standard socket",
+        /// Image alias of `create` without --image.
+        default_image: Str = "\"debian/12\"",
+        /// Seconds between full reconciles with Incus.
+        incus_reconcile_secs: Int<1, 86_400> = "30",
+        /// DNS suffixes the internal CA may issue for.
+        internal_ca_suffixes: List = "httpgate's list of names no public CA issues for",
+        /// What containers get (see the `provision` module).
+        provision: Table = "",
+        /// The HTTPS proxy's limits and timeouts (see the `http` module).
+        http: Table = "",
+        /// The SSH gate's limits (see the `ssh` module).
+        ssh: Table = "",
+    }
+}
+
+/// The configuration file, read: its top-level values and its tables.
+#[derive(Default)]
+struct Raw {
+    file: RawFile,
+    provision: ProvisionConfig,
+    http: HttpSettings,
+    ssh: SshSettings,
+}
+
+fn read_file(path: &Path, errs: &mut Vec<String>) -> Raw {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            errs.push(format!("cannot read config file {}: {e}", path.display()));
+            return Raw::default();
+        }
+    };
+    let table: toml::Table = match text.parse() {
+        Ok(t) => t,
+        Err(e) => {
+            let msg = e.to_string().replace('\n', " ");
+            errs.push(format!(
+                "config file {} is not valid TOML: {msg}",
+                path.display()
+            ));
+            return Raw::default();
+        }
+    };
+    keys::check_unknown(&table, "", RawFile::KEYS, Some(path), errs);
+    Raw {
+        file: RawFile::read_known(&table, errs),
+        provision: provision::read(&table, errs),
+        http: http::read(&table, errs),
+        ssh: ssh::read(&table, errs),
+    }
+}
+
+fn addrs(
+    key: &str,
+    given: Option<Vec<String>>,
+    default: &[&str],
+    errs: &mut Vec<String>,
+) -> Vec<SocketAddr> {
+    let values = given.unwrap_or_else(|| default.iter().map(|s| s.to_string()).collect());
+    let mut out = Vec::new();
+    for v in values {
+        match v.parse::<SocketAddr>() {
+            Ok(a) if !out.contains(&a) => out.push(a),
+            Ok(a) => errs.push(format!("`{key}`: {a} is listed twice")),
+            Err(_) => errs.push(format!(
+                "`{key}`: {v:?} is not an address like 0.0.0.0:2222 or [::]:2222"
+            )),
+        }
+    }
+    out
+}
+
+fn nonempty(v: Vec<String>) -> Option<Vec<String>> {
+    (!v.is_empty()).then_some(v)
+}
+
+/// Merges the file named by `--config` (if any) with the flags and validates
+/// the result. `admin_socket` comes from the global option.
+pub fn load(args: &ServeArgs, admin_socket: Option<PathBuf>) -> Result<Config, ConfigErrors> {
+    let mut errs = Vec::new();
+    let raw = match &args.config {
+        Some(path) => read_file(path, &mut errs),
+        None => Raw::default(),
+    };
+    let Raw {
+        file,
+        provision,
+        http,
+        ssh,
+    } = raw;
+    let state_dir = args
+        .state_dir
+        .clone()
+        .or(file.state_dir.map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+    let admin_socket = admin_socket
+        .or(file.admin_socket.map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET));
+    let ssh_listen = addrs(
+        "ssh_listen",
+        nonempty(args.ssh_listen.clone()).or(file.ssh_listen),
+        &["0.0.0.0:2222", "[::]:2222"],
+        &mut errs,
+    );
+    let https_listen = addrs(
+        "https_listen",
+        nonempty(args.https_listen.clone()).or(file.https_listen),
+        &["0.0.0.0:443", "[::]:443"],
+        &mut errs,
+    );
+    let http_listen = addrs(
+        "http_listen",
+        nonempty(args.http_listen.clone()).or(file.http_listen),
+        &["0.0.0.0:80", "[::]:80"],
+        &mut errs,
+    );
+    let tls_mode = match args.tls_mode.clone().or(file.tls_mode).as_deref() {
+        None | Some("internal") => TlsMode::Internal,
+        Some("acme") => TlsMode::Acme,
+        Some(other) => {
+            errs.push(format!(
+                "`tls_mode` must be internal or acme, not {other:?}"
+            ));
+            TlsMode::Internal
+        }
+    };
+    let acme_directory = args
+        .acme_directory
+        .clone()
+        .or(file.acme_directory)
+        .unwrap_or_else(|| DEFAULT_ACME_DIRECTORY.to_string());
+    if !acme_directory.starts_with("https://") {
+        errs.push(format!(
+            "`acme_directory` must be an https:// URL, not {acme_directory:?}"
+        ));
+    }
+    let acme_ca_root = args
+        .acme_ca_root
+        .clone()
+        .or(file.acme_ca_root.map(PathBuf::from));
+    if let Some(p) = &acme_ca_root {
+        match std::fs::read_to_string(p) {
+            Err(e) => errs.push(format!("`acme_ca_root` {}: {e}", p.display())),
+            Ok(pem) if !pem.contains("-----BEGIN CERTIFICATE-----") => errs.push(format!(
+                "`acme_ca_root` {}: no PEM certificate in it (the ACME server's TLS root, `-----BEGIN CERTIFICATE-----`)",
+                p.display()
+            )),
+            Ok(_) => {}
+        }
+    }
+    let acme_email = args.acme_email.clone().or(file.acme_email);
+    if let Some(e) = &acme_email {
+        if !e.contains('@') || e.contains(char::is_whitespace) {
+            errs.push(format!("`acme_email` {e:?} is not an e-mail address"));
+        }
+    }
+    let mut acme_challenges = Vec::new();
+    for c in file
+        .acme_challenges
+        .unwrap_or_else(|| vec!["tls-alpn-01".into(), "http-01".into()])
+    {
+        let kind = match c.as_str() {
+            "http-01" => httpgate::ChallengeKind::Http01,
+            "tls-alpn-01" => httpgate::ChallengeKind::TlsAlpn01,
+            other => {
+                errs.push(format!(
+                    "`acme_challenges`: {other:?} is not http-01 or tls-alpn-01"
+                ));
+                continue;
+            }
+        };
+        if acme_challenges.contains(&kind) {
+            errs.push(format!("`acme_challenges`: {c} is listed twice"));
+        } else {
+            acme_challenges.push(kind);
+        }
+    }
+    if acme_challenges.is_empty() && !errs.iter().any(|e| e.contains("acme_challenges")) {
+        errs.push("`acme_challenges` must name http-01, tls-alpn-01 or both".into());
+    }
+    let admin_group = file.admin_group;
+    if let Some(g) = &admin_group {
+        match nix::unistd::Group::from_name(g) {
+            Ok(Some(_)) => {}
+            Ok(None) => errs.push(format!("`admin_group`: no group named {g:?}")),
+            Err(e) => errs.push(format!("`admin_group` {g:?}: {e}")),
+        }
+    }
+    let log = file.log.unwrap_or_else(|| "info".to_string());
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log) {
+        errs.push(format!("`log` {log:?}: {e}"));
+    }
+    let incus = IncusConfig {
+        socket: args
+            .incus_socket
+            .clone()
+            .or(file.incus_socket.map(PathBuf::from)),
+        default_image: file
+            .default_image
+            .unwrap_or_else(|| DEFAULT_IMAGE.to_string()),
+        reconcile_secs: file.incus_reconcile_secs.unwrap_or(DEFAULT_RECONCILE_SECS),
+    };
+    if incus.default_image.trim().is_empty() {
+        errs.push("`default_image` must not be empty".to_string());
+    }
+    let internal_ca_suffixes = ca_suffixes(file.internal_ca_suffixes, &mut errs);
+    if !errs.is_empty() {
+        return Err(ConfigErrors(errs));
+    }
+    Ok(Config {
+        state_dir,
+        admin_socket,
+        admin_group,
+        ssh_listen,
+        https_listen,
+        http_listen,
+        tls_mode,
+        acme_directory,
+        acme_ca_root,
+        acme_email,
+        acme_challenges,
+        log,
+        ssh_banner: file.ssh_banner,
+        incus,
+        provision,
+        http,
+        internal_ca_suffixes,
+        ssh,
+    })
+}
+
+/// `internal_ca_suffixes`: DNS names (leading and trailing dots are
+/// allowed and dropped), at least one; the default is httpgate's list of names no
+/// public CA issues for.
+fn ca_suffixes(given: Option<Vec<String>>, errs: &mut Vec<String>) -> Vec<String> {
+    let Some(given) = given else {
+        return httpgate::DEFAULT_INTERNAL_SUFFIXES
+            .iter()
+            .map(|s| (*s).to_string())
+            .collect();
+    };
+    let mut out: Vec<String> = Vec::new();
+    for raw in given {
+        let s = raw.trim().trim_matches('.').to_ascii_lowercase();
+        let ok = !s.is_empty()
+            && s.len() <= 253
+            && s.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
+        if !ok {
+            errs.push(format!(
+                "`internal_ca_suffixes`: {raw:?} is not a DNS suffix like .test or .corp.example"
+            ));
+        } else if !out.contains(&s) {
+            out.push(s);
+        }
+    }
+    if out.is_empty() && !errs.iter().any(|e| e.contains("internal_ca_suffixes")) {
+        errs.push("`internal_ca_suffixes` must name at least one DNS suffix".into());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn with_file(text: &str) -> (tempfile::NamedTempFile, ServeArgs) {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), text).unwrap();
+        let args = ServeArgs {
+            config: Some(f.path().to_path_buf()),
+            ..Default::default()
+        };
+        (f, args)
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let (_f, mut args) = with_file("state_dir = \"/a\"\nssh_listen = [\"127.0.0.1:1\"]\n");
+        args.state_dir = Some("/b".into());
+        let c = load(&args, None).unwrap();
+        assert_eq!(c.state_dir, PathBuf::from("/b"));
+        assert_eq!(c.ssh_listen, vec!["127.0.0.1:1".parse().unwrap()]);
+        assert_eq!(c.admin_socket, PathBuf::from(DEFAULT_ADMIN_SOCKET));
+    }
+
+    #[test]
+    fn every_problem_reported_at_once() {
+        let (_f, args) = with_file(
+            "bogus = 1\nssh_listen = [\"nope\"]\ntls_mode = \"x\"\nacme_directory = \"http://a\"\nstate_dir = 3\n",
+        );
+        let err = load(&args, None).unwrap_err();
+        assert_eq!(err.0.len(), 5, "{err}");
+        let text = err.to_string();
+        for needle in ["bogus", "nope", "tls_mode", "acme_directory", "state_dir"] {
+            assert!(text.contains(needle), "{needle} missing from {text}");
+        }
+    }
+
+    #[test]
+    fn provision_table_is_checked_key_by_key() {
+        let (_f, args) = with_file(
+            "[provision]\nmode = \"fast\"\nagent = \"command\"\nllm_key_file = \"/nonexistent/key\"\nbogus = 1\n",
+        );
+        let text = load(&args, None).unwrap_err().to_string();
+        for needle in [
+            "provision.mode",
+            "agent_command",
+            "llm_provider",
+            "/nonexistent/key",
+            "provision.bogus",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from {text}");
+        }
+        let (_f, args) =
+            with_file("[provision]\nmode = \"none\"\napt_proxy = \"http://198.18.0.1:3142\"\n");
+        let p = load(&args, None).unwrap().provision;
+        assert_eq!(p.mode, ProvisionMode::None);
+        assert_eq!(p.golden_alias, DEFAULT_GOLDEN_ALIAS);
+    }
+
+    #[test]
+    fn edge_limits_hsts_and_ca_suffixes() {
+        let (_f, args) = with_file(
+            "internal_ca_suffixes = [\".corp\", \"bad suffix\"]\n[http]\nhsts_tls_modes = [\"acme\", \"sometimes\"]\n\
+             max_connections_per_source = -1\n",
+        );
+        let text = load(&args, None).unwrap_err().to_string();
+        for needle in [
+            "\"bad suffix\"",
+            "\"sometimes\"",
+            "max_connections_per_source",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from {text}");
+        }
+        let (_f, args) = with_file(
+            "internal_ca_suffixes = [\".Corp.\", \"lab\"]\n[http]\nmax_connections_per_source = 0\n\
+             hsts_max_age_secs = 0\nhsts_tls_modes = [\"manual\"]\n",
+        );
+        let c = load(&args, None).unwrap();
+        assert_eq!(c.internal_ca_suffixes, vec!["corp", "lab"]);
+        let mut cfg = httpgate::HttpConfig::default();
+        c.http.apply(&mut cfg);
+        assert_eq!(cfg.limits.max_connections_per_source, 0);
+        assert_eq!(cfg.hsts.max_age_secs, 0);
+        assert!(cfg.hsts.manual && !cfg.hsts.acme && !cfg.hsts.internal);
+        let (_f, args) = with_file("");
+        let c = load(&args, None).unwrap();
+        assert_eq!(c.internal_ca_suffixes.len(), 6);
+        assert!(c.internal_ca_suffixes.contains(&"home.arpa".to_string()));
+    }
+
+    #[test]
+    fn agent_login_limits_are_read_and_bounded() {
+        let (_f, args) =
+            with_file("[http]\nlogin_failures_per_source = 0\nlogin_max_backoff_secs = 100000\n");
+        let text = load(&args, None).unwrap_err().to_string();
+        for needle in [
+            "http.login_failures_per_source",
+            "http.login_max_backoff_secs",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from {text}");
+        }
+        let (_f, args) = with_file(
+            "[http]\nlogin_failures_per_source = 3\nlogin_failures_per_sandbox = 7\n\
+             login_max_backoff_secs = 60\n",
+        );
+        let mut cfg = httpgate::HttpConfig::default();
+        load(&args, None).unwrap().http.apply(&mut cfg);
+        assert_eq!(cfg.login.source_free_failures, 3);
+        assert_eq!(cfg.login.sandbox_free_failures, 7);
+        assert_eq!(cfg.login.max_backoff, std::time::Duration::from_secs(60));
+    }
+
+    #[test]
+    fn http_table_is_checked_key_by_key() {
+        let (_f, args) = with_file(
+            "[http]\ntrusted_proxies = [\"10.0.0.1\", \"nope\"]\nmax_connections = 0\nidle_timeout_secs = \"x\"\nbogus = 1\n",
+        );
+        let text = load(&args, None).unwrap_err().to_string();
+        for needle in [
+            "\"nope\"",
+            "http.max_connections",
+            "idle_timeout_secs",
+            "http.bogus",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from {text}");
+        }
+        let (_f, args) = with_file(
+            "[http]\ntrusted_proxies = [\"10.0.0.1\", \"::1\"]\nidle_timeout_secs = 30\n\
+             upstream_idle_timeout_secs = 7\nh2_ping_interval_secs = 11\nh2_ping_timeout_secs = 13\n",
+        );
+        let h = load(&args, None).unwrap().http;
+        let mut cfg = httpgate::HttpConfig::default();
+        let before = cfg.timeouts.upstream_connect;
+        h.apply(&mut cfg);
+        assert_eq!(cfg.trusted_proxies.len(), 2);
+        assert_eq!(cfg.timeouts.idle, std::time::Duration::from_secs(30));
+        assert_eq!(
+            (
+                cfg.timeouts.upstream_pool_idle,
+                cfg.timeouts.h2_ping_interval,
+                cfg.timeouts.h2_ping_timeout
+            ),
+            (
+                std::time::Duration::from_secs(7),
+                std::time::Duration::from_secs(11),
+                std::time::Duration::from_secs(13)
+            )
+        );
+        assert_eq!(
+            cfg.timeouts.upstream_connect, before,
+            "unset keys keep the default"
+        );
+    }
+
+    #[test]
+    fn ssh_table_is_checked_and_applied() {
+        let (_f, args) = with_file(
+            "[ssh]\nmax_startups = \"5:30:2\"\nper_source_max_startups = 0\n\
+             max_channels_per_connection = 0\nlogin_grace_secs = \"x\"\nbogus = 1\n",
+        );
+        let text = load(&args, None).unwrap_err().to_string();
+        for needle in [
+            "ssh.max_startups",
+            "ssh.per_source_max_startups",
+            "ssh.max_channels_per_connection",
+            "login_grace_secs",
+            "ssh.bogus",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from {text}");
+        }
+        let (_f, args) = with_file(
+            "[ssh]\nmax_startups = \"50:20:100\"\nper_source_max_startups = 4\n\
+             login_grace_secs = 20\nmax_sessions_per_sandbox = 8\nrelay_buffer_mib = 64\n",
+        );
+        let s = load(&args, None).unwrap().ssh;
+        let mut cfg = sshgate::GatewayConfig::default();
+        let channels = cfg.max_channels_per_connection;
+        s.apply(&mut cfg);
+        assert_eq!(cfg.max_startups.to_string(), "50:20:100");
+        assert_eq!(cfg.per_source_max_startups, sshgate::Startups::hard(4));
+        assert_eq!(cfg.login_grace, std::time::Duration::from_secs(20));
+        assert_eq!(cfg.max_sessions_per_sandbox, 8);
+        assert_eq!(cfg.relay_budget, 64 * 1024 * 1024);
+        assert_eq!(
+            cfg.max_channels_per_connection, channels,
+            "unset keys keep the default"
+        );
+    }
+
+    #[test]
+    fn acme_and_http_settings_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let not_pem = dir.path().join("root.txt");
+        std::fs::write(&not_pem, "hello").unwrap();
+        let (_f, args) = with_file(&format!("acme_ca_root = \"{}\"\n", not_pem.display()));
+        let text = load(&args, None).unwrap_err().to_string();
+        assert!(text.contains("no PEM certificate"), "{text}");
+        let (_f, args) = with_file("acme_challenges = [\"dns-01\"]\n");
+        let text = load(&args, None).unwrap_err().to_string();
+        assert!(
+            text.contains("\"dns-01\" is not http-01 or tls-alpn-01"),
+            "{text}"
+        );
+        let (_f, args) = with_file("acme_challenges = []\n");
+        assert!(load(&args, None).is_err());
+        let (_f, args) = with_file("acme_challenges = [\"http-01\"]\n");
+        let c = load(&args, None).unwrap();
+        assert_eq!(c.acme_challenges, vec![httpgate::ChallengeKind::Http01]);
+        assert!(c.acme_ca_root.is_none());
+    }
+
+    /// Each top-level key whose declared default is a TOML value, set to
+    /// it, gives the configuration of an empty file.
+    #[test]
+    fn declared_defaults_are_the_defaults() {
+        let (_f, args) = with_file("");
+        let want = format!("{:?}", load(&args, None).unwrap());
+        let mut tried = 0;
+        for key in RawFile::KEYS {
+            let text = format!("{} = {}\n", key.name, key.default);
+            if text.parse::<toml::Table>().is_err() {
+                continue;
+            }
+            tried += 1;
+            let (_f, args) = with_file(&text);
+            let got = format!("{:?}", load(&args, None).unwrap());
+            assert_eq!(got, want, "{}", key.name);
+        }
+        assert!(tried >= 8, "{tried}");
+    }
+
+    #[test]
+    fn empty_list_disables_a_listener() {
+        let (_f, args) = with_file("http_listen = []\n");
+        assert!(load(&args, None).unwrap().http_listen.is_empty());
+    }
+}
