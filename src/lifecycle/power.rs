@@ -12,6 +12,8 @@ use super::{
 use crate::api::SandboxView;
 
 impl Lifecycle {
+    /// Refuses a sandbox that a pipeline or a delete has not finished
+    /// with (neither running nor stopped).
     pub(super) fn settled(sb: &Sandbox) -> Result<()> {
         match &sb.status {
             SandboxStatus::Running | SandboxStatus::Stopped => Ok(()),
