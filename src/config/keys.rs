@@ -215,7 +215,7 @@ pub(crate) fn sub_table<'a>(
 
 /// Declares the keys of one table of the configuration file:
 ///
-/// ```ignore
+/// ```text
 /// config_keys! {
 ///     /// doc of the raw struct
 ///     pub(crate) struct RawHttp in "http" {

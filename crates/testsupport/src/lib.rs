@@ -58,7 +58,7 @@ pub const SYSTEM_TESTS_VAR: &str = "SANDBOXD_SYSTEM_TESTS";
 /// returns false, or, with `SANDBOXD_SYSTEM_TESTS=require`, panics with
 /// that reason (so that a skip in CI fails).
 ///
-/// ```ignore
+/// ```text
 /// if !testsupport::require(&[Component::Incus, Component::Root]) { return; }
 /// ```
 pub fn require(what: &[Component]) -> bool {
