@@ -20,7 +20,7 @@ use crate::api::{SessionView, TlsMode};
 use crate::cli_lifecycle::Power;
 use crate::client::Client;
 use crate::config::{ServeArgs, DEFAULT_ADMIN_SOCKET};
-use httpgate::CertStatus;
+use httpgate::{CertMode, CertStatus};
 
 pub(crate) mod out;
 use out::{errln, out, outln};
@@ -817,9 +817,9 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
             let status: Option<CertStatus> = client
                 .call(Method::POST, &format!("/v1/certs/{domain}/renew"), NONE)
                 .await?;
-            let done = match status.as_ref().map(|s| s.mode.to_string()).as_deref() {
-                Some("manual") => "reloaded from its files",
-                _ => "renewed",
+            let done = match status.as_ref().map(|s| s.mode) {
+                Some(CertMode::Manual) => "reloaded from its files",
+                Some(CertMode::Acme | CertMode::Internal) | None => "renewed",
             };
             let until = status.and_then(|s| s.not_after);
             outln!("{domain}: {done}, valid until {}", time_or(until, "?"));
