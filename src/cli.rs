@@ -17,9 +17,10 @@ use crate::api::{
     SetPort, Status,
 };
 use crate::api::{SessionView, TlsMode};
+use crate::cli_lifecycle::Power;
 use crate::client::Client;
 use crate::config::{ServeArgs, DEFAULT_ADMIN_SOCKET};
-use httpgate::CertStatus;
+use httpgate::{CertMode, CertStatus};
 
 pub(crate) mod out;
 use out::{errln, out, outln};
@@ -401,10 +402,9 @@ pub(crate) fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
 }
 
 fn print_sandbox(sb: &SandboxView, ssh: &str) -> Result<()> {
-    let target = if sb.backend_kind() == Some(BackendKind::Static) {
-        format!("{}:{}", sb.upstream, sb.ssh_port)
-    } else {
-        format!("incus:{}", sb.upstream)
+    let target = match sb.backend {
+        BackendKind::Static => format!("{}:{}", sb.upstream, sb.ssh_port),
+        BackendKind::Incus => format!("incus:{}", sb.upstream),
     };
     outln!("name:              {}", sb.name);
     outln!(
@@ -420,7 +420,7 @@ fn print_sandbox(sb: &SandboxView, ssh: &str) -> Result<()> {
     outln!("ssh:               {ssh} -> {}@{}", sb.user, target);
     let status = match &sb.status_reason {
         Some(r) => format!("{} ({r})", sb.status),
-        None => sb.status.clone(),
+        None => sb.status.to_string(),
     };
     outln!("status:            {status}");
     if let Some(ip) = &sb.assigned_ipv4 {
@@ -429,7 +429,7 @@ fn print_sandbox(sb: &SandboxView, ssh: &str) -> Result<()> {
     if !sb.addresses.is_empty() {
         outln!("reported:          {}", sb.addresses.join(", "));
     }
-    if let Some(mode) = &sb.egress {
+    if let Some(mode) = sb.egress.map(|m| m.as_str()) {
         match sb.egress_allow.as_slice() {
             [] => outln!("egress:            {mode}"),
             allow => outln!("egress:            {mode} ({})", allow.join(", ")),
@@ -597,13 +597,13 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
         Command::List { json } => crate::cli_lifecycle::list(&client, json).await?,
         Command::Create(a) => crate::cli_lifecycle::create(&client, a).await?,
         Command::Start { name } => {
-            crate::cli_lifecycle::state_change(&client, &name, "start").await?
+            crate::cli_lifecycle::state_change(&client, &name, Power::Start).await?
         }
         Command::Stop { name } => {
-            crate::cli_lifecycle::state_change(&client, &name, "stop").await?
+            crate::cli_lifecycle::state_change(&client, &name, Power::Stop).await?
         }
         Command::Restart { name } => {
-            crate::cli_lifecycle::state_change(&client, &name, "restart").await?
+            crate::cli_lifecycle::state_change(&client, &name, Power::Restart).await?
         }
         Command::Delete { name } => crate::cli_lifecycle::delete(&client, &name).await?,
         Command::Egress(a) => crate::cli_lifecycle::egress(&client, a).await?,
@@ -817,9 +817,9 @@ async fn run_client(command: Command, client: Client) -> Result<()> {
             let status: Option<CertStatus> = client
                 .call(Method::POST, &format!("/v1/certs/{domain}/renew"), NONE)
                 .await?;
-            let done = match status.as_ref().map(|s| s.mode.to_string()).as_deref() {
-                Some("manual") => "reloaded from its files",
-                _ => "renewed",
+            let done = match status.as_ref().map(|s| s.mode) {
+                Some(CertMode::Manual) => "reloaded from its files",
+                Some(CertMode::Acme | CertMode::Internal) | None => "renewed",
             };
             let until = status.and_then(|s| s.not_after);
             outln!("{domain}: {done}, valid until {}", time_or(until, "?"));

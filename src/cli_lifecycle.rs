@@ -365,20 +365,44 @@ pub async fn import(client: &Client, a: ImportArgs) -> Result<()> {
     Ok(())
 }
 
-pub async fn state_change(client: &Client, name: &str, action: &str) -> Result<()> {
+/// A power action of `start`, `stop` and `restart`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Power {
+    Start,
+    Stop,
+    Restart,
+}
+
+impl Power {
+    /// The last segment of the action's path.
+    fn path(self) -> &'static str {
+        match self {
+            Power::Start => "start",
+            Power::Stop => "stop",
+            Power::Restart => "restart",
+        }
+    }
+
+    /// The past tense the CLI reports.
+    fn past(self) -> &'static str {
+        match self {
+            Power::Start => "started",
+            Power::Stop => "stopped",
+            Power::Restart => "restarted",
+        }
+    }
+}
+
+pub async fn state_change(client: &Client, name: &str, action: Power) -> Result<()> {
     let sb: SandboxView = client
         .call(
             Method::POST,
-            &format!("/v1/incus/sandboxes/{name}/{action}"),
+            &format!("/v1/incus/sandboxes/{name}/{}", action.path()),
             NONE,
         )
         .await?;
-    let past = match action {
-        "start" => "started",
-        "stop" => "stopped",
-        _ => "restarted",
-    };
-    if sb.status_kind() == Some(StatusKind::Running) {
+    let past = action.past();
+    if sb.status == StatusKind::Running {
         print_live(client, &sb, past).await?;
     } else {
         outln!("{past} {}", sb.name);
@@ -398,7 +422,7 @@ pub async fn egress(client: &Client, a: EgressCommandArgs) -> Result<()> {
             Some(&req),
         )
         .await?;
-    let mode = sb.egress.as_deref().unwrap_or("-");
+    let mode = sb.egress.map_or("-", |m| m.as_str());
     match sb.egress_allow.as_slice() {
         [] => outln!("egress of {}: {mode}", sb.name),
         allow => outln!("egress of {}: {mode} ({})", sb.name, allow.join(", ")),
@@ -551,9 +575,9 @@ fn render_table(all: &[ListRow]) -> String {
     let rows = all
         .iter()
         .map(|ListRow { sandbox: sb, live }| {
-            let upstream = match sb.backend_kind() {
-                Some(BackendKind::Static) => format!("{}:{}", sb.upstream, sb.ssh_port),
-                _ => format!("incus:{}", sb.upstream),
+            let upstream = match sb.backend {
+                BackendKind::Static => format!("{}:{}", sb.upstream, sb.ssh_port),
+                BackendKind::Incus => format!("incus:{}", sb.upstream),
             };
             let cpu = live
                 .cpu_percent
@@ -566,7 +590,7 @@ fn render_table(all: &[ListRow]) -> String {
             vec![
                 sb.name.clone(),
                 sb.domain.clone(),
-                sb.status.clone(),
+                sb.status.to_string(),
                 upstream,
                 dash(&live.ipv4),
                 dash(&live.ipv6),

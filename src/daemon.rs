@@ -205,10 +205,7 @@ pub async fn run(
     // Subscribe before the first build so that no change falls in between.
     let feed = store.subscribe();
     let defaults = Arc::new(Defaults {
-        tls: match config.tls_mode {
-            TlsMode::Acme => httpgate::TlsMode::Acme,
-            TlsMode::Internal => httpgate::TlsMode::Internal,
-        },
+        tls: config.default_route_tls(),
     });
     let initial = {
         let store = store.clone();

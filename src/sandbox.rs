@@ -14,7 +14,7 @@
 use russh::keys::PublicKey;
 use store::{Backend, KeyPair, Sandbox, SandboxStatus, TlsMode};
 
-use crate::api::{KeyView, SandboxView, SetAuth};
+use crate::api::{BackendKind, KeyView, SandboxView, SetAuth, StatusKind};
 use crate::keys::{self, KeyError};
 use crate::tlsfiles::{self, TlsError};
 
@@ -68,20 +68,20 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 /// The public view of a sandbox: no private key, no password hash.
 pub fn view(sb: &Sandbox) -> SandboxView {
     let (backend, upstream) = match &sb.backend {
-        Backend::Static { host } => ("static", host.clone()),
-        Backend::Incus { instance } => ("incus", instance.clone()),
+        Backend::Static { host } => (BackendKind::Static, host.clone()),
+        Backend::Incus { instance } => (BackendKind::Incus, instance.clone()),
     };
     let (status, status_reason) = match &sb.status {
-        SandboxStatus::Running => ("running".to_string(), None),
-        SandboxStatus::Stopped => ("stopped".to_string(), None),
-        SandboxStatus::Creating { step } => ("creating".to_string(), Some(step.clone())),
-        SandboxStatus::Failed { reason } => ("failed".to_string(), Some(reason.clone())),
+        SandboxStatus::Running => (StatusKind::Running, None),
+        SandboxStatus::Stopped => (StatusKind::Stopped, None),
+        SandboxStatus::Creating { step } => (StatusKind::Creating, Some(step.clone())),
+        SandboxStatus::Failed { reason } => (StatusKind::Failed, Some(reason.clone())),
     };
     SandboxView {
         name: sb.name.clone(),
         domain: sb.domain.clone(),
         agent_host: sb.agent_host(),
-        backend: backend.into(),
+        backend,
         upstream,
         ssh_port: sb.ssh_port,
         app_port: sb.app_port,
@@ -92,7 +92,7 @@ pub fn view(sb: &Sandbox) -> SandboxView {
         addresses: sb.addresses.clone(),
         assigned_ipv4: sb.assigned_ipv4.clone(),
         egress: match &sb.backend {
-            Backend::Incus { .. } => Some(sb.egress.mode.as_str().to_string()),
+            Backend::Incus { .. } => Some(sb.egress.mode),
             Backend::Static { .. } => None,
         },
         egress_allow: sb.egress.allow.clone(),
@@ -456,5 +456,49 @@ mod tests {
         assert_eq!(stored.user, "admin");
         assert!(stored.password_hash.starts_with("$argon2id$"));
         assert!(!stored.password_hash.contains("correct horse"));
+    }
+
+    #[tokio::test]
+    async fn views_carry_the_same_names_on_the_wire() {
+        let mut sb = new_sandbox(request(vec![key("alice")])).await.unwrap();
+        let json = serde_json::to_value(view(&sb)).unwrap();
+        assert_eq!(json["backend"], "static");
+        assert_eq!(json["status"], "running");
+        assert_eq!(json["status_reason"], serde_json::Value::Null);
+        assert_eq!(json["egress"], serde_json::Value::Null);
+
+        sb.backend = Backend::Incus {
+            instance: "sbx-web".into(),
+        };
+        sb.egress.mode = store::EgressMode::Allowlist;
+        for (status, name, reason) in [
+            (SandboxStatus::Stopped, "stopped", None),
+            (
+                SandboxStatus::Creating {
+                    step: "launch".into(),
+                },
+                "creating",
+                Some("launch"),
+            ),
+            (
+                SandboxStatus::Failed {
+                    reason: "disk full".into(),
+                },
+                "failed",
+                Some("disk full"),
+            ),
+        ] {
+            sb.status = status;
+            let v = view(&sb);
+            let json = serde_json::to_value(&v).unwrap();
+            assert_eq!(json["backend"], "incus");
+            assert_eq!(json["upstream"], "sbx-web");
+            assert_eq!(json["status"], name);
+            assert_eq!(json["status_reason"].as_str(), reason);
+            assert_eq!(json["egress"], "allowlist");
+            // What an older daemon sent reads back as the same view.
+            let back: SandboxView = serde_json::from_value(json).unwrap();
+            assert_eq!(back, v);
+        }
     }
 }

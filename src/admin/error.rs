@@ -49,14 +49,15 @@ fn store_status(e: &store::Error) -> (StatusCode, &'static str) {
     use store::Error as E;
     let status = match e {
         E::Invalid { .. } | E::BadBackup(_) => StatusCode::BAD_REQUEST,
-        E::NameTaken(_) | E::HostTaken { .. } | E::NotEmpty(_) => StatusCode::CONFLICT,
+        E::NameTaken(_) | E::HostTaken { .. } | E::AddressTaken { .. } | E::NotEmpty(_) => {
+            StatusCode::CONFLICT
+        }
         E::NotFound(_) => StatusCode::NOT_FOUND,
-        E::AddressTaken { .. }
-        | E::NoFreeAddress(_)
-        | E::Locked(_)
-        | E::SchemaTooNew { .. }
-        | E::Corrupt { .. }
-        | E::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        // The pool is exhausted until a sandbox is deleted.
+        E::NoFreeAddress(_) => StatusCode::SERVICE_UNAVAILABLE,
+        E::Locked(_) | E::SchemaTooNew { .. } | E::Corrupt { .. } | E::Storage(_) => {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
     };
     (status, e.code())
 }

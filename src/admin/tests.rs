@@ -485,6 +485,19 @@ fn one_mapping_for_store_domain_and_lifecycle_errors() {
             "not_found",
         ),
         (
+            store::Error::AddressTaken {
+                address: "10.0.0.5".into(),
+                owner: "b".into(),
+            },
+            StatusCode::CONFLICT,
+            "address_taken",
+        ),
+        (
+            store::Error::NoFreeAddress("sbx0".into()),
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_free_address",
+        ),
+        (
             store::Error::Storage("disk".into()),
             StatusCode::INTERNAL_SERVER_ERROR,
             "storage",
@@ -497,6 +510,11 @@ fn one_mapping_for_store_domain_and_lifecycle_errors() {
             store::Error::BadBackup(m) => store::Error::BadBackup(m.clone()),
             store::Error::NameTaken(m) => store::Error::NameTaken(m.clone()),
             store::Error::NotFound(m) => store::Error::NotFound(m.clone()),
+            store::Error::AddressTaken { address, owner } => store::Error::AddressTaken {
+                address: address.clone(),
+                owner: owner.clone(),
+            },
+            store::Error::NoFreeAddress(m) => store::Error::NoFreeAddress(m.clone()),
             _ => store::Error::Storage("disk".into()),
         };
         let direct = ApiError::from(e);

@@ -3,11 +3,13 @@
 //! `{"error": {"code", "message"}}`; long operations answer with
 //! newline-delimited JSON [`Event`]s. The calls of the Incus lifecycle
 //! (`/v1/incus/`) have their types in [`incus`]. Domain values travel as
-//! their own types (a sandbox's [`TlsMode`] is the store's, serialized as
-//! its lowercase name).
+//! their own types, each serialized as its lowercase name: a sandbox's
+//! [`TlsMode`] and [`EgressMode`] are the store's, its backend and status
+//! are [`BackendKind`] and [`StatusKind`] (the status's step or failure
+//! reason travels apart, in `status_reason`).
 
 use serde::{Deserialize, Serialize};
-pub use store::TlsMode;
+pub use store::{EgressMode, TlsMode};
 
 pub mod incus;
 
@@ -92,14 +94,15 @@ pub struct SandboxView {
     pub name: String,
     pub domain: String,
     pub agent_host: String,
-    pub backend: String,
+    pub backend: BackendKind,
     /// Upstream host (static backends) or Incus instance name.
     pub upstream: String,
     pub ssh_port: u16,
     pub app_port: u16,
     pub agent_port: u16,
     pub user: String,
-    pub status: String,
+    pub status: StatusKind,
+    /// `creating`: the step under way; `failed`: why.
     pub status_reason: Option<String>,
     /// What the container reports (shown, never routed to).
     pub addresses: Vec<String>,
@@ -108,7 +111,7 @@ pub struct SandboxView {
     pub assigned_ipv4: Option<String>,
     /// Incus sandboxes: `open`, `restricted` or `allowlist`.
     #[serde(default)]
-    pub egress: Option<String>,
+    pub egress: Option<EgressMode>,
     /// `allowlist`: the allowed destinations.
     #[serde(default)]
     pub egress_allow: Vec<String>,
@@ -250,25 +253,37 @@ pub enum StatusKind {
     Failed,
 }
 
-impl SandboxView {
-    /// The backend, typed; `None` for a name this build does not know.
-    pub fn backend_kind(&self) -> Option<BackendKind> {
-        match self.backend.as_str() {
-            "static" => Some(BackendKind::Static),
-            "incus" => Some(BackendKind::Incus),
-            _ => None,
+impl BackendKind {
+    /// The lowercase name used on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Static => "static",
+            BackendKind::Incus => "incus",
         }
     }
+}
 
-    /// The status, typed; `None` for a name this build does not know.
-    pub fn status_kind(&self) -> Option<StatusKind> {
-        match self.status.as_str() {
-            "creating" => Some(StatusKind::Creating),
-            "running" => Some(StatusKind::Running),
-            "stopped" => Some(StatusKind::Stopped),
-            "failed" => Some(StatusKind::Failed),
-            _ => None,
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl StatusKind {
+    /// The lowercase name used on the wire and in `list`'s STATUS column.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StatusKind::Creating => "creating",
+            StatusKind::Running => "running",
+            StatusKind::Stopped => "stopped",
+            StatusKind::Failed => "failed",
         }
+    }
+}
+
+impl std::fmt::Display for StatusKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

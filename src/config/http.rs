@@ -59,7 +59,7 @@ pub struct HttpSettings {
     /// `Strict-Transport-Security: max-age=N` on responses; 0: never.
     pub hsts_max_age: Option<u64>,
     /// The certificate modes whose hosts get HSTS (default: acme only).
-    pub hsts_tls_modes: Option<Vec<String>>,
+    pub hsts_tls_modes: Option<Vec<store::TlsMode>>,
     /// Agent logins: distinct wrong passwords a source address (IPv6: its
     /// /64) may send before it must wait.
     pub login_failures_per_source: Option<u32>,
@@ -124,10 +124,10 @@ impl HttpSettings {
             cfg.hsts.max_age_secs = n;
         }
         if let Some(modes) = &self.hsts_tls_modes {
-            let on = |m: &str| modes.iter().any(|x| x == m);
-            cfg.hsts.acme = on("acme");
-            cfg.hsts.manual = on("manual");
-            cfg.hsts.internal = on("internal");
+            use store::TlsMode;
+            cfg.hsts.acme = modes.contains(&TlsMode::Acme);
+            cfg.hsts.manual = modes.contains(&TlsMode::Manual);
+            cfg.hsts.internal = modes.contains(&TlsMode::Internal);
         }
         if let Some(n) = self.max_header_bytes {
             cfg.limits.max_header_bytes = n;
@@ -169,12 +169,14 @@ pub(crate) fn read(table: &toml::Table, errs: &mut Vec<String>) -> HttpSettings 
     h.login_failures_per_source = raw.login_failures_per_source.and_then(count);
     h.login_failures_per_sandbox = raw.login_failures_per_sandbox.and_then(count);
     h.login_max_backoff = raw.login_max_backoff_secs.map(secs);
-    if let Some(modes) = raw.hsts_tls_modes {
-        for m in &modes {
-            if !["acme", "manual", "internal"].contains(&m.as_str()) {
-                errs.push(format!(
+    if let Some(names) = raw.hsts_tls_modes {
+        let mut modes = Vec::new();
+        for m in &names {
+            match m.parse() {
+                Ok(mode) => modes.push(mode),
+                Err(_) => errs.push(format!(
                     "`http.hsts_tls_modes`: {m:?} is not acme, manual or internal"
-                ));
+                )),
             }
         }
         h.hsts_tls_modes = Some(modes);

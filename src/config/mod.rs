@@ -55,8 +55,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "ADDR")]
     pub http_listen: Vec<String>,
     /// Default certificate source for new domains.
-    #[arg(long, value_name = "MODE", value_parser = ["internal", "acme"])]
-    pub tls_mode: Option<String>,
+    #[arg(long, value_name = "MODE", value_parser = default_tls_mode_parser())]
+    pub tls_mode: Option<TlsMode>,
     /// ACME directory URL [default: Let's Encrypt production].
     #[arg(long, value_name = "URL")]
     pub acme_directory: Option<String>,
@@ -71,12 +71,27 @@ pub struct ServeArgs {
     pub incus_socket: Option<PathBuf>,
 }
 
-/// How certificates are obtained by default.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TlsMode {
-    Internal,
-    Acme,
+/// Where certificates come from: the store's mode, of which the daemon's
+/// default may be only `internal` or `acme` (see [`default_tls_mode`]).
+pub use store::TlsMode;
+
+/// The modes a daemon's default may take: `manual` needs files that only a
+/// sandbox names.
+pub const DEFAULT_TLS_MODES: [TlsMode; 2] = [TlsMode::Internal, TlsMode::Acme];
+
+/// The daemon's default TLS mode from its name (`tls_mode`, `--tls-mode`).
+pub fn default_tls_mode(name: &str) -> Result<TlsMode, String> {
+    match name.parse::<TlsMode>() {
+        Ok(m) if DEFAULT_TLS_MODES.contains(&m) => Ok(m),
+        _ => Err(format!("`tls_mode` must be internal or acme, not {name:?}")),
+    }
+}
+
+/// `--tls-mode`: one of [`DEFAULT_TLS_MODES`], listed in `--help`.
+fn default_tls_mode_parser() -> impl clap::builder::TypedValueParser<Value = TlsMode> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(DEFAULT_TLS_MODES.map(TlsMode::as_str))
+        .try_map(|s| default_tls_mode(&s))
 }
 
 /// Validated daemon configuration.
@@ -89,6 +104,8 @@ pub struct Config {
     pub ssh_listen: Vec<SocketAddr>,
     pub https_listen: Vec<SocketAddr>,
     pub http_listen: Vec<SocketAddr>,
+    /// Default certificate source of new domains: `internal` or `acme`,
+    /// never `manual` (refused when read).
     pub tls_mode: TlsMode,
     pub acme_directory: String,
     pub acme_ca_root: Option<PathBuf>,
@@ -111,6 +128,17 @@ pub struct Config {
     pub internal_ca_suffixes: Vec<String>,
     /// The `[ssh]` table: the SSH gate's limits.
     pub ssh: SshSettings,
+}
+
+impl Config {
+    /// The default mode as the HTTPS gate's routes take it.
+    pub fn default_route_tls(&self) -> httpgate::TlsMode {
+        match self.tls_mode {
+            TlsMode::Acme => httpgate::TlsMode::Acme,
+            // `manual` is refused as a default when the config is read.
+            TlsMode::Internal | TlsMode::Manual => httpgate::TlsMode::Internal,
+        }
+    }
 }
 
 /// Default image alias of `sandboxd create`.
@@ -298,13 +326,12 @@ pub fn load(args: &ServeArgs, admin_socket: Option<PathBuf>) -> Result<Config, C
         &["0.0.0.0:80", "[::]:80"],
         &mut errs,
     );
-    let tls_mode = match args.tls_mode.clone().or(file.tls_mode).as_deref() {
-        None | Some("internal") => TlsMode::Internal,
-        Some("acme") => TlsMode::Acme,
-        Some(other) => {
-            errs.push(format!(
-                "`tls_mode` must be internal or acme, not {other:?}"
-            ));
+    let from_file = file.tls_mode.map(|name| default_tls_mode(&name));
+    let tls_mode = match args.tls_mode.map(Ok).or(from_file) {
+        None => TlsMode::Internal,
+        Some(Ok(mode)) => mode,
+        Some(Err(e)) => {
+            errs.push(e);
             TlsMode::Internal
         }
     };
@@ -485,6 +512,35 @@ mod tests {
         for needle in ["bogus", "nope", "tls_mode", "acme_directory", "state_dir"] {
             assert!(text.contains(needle), "{needle} missing from {text}");
         }
+    }
+
+    #[test]
+    fn the_default_tls_mode_is_internal_or_acme_never_manual() {
+        let (_f, args) = with_file("");
+        assert_eq!(load(&args, None).unwrap().tls_mode, TlsMode::Internal);
+        let (_f, mut args) = with_file("tls_mode = \"acme\"\n");
+        let c = load(&args, None).unwrap();
+        assert_eq!(c.tls_mode, TlsMode::Acme);
+        assert!(matches!(c.default_route_tls(), httpgate::TlsMode::Acme));
+        // A flag overrides the file.
+        args.tls_mode = Some(TlsMode::Internal);
+        assert_eq!(load(&args, None).unwrap().tls_mode, TlsMode::Internal);
+        let (_f, args) = with_file("tls_mode = \"manual\"\n");
+        let err = load(&args, None).unwrap_err().to_string();
+        assert!(
+            err.contains("`tls_mode` must be internal or acme, not \"manual\""),
+            "{err}"
+        );
+        // The flag takes the same two names.
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let cli = Cli::try_parse_from(["sandboxd", "--tls-mode", "acme"]).unwrap();
+        assert_eq!(cli.serve.tls_mode, Some(TlsMode::Acme));
+        assert!(Cli::try_parse_from(["sandboxd", "--tls-mode", "manual"]).is_err());
     }
 
     #[test]

@@ -102,6 +102,33 @@ pub enum TlsMode {
     },
 }
 
+/// Which of the [`TlsMode`]s a certificate is under, without the manual
+/// mode's files; serialized as `acme`, `internal` or `manual`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CertMode {
+    Acme,
+    Internal,
+    Manual,
+}
+
+impl CertMode {
+    /// The lowercase name used on the wire and in `sandboxd certs`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CertMode::Acme => "acme",
+            CertMode::Internal => "internal",
+            CertMode::Manual => "manual",
+        }
+    }
+}
+
+impl std::fmt::Display for CertMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One routed host name.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Route {
@@ -174,8 +201,8 @@ pub struct CertStatus {
     pub domain: String,
     /// Every name the certificate covers (or is meant to cover).
     pub names: Vec<String>,
-    /// `acme`, `internal` or `manual`.
-    pub mode: String,
+    /// `acme`, `internal` or `manual` on the wire.
+    pub mode: CertMode,
     /// The issuer's distinguished name, if a certificate is held.
     pub issuer: Option<String>,
     #[serde(with = "time::serde::rfc3339::option")]

@@ -72,7 +72,7 @@ async fn http01_issues_and_restart_reuses() {
     assert_eq!(r.status, 200, "agent host is in the certificate: {r:?}");
     let status = gw.gw.certs();
     let c = status.iter().find(|c| c.domain == "app.test").unwrap();
-    assert_eq!(c.mode, "acme");
+    assert_eq!(c.mode, httpgate::CertMode::Acme);
     assert!(c.issuer.as_deref().unwrap().contains("Pebble"), "{c:?}");
     assert!(c.last_error.is_none());
     assert_eq!(store.certs.lock().unwrap().len(), 1);

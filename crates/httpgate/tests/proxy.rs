@@ -153,7 +153,7 @@ async fn routes_app_and_agent_with_internal_certs() {
     // Certificate status.
     let certs = gw.gw.certs();
     let c = certs.iter().find(|c| c.domain == "app.test").unwrap();
-    assert_eq!(c.mode, "internal");
+    assert_eq!(c.mode, httpgate::CertMode::Internal);
     assert_eq!(c.names, vec!["app.test", "shelley.app.test"]);
     assert!(c
         .issuer

@@ -70,7 +70,7 @@ pub enum Error {
     },
 
     /// A background operation ended in failure or was cancelled.
-    #[error("Incus operation {description:?} ({id}) failed: {message}")]
+    #[error("Incus operation \"{description}\" ({id}) failed: {message}")]
     OperationFailed {
         /// Operation id.
         id: String,
@@ -83,7 +83,10 @@ pub enum Error {
     },
 
     /// A command run with [`crate::Client::exec_ok`] exited non-zero.
-    #[error("command {command:?} in instance \"{instance}\" failed with exit code {exit_code}: {stderr}")]
+    #[error(
+        "command {} in instance \"{instance}\" failed with exit code {exit_code}: {stderr}",
+        command_line(.command)
+    )]
     CommandFailed {
         /// Instance name.
         instance: String,
@@ -106,7 +109,7 @@ pub enum Error {
     },
 
     /// Something did not finish in the time allowed.
-    #[error("timed out after {after:?} waiting for {what}")]
+    #[error("timed out after {} waiting for {what}", duration_text(*.after))]
     Timeout {
         /// What we were waiting for.
         what: String,
@@ -281,6 +284,36 @@ impl Error {
     }
 }
 
+/// A command as a person would type it: its words joined by spaces, a word
+/// quoted (single quotes) only when a shell would split or expand it.
+fn command_line(words: &[String]) -> String {
+    words
+        .iter()
+        .map(|w| shell_word(w))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn shell_word(w: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "@%+=:,./_-".contains(c);
+    if !w.is_empty() && w.chars().all(plain) {
+        w.to_string()
+    } else {
+        format!("'{}'", w.replace('\'', r"'\''"))
+    }
+}
+
+/// A duration in words: `30s`, `1.5s` or `250ms`.
+fn duration_text(d: Duration) -> String {
+    if d.as_secs() == 0 {
+        format!("{}ms", d.as_millis())
+    } else if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
+    }
+}
+
 fn display_paths(paths: &[PathBuf]) -> String {
     paths
         .iter()
@@ -363,6 +396,39 @@ mod tests {
         assert!(e.is_not_found());
         let e = Error::from_operation("id", "Starting instance", "Failure", "boom".into(), None);
         assert!(matches!(e, Error::OperationFailed { .. }));
+    }
+
+    #[test]
+    fn commands_and_durations_read_as_text() {
+        let words = |w: &[&str]| w.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let e = Error::CommandFailed {
+            instance: "web".into(),
+            command: words(&["sh", "-c", "test -d /root && echo 'ok'", "", "a=b/c.d"]),
+            exit_code: 2,
+            stderr: "no".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            r#"command sh -c 'test -d /root && echo '\''ok'\''' '' a=b/c.d in instance "web" failed with exit code 2: no"#
+        );
+        let timeout = |after| {
+            Error::Timeout {
+                what: "operation \"Starting instance\" (1)".into(),
+                after,
+            }
+            .to_string()
+        };
+        assert_eq!(
+            timeout(Duration::from_secs(30)),
+            "timed out after 30s waiting for operation \"Starting instance\" (1)"
+        );
+        assert!(timeout(Duration::from_millis(1500)).starts_with("timed out after 1.5s "));
+        assert!(timeout(Duration::from_millis(250)).starts_with("timed out after 250ms "));
+        let e = Error::from_operation("id", "Starting instance", "Failure", "boom".into(), None);
+        assert_eq!(
+            e.to_string(),
+            "Incus operation \"Starting instance\" (id) failed: boom"
+        );
     }
 
     #[test]

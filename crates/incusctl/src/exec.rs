@@ -382,7 +382,7 @@ impl Client {
             task,
             kill: Some(kill),
             what: format!(
-                "{:?} in instance \"{name}\"",
+                "\"{}\" in instance \"{name}\"",
                 req.command.first().map(String::as_str).unwrap_or("")
             ),
         })

@@ -219,7 +219,7 @@ impl Client {
                 let op = self.operation(id).await.map_err(|_| e)?;
                 if !op.is_final() {
                     return Err(Error::Timeout {
-                        what: format!("operation {:?} ({id})", op.description),
+                        what: format!("operation \"{}\" ({id})", op.description),
                         after: timeout,
                     });
                 }
@@ -228,7 +228,7 @@ impl Client {
         };
         if !op.is_final() {
             return Err(Error::Timeout {
-                what: format!("operation {:?} ({id})", op.description),
+                what: format!("operation \"{}\" ({id})", op.description),
                 after: timeout,
             });
         }

@@ -25,7 +25,7 @@ use super::acme::{AcmeClient, AriOutcome};
 use super::pem::{self, Loaded};
 use super::{blocking, Certs, State};
 use crate::config::ChallengeKind;
-use crate::{CertRecord, CertSource, CertStatus, Error, RouteKind, RouteSource, TlsMode};
+use crate::{CertMode, CertRecord, CertSource, CertStatus, Error, RouteKind, RouteSource, TlsMode};
 
 /// How a managed certificate is obtained.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,11 +50,11 @@ impl Mode {
         }
     }
 
-    fn label(&self) -> &'static str {
+    fn kind(&self) -> CertMode {
         match self {
-            Mode::Acme => "acme",
-            Mode::Internal => "internal",
-            Mode::Manual { .. } => "manual",
+            Mode::Acme => CertMode::Acme,
+            Mode::Internal => CertMode::Internal,
+            Mode::Manual { .. } => CertMode::Manual,
         }
     }
 }
@@ -376,7 +376,7 @@ impl Certs {
             .map(|(domain, m)| CertStatus {
                 domain: domain.clone(),
                 names: m.names.clone(),
-                mode: m.mode.label().to_owned(),
+                mode: m.mode.kind(),
                 issuer: m.current.as_ref().map(|c| c.issuer.clone()),
                 not_after: m
                     .current

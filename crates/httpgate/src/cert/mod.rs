@@ -232,7 +232,7 @@ impl Certs {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
-    use crate::{Access, CaRecord, Route, RouteKind, StoreError, Target, TlsMode};
+    use crate::{Access, CaRecord, CertMode, Route, RouteKind, StoreError, Target, TlsMode};
 
     #[derive(Default)]
     struct NoRoutes;
@@ -402,8 +402,8 @@ mod tests {
             "issued by the reconcile"
         );
         assert!(c.serving_for("acme.test").is_none(), "no ACME directory");
-        let modes: Vec<String> = c.statuses().into_iter().map(|s| s.mode).collect();
-        assert_eq!(modes, ["acme", "internal"]);
+        let modes: Vec<CertMode> = c.statuses().into_iter().map(|s| s.mode).collect();
+        assert_eq!(modes, [CertMode::Acme, CertMode::Internal]);
         assert!(store.1.lock().unwrap().is_empty());
 
         routes.remove("int.test");
