@@ -428,6 +428,14 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_new_record_s_domain_is_normalized() {
+        assert_eq!(normalize_domain("\tA.Test \n"), "a.test");
+        let mut req = request(vec![key("alice")]);
+        req.domain = " Web.Example.COM ".into();
+        assert_eq!(new_sandbox(req).await.unwrap().domain, "web.example.com");
+    }
+
+    #[tokio::test]
     async fn a_new_record_is_checked_then_made() {
         let sb = new_sandbox(request(vec![key("alice")])).await.unwrap();
         assert_eq!(sb.client_keys.len(), 1);
