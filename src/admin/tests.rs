@@ -620,7 +620,10 @@ async fn refused_port_and_key_edits_answer_the_domain_error_and_write_nothing() 
     refused_as(&delete_keys(json!([])).await, SandboxError::NoKeyGiven);
 
     let (_, record_after) = call(&a.socket, Method::GET, "/v1/sandboxes/web", "").await;
-    assert_eq!(record_after, record_before, "a refused edit changes nothing");
+    assert_eq!(
+        record_after, record_before,
+        "a refused edit changes nothing"
+    );
     // The next accepted change is the next sequence number: no refusal
     // wrote anything.
     let (status, view) = call_json(
