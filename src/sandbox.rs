@@ -234,10 +234,17 @@ pub async fn basic_auth(auth: SetAuth) -> Result<store::BasicAuth> {
     })
 }
 
+/// A requested domain as records hold it: without surrounding blanks,
+/// lowercased. Its shape is checked by the store.
+pub fn normalize_domain(domain: &str) -> String {
+    domain.trim().to_ascii_lowercase()
+}
+
 /// What a new sandbox record is made from; shared by `add` (static
 /// backends) and the Incus `create`/`import`.
 pub struct NewSandbox {
     pub name: String,
+    /// As requested; [`new_sandbox`] normalizes it ([`normalize_domain`]).
     pub domain: String,
     pub backend: Backend,
     pub ssh_port: u16,
@@ -258,11 +265,12 @@ pub struct NewSandbox {
     pub tls_policy: tlsfiles::Policy,
 }
 
-/// Checks what the store cannot (client keys, host key, auth, TLS mode
-/// and manual files), hashes the password and makes the gateway's key
-/// pair. The record is not stored yet; its shape is checked by the store's
+/// Normalizes the domain, checks what the store cannot (client keys, host
+/// key, auth, TLS mode and manual files), hashes the password and makes
+/// the gateway's key pair. The record is not stored yet; its shape is checked by the store's
 /// insert.
-pub async fn new_sandbox(req: NewSandbox) -> Result<Sandbox> {
+pub async fn new_sandbox(mut req: NewSandbox) -> Result<Sandbox> {
+    req.domain = normalize_domain(&req.domain);
     check_ports(req.app_port, req.agent_port)?;
     if req.ssh_keys.is_empty() {
         return Err(SandboxError::NoClientKey);
@@ -417,6 +425,14 @@ mod tests {
             check_ports(9999, 9999),
             Err(SandboxError::AppPortIsAgentPort(9999))
         ));
+    }
+
+    #[tokio::test]
+    async fn a_new_record_s_domain_is_normalized() {
+        assert_eq!(normalize_domain("\tA.Test \n"), "a.test");
+        let mut req = request(vec![key("alice")]);
+        req.domain = " Web.Example.COM ".into();
+        assert_eq!(new_sandbox(req).await.unwrap().domain, "web.example.com");
     }
 
     #[tokio::test]

@@ -125,3 +125,47 @@ impl From<LifecycleError> for ApiError {
         ApiError::new(status, code, e.to_string())
     }
 }
+
+/// Refusals of the admin API's own: the request's body, the caller, the
+/// calls on sessions and certificates.
+impl ApiError {
+    /// A request body past `limit` bytes.
+    pub(crate) fn body_too_large(limit: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("request body larger than {limit} bytes"),
+        )
+    }
+    /// A request body that is not the call's JSON.
+    pub(crate) fn malformed_json(e: &serde_json::Error) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+            format!("request body: {e}"),
+        )
+    }
+    /// A peer whose uid may not use the socket (`None`: unknown).
+    pub(crate) fn forbidden(uid: Option<u32>) -> Self {
+        let uid = uid
+            .map(|u| u.to_string())
+            .unwrap_or_else(|| "unknown".into());
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("uid {uid} may not use the sandboxd admin API (root or the admin group only)"),
+        )
+    }
+    /// A certificate renewal the gateway could not complete.
+    pub(crate) fn renew_failed(e: &httpgate::Error) -> Self {
+        Self::new(StatusCode::BAD_GATEWAY, "renew_failed", e.to_string())
+    }
+    /// No live SSH session has id `id`.
+    pub(crate) fn no_such_session(id: u64) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "no_such_session",
+            format!("no live session {id}"),
+        )
+    }
+}

@@ -1,9 +1,10 @@
-//! The admin API: HTTP/1.1 + JSON on a unix socket. Every CLI command other
-//! than `serve` is a client of it.
+//! The admin API: HTTP/1.1 + JSON on a unix socket. Every CLI command but
+//! `serve`, `setup` and `completions` is a client of it.
 //!
 //! A thin layer: each call parses its request, asks the sandbox domain
 //! (`crate::sandbox`), the store or the lifecycle (`crate::lifecycle`), and
-//! answers; `error.rs` is the one mapping of their errors to an HTTP
+//! answers; `error.rs` is the one mapping of their errors, and of the
+//! API's own refusals (body, caller, sessions, renewals), to an HTTP
 //! status and a stable code. Files: this one (socket, access, dispatch,
 //! status, sessions, certificates, backup/restore), `sandboxes.rs`
 //! (`/v1/sandboxes`), `incus.rs` (`/v1/incus`), `error.rs`.
@@ -150,21 +151,11 @@ pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(
     let bytes = match Limited::new(body, limit).collect().await {
         Ok(c) => c.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                format!("request body larger than {limit} bytes"),
-            ))
+            return Err(ApiError::body_too_large(limit))
         }
         Err(e) => return Err(ApiError::bad(format!("reading request body: {e}"))),
     };
-    serde_json::from_slice(&bytes).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "malformed_json",
-            format!("request body: {e}"),
-        )
-    })
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::malformed_json(&e))
 }
 
 async fn blocking<T: Send + 'static>(
@@ -248,14 +239,7 @@ pub async fn serve(
                     let resp = if permitted {
                         route(ctx, req).await
                     } else {
-                        let uid = uid
-                            .map(|u| u.to_string())
-                            .unwrap_or_else(|| "unknown".into());
-                        error_response(&ApiError::new(
-                            StatusCode::FORBIDDEN,
-                            "forbidden",
-                            format!("uid {uid} may not use the sandboxd admin API (root or the admin group only)"),
-                        ))
+                        error_response(&ApiError::forbidden(uid))
                     };
                     Ok::<_, Infallible>(resp)
                 }
@@ -351,11 +335,7 @@ async fn renew(ctx: &AdminContext, domain: &str) -> Result<Response<Body>, ApiEr
             let status = ctx.http.certs().into_iter().find(|c| c.domain == domain);
             Ok(json(StatusCode::OK, &status))
         }
-        Err(e) => Err(ApiError::new(
-            StatusCode::BAD_GATEWAY,
-            "renew_failed",
-            e.to_string(),
-        )),
+        Err(e) => Err(ApiError::renew_failed(&e)),
     }
 }
 
@@ -367,11 +347,7 @@ fn kill_session(ctx: &AdminContext, id: &str) -> Result<Response<Body>, ApiError
         tracing::info!(session = n, "session killed by an administrator");
         Ok(json(StatusCode::OK, &serde_json::json!({ "killed": n })))
     } else {
-        Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "no_such_session",
-            format!("no live session {n}"),
-        ))
+        Err(ApiError::no_such_session(n))
     }
 }
 

@@ -4,6 +4,7 @@
 //! answers with the sandbox's view once the routing snapshot has the
 //! change.
 
+use std::cell::RefCell;
 use std::sync::Arc;
 
 use http::{Response, StatusCode};
@@ -45,6 +46,39 @@ async fn commit<T: Send + 'static>(
     Ok(value)
 }
 
+/// Edits sandbox `name` in one store transaction under a domain rule:
+/// when `edit` refuses, nothing is written and its [`SandboxError`] is the
+/// answer; otherwise the call waits until the routing snapshot has the
+/// change. Returns the record as it now is.
+async fn edit(
+    ctx: &Arc<AdminContext>,
+    name: &str,
+    edit: impl Fn(&mut Sandbox) -> Result<(), SandboxError> + Send + 'static,
+) -> Result<Sandbox, ApiError> {
+    let store = ctx.store.clone();
+    let n = name.to_string();
+    let (sb, seq) = blocking(move || {
+        // The transaction may run `edit` more than once: its last run
+        // decides.
+        let refusal = RefCell::new(None);
+        let (sb, seq) = store.update_if(&n, |sb| {
+            let outcome = edit(sb);
+            let write = outcome.is_ok();
+            *refusal.borrow_mut() = outcome.err();
+            Ok(write)
+        })?;
+        match refusal.into_inner() {
+            Some(e) => Err(ApiError::from(e)),
+            None => Ok((sb, seq)),
+        }
+    })
+    .await?;
+    if let Some(seq) = seq {
+        ctx.routes.wait_applied(seq).await;
+    }
+    Ok(sb)
+}
+
 pub(super) async fn add(
     ctx: &Arc<AdminContext>,
     body: Incoming,
@@ -52,7 +86,7 @@ pub(super) async fn add(
     let req: AddSandbox = read_json(body, MAX_BODY).await?;
     store::validate_name(&req.name)?;
     let sandbox = sandbox::new_sandbox(NewSandbox {
-        domain: req.domain.trim().to_ascii_lowercase(),
+        domain: req.domain,
         backend: Backend::Static {
             host: req.upstream.trim().to_string(),
         },
@@ -123,25 +157,12 @@ pub(super) async fn keys_remove(
     body: Incoming,
 ) -> Result<Response<Body>, ApiError> {
     let req: KeyRequest = read_json(body, MAX_BODY).await?;
-    // An empty request is refused before the sandbox is looked up.
-    if req.keys.is_empty() {
-        return Err(SandboxError::NoKeyGiven.into());
-    }
-    let current = get(ctx, name).await?;
-    let keep = sandbox::keys_after_removal(name, &current.client_keys, &req.keys)?;
     let n = name.to_string();
-    let expected = current.client_keys;
-    let sb = commit(ctx, move |s| {
-        s.update(&n, |sb| {
-            if sb.client_keys != expected {
-                return Err(store::Error::Invalid {
-                    field: "ssh key",
-                    reason: "keys changed meanwhile; try again".into(),
-                });
-            }
-            sb.client_keys = keep.clone();
-            Ok(())
-        })
+    // The rule (each key known, one left) is checked on the record inside
+    // the write.
+    let sb = edit(ctx, name, move |sb| {
+        sb.client_keys = sandbox::keys_after_removal(&n, &sb.client_keys, &req.keys)?;
+        Ok(())
     })
     .await?;
     Ok(json(StatusCode::OK, &key_views(&sb)))
@@ -153,27 +174,13 @@ pub(super) async fn set_port(
     body: Incoming,
 ) -> Result<Response<Body>, ApiError> {
     let req: SetPort = read_json(body, MAX_BODY).await?;
-    let store = ctx.store.clone();
-    let n = name.to_string();
-    // The rule is checked on the record inside the write: nothing is
-    // written when it fails, and the refusal names the record's agent port.
-    let (sb, seq) = blocking(move || {
-        store
-            .update_if(&n, |sb| {
-                if sandbox::check_ports(req.port, sb.agent_port).is_err() {
-                    return Ok(false);
-                }
-                sb.app_port = req.port;
-                Ok(true)
-            })
-            .map_err(ApiError::from)
+    // Checked against the record's agent port inside the write.
+    let sb = edit(ctx, name, move |sb| {
+        sandbox::check_ports(req.port, sb.agent_port)?;
+        sb.app_port = req.port;
+        Ok(())
     })
     .await?;
-    let Some(seq) = seq else {
-        sandbox::check_ports(req.port, sb.agent_port)?;
-        return Err(ApiError::internal("the app port was not written"));
-    };
-    ctx.routes.wait_applied(seq).await;
     Ok(json(StatusCode::OK, &view(&sb)))
 }
 
@@ -183,12 +190,9 @@ pub(super) async fn set_auth(
     body: Incoming,
 ) -> Result<Response<Body>, ApiError> {
     let req: SetAuth = read_json(body, MAX_BODY).await?;
-    sandbox::check_auth(&req)?;
+    // Looked up before the password is hashed.
     get(ctx, name).await?;
-    let auth = store::BasicAuth {
-        user: req.user.clone(),
-        password_hash: sandbox::hash_password(req.password).await?,
-    };
+    let auth = sandbox::basic_auth(req).await?;
     let n = name.to_string();
     let sb = commit(ctx, move |s| {
         s.update(&n, |sb| {

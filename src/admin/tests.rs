@@ -564,3 +564,93 @@ fn access_admits_root_the_daemon_s_user_and_its_group_only() {
     assert!(grouped.allows(4343, 777));
     assert!(!grouped.allows(4343, 778));
 }
+
+// Refusals checked inside the store's transaction (`set_port`,
+// `keys_remove`): the domain's error is the answer and nothing is written.
+
+/// The route generation the daemon reports: the store's sequence number of
+/// the last change applied.
+async fn generation(socket: &Path) -> u64 {
+    let (status, body) = call(socket, Method::GET, "/v1/status", "").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body["route_generation"].as_u64().unwrap()
+}
+
+/// Asserts that `answer` is the refusal `e` maps to: status, code, message.
+fn refused_as(answer: &(StatusCode, Value), e: SandboxError) {
+    let expected = ApiError::from(e);
+    let message = refused(answer, expected.status, expected.code);
+    assert_eq!(message, expected.message);
+}
+
+#[tokio::test]
+async fn refused_port_and_key_edits_answer_the_domain_error_and_write_nothing() {
+    let a = start().await;
+    let (status, _) = call_json(
+        &a.socket,
+        Method::POST,
+        "/v1/sandboxes",
+        add_body("web", &a.key),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let before = generation(&a.socket).await;
+    let (_, record_before) = call(&a.socket, Method::GET, "/v1/sandboxes/web", "").await;
+
+    refused_as(
+        &call_json(
+            &a.socket,
+            Method::PUT,
+            "/v1/sandboxes/web/app-port",
+            json!({"port": 9999}),
+        )
+        .await,
+        SandboxError::AppPortIsAgentPort(9999),
+    );
+    let delete_keys = |keys: Value| {
+        call_json(
+            &a.socket,
+            Method::DELETE,
+            "/v1/sandboxes/web/keys",
+            json!({ "keys": keys }),
+        )
+    };
+    refused_as(
+        &delete_keys(json!([a.key])).await,
+        SandboxError::LastKey { name: "web".into() },
+    );
+    let unknown = client_key("carol@elsewhere");
+    refused_as(
+        &delete_keys(json!([unknown])).await,
+        SandboxError::KeyNotFound {
+            name: "web".into(),
+            wanted: unknown.clone(),
+        },
+    );
+    // A known key then an unknown one: the known one stays too.
+    refused_as(
+        &delete_keys(json!([a.key, unknown])).await,
+        SandboxError::KeyNotFound {
+            name: "web".into(),
+            wanted: unknown.clone(),
+        },
+    );
+    refused_as(&delete_keys(json!([])).await, SandboxError::NoKeyGiven);
+
+    let (_, record_after) = call(&a.socket, Method::GET, "/v1/sandboxes/web", "").await;
+    assert_eq!(
+        record_after, record_before,
+        "a refused edit changes nothing"
+    );
+    // The next accepted change is the next sequence number: no refusal
+    // wrote anything.
+    let (status, view) = call_json(
+        &a.socket,
+        Method::PUT,
+        "/v1/sandboxes/web/app-port",
+        json!({"port": 3000}),
+    )
+    .await;
+    assert_eq!((status, &view["app_port"]), (StatusCode::OK, &json!(3000)));
+    assert_eq!(generation(&a.socket).await, before + 1);
+}

@@ -36,7 +36,7 @@ impl Lifecycle {
             return self.provision(plan, progress).await;
         }
 
-        let settings = Settings::of_create(&req)?;
+        let settings = Settings::of(&req)?;
         let image = req
             .image
             .clone()

@@ -43,7 +43,7 @@ impl Lifecycle {
                 instance.kind
             )));
         }
-        let settings = Settings::of_import(&req)?;
+        let settings = Settings::of(&req)?;
         let record = self.new_record(&name, settings, egress).await?;
         let meta = Meta {
             id: random_id(),

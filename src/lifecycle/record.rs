@@ -41,59 +41,59 @@ pub(super) struct Settings {
     tls: Tls,
 }
 
+/// The fields of a create or import request that make a sandbox's
+/// settings, as the request gave them.
+pub(super) struct Requested<'a> {
+    domain: &'a str,
+    user: Option<&'a str>,
+    ssh_keys: &'a [String],
+    app_port: Option<u16>,
+    auth: Option<&'a SetAuth>,
+    tls: Tls,
+}
+
+/// Create and import requests carry these fields under the same names:
+/// one body reads them from either.
+macro_rules! requested_from {
+    ($($request:ty),+) => {$(
+        impl<'a> From<&'a $request> for Requested<'a> {
+            fn from(req: &'a $request) -> Self {
+                Requested {
+                    domain: &req.domain,
+                    user: req.user.as_deref(),
+                    ssh_keys: &req.ssh_keys,
+                    app_port: req.app_port,
+                    auth: req.auth.as_ref(),
+                    tls: Tls {
+                        mode: req.tls_mode,
+                        cert_file: req.tls_cert_file.clone(),
+                        key_file: req.tls_key_file.clone(),
+                    },
+                }
+            }
+        }
+    )+};
+}
+requested_from!(CreateSandbox, ImportSandbox);
+
 impl Settings {
-    /// The domain lowercased, the user `debian` when none is given; both
-    /// checked.
-    fn checked(
-        domain: &str,
-        user: Option<&str>,
-        ssh_keys: &[String],
-        app_port: Option<u16>,
-        auth: Option<&SetAuth>,
-        tls: Tls,
-    ) -> Result<Self> {
-        let domain = domain.trim().to_ascii_lowercase();
+    /// The settings of a create or import request: the domain normalized
+    /// ([`crate::sandbox::normalize_domain`]), the user `debian` when none
+    /// is given; both checked.
+    pub(super) fn of<'a>(req: impl Into<Requested<'a>>) -> Result<Self> {
+        let req = req.into();
+        let domain = crate::sandbox::normalize_domain(req.domain);
         store::validate_domain(&domain)?;
-        let user = user.unwrap_or(DEFAULT_USER).to_string();
+        let user = req.user.unwrap_or(DEFAULT_USER).to_string();
         store::validate_user(&user)?;
         Ok(Settings {
             domain,
             user,
-            ssh_keys: ssh_keys.to_vec(),
-            app_port,
-            auth: auth.cloned(),
-            tls,
+            ssh_keys: req.ssh_keys.to_vec(),
+            app_port: req.app_port,
+            auth: req.auth.cloned(),
+            tls: req.tls,
         })
-    }
-
-    pub(super) fn of_create(req: &CreateSandbox) -> Result<Self> {
-        Self::checked(
-            &req.domain,
-            req.user.as_deref(),
-            &req.ssh_keys,
-            req.app_port,
-            req.auth.as_ref(),
-            Tls {
-                mode: req.tls_mode,
-                cert_file: req.tls_cert_file.clone(),
-                key_file: req.tls_key_file.clone(),
-            },
-        )
-    }
-
-    pub(super) fn of_import(req: &ImportSandbox) -> Result<Self> {
-        Self::checked(
-            &req.domain,
-            req.user.as_deref(),
-            &req.ssh_keys,
-            req.app_port,
-            req.auth.as_ref(),
-            Tls {
-                mode: req.tls_mode,
-                cert_file: req.tls_cert_file.clone(),
-                key_file: req.tls_key_file.clone(),
-            },
-        )
     }
 }
 
@@ -274,21 +274,23 @@ mod tests {
         assert!(!Pipeline::Import.resumes(&created, true));
     }
 
+    fn requested<'a>(domain: &'a str, user: Option<&'a str>) -> Requested<'a> {
+        Requested {
+            domain,
+            user,
+            ssh_keys: &[],
+            app_port: None,
+            auth: None,
+            tls: Tls::default(),
+        }
+    }
+
     #[test]
     fn settings_are_normalized_and_checked() {
-        let s =
-            Settings::checked(" Box.Example.COM ", None, &[], None, None, Tls::default()).unwrap();
+        let s = Settings::of(requested(" Box.Example.COM ", None)).unwrap();
         assert_eq!(s.domain, "box.example.com");
         assert_eq!(s.user, DEFAULT_USER);
-        assert!(Settings::checked("no_domain", None, &[], None, None, Tls::default()).is_err());
-        assert!(Settings::checked(
-            "a.example.com",
-            Some("Bad User"),
-            &[],
-            None,
-            None,
-            Tls::default()
-        )
-        .is_err());
+        assert!(Settings::of(requested("no_domain", None)).is_err());
+        assert!(Settings::of(requested("a.example.com", Some("Bad User"))).is_err());
     }
 }
