@@ -28,8 +28,9 @@ use out::{errln, out, outln};
 /// sandboxd hosts persistent coding sandboxes (Incus system containers)
 /// behind one SSH router and one HTTPS proxy.
 ///
-/// `sandboxd serve` runs the daemon; every other command talks to it over
-/// its admin socket.
+/// `sandboxd serve` runs the daemon and `sandboxd setup` prepares the host
+/// for it; every other command except `completions` talks to the daemon
+/// over its admin socket.
 #[derive(Debug, Parser)]
 #[command(
     name = "sandboxd",
