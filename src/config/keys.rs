@@ -44,6 +44,9 @@ pub(crate) trait Kind {
     /// Reads `value` of the key `key` (qualified); a wrong type or range is
     /// pushed to `errs` and gives `None`.
     fn take(value: &toml::Value, key: &str, errs: &mut Vec<String>) -> Option<Self::Value>;
+    /// A valid value, for tests that a key reaches what it configures.
+    #[cfg(test)]
+    fn sample() -> toml::Value;
 }
 
 /// A string.
@@ -65,6 +68,10 @@ impl Kind for Str {
                 None
             }
         }
+    }
+    #[cfg(test)]
+    fn sample() -> toml::Value {
+        toml::Value::String("sample".into())
     }
 }
 
@@ -101,6 +108,10 @@ impl Kind for List {
             }
         }
     }
+    #[cfg(test)]
+    fn sample() -> toml::Value {
+        toml::Value::Array(vec!["sample".into()])
+    }
 }
 
 /// An integer within `LO..=HI` (`LO` >= 0).
@@ -126,6 +137,10 @@ impl<const LO: i64, const HI: i64> Kind for Int<LO, HI> {
                 None
             }
         }
+    }
+    #[cfg(test)]
+    fn sample() -> toml::Value {
+        toml::Value::Integer(HI)
     }
 }
 
@@ -162,6 +177,130 @@ impl Kind for Startups {
             }
         }
     }
+    #[cfg(test)]
+    fn sample() -> toml::Value {
+        toml::Value::String("3:50:7".into())
+    }
+}
+
+/// A list of IP addresses.
+pub(crate) struct Ips;
+
+impl Kind for Ips {
+    type Value = Vec<std::net::IpAddr>;
+    fn describe() -> String {
+        "list of IP addresses".into()
+    }
+    fn take(value: &toml::Value, key: &str, errs: &mut Vec<String>) -> Option<Self::Value> {
+        let mut out = Vec::new();
+        for ip in List::take(value, key, errs)? {
+            match ip.parse() {
+                Ok(a) => out.push(a),
+                Err(_) => errs.push(format!("`{key}`: {ip:?} is not an IP address")),
+            }
+        }
+        Some(out)
+    }
+    #[cfg(test)]
+    fn sample() -> toml::Value {
+        toml::Value::Array(vec!["192.0.2.1".into()])
+    }
+}
+
+/// A list of certificate modes (`acme`, `manual`, `internal`).
+pub(crate) struct TlsModes;
+
+impl Kind for TlsModes {
+    type Value = Vec<store::TlsMode>;
+    fn describe() -> String {
+        "list of acme, manual, internal".into()
+    }
+    fn take(value: &toml::Value, key: &str, errs: &mut Vec<String>) -> Option<Self::Value> {
+        let mut out = Vec::new();
+        for m in List::take(value, key, errs)? {
+            match m.parse() {
+                Ok(mode) => out.push(mode),
+                Err(_) => errs.push(format!(
+                    "`{key}`: {m:?} is not acme, manual or internal"
+                )),
+            }
+        }
+        Some(out)
+    }
+    #[cfg(test)]
+    fn sample() -> toml::Value {
+        toml::Value::Array(vec!["manual".into()])
+    }
+}
+
+/// `n` seconds.
+pub(crate) fn secs(n: u64) -> std::time::Duration {
+    std::time::Duration::from_secs(n)
+}
+
+/// `n` as a count or size (the keys' ranges fit; larger saturates).
+pub(crate) fn size(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
+}
+
+/// `n` as a 32-bit count (the keys' ranges fit; larger saturates).
+pub(crate) fn count(n: u64) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// A declared default read as a TOML value, if it is one.
+pub(crate) fn parse_default(text: &str) -> Option<toml::Value> {
+    let t: toml::Table = format!("v = {text}").parse().ok()?;
+    t.get("v").cloned()
+}
+
+/// The declared default of the key `name` of `keys`, a TOML string,
+/// without its quotes: for the constants other modules use
+/// (`DEFAULT_STATE_DIR`). A name not declared, or a default that is not a
+/// plain string, stops the build.
+pub(crate) const fn declared_str(keys: &'static [Key], name: &str) -> &'static str {
+    let mut i = 0;
+    while i < keys.len() {
+        let k = &keys[i];
+        if k.name.len() == name.len() {
+            let (a, b) = (k.name.as_bytes(), name.as_bytes());
+            let mut j = 0;
+            while j < a.len() && a[j] == b[j] {
+                j += 1;
+            }
+            if j == a.len() {
+                return match k.default.as_bytes() {
+                    [b'"', inner @ .., b'"'] => match std::str::from_utf8(inner) {
+                        Ok(s) => s,
+                        Err(_) => panic!("declared default is not UTF-8"),
+                    },
+                    _ => panic!("declared default is not a TOML string"),
+                };
+            }
+        }
+        i += 1;
+    }
+    panic!("no such key declared")
+}
+
+/// Help text of a `serve` flag that stands for the top-level key `name`:
+/// `text` and the key's declared default (a list as `a and b`).
+pub(crate) fn flag_help(text: &str, name: &str) -> String {
+    let declared = super::RawFile::KEYS
+        .iter()
+        .find(|k| k.name == name)
+        .map_or("", |k| k.default);
+    let shown = match parse_default(declared) {
+        Some(toml::Value::String(s)) => s,
+        Some(toml::Value::Array(items)) => items
+            .iter()
+            .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string))
+            .collect::<Vec<_>>()
+            .join(" and "),
+        Some(other) => other.to_string(),
+        None => declared.to_string(),
+    };
+    format!("{text} [default: {shown}]")
 }
 
 /// A sub-table (`[http]`): its keys are declared by its own block, and it
@@ -217,19 +356,60 @@ pub(crate) fn sub_table<'a>(
 ///
 /// ```text
 /// config_keys! {
-///     /// doc of the raw struct
-///     pub(crate) struct RawHttp in "http" {
-///         /// X-Forwarded-* kept only from these peers.
-///         trusted_proxies: List = "[]",
-///         max_connections: Int<1, 1_000_000> = "10000",
+///     /// doc of the table's struct
+///     pub struct HttpSettings in "http" for httpgate::HttpConfig {
+///         /// Seconds before an idle client connection is closed.
+///         idle_timeout_secs: Int<1, 86_400> = "120"
+///             => |c, v| c.timeouts.idle = secs(v),
 ///     }
 /// }
 /// ```
 ///
-/// makes `RawHttp` (one `Option` per key), `RawHttp::KEYS` and
-/// `RawHttp::read(&toml::Table, &mut errs)`, which reports unknown keys
-/// and wrong types and ranges.
+/// makes `HttpSettings` (one `Option` per key, `None` when not given),
+/// `HttpSettings::KEYS`, `HttpSettings::read(&toml::Table, &mut errs)`,
+/// which reports unknown keys and wrong types and ranges, and
+/// `HttpSettings::from_parent`, which reads the table `http` of the file.
+/// With `for Target`, every key also says what it sets in the component's
+/// configuration (`|c: &mut Target, v: Value|`), and the block makes
+/// `apply(&self, &mut Target)`, which sets the keys given and leaves the
+/// others at `Target`'s defaults. Without it (the top level), the block
+/// makes `defaults()`, each key's declared default read as TOML.
 macro_rules! config_keys {
+    (
+        $(#[$meta:meta])*
+        $vis:vis struct $raw:ident in $table:literal for $target:ty {
+            $( $(#[doc = $doc:literal])+
+               $key:ident : $kind:ty = $default:literal => $apply:expr, )*
+        }
+    ) => {
+        $crate::config::keys::config_keys! {
+            $(#[$meta])*
+            $vis struct $raw in $table {
+                $( $(#[doc = $doc])+ $key : $kind = $default, )*
+            }
+        }
+
+        impl $raw {
+            /// Sets the keys given over `cfg` (the component's defaults);
+            /// the others keep their value.
+            pub fn apply(&self, cfg: &mut $target) {
+                $( if let Some(v) = self.$key.clone() {
+                    let set: fn(&mut $target, <$kind as $crate::config::keys::Kind>::Value) =
+                        $apply;
+                    set(cfg, v);
+                } )*
+            }
+
+            /// Reads the table `$table` of the file's top level `parent`,
+            /// if it has one.
+            pub(crate) fn from_parent(parent: &toml::Table, errs: &mut Vec<String>) -> Self {
+                match $crate::config::keys::sub_table(parent, $table, errs) {
+                    Some(t) => Self::read(t, errs),
+                    None => Self::default(),
+                }
+            }
+        }
+    };
     (
         $(#[$meta:meta])*
         $vis:vis struct $raw:ident in $table:literal {
@@ -237,9 +417,10 @@ macro_rules! config_keys {
         }
     ) => {
         $(#[$meta])*
-        #[derive(Debug, Default)]
+        #[derive(Debug, Clone, Default)]
         $vis struct $raw {
-            $( pub $key: Option<<$kind as $crate::config::keys::Kind>::Value>, )*
+            $( $(#[doc = $doc])+
+               pub(crate) $key: Option<<$kind as $crate::config::keys::Kind>::Value>, )*
         }
 
         impl $raw {
@@ -273,6 +454,26 @@ macro_rules! config_keys {
                     }), )*
                 }
             }
+
+            /// Each key's declared default, where that is a TOML value of
+            /// the key's type (`None` where it is words, like "none").
+            #[allow(dead_code)]
+            pub fn defaults() -> Self {
+                let mut errs = Vec::new();
+                Self {
+                    $( $key: $crate::config::keys::parse_default($default).and_then(|v| {
+                        <$kind as $crate::config::keys::Kind>::take(&v, "", &mut errs)
+                    }), )*
+                }
+            }
+
+            /// Each key of `self`, or of `other` where `self` has none.
+            #[allow(dead_code)]
+            pub fn or(self, other: Self) -> Self {
+                Self {
+                    $( $key: self.$key.or(other.$key), )*
+                }
+            }
         }
     };
 }
@@ -287,6 +488,10 @@ impl Kind for Table {
     fn take(_: &toml::Value, _: &str, _: &mut Vec<String>) -> Option<()> {
         None
     }
+    #[cfg(test)]
+    fn sample() -> toml::Value {
+        toml::Value::Table(toml::Table::new())
+    }
 }
 
 /// Every key of the configuration file, every table.
@@ -294,8 +499,8 @@ pub fn all() -> Vec<Key> {
     [
         super::RawFile::KEYS,
         super::provision::RawProvision::KEYS,
-        super::http::RawHttp::KEYS,
-        super::ssh::RawSsh::KEYS,
+        super::http::HttpSettings::KEYS,
+        super::ssh::SshSettings::KEYS,
     ]
     .concat()
 }
@@ -334,22 +539,22 @@ mod tests {
     /// defaults are the real ones.
     #[test]
     fn declared_defaults_are_the_gates_defaults() {
-        for key in super::super::http::RawHttp::KEYS {
+        for key in super::super::http::HttpSettings::KEYS {
             let text = format!("[http]\n{} = {}\n", key.name, key.default);
             let t: toml::Table = text.parse().unwrap();
             let mut errs = Vec::new();
             let mut cfg = httpgate::HttpConfig::default();
-            super::super::http::read(&t, &mut errs).apply(&mut cfg);
+            super::super::http::HttpSettings::from_parent(&t, &mut errs).apply(&mut cfg);
             assert!(errs.is_empty(), "{errs:?}");
             let want = format!("{:?}", httpgate::HttpConfig::default());
             assert_eq!(format!("{cfg:?}"), want, "http.{}", key.name);
         }
-        for key in super::super::ssh::RawSsh::KEYS {
+        for key in super::super::ssh::SshSettings::KEYS {
             let text = format!("[ssh]\n{} = {}\n", key.name, key.default);
             let t: toml::Table = text.parse().unwrap();
             let mut errs = Vec::new();
             let mut cfg = sshgate::GatewayConfig::default();
-            super::super::ssh::read(&t, &mut errs).apply(&mut cfg);
+            super::super::ssh::SshSettings::from_parent(&t, &mut errs).apply(&mut cfg);
             assert!(errs.is_empty(), "{errs:?}");
             let want = format!("{:?}", sshgate::GatewayConfig::default());
             assert_eq!(format!("{cfg:?}"), want, "ssh.{}", key.name);

@@ -229,8 +229,8 @@ fn read_file(path: &Path, errs: &mut Vec<String>) -> Raw {
     Raw {
         file: RawFile::read_known(&table, errs),
         provision: provision::read(&table, errs),
-        http: http::read(&table, errs),
-        ssh: ssh::read(&table, errs),
+        http: HttpSettings::from_parent(&table, errs),
+        ssh: SshSettings::from_parent(&table, errs),
     }
 }
 
