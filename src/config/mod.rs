@@ -29,12 +29,10 @@ pub use ssh::SshSettings;
 
 use keys::{Int, List, Str, Table};
 
-/// Default admin socket path.
-pub const DEFAULT_ADMIN_SOCKET: &str = "/run/sandboxd/admin.sock";
-/// Default state directory.
-pub const DEFAULT_STATE_DIR: &str = "/var/lib/sandboxd";
-/// Default ACME directory (Let's Encrypt production).
-pub const DEFAULT_ACME_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/directory";
+/// Default admin socket path (declared with the key `admin_socket`).
+pub const DEFAULT_ADMIN_SOCKET: &str = keys::declared_str(RawFile::KEYS, "admin_socket");
+/// Default state directory (declared with the key `state_dir`).
+pub const DEFAULT_STATE_DIR: &str = keys::declared_str(RawFile::KEYS, "state_dir");
 
 /// Flags of `sandboxd serve`.
 #[derive(Debug, Clone, Default, Args)]
@@ -45,20 +43,22 @@ pub struct ServeArgs {
     /// Directory for the database, keys and certificates (created 0700).
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
-    /// Address for the SSH router (repeatable) [default: 0.0.0.0:2222 and [::]:2222].
-    #[arg(long, value_name = "ADDR")]
+    // Address for the SSH router (repeatable), and its declared default.
+    #[arg(long, value_name = "ADDR",
+          help = keys::flag_help("Address for the SSH router (repeatable)", "ssh_listen"))]
     pub ssh_listen: Vec<String>,
-    /// Address for HTTPS (repeatable) [default: 0.0.0.0:443 and [::]:443].
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR",
+          help = keys::flag_help("Address for HTTPS (repeatable)", "https_listen"))]
     pub https_listen: Vec<String>,
-    /// Address for plain HTTP: ACME HTTP-01 and redirects (repeatable) [default: 0.0.0.0:80 and [::]:80].
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", help = keys::flag_help(
+        "Address for plain HTTP: ACME HTTP-01 and redirects (repeatable)",
+        "http_listen"
+    ))]
     pub http_listen: Vec<String>,
     /// Default certificate source for new domains.
     #[arg(long, value_name = "MODE", value_parser = ["internal", "acme"])]
     pub tls_mode: Option<String>,
-    /// ACME directory URL [default: Let's Encrypt production].
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", help = keys::flag_help("ACME directory URL", "acme_directory"))]
     pub acme_directory: Option<String>,
     /// Extra PEM root to trust for the ACME server's own TLS (a test CA).
     #[arg(long, value_name = "FILE")]
@@ -66,8 +66,7 @@ pub struct ServeArgs {
     /// Contact e-mail for the ACME account.
     #[arg(long, value_name = "EMAIL")]
     pub acme_email: Option<String>,
-    /// Incus unix socket [default: /var/lib/incus/unix.socket or /run/incus/unix.socket].
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", help = keys::flag_help("Incus unix socket", "incus_socket"))]
     pub incus_socket: Option<PathBuf>,
 }
 
@@ -112,11 +111,6 @@ pub struct Config {
     /// The `[ssh]` table: the SSH gate's limits.
     pub ssh: SshSettings,
 }
-
-/// Default image alias of `sandboxd create`.
-pub const DEFAULT_IMAGE: &str = "debian/12";
-/// Default period of the Incus reconcile, in seconds.
-pub const DEFAULT_RECONCILE_SECS: u64 = 30;
 
 /// Incus settings of the daemon.
 #[derive(Debug, Clone)]
@@ -169,7 +163,7 @@ keys::config_keys! {
         /// Default certificate source of new domains: internal or acme.
         tls_mode: Str = "\"internal\"",
         /// ACME directory URL.
-        acme_directory: Str = "Let's Encrypt production",
+        acme_directory: Str = "\"https://acme-v02.api.letsencrypt.org/directory\"",
         /// Extra PEM root to trust for the ACME server's own TLS.
         acme_ca_root: Str = "none",
         /// Contact e-mail of the ACME account.
@@ -181,7 +175,7 @@ keys::config_keys! {
         /// Text shown to SSH clients before authentication.
         ssh_banner: Str = "none",
         /// Incus unix socket.
-        incus_socket: Str = "the first standard socket",
+        incus_socket: Str = "/var/lib/incus/unix.socket or /run/incus/unix.socket",
         /// Image alias of `create` without --image.
         default_image: Str = "\"debian/12\"",
         /// Seconds between full reconciles with Incus.
@@ -234,15 +228,9 @@ fn read_file(path: &Path, errs: &mut Vec<String>) -> Raw {
     }
 }
 
-fn addrs(
-    key: &str,
-    given: Option<Vec<String>>,
-    default: &[&str],
-    errs: &mut Vec<String>,
-) -> Vec<SocketAddr> {
-    let values = given.unwrap_or_else(|| default.iter().map(|s| s.to_string()).collect());
+fn addrs(key: &str, given: Option<Vec<String>>, errs: &mut Vec<String>) -> Vec<SocketAddr> {
     let mut out = Vec::new();
-    for v in values {
+    for v in given.unwrap_or_default() {
         match v.parse::<SocketAddr>() {
             Ok(a) if !out.contains(&a) => out.push(a),
             Ok(a) => errs.push(format!("`{key}`: {a} is listed twice")),
@@ -259,7 +247,9 @@ fn nonempty(v: Vec<String>) -> Option<Vec<String>> {
 }
 
 /// Merges the file named by `--config` (if any) with the flags and validates
-/// the result. `admin_socket` comes from the global option.
+/// the result. `admin_socket` comes from the global option. Flags win over
+/// the file, and the file over the declared defaults (`RawFile::defaults`),
+/// the only place a top-level default is written.
 pub fn load(args: &ServeArgs, admin_socket: Option<PathBuf>) -> Result<Config, ConfigErrors> {
     let mut errs = Vec::new();
     let raw = match &args.config {
@@ -272,30 +262,28 @@ pub fn load(args: &ServeArgs, admin_socket: Option<PathBuf>) -> Result<Config, C
         http,
         ssh,
     } = raw;
+    let file = file.or(RawFile::defaults());
     let state_dir = args
         .state_dir
         .clone()
         .or(file.state_dir.map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        .unwrap_or_default();
     let admin_socket = admin_socket
         .or(file.admin_socket.map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET));
+        .unwrap_or_default();
     let ssh_listen = addrs(
         "ssh_listen",
         nonempty(args.ssh_listen.clone()).or(file.ssh_listen),
-        &["0.0.0.0:2222", "[::]:2222"],
         &mut errs,
     );
     let https_listen = addrs(
         "https_listen",
         nonempty(args.https_listen.clone()).or(file.https_listen),
-        &["0.0.0.0:443", "[::]:443"],
         &mut errs,
     );
     let http_listen = addrs(
         "http_listen",
         nonempty(args.http_listen.clone()).or(file.http_listen),
-        &["0.0.0.0:80", "[::]:80"],
         &mut errs,
     );
     let tls_mode = match args.tls_mode.clone().or(file.tls_mode).as_deref() {
@@ -312,7 +300,7 @@ pub fn load(args: &ServeArgs, admin_socket: Option<PathBuf>) -> Result<Config, C
         .acme_directory
         .clone()
         .or(file.acme_directory)
-        .unwrap_or_else(|| DEFAULT_ACME_DIRECTORY.to_string());
+        .unwrap_or_default();
     if !acme_directory.starts_with("https://") {
         errs.push(format!(
             "`acme_directory` must be an https:// URL, not {acme_directory:?}"
@@ -339,10 +327,7 @@ pub fn load(args: &ServeArgs, admin_socket: Option<PathBuf>) -> Result<Config, C
         }
     }
     let mut acme_challenges = Vec::new();
-    for c in file
-        .acme_challenges
-        .unwrap_or_else(|| vec!["tls-alpn-01".into(), "http-01".into()])
-    {
+    for c in file.acme_challenges.unwrap_or_default() {
         let kind = match c.as_str() {
             "http-01" => httpgate::ChallengeKind::Http01,
             "tls-alpn-01" => httpgate::ChallengeKind::TlsAlpn01,
@@ -370,7 +355,7 @@ pub fn load(args: &ServeArgs, admin_socket: Option<PathBuf>) -> Result<Config, C
             Err(e) => errs.push(format!("`admin_group` {g:?}: {e}")),
         }
     }
-    let log = file.log.unwrap_or_else(|| "info".to_string());
+    let log = file.log.unwrap_or_default();
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log) {
         errs.push(format!("`log` {log:?}: {e}"));
     }
@@ -379,10 +364,8 @@ pub fn load(args: &ServeArgs, admin_socket: Option<PathBuf>) -> Result<Config, C
             .incus_socket
             .clone()
             .or(file.incus_socket.map(PathBuf::from)),
-        default_image: file
-            .default_image
-            .unwrap_or_else(|| DEFAULT_IMAGE.to_string()),
-        reconcile_secs: file.incus_reconcile_secs.unwrap_or(DEFAULT_RECONCILE_SECS),
+        default_image: file.default_image.unwrap_or_default(),
+        reconcile_secs: file.incus_reconcile_secs.unwrap_or_default(),
     };
     if incus.default_image.trim().is_empty() {
         errs.push("`default_image` must not be empty".to_string());
