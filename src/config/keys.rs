@@ -19,6 +19,9 @@ pub struct Key {
     pub default: &'static str,
     /// One line of documentation.
     pub doc: &'static str,
+    /// A valid value of its type.
+    #[cfg(test)]
+    pub sample: fn() -> toml::Value,
 }
 
 impl Key {
@@ -220,9 +223,7 @@ impl Kind for TlsModes {
         for m in List::take(value, key, errs)? {
             match m.parse() {
                 Ok(mode) => out.push(mode),
-                Err(_) => errs.push(format!(
-                    "`{key}`: {m:?} is not acme, manual or internal"
-                )),
+                Err(_) => errs.push(format!("`{key}`: {m:?} is not acme, manual or internal")),
             }
         }
         Some(out)
@@ -432,6 +433,8 @@ macro_rules! config_keys {
                     kind: <$kind as $crate::config::keys::Kind>::describe,
                     default: $default,
                     doc: concat!($($doc),+).trim_ascii(),
+                    #[cfg(test)]
+                    sample: <$kind as $crate::config::keys::Kind>::sample,
                 }, )*
             ];
 
@@ -558,6 +561,38 @@ mod tests {
             assert!(errs.is_empty(), "{errs:?}");
             let want = format!("{:?}", sshgate::GatewayConfig::default());
             assert_eq!(format!("{cfg:?}"), want, "ssh.{}", key.name);
+        }
+    }
+
+    /// Each `[http]` and `[ssh]` key, declared once, reaches the gate's
+    /// configuration: set to a value other than its default, it changes
+    /// what the gate gets.
+    #[test]
+    fn every_gate_key_reaches_the_gates_config() {
+        let one = |table: &str, key: &Key| -> toml::Table {
+            let mut inner = toml::Table::new();
+            inner.insert(key.name.into(), (key.sample)());
+            let mut t = toml::Table::new();
+            t.insert(table.into(), toml::Value::Table(inner));
+            t
+        };
+        let http_default = format!("{:?}", httpgate::HttpConfig::default());
+        for key in super::super::http::HttpSettings::KEYS {
+            let mut errs = Vec::new();
+            let mut cfg = httpgate::HttpConfig::default();
+            super::super::http::HttpSettings::from_parent(&one("http", key), &mut errs)
+                .apply(&mut cfg);
+            assert!(errs.is_empty(), "{errs:?}");
+            assert_ne!(format!("{cfg:?}"), http_default, "http.{}", key.name);
+        }
+        let ssh_default = format!("{:?}", sshgate::GatewayConfig::default());
+        for key in super::super::ssh::SshSettings::KEYS {
+            let mut errs = Vec::new();
+            let mut cfg = sshgate::GatewayConfig::default();
+            super::super::ssh::SshSettings::from_parent(&one("ssh", key), &mut errs)
+                .apply(&mut cfg);
+            assert!(errs.is_empty(), "{errs:?}");
+            assert_ne!(format!("{cfg:?}"), ssh_default, "ssh.{}", key.name);
         }
     }
 
