@@ -234,6 +234,60 @@ impl Kind for TlsModes {
     }
 }
 
+/// A fixed set of words, for [`Choice`].
+pub(crate) trait Choices {
+    const ALL: &'static [&'static str];
+}
+
+/// A string that is one of `C::ALL`.
+pub(crate) struct Choice<C>(std::marker::PhantomData<C>);
+
+impl<C: Choices> Kind for Choice<C> {
+    type Value = String;
+    fn describe() -> String {
+        format!("one of {}", C::ALL.join(", "))
+    }
+    fn take(value: &toml::Value, key: &str, errs: &mut Vec<String>) -> Option<String> {
+        let v = Str::take(value, key, errs)?;
+        if C::ALL.contains(&v.as_str()) {
+            Some(v)
+        } else {
+            errs.push(format!(
+                "`{key}` must be one of {}, not {v:?}",
+                C::ALL.join(", ")
+            ));
+            None
+        }
+    }
+    #[cfg(test)]
+    fn sample() -> toml::Value {
+        toml::Value::String(C::ALL.last().copied().unwrap_or_default().into())
+    }
+}
+
+/// A string parsed by `T`'s `FromStr`, whose error is a sentence.
+pub(crate) struct Parsed<T>(std::marker::PhantomData<T>);
+
+impl<T: std::str::FromStr<Err = String> + Choices> Kind for Parsed<T> {
+    type Value = T;
+    fn describe() -> String {
+        format!("one of {}", T::ALL.join(", "))
+    }
+    fn take(value: &toml::Value, key: &str, errs: &mut Vec<String>) -> Option<T> {
+        match Str::take(value, key, errs)?.parse() {
+            Ok(v) => Some(v),
+            Err(e) => {
+                errs.push(format!("`{key}`: {e}"));
+                None
+            }
+        }
+    }
+    #[cfg(test)]
+    fn sample() -> toml::Value {
+        toml::Value::String(T::ALL.last().copied().unwrap_or_default().into())
+    }
+}
+
 /// `n` seconds.
 pub(crate) fn secs(n: u64) -> std::time::Duration {
     std::time::Duration::from_secs(n)
@@ -564,8 +618,8 @@ mod tests {
         }
     }
 
-    /// Each `[http]` and `[ssh]` key, declared once, reaches the gate's
-    /// configuration: set to a value other than its default, it changes
+    /// Each `[http]`, `[ssh]` and `[provision]` key, declared once,
+    /// reaches the configuration it is for: set to a value other than its default, it changes
     /// what the gate gets.
     #[test]
     fn every_gate_key_reaches_the_gates_config() {
@@ -593,6 +647,20 @@ mod tests {
                 .apply(&mut cfg);
             assert!(errs.is_empty(), "{errs:?}");
             assert_ne!(format!("{cfg:?}"), ssh_default, "ssh.{}", key.name);
+        }
+        let provision_default = format!("{:?}", super::super::ProvisionConfig::default());
+        for key in super::super::provision::RawProvision::KEYS {
+            let mut errs = Vec::new();
+            let mut cfg = super::super::ProvisionConfig::default();
+            super::super::provision::RawProvision::from_parent(&one("provision", key), &mut errs)
+                .apply(&mut cfg);
+            assert!(errs.is_empty(), "{errs:?}");
+            assert_ne!(
+                format!("{cfg:?}"),
+                provision_default,
+                "provision.{}",
+                key.name
+            );
         }
     }
 

@@ -3,9 +3,13 @@
 //! reporting every problem at once. Unknown keys are errors.
 //!
 //! Each key of the file is declared once, in a `config_keys!` block
-//! ([`keys`]): the top level here, `[provision]` in [`provision`], `[http]`
-//! in [`http`], `[ssh]` in [`ssh`]. The README's example must list every
-//! declared key (a unit test in `keys` holds it to that).
+//! ([`keys`]): its name, type, default and doc line, and for a table that
+//! configures a component (`[provision]` in [`provision`], `[http]` in
+//! [`http`], `[ssh]` in [`ssh`]) what it sets in that component's
+//! configuration. The top level is declared here; its declared defaults
+//! are the ones `load` uses and `serve --help` shows. Adding a key is its
+//! declaration plus its line in the README's example (a unit test in
+//! `keys` holds the README to the declarations).
 //!
 //! The daemon's settings come only from here. Other environment variables
 //! are read where they are used: `SANDBOXD_ADMIN_SOCKET` by `cli` (the

@@ -264,6 +264,15 @@ fn an_empty_file_gives_the_declared_defaults() {
     assert_eq!(c.incus.socket, None);
     assert_eq!(DEFAULT_STATE_DIR, "/var/lib/sandboxd");
     assert_eq!(DEFAULT_ADMIN_SOCKET, "/run/sandboxd/admin.sock");
+    let p = &c.provision;
+    assert_eq!(p.mode, ProvisionMode::Auto);
+    assert_eq!(
+        (p.packages.as_str(), p.agent.as_str()),
+        ("distro", "shelley")
+    );
+    assert_eq!(p.golden_alias, "sandboxd/golden");
+    assert_eq!(DEFAULT_GOLDEN_ALIAS, "sandboxd/golden");
+    assert!(p.apt_proxy.is_none() && p.llm_provider.is_none() && p.hook.is_none());
 }
 
 /// `sandboxd serve --help` shows the defaults declared with the keys.
