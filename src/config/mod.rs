@@ -24,6 +24,7 @@ use clap::Args;
 
 pub mod http;
 pub mod keys;
+mod kinds;
 pub mod provision;
 pub mod ssh;
 
