@@ -1,11 +1,11 @@
 //! The configuration file's keys, each declared once: its table, name,
-//! type (a [`Kind`], in `kinds.rs`), default, a line of documentation and,
+//! type (a `Kind`, in `kinds.rs`), default, a line of documentation and,
 //! in a table that configures a component, what it sets there, in a
-//! [`config_keys!`] block. From that one declaration come the table
+//! `config_keys!` block. From that one declaration come the table
 //! struct's field, its reading from TOML (type and range checked, every
 //! problem collected), the unknown-key check with its list of known keys,
 //! `apply` over the component's defaults, the declared defaults as values
-//! (`defaults()`, [`declared_str`], [`flag_help`]) and [`all`], which the
+//! (`defaults()`, `declared_str`, `flag_help`) and [`all`], which the
 //! README test holds against the README's example. What ties keys together
 //! (an address, a key that needs another, a file that must exist) is
 //! checked after reading, by the table's own module.

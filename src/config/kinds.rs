@@ -196,7 +196,7 @@ impl Kind for TlsModes {
     }
 }
 
-/// A fixed set of words, for [`Choice`].
+/// A fixed set of words, for `Choice`.
 pub(crate) trait Choices {
     const ALL: &'static [&'static str];
 }
