@@ -1,11 +1,19 @@
 //! The configuration file's keys, each declared once: its table, name,
-//! type, default and a line of documentation, in a [`config_keys!`] block.
-//! From that one line come the raw value's field, its reading from TOML
-//! (type and range checked, every problem collected), the unknown-key
-//! check with its list of known keys, and [`ALL`], which the README test
-//! holds against the README's example. What a value means (an address, a
-//! mode, a file that must exist) is checked after reading, by the table's
-//! own module.
+//! type (a `Kind`, in `kinds.rs`), default, a line of documentation and,
+//! in a table that configures a component, what it sets there, in a
+//! `config_keys!` block. From that one declaration come the table
+//! struct's field, its reading from TOML (type and range checked, every
+//! problem collected), the unknown-key check with its list of known keys,
+//! `apply` over the component's defaults, the declared defaults as values
+//! (`defaults()`, `declared_str`, `flag_help`) and [`all`], which the
+//! README test holds against the README's example. What ties keys together
+//! (an address, a key that needs another, a file that must exist) is
+//! checked after reading, by the table's own module.
+
+pub(crate) use super::kinds::{
+    count, secs, size, Choice, Choices, Int, Ips, Kind, List, Parsed, Startups, Str, Table,
+    TlsModes,
+};
 
 /// One key of the configuration file.
 #[derive(Debug, Clone, Copy)]
@@ -19,6 +27,9 @@ pub struct Key {
     pub default: &'static str,
     /// One line of documentation.
     pub doc: &'static str,
+    /// A valid value of its type.
+    #[cfg(test)]
+    pub sample: fn() -> toml::Value,
 }
 
 impl Key {
@@ -36,137 +47,60 @@ pub(crate) fn qualified(table: &str, name: &str) -> String {
     }
 }
 
-/// A value type of the configuration file: how it is read from TOML.
-pub(crate) trait Kind {
-    type Value;
-    /// The type as people read it.
-    fn describe() -> String;
-    /// Reads `value` of the key `key` (qualified); a wrong type or range is
-    /// pushed to `errs` and gives `None`.
-    fn take(value: &toml::Value, key: &str, errs: &mut Vec<String>) -> Option<Self::Value>;
+/// A declared default read as a TOML value, if it is one.
+pub(crate) fn parse_default(text: &str) -> Option<toml::Value> {
+    let t: toml::Table = format!("v = {text}").parse().ok()?;
+    t.get("v").cloned()
 }
 
-/// A string.
-pub(crate) struct Str;
-
-impl Kind for Str {
-    type Value = String;
-    fn describe() -> String {
-        "string".into()
-    }
-    fn take(value: &toml::Value, key: &str, errs: &mut Vec<String>) -> Option<String> {
-        match value {
-            toml::Value::String(s) => Some(s.clone()),
-            other => {
-                errs.push(format!(
-                    "`{key}` must be a string, not {}",
-                    other.type_str()
-                ));
-                None
+/// The declared default of the key `name` of `keys`, a TOML string,
+/// without its quotes: for the constants other modules use
+/// (`DEFAULT_STATE_DIR`). A name not declared, or a default that is not a
+/// plain string, stops the build.
+pub(crate) const fn declared_str(keys: &'static [Key], name: &str) -> &'static str {
+    let mut i = 0;
+    while i < keys.len() {
+        let k = &keys[i];
+        if k.name.len() == name.len() {
+            let (a, b) = (k.name.as_bytes(), name.as_bytes());
+            let mut j = 0;
+            while j < a.len() && a[j] == b[j] {
+                j += 1;
+            }
+            if j == a.len() {
+                return match k.default.as_bytes() {
+                    [b'"', inner @ .., b'"'] => match std::str::from_utf8(inner) {
+                        Ok(s) => s,
+                        Err(_) => panic!("declared default is not UTF-8"),
+                    },
+                    _ => panic!("declared default is not a TOML string"),
+                };
             }
         }
+        i += 1;
     }
+    panic!("no such key declared")
 }
 
-/// A list of strings (one string is a list of one).
-pub(crate) struct List;
-
-impl Kind for List {
-    type Value = Vec<String>;
-    fn describe() -> String {
-        "list of strings".into()
-    }
-    fn take(value: &toml::Value, key: &str, errs: &mut Vec<String>) -> Option<Vec<String>> {
-        match value {
-            toml::Value::Array(items) => {
-                let mut out = Vec::new();
-                for item in items {
-                    match item {
-                        toml::Value::String(s) => out.push(s.clone()),
-                        other => errs.push(format!(
-                            "`{key}` must be a list of strings; found {}",
-                            other.type_str()
-                        )),
-                    }
-                }
-                Some(out)
-            }
-            toml::Value::String(s) => Some(vec![s.clone()]),
-            other => {
-                errs.push(format!(
-                    "`{key}` must be a list of strings, not {}",
-                    other.type_str()
-                ));
-                None
-            }
-        }
-    }
+/// Help text of a `serve` flag that stands for the top-level key `name`:
+/// `text` and the key's declared default (a list as `a and b`).
+pub(crate) fn flag_help(text: &str, name: &str) -> String {
+    let declared = super::RawFile::KEYS
+        .iter()
+        .find(|k| k.name == name)
+        .map_or("", |k| k.default);
+    let shown = match parse_default(declared) {
+        Some(toml::Value::String(s)) => s,
+        Some(toml::Value::Array(items)) => items
+            .iter()
+            .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string))
+            .collect::<Vec<_>>()
+            .join(" and "),
+        Some(other) => other.to_string(),
+        None => declared.to_string(),
+    };
+    format!("{text} [default: {shown}]")
 }
-
-/// An integer within `LO..=HI` (`LO` >= 0).
-pub(crate) struct Int<const LO: i64, const HI: i64>;
-
-impl<const LO: i64, const HI: i64> Kind for Int<LO, HI> {
-    type Value = u64;
-    fn describe() -> String {
-        format!("integer {LO}..={HI}")
-    }
-    fn take(value: &toml::Value, key: &str, errs: &mut Vec<String>) -> Option<u64> {
-        match value {
-            toml::Value::Integer(n) if (LO..=HI).contains(n) => Some(n.unsigned_abs()),
-            toml::Value::Integer(n) => {
-                errs.push(format!("`{key}` must be between {LO} and {HI}, not {n}"));
-                None
-            }
-            other => {
-                errs.push(format!(
-                    "`{key}` must be an integer, not {}",
-                    other.type_str()
-                ));
-                None
-            }
-        }
-    }
-}
-
-/// sshd's `MaxStartups`: `start:rate:full`, or one positive integer.
-pub(crate) struct Startups;
-
-impl Kind for Startups {
-    type Value = sshgate::Startups;
-    fn describe() -> String {
-        "string start:rate:full or positive integer".into()
-    }
-    fn take(value: &toml::Value, key: &str, errs: &mut Vec<String>) -> Option<Self::Value> {
-        match value {
-            toml::Value::String(v) => match v.parse::<sshgate::Startups>() {
-                Ok(x) => Some(x),
-                Err(e) => {
-                    errs.push(format!("`{key}`: {e}"));
-                    None
-                }
-            },
-            toml::Value::Integer(n) => match u32::try_from(*n) {
-                Ok(n) if n > 0 => Some(sshgate::Startups::hard(n)),
-                _ => {
-                    errs.push(format!("`{key}` must be positive, not {n}"));
-                    None
-                }
-            },
-            other => {
-                errs.push(format!(
-                    "`{key}` must be a string like \"10:30:100\", not {}",
-                    other.type_str()
-                ));
-                None
-            }
-        }
-    }
-}
-
-/// A sub-table (`[http]`): its keys are declared by its own block, and it
-/// is read by its own module.
-pub(crate) struct Table;
 
 /// Reports the keys of `t` that `known` does not declare. At the top
 /// level (`path` given) the message names the file.
@@ -217,19 +151,60 @@ pub(crate) fn sub_table<'a>(
 ///
 /// ```text
 /// config_keys! {
-///     /// doc of the raw struct
-///     pub(crate) struct RawHttp in "http" {
-///         /// X-Forwarded-* kept only from these peers.
-///         trusted_proxies: List = "[]",
-///         max_connections: Int<1, 1_000_000> = "10000",
+///     /// doc of the table's struct
+///     pub struct HttpSettings in "http" for httpgate::HttpConfig {
+///         /// Seconds before an idle client connection is closed.
+///         idle_timeout_secs: Int<1, 86_400> = "120"
+///             => |c, v| c.timeouts.idle = secs(v),
 ///     }
 /// }
 /// ```
 ///
-/// makes `RawHttp` (one `Option` per key), `RawHttp::KEYS` and
-/// `RawHttp::read(&toml::Table, &mut errs)`, which reports unknown keys
-/// and wrong types and ranges.
+/// makes `HttpSettings` (one `Option` per key, `None` when not given),
+/// `HttpSettings::KEYS`, `HttpSettings::read(&toml::Table, &mut errs)`,
+/// which reports unknown keys and wrong types and ranges, and
+/// `HttpSettings::from_parent`, which reads the table `http` of the file.
+/// With `for Target`, every key also says what it sets in the component's
+/// configuration (`|c: &mut Target, v: Value|`), and the block makes
+/// `apply(&self, &mut Target)`, which sets the keys given and leaves the
+/// others at `Target`'s defaults. Without it (the top level), the block
+/// makes `defaults()`, each key's declared default read as TOML.
 macro_rules! config_keys {
+    (
+        $(#[$meta:meta])*
+        $vis:vis struct $raw:ident in $table:literal for $target:ty {
+            $( $(#[doc = $doc:literal])+
+               $key:ident : $kind:ty = $default:literal => $apply:expr, )*
+        }
+    ) => {
+        $crate::config::keys::config_keys! {
+            $(#[$meta])*
+            $vis struct $raw in $table {
+                $( $(#[doc = $doc])+ $key : $kind = $default, )*
+            }
+        }
+
+        impl $raw {
+            /// Sets the keys given over `cfg` (the component's defaults);
+            /// the others keep their value.
+            pub fn apply(&self, cfg: &mut $target) {
+                $( if let Some(v) = self.$key.clone() {
+                    let set: fn(&mut $target, <$kind as $crate::config::keys::Kind>::Value) =
+                        $apply;
+                    set(cfg, v);
+                } )*
+            }
+
+            /// Reads the table `$table` of the file's top level `parent`,
+            /// if it has one.
+            pub(crate) fn from_parent(parent: &toml::Table, errs: &mut Vec<String>) -> Self {
+                match $crate::config::keys::sub_table(parent, $table, errs) {
+                    Some(t) => Self::read(t, errs),
+                    None => Self::default(),
+                }
+            }
+        }
+    };
     (
         $(#[$meta:meta])*
         $vis:vis struct $raw:ident in $table:literal {
@@ -237,9 +212,10 @@ macro_rules! config_keys {
         }
     ) => {
         $(#[$meta])*
-        #[derive(Debug, Default)]
+        #[derive(Debug, Clone, Default)]
         $vis struct $raw {
-            $( pub $key: Option<<$kind as $crate::config::keys::Kind>::Value>, )*
+            $( $(#[doc = $doc])+
+               pub(crate) $key: Option<<$kind as $crate::config::keys::Kind>::Value>, )*
         }
 
         impl $raw {
@@ -251,6 +227,8 @@ macro_rules! config_keys {
                     kind: <$kind as $crate::config::keys::Kind>::describe,
                     default: $default,
                     doc: concat!($($doc),+).trim_ascii(),
+                    #[cfg(test)]
+                    sample: <$kind as $crate::config::keys::Kind>::sample,
                 }, )*
             ];
 
@@ -273,29 +251,39 @@ macro_rules! config_keys {
                     }), )*
                 }
             }
+
+            /// Each key's declared default, where that is a TOML value of
+            /// the key's type (`None` where it is words, like "none").
+            #[allow(dead_code)]
+            pub fn defaults() -> Self {
+                let mut errs = Vec::new();
+                Self {
+                    $( $key: $crate::config::keys::parse_default($default).and_then(|v| {
+                        <$kind as $crate::config::keys::Kind>::take(&v, "", &mut errs)
+                    }), )*
+                }
+            }
+
+            /// Each key of `self`, or of `other` where `self` has none.
+            #[allow(dead_code)]
+            pub fn or(self, other: Self) -> Self {
+                Self {
+                    $( $key: self.$key.or(other.$key), )*
+                }
+            }
         }
     };
 }
 
 pub(crate) use config_keys;
 
-impl Kind for Table {
-    type Value = ();
-    fn describe() -> String {
-        "table".into()
-    }
-    fn take(_: &toml::Value, _: &str, _: &mut Vec<String>) -> Option<()> {
-        None
-    }
-}
-
 /// Every key of the configuration file, every table.
 pub fn all() -> Vec<Key> {
     [
         super::RawFile::KEYS,
         super::provision::RawProvision::KEYS,
-        super::http::RawHttp::KEYS,
-        super::ssh::RawSsh::KEYS,
+        super::http::HttpSettings::KEYS,
+        super::ssh::SshSettings::KEYS,
     ]
     .concat()
 }
@@ -334,25 +322,71 @@ mod tests {
     /// defaults are the real ones.
     #[test]
     fn declared_defaults_are_the_gates_defaults() {
-        for key in super::super::http::RawHttp::KEYS {
+        for key in super::super::http::HttpSettings::KEYS {
             let text = format!("[http]\n{} = {}\n", key.name, key.default);
             let t: toml::Table = text.parse().unwrap();
             let mut errs = Vec::new();
             let mut cfg = httpgate::HttpConfig::default();
-            super::super::http::read(&t, &mut errs).apply(&mut cfg);
+            super::super::http::HttpSettings::from_parent(&t, &mut errs).apply(&mut cfg);
             assert!(errs.is_empty(), "{errs:?}");
             let want = format!("{:?}", httpgate::HttpConfig::default());
             assert_eq!(format!("{cfg:?}"), want, "http.{}", key.name);
         }
-        for key in super::super::ssh::RawSsh::KEYS {
+        for key in super::super::ssh::SshSettings::KEYS {
             let text = format!("[ssh]\n{} = {}\n", key.name, key.default);
             let t: toml::Table = text.parse().unwrap();
             let mut errs = Vec::new();
             let mut cfg = sshgate::GatewayConfig::default();
-            super::super::ssh::read(&t, &mut errs).apply(&mut cfg);
+            super::super::ssh::SshSettings::from_parent(&t, &mut errs).apply(&mut cfg);
             assert!(errs.is_empty(), "{errs:?}");
             let want = format!("{:?}", sshgate::GatewayConfig::default());
             assert_eq!(format!("{cfg:?}"), want, "ssh.{}", key.name);
+        }
+    }
+
+    /// Each `[http]`, `[ssh]` and `[provision]` key, declared once,
+    /// reaches the configuration it is for: set to a value other than its default, it changes
+    /// what the gate gets.
+    #[test]
+    fn every_gate_key_reaches_the_gates_config() {
+        let one = |table: &str, key: &Key| -> toml::Table {
+            let mut inner = toml::Table::new();
+            inner.insert(key.name.into(), (key.sample)());
+            let mut t = toml::Table::new();
+            t.insert(table.into(), toml::Value::Table(inner));
+            t
+        };
+        let http_default = format!("{:?}", httpgate::HttpConfig::default());
+        for key in super::super::http::HttpSettings::KEYS {
+            let mut errs = Vec::new();
+            let mut cfg = httpgate::HttpConfig::default();
+            super::super::http::HttpSettings::from_parent(&one("http", key), &mut errs)
+                .apply(&mut cfg);
+            assert!(errs.is_empty(), "{errs:?}");
+            assert_ne!(format!("{cfg:?}"), http_default, "http.{}", key.name);
+        }
+        let ssh_default = format!("{:?}", sshgate::GatewayConfig::default());
+        for key in super::super::ssh::SshSettings::KEYS {
+            let mut errs = Vec::new();
+            let mut cfg = sshgate::GatewayConfig::default();
+            super::super::ssh::SshSettings::from_parent(&one("ssh", key), &mut errs)
+                .apply(&mut cfg);
+            assert!(errs.is_empty(), "{errs:?}");
+            assert_ne!(format!("{cfg:?}"), ssh_default, "ssh.{}", key.name);
+        }
+        let provision_default = format!("{:?}", super::super::ProvisionConfig::default());
+        for key in super::super::provision::RawProvision::KEYS {
+            let mut errs = Vec::new();
+            let mut cfg = super::super::ProvisionConfig::default();
+            super::super::provision::RawProvision::from_parent(&one("provision", key), &mut errs)
+                .apply(&mut cfg);
+            assert!(errs.is_empty(), "{errs:?}");
+            assert_ne!(
+                format!("{cfg:?}"),
+                provision_default,
+                "provision.{}",
+                key.name
+            );
         }
     }
 

@@ -3,9 +3,13 @@
 //! reporting every problem at once. Unknown keys are errors.
 //!
 //! Each key of the file is declared once, in a `config_keys!` block
-//! ([`keys`]): the top level here, `[provision]` in [`provision`], `[http]`
-//! in [`http`], `[ssh]` in [`ssh`]. The README's example must list every
-//! declared key (a unit test in `keys` holds it to that).
+//! ([`keys`]): its name, type, default and doc line, and for a table that
+//! configures a component (`[provision]` in [`provision`], `[http]` in
+//! [`http`], `[ssh]` in [`ssh`]) what it sets in that component's
+//! configuration. The top level is declared here; its declared defaults
+//! are the ones `load` uses and `serve --help` shows. Adding a key is its
+//! declaration plus its line in the README's example (a unit test in
+//! `keys` holds the README to the declarations).
 //!
 //! The daemon's settings come only from here. Other environment variables
 //! are read where they are used: `SANDBOXD_ADMIN_SOCKET` by `cli` (the
@@ -20,6 +24,7 @@ use clap::Args;
 
 pub mod http;
 pub mod keys;
+mod kinds;
 pub mod provision;
 pub mod ssh;
 
@@ -29,12 +34,10 @@ pub use ssh::SshSettings;
 
 use keys::{Int, List, Str, Table};
 
-/// Default admin socket path.
-pub const DEFAULT_ADMIN_SOCKET: &str = "/run/sandboxd/admin.sock";
-/// Default state directory.
-pub const DEFAULT_STATE_DIR: &str = "/var/lib/sandboxd";
-/// Default ACME directory (Let's Encrypt production).
-pub const DEFAULT_ACME_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/directory";
+/// Default admin socket path (declared with the key `admin_socket`).
+pub const DEFAULT_ADMIN_SOCKET: &str = keys::declared_str(RawFile::KEYS, "admin_socket");
+/// Default state directory (declared with the key `state_dir`).
+pub const DEFAULT_STATE_DIR: &str = keys::declared_str(RawFile::KEYS, "state_dir");
 
 /// Flags of `sandboxd serve`.
 #[derive(Debug, Clone, Default, Args)]
@@ -45,20 +48,22 @@ pub struct ServeArgs {
     /// Directory for the database, keys and certificates (created 0700).
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
-    /// Address for the SSH router (repeatable) [default: 0.0.0.0:2222 and [::]:2222].
-    #[arg(long, value_name = "ADDR")]
+    // Address for the SSH router (repeatable), and its declared default.
+    #[arg(long, value_name = "ADDR",
+          help = keys::flag_help("Address for the SSH router (repeatable)", "ssh_listen"))]
     pub ssh_listen: Vec<String>,
-    /// Address for HTTPS (repeatable) [default: 0.0.0.0:443 and [::]:443].
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR",
+          help = keys::flag_help("Address for HTTPS (repeatable)", "https_listen"))]
     pub https_listen: Vec<String>,
-    /// Address for plain HTTP: ACME HTTP-01 and redirects (repeatable) [default: 0.0.0.0:80 and [::]:80].
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", help = keys::flag_help(
+        "Address for plain HTTP: ACME HTTP-01 and redirects (repeatable)",
+        "http_listen"
+    ))]
     pub http_listen: Vec<String>,
     /// Default certificate source for new domains.
     #[arg(long, value_name = "MODE", value_parser = default_tls_mode_parser())]
     pub tls_mode: Option<TlsMode>,
-    /// ACME directory URL [default: Let's Encrypt production].
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", help = keys::flag_help("ACME directory URL", "acme_directory"))]
     pub acme_directory: Option<String>,
     /// Extra PEM root to trust for the ACME server's own TLS (a test CA).
     #[arg(long, value_name = "FILE")]
@@ -66,8 +71,7 @@ pub struct ServeArgs {
     /// Contact e-mail for the ACME account.
     #[arg(long, value_name = "EMAIL")]
     pub acme_email: Option<String>,
-    /// Incus unix socket [default: /var/lib/incus/unix.socket or /run/incus/unix.socket].
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", help = keys::flag_help("Incus unix socket", "incus_socket"))]
     pub incus_socket: Option<PathBuf>,
 }
 
@@ -141,11 +145,6 @@ impl Config {
     }
 }
 
-/// Default image alias of `sandboxd create`.
-pub const DEFAULT_IMAGE: &str = "debian/12";
-/// Default period of the Incus reconcile, in seconds.
-pub const DEFAULT_RECONCILE_SECS: u64 = 30;
-
 /// Incus settings of the daemon.
 #[derive(Debug, Clone)]
 pub struct IncusConfig {
@@ -197,7 +196,7 @@ keys::config_keys! {
         /// Default certificate source of new domains: internal or acme.
         tls_mode: Str = "\"internal\"",
         /// ACME directory URL.
-        acme_directory: Str = "Let's Encrypt production",
+        acme_directory: Str = "\"https://acme-v02.api.letsencrypt.org/directory\"",
         /// Extra PEM root to trust for the ACME server's own TLS.
         acme_ca_root: Str = "none",
         /// Contact e-mail of the ACME account.
@@ -209,7 +208,7 @@ keys::config_keys! {
         /// Text shown to SSH clients before authentication.
         ssh_banner: Str = "none",
         /// Incus unix socket.
-        incus_socket: Str = "the first standard socket",
+        incus_socket: Str = "/var/lib/incus/unix.socket or /run/incus/unix.socket",
         /// Image alias of `create` without --image.
         default_image: Str = "\"debian/12\"",
         /// Seconds between full reconciles with Incus.
@@ -257,20 +256,14 @@ fn read_file(path: &Path, errs: &mut Vec<String>) -> Raw {
     Raw {
         file: RawFile::read_known(&table, errs),
         provision: provision::read(&table, errs),
-        http: http::read(&table, errs),
-        ssh: ssh::read(&table, errs),
+        http: HttpSettings::from_parent(&table, errs),
+        ssh: SshSettings::from_parent(&table, errs),
     }
 }
 
-fn addrs(
-    key: &str,
-    given: Option<Vec<String>>,
-    default: &[&str],
-    errs: &mut Vec<String>,
-) -> Vec<SocketAddr> {
-    let values = given.unwrap_or_else(|| default.iter().map(|s| s.to_string()).collect());
+fn addrs(key: &str, given: Option<Vec<String>>, errs: &mut Vec<String>) -> Vec<SocketAddr> {
     let mut out = Vec::new();
-    for v in values {
+    for v in given.unwrap_or_default() {
         match v.parse::<SocketAddr>() {
             Ok(a) if !out.contains(&a) => out.push(a),
             Ok(a) => errs.push(format!("`{key}`: {a} is listed twice")),
@@ -287,7 +280,9 @@ fn nonempty(v: Vec<String>) -> Option<Vec<String>> {
 }
 
 /// Merges the file named by `--config` (if any) with the flags and validates
-/// the result. `admin_socket` comes from the global option.
+/// the result. `admin_socket` comes from the global option. Flags win over
+/// the file, and the file over the declared defaults (`RawFile::defaults`),
+/// the only place a top-level default is written.
 pub fn load(args: &ServeArgs, admin_socket: Option<PathBuf>) -> Result<Config, ConfigErrors> {
     let mut errs = Vec::new();
     let raw = match &args.config {
@@ -300,30 +295,28 @@ pub fn load(args: &ServeArgs, admin_socket: Option<PathBuf>) -> Result<Config, C
         http,
         ssh,
     } = raw;
+    let file = file.or(RawFile::defaults());
     let state_dir = args
         .state_dir
         .clone()
         .or(file.state_dir.map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        .unwrap_or_default();
     let admin_socket = admin_socket
         .or(file.admin_socket.map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET));
+        .unwrap_or_default();
     let ssh_listen = addrs(
         "ssh_listen",
         nonempty(args.ssh_listen.clone()).or(file.ssh_listen),
-        &["0.0.0.0:2222", "[::]:2222"],
         &mut errs,
     );
     let https_listen = addrs(
         "https_listen",
         nonempty(args.https_listen.clone()).or(file.https_listen),
-        &["0.0.0.0:443", "[::]:443"],
         &mut errs,
     );
     let http_listen = addrs(
         "http_listen",
         nonempty(args.http_listen.clone()).or(file.http_listen),
-        &["0.0.0.0:80", "[::]:80"],
         &mut errs,
     );
     let from_file = file.tls_mode.map(|name| default_tls_mode(&name));
@@ -339,7 +332,7 @@ pub fn load(args: &ServeArgs, admin_socket: Option<PathBuf>) -> Result<Config, C
         .acme_directory
         .clone()
         .or(file.acme_directory)
-        .unwrap_or_else(|| DEFAULT_ACME_DIRECTORY.to_string());
+        .unwrap_or_default();
     if !acme_directory.starts_with("https://") {
         errs.push(format!(
             "`acme_directory` must be an https:// URL, not {acme_directory:?}"
@@ -366,10 +359,7 @@ pub fn load(args: &ServeArgs, admin_socket: Option<PathBuf>) -> Result<Config, C
         }
     }
     let mut acme_challenges = Vec::new();
-    for c in file
-        .acme_challenges
-        .unwrap_or_else(|| vec!["tls-alpn-01".into(), "http-01".into()])
-    {
+    for c in file.acme_challenges.unwrap_or_default() {
         let kind = match c.as_str() {
             "http-01" => httpgate::ChallengeKind::Http01,
             "tls-alpn-01" => httpgate::ChallengeKind::TlsAlpn01,
@@ -397,7 +387,7 @@ pub fn load(args: &ServeArgs, admin_socket: Option<PathBuf>) -> Result<Config, C
             Err(e) => errs.push(format!("`admin_group` {g:?}: {e}")),
         }
     }
-    let log = file.log.unwrap_or_else(|| "info".to_string());
+    let log = file.log.unwrap_or_default();
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log) {
         errs.push(format!("`log` {log:?}: {e}"));
     }
@@ -406,10 +396,8 @@ pub fn load(args: &ServeArgs, admin_socket: Option<PathBuf>) -> Result<Config, C
             .incus_socket
             .clone()
             .or(file.incus_socket.map(PathBuf::from)),
-        default_image: file
-            .default_image
-            .unwrap_or_else(|| DEFAULT_IMAGE.to_string()),
-        reconcile_secs: file.incus_reconcile_secs.unwrap_or(DEFAULT_RECONCILE_SECS),
+        default_image: file.default_image.unwrap_or_default(),
+        reconcile_secs: file.incus_reconcile_secs.unwrap_or_default(),
     };
     if incus.default_image.trim().is_empty() {
         errs.push("`default_image` must not be empty".to_string());
@@ -477,269 +465,4 @@ fn ca_suffixes(given: Option<Vec<String>>, errs: &mut Vec<String>) -> Vec<String
 }
 
 #[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-
-    fn with_file(text: &str) -> (tempfile::NamedTempFile, ServeArgs) {
-        let f = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(f.path(), text).unwrap();
-        let args = ServeArgs {
-            config: Some(f.path().to_path_buf()),
-            ..Default::default()
-        };
-        (f, args)
-    }
-
-    #[test]
-    fn flags_override_file() {
-        let (_f, mut args) = with_file("state_dir = \"/a\"\nssh_listen = [\"127.0.0.1:1\"]\n");
-        args.state_dir = Some("/b".into());
-        let c = load(&args, None).unwrap();
-        assert_eq!(c.state_dir, PathBuf::from("/b"));
-        assert_eq!(c.ssh_listen, vec!["127.0.0.1:1".parse().unwrap()]);
-        assert_eq!(c.admin_socket, PathBuf::from(DEFAULT_ADMIN_SOCKET));
-    }
-
-    #[test]
-    fn every_problem_reported_at_once() {
-        let (_f, args) = with_file(
-            "bogus = 1\nssh_listen = [\"nope\"]\ntls_mode = \"x\"\nacme_directory = \"http://a\"\nstate_dir = 3\n",
-        );
-        let err = load(&args, None).unwrap_err();
-        assert_eq!(err.0.len(), 5, "{err}");
-        let text = err.to_string();
-        for needle in ["bogus", "nope", "tls_mode", "acme_directory", "state_dir"] {
-            assert!(text.contains(needle), "{needle} missing from {text}");
-        }
-    }
-
-    #[test]
-    fn the_default_tls_mode_is_internal_or_acme_never_manual() {
-        let (_f, args) = with_file("");
-        assert_eq!(load(&args, None).unwrap().tls_mode, TlsMode::Internal);
-        let (_f, mut args) = with_file("tls_mode = \"acme\"\n");
-        let c = load(&args, None).unwrap();
-        assert_eq!(c.tls_mode, TlsMode::Acme);
-        assert!(matches!(c.default_route_tls(), httpgate::TlsMode::Acme));
-        // A flag overrides the file.
-        args.tls_mode = Some(TlsMode::Internal);
-        assert_eq!(load(&args, None).unwrap().tls_mode, TlsMode::Internal);
-        let (_f, args) = with_file("tls_mode = \"manual\"\n");
-        let err = load(&args, None).unwrap_err().to_string();
-        assert!(
-            err.contains("`tls_mode` must be internal or acme, not \"manual\""),
-            "{err}"
-        );
-        // The flag takes the same two names.
-        use clap::Parser;
-        #[derive(Parser)]
-        struct Cli {
-            #[command(flatten)]
-            serve: ServeArgs,
-        }
-        let cli = Cli::try_parse_from(["sandboxd", "--tls-mode", "acme"]).unwrap();
-        assert_eq!(cli.serve.tls_mode, Some(TlsMode::Acme));
-        assert!(Cli::try_parse_from(["sandboxd", "--tls-mode", "manual"]).is_err());
-    }
-
-    #[test]
-    fn provision_table_is_checked_key_by_key() {
-        let (_f, args) = with_file(
-            "[provision]\nmode = \"fast\"\nagent = \"command\"\nllm_key_file = \"/nonexistent/key\"\nbogus = 1\n",
-        );
-        let text = load(&args, None).unwrap_err().to_string();
-        for needle in [
-            "provision.mode",
-            "agent_command",
-            "llm_provider",
-            "/nonexistent/key",
-            "provision.bogus",
-        ] {
-            assert!(text.contains(needle), "{needle} missing from {text}");
-        }
-        let (_f, args) =
-            with_file("[provision]\nmode = \"none\"\napt_proxy = \"http://198.18.0.1:3142\"\n");
-        let p = load(&args, None).unwrap().provision;
-        assert_eq!(p.mode, ProvisionMode::None);
-        assert_eq!(p.golden_alias, DEFAULT_GOLDEN_ALIAS);
-    }
-
-    #[test]
-    fn edge_limits_hsts_and_ca_suffixes() {
-        let (_f, args) = with_file(
-            "internal_ca_suffixes = [\".corp\", \"bad suffix\"]\n[http]\nhsts_tls_modes = [\"acme\", \"sometimes\"]\n\
-             max_connections_per_source = -1\n",
-        );
-        let text = load(&args, None).unwrap_err().to_string();
-        for needle in [
-            "\"bad suffix\"",
-            "\"sometimes\"",
-            "max_connections_per_source",
-        ] {
-            assert!(text.contains(needle), "{needle} missing from {text}");
-        }
-        let (_f, args) = with_file(
-            "internal_ca_suffixes = [\".Corp.\", \"lab\"]\n[http]\nmax_connections_per_source = 0\n\
-             hsts_max_age_secs = 0\nhsts_tls_modes = [\"manual\"]\n",
-        );
-        let c = load(&args, None).unwrap();
-        assert_eq!(c.internal_ca_suffixes, vec!["corp", "lab"]);
-        let mut cfg = httpgate::HttpConfig::default();
-        c.http.apply(&mut cfg);
-        assert_eq!(cfg.limits.max_connections_per_source, 0);
-        assert_eq!(cfg.hsts.max_age_secs, 0);
-        assert!(cfg.hsts.manual && !cfg.hsts.acme && !cfg.hsts.internal);
-        let (_f, args) = with_file("");
-        let c = load(&args, None).unwrap();
-        assert_eq!(c.internal_ca_suffixes.len(), 6);
-        assert!(c.internal_ca_suffixes.contains(&"home.arpa".to_string()));
-    }
-
-    #[test]
-    fn agent_login_limits_are_read_and_bounded() {
-        let (_f, args) =
-            with_file("[http]\nlogin_failures_per_source = 0\nlogin_max_backoff_secs = 100000\n");
-        let text = load(&args, None).unwrap_err().to_string();
-        for needle in [
-            "http.login_failures_per_source",
-            "http.login_max_backoff_secs",
-        ] {
-            assert!(text.contains(needle), "{needle} missing from {text}");
-        }
-        let (_f, args) = with_file(
-            "[http]\nlogin_failures_per_source = 3\nlogin_failures_per_sandbox = 7\n\
-             login_max_backoff_secs = 60\n",
-        );
-        let mut cfg = httpgate::HttpConfig::default();
-        load(&args, None).unwrap().http.apply(&mut cfg);
-        assert_eq!(cfg.login.source_free_failures, 3);
-        assert_eq!(cfg.login.sandbox_free_failures, 7);
-        assert_eq!(cfg.login.max_backoff, std::time::Duration::from_secs(60));
-    }
-
-    #[test]
-    fn http_table_is_checked_key_by_key() {
-        let (_f, args) = with_file(
-            "[http]\ntrusted_proxies = [\"10.0.0.1\", \"nope\"]\nmax_connections = 0\nidle_timeout_secs = \"x\"\nbogus = 1\n",
-        );
-        let text = load(&args, None).unwrap_err().to_string();
-        for needle in [
-            "\"nope\"",
-            "http.max_connections",
-            "idle_timeout_secs",
-            "http.bogus",
-        ] {
-            assert!(text.contains(needle), "{needle} missing from {text}");
-        }
-        let (_f, args) = with_file(
-            "[http]\ntrusted_proxies = [\"10.0.0.1\", \"::1\"]\nidle_timeout_secs = 30\n\
-             upstream_idle_timeout_secs = 7\nh2_ping_interval_secs = 11\nh2_ping_timeout_secs = 13\n",
-        );
-        let h = load(&args, None).unwrap().http;
-        let mut cfg = httpgate::HttpConfig::default();
-        let before = cfg.timeouts.upstream_connect;
-        h.apply(&mut cfg);
-        assert_eq!(cfg.trusted_proxies.len(), 2);
-        assert_eq!(cfg.timeouts.idle, std::time::Duration::from_secs(30));
-        assert_eq!(
-            (
-                cfg.timeouts.upstream_pool_idle,
-                cfg.timeouts.h2_ping_interval,
-                cfg.timeouts.h2_ping_timeout
-            ),
-            (
-                std::time::Duration::from_secs(7),
-                std::time::Duration::from_secs(11),
-                std::time::Duration::from_secs(13)
-            )
-        );
-        assert_eq!(
-            cfg.timeouts.upstream_connect, before,
-            "unset keys keep the default"
-        );
-    }
-
-    #[test]
-    fn ssh_table_is_checked_and_applied() {
-        let (_f, args) = with_file(
-            "[ssh]\nmax_startups = \"5:30:2\"\nper_source_max_startups = 0\n\
-             max_channels_per_connection = 0\nlogin_grace_secs = \"x\"\nbogus = 1\n",
-        );
-        let text = load(&args, None).unwrap_err().to_string();
-        for needle in [
-            "ssh.max_startups",
-            "ssh.per_source_max_startups",
-            "ssh.max_channels_per_connection",
-            "login_grace_secs",
-            "ssh.bogus",
-        ] {
-            assert!(text.contains(needle), "{needle} missing from {text}");
-        }
-        let (_f, args) = with_file(
-            "[ssh]\nmax_startups = \"50:20:100\"\nper_source_max_startups = 4\n\
-             login_grace_secs = 20\nmax_sessions_per_sandbox = 8\nrelay_buffer_mib = 64\n",
-        );
-        let s = load(&args, None).unwrap().ssh;
-        let mut cfg = sshgate::GatewayConfig::default();
-        let channels = cfg.max_channels_per_connection;
-        s.apply(&mut cfg);
-        assert_eq!(cfg.max_startups.to_string(), "50:20:100");
-        assert_eq!(cfg.per_source_max_startups, sshgate::Startups::hard(4));
-        assert_eq!(cfg.login_grace, std::time::Duration::from_secs(20));
-        assert_eq!(cfg.max_sessions_per_sandbox, 8);
-        assert_eq!(cfg.relay_budget, 64 * 1024 * 1024);
-        assert_eq!(
-            cfg.max_channels_per_connection, channels,
-            "unset keys keep the default"
-        );
-    }
-
-    #[test]
-    fn acme_and_http_settings_are_checked() {
-        let dir = tempfile::tempdir().unwrap();
-        let not_pem = dir.path().join("root.txt");
-        std::fs::write(&not_pem, "hello").unwrap();
-        let (_f, args) = with_file(&format!("acme_ca_root = \"{}\"\n", not_pem.display()));
-        let text = load(&args, None).unwrap_err().to_string();
-        assert!(text.contains("no PEM certificate"), "{text}");
-        let (_f, args) = with_file("acme_challenges = [\"dns-01\"]\n");
-        let text = load(&args, None).unwrap_err().to_string();
-        assert!(
-            text.contains("\"dns-01\" is not http-01 or tls-alpn-01"),
-            "{text}"
-        );
-        let (_f, args) = with_file("acme_challenges = []\n");
-        assert!(load(&args, None).is_err());
-        let (_f, args) = with_file("acme_challenges = [\"http-01\"]\n");
-        let c = load(&args, None).unwrap();
-        assert_eq!(c.acme_challenges, vec![httpgate::ChallengeKind::Http01]);
-        assert!(c.acme_ca_root.is_none());
-    }
-
-    /// Each top-level key whose declared default is a TOML value, set to
-    /// it, gives the configuration of an empty file.
-    #[test]
-    fn declared_defaults_are_the_defaults() {
-        let (_f, args) = with_file("");
-        let want = format!("{:?}", load(&args, None).unwrap());
-        let mut tried = 0;
-        for key in RawFile::KEYS {
-            let text = format!("{} = {}\n", key.name, key.default);
-            if text.parse::<toml::Table>().is_err() {
-                continue;
-            }
-            tried += 1;
-            let (_f, args) = with_file(&text);
-            let got = format!("{:?}", load(&args, None).unwrap());
-            assert_eq!(got, want, "{}", key.name);
-        }
-        assert!(tried >= 8, "{tried}");
-    }
-
-    #[test]
-    fn empty_list_disables_a_listener() {
-        let (_f, args) = with_file("http_listen = []\n");
-        assert!(load(&args, None).unwrap().http_listen.is_empty());
-    }
-}
+mod tests;

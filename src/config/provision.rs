@@ -2,36 +2,63 @@
 //! containers (where packages come from, which agent runs, the LLM
 //! provider's key file on the host, a hook script).
 
-use std::path::PathBuf;
-
-use super::keys::{config_keys, sub_table, Str};
+use super::keys::{config_keys, declared_str, Choice, Choices, Parsed, Str};
 
 config_keys! {
-    /// The `[provision]` table as read.
-    pub(crate) struct RawProvision in "provision" {
+    /// The `[provision]` table as read: `None` keeps the default.
+    pub(crate) struct RawProvision in "provision" for ProvisionConfig {
         /// How much `create` installs: auto, full, sandbox or none.
-        mode: Str = "\"auto\"",
+        mode: Parsed<ProvisionMode> = "\"auto\""
+            => |c, v| c.mode = v,
         /// Where packages come from: distro or upstream installers.
-        packages: Str = "\"distro\"",
+        packages: Choice<Packages> = "\"distro\""
+            => |c, v| c.packages = v,
         /// HTTP proxy or package cache for apt inside containers.
-        apt_proxy: Str = "none",
+        apt_proxy: Str = "none"
+            => |c, v| c.apt_proxy = Some(v),
         /// The coding agent: shelley, command (agent_command) or none.
-        agent: Str = "\"shelley\"",
+        agent: Choice<Agents> = "\"shelley\""
+            => |c, v| c.agent = v,
         /// The agent's command line (its unit's ExecStart) with agent = "command".
-        agent_command: Str = "none",
+        agent_command: Str = "none"
+            => |c, v| c.agent_command = Some(v),
         /// A host file run in the container to install the agent.
-        agent_install: Str = "none",
+        agent_install: Str = "none"
+            => |c, v| c.agent_install = Some(v.into()),
         /// LLM provider: anthropic, openai or fireworks.
-        llm_provider: Str = "none",
+        llm_provider: Choice<Providers> = "none"
+            => |c, v| c.llm_provider = Some(v),
         /// Host file holding the provider's API key (0600), read at each provisioning.
-        llm_key_file: Str = "none",
+        llm_key_file: Str = "none"
+            => |c, v| c.llm_key_file = Some(v.into()),
         /// Base URL of the provider's API (a proxy or gateway).
-        llm_base_url: Str = "none",
+        llm_base_url: Str = "none"
+            => |c, v| c.llm_base_url = Some(v),
         /// Host file run last in every new sandbox, as root.
-        hook: Str = "none",
+        hook: Str = "none"
+            => |c, v| c.hook = Some(v.into()),
         /// Alias that `sandboxd image build` publishes to.
-        golden_alias: Str = "\"sandboxd/golden\"",
+        golden_alias: Str = "\"sandboxd/golden\""
+            => |c, v| c.golden_alias = v,
     }
+}
+
+/// `provision.packages`.
+pub(crate) struct Packages;
+impl Choices for Packages {
+    const ALL: &'static [&'static str] = &["distro", "upstream"];
+}
+
+/// `provision.agent`.
+pub(crate) struct Agents;
+impl Choices for Agents {
+    const ALL: &'static [&'static str] = &["shelley", "command", "none"];
+}
+
+/// `provision.llm_provider`.
+pub(crate) struct Providers;
+impl Choices for Providers {
+    const ALL: &'static [&'static str] = &["anthropic", "openai", "fireworks"];
 }
 
 /// How much provisioning `create` runs.
@@ -64,6 +91,10 @@ impl std::str::FromStr for ProvisionMode {
     }
 }
 
+impl Choices for ProvisionMode {
+    const ALL: &'static [&'static str] = &["auto", "full", "sandbox", "none"];
+}
+
 /// The `[provision]` table: where packages come from, which agent runs in
 /// each sandbox, the LLM provider's key file on the host and a hook script.
 /// Files are read when a sandbox is provisioned, so a key can be rotated
@@ -80,69 +111,49 @@ pub struct ProvisionConfig {
     /// The agent's command line (ExecStart of its unit) for `agent = "command"`.
     pub agent_command: Option<String>,
     /// A host file run in the container to install the agent.
-    pub agent_install: Option<PathBuf>,
+    pub agent_install: Option<std::path::PathBuf>,
     /// `anthropic`, `openai` or `fireworks`.
     pub llm_provider: Option<String>,
     /// Host file holding the provider's API key (mode 0600 or stricter).
-    pub llm_key_file: Option<PathBuf>,
+    pub llm_key_file: Option<std::path::PathBuf>,
     pub llm_base_url: Option<String>,
     /// Host file run last in every new sandbox, as root.
-    pub hook: Option<PathBuf>,
+    pub hook: Option<std::path::PathBuf>,
     /// Alias that `sandboxd image build` publishes to.
     pub golden_alias: String,
 }
 
-/// Alias of the golden image unless configured.
-pub const DEFAULT_GOLDEN_ALIAS: &str = "sandboxd/golden";
+/// Alias of the golden image unless configured (declared with the key).
+pub const DEFAULT_GOLDEN_ALIAS: &str = declared_str(RawProvision::KEYS, "golden_alias");
 
 impl Default for ProvisionConfig {
+    /// The declared defaults of the `[provision]` keys.
     fn default() -> Self {
-        Self {
+        let mut p = Self {
             mode: ProvisionMode::Auto,
-            packages: "distro".into(),
+            packages: String::new(),
             apt_proxy: None,
-            agent: "shelley".into(),
+            agent: String::new(),
             agent_command: None,
             agent_install: None,
             llm_provider: None,
             llm_key_file: None,
             llm_base_url: None,
             hook: None,
-            golden_alias: DEFAULT_GOLDEN_ALIAS.into(),
-        }
+            golden_alias: String::new(),
+        };
+        RawProvision::defaults().apply(&mut p);
+        p
     }
 }
 
-/// Reads the `[provision]` table of `table`, if any; values are checked
-/// (modes, URL, files that must exist) with every problem reported.
+/// Reads the `[provision]` table of `table`, if any, over the defaults;
+/// values are checked (types and words when read, then the URL, the keys
+/// that need another and the files that must exist) with every problem
+/// reported.
 pub(crate) fn read(table: &toml::Table, errs: &mut Vec<String>) -> ProvisionConfig {
     let mut p = ProvisionConfig::default();
-    let Some(t) = sub_table(table, "provision", errs) else {
-        return p;
-    };
-    let raw = RawProvision::read(t, errs);
-    let one_of = |key: &str, v: Option<String>, allowed: &[&str], errs: &mut Vec<String>| {
-        let v = v?;
-        if allowed.contains(&v.as_str()) {
-            Some(v)
-        } else {
-            errs.push(format!(
-                "`provision.{key}` must be one of {}, not {v:?}",
-                allowed.join(", ")
-            ));
-            None
-        }
-    };
-    if let Some(m) = raw.mode {
-        match m.parse() {
-            Ok(m) => p.mode = m,
-            Err(e) => errs.push(format!("`provision.mode`: {e}")),
-        }
-    }
-    if let Some(v) = one_of("packages", raw.packages, &["distro", "upstream"], errs) {
-        p.packages = v;
-    }
-    p.apt_proxy = raw.apt_proxy;
+    RawProvision::from_parent(table, errs).apply(&mut p);
     if let Some(u) = &p.apt_proxy {
         if !(u.starts_with("http://") || u.starts_with("https://"))
             || u.contains(char::is_whitespace)
@@ -152,10 +163,6 @@ pub(crate) fn read(table: &toml::Table, errs: &mut Vec<String>) -> ProvisionConf
             ));
         }
     }
-    if let Some(v) = one_of("agent", raw.agent, &["shelley", "command", "none"], errs) {
-        p.agent = v;
-    }
-    p.agent_command = raw.agent_command;
     if p.agent == "command"
         && p.agent_command
             .as_deref()
@@ -163,19 +170,9 @@ pub(crate) fn read(table: &toml::Table, errs: &mut Vec<String>) -> ProvisionConf
     {
         errs.push("`provision.agent = \"command\"` needs `provision.agent_command`".into());
     }
-    p.agent_install = raw.agent_install.map(PathBuf::from);
-    p.llm_provider = one_of(
-        "llm_provider",
-        raw.llm_provider,
-        &["anthropic", "openai", "fireworks"],
-        errs,
-    );
-    p.llm_key_file = raw.llm_key_file.map(PathBuf::from);
     if p.llm_key_file.is_some() && p.llm_provider.is_none() {
         errs.push("`provision.llm_key_file` needs `provision.llm_provider`".into());
     }
-    p.llm_base_url = raw.llm_base_url;
-    p.hook = raw.hook.map(PathBuf::from);
     for (key, path) in [
         ("agent_install", &p.agent_install),
         ("llm_key_file", &p.llm_key_file),
@@ -187,12 +184,8 @@ pub(crate) fn read(table: &toml::Table, errs: &mut Vec<String>) -> ProvisionConf
             }
         }
     }
-    if let Some(a) = raw.golden_alias {
-        if a.trim().is_empty() {
-            errs.push("`provision.golden_alias` must not be empty".into());
-        } else {
-            p.golden_alias = a;
-        }
+    if p.golden_alias.trim().is_empty() {
+        errs.push("`provision.golden_alias` must not be empty".into());
     }
     p
 }
