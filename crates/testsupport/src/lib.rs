@@ -266,3 +266,17 @@ pub fn ssh_key(dir: &Path, name: &str) -> PathBuf {
     }
     path
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_absent_program_is_named_and_the_answer_is_kept() {
+        let c = Component::Program("sandboxd-no-such-program");
+        let why = absent_cached(c).expect("absent");
+        assert_eq!(why, "needs sandboxd-no-such-program on PATH");
+        assert_eq!(absent_cached(c), Some(why), "same answer from the cache");
+        assert_eq!(absent_cached(Component::Program("sh")), None);
+    }
+}
