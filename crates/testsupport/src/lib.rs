@@ -112,8 +112,13 @@ fn absent(c: Component) -> Option<String> {
             let sockets = incus_sockets();
             let mut errors = Vec::new();
             for socket in &sockets {
-                match std::os::unix::net::UnixStream::connect(socket) {
-                    Ok(_) => return incus_image_missing(socket.clone()),
+                // The probe connection is closed before incusd is asked.
+                let probe = std::os::unix::net::UnixStream::connect(socket);
+                match probe {
+                    Ok(stream) => {
+                        drop(stream);
+                        return incus_image_missing(socket.clone());
+                    }
                     Err(e) => errors.push(format!("{}: {e}", socket.display())),
                 }
             }
