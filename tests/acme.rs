@@ -79,7 +79,13 @@ fn now_rfc3339_after(v: &serde_json::Value) -> bool {
 
 #[test]
 fn acme_issue_restart_and_outage_in_the_daemon() {
-    if !require(&[Component::Pebble]) {
+    if !require(&[
+        Component::Pebble,
+        Component::Program("curl"),
+        Component::Program("python3"),
+        Component::Program("ssh-keygen"),
+        Component::Program("openssl"),
+    ]) {
         return;
     }
     let mut pebble = Pebble::start();
@@ -172,7 +178,12 @@ fn acme_issue_restart_and_outage_in_the_daemon() {
 
 #[test]
 fn acme_http01_through_the_daemons_http_listener() {
-    if !require(&[Component::Pebble]) {
+    if !require(&[
+        Component::Pebble,
+        Component::Program("curl"),
+        Component::Program("python3"),
+        Component::Program("ssh-keygen"),
+    ]) {
         return;
     }
     let pebble = Pebble::start();

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use common::Daemon;
 use testsupport::ws::{echo_server, WsClient};
+use testsupport::{require, Component};
 
 /// A loopback HTTP server that counts the TCP connections it accepts and
 /// answers every request with 200 "agent".
@@ -107,6 +108,9 @@ fn add(d: &Daemon, name: &str, app_port: u16, agent_port: u16, login: Option<&Pa
 
 #[test]
 fn an_agent_host_without_login_is_closed() {
+    if !require(&[Component::Program("curl"), Component::Program("ssh-keygen")]) {
+        return;
+    }
     let d = Daemon::builder(common::BIN)
         .args(&["--tls-mode", "internal"])
         .start();
@@ -154,6 +158,13 @@ fn open_ws(gate: &Gate, host: &str, cred: &str) -> WsClient {
 
 #[test]
 fn websockets_end_when_the_login_changes_or_the_sandbox_is_removed() {
+    if !require(&[
+        Component::Program("curl"),
+        Component::Program("ssh-keygen"),
+        Component::PyWebsockets,
+    ]) {
+        return;
+    }
     let d = Daemon::builder(common::BIN)
         .args(&["--tls-mode", "internal"])
         .start();

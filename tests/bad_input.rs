@@ -25,6 +25,9 @@ fn add_args<'a>(name: &'a str, domain: &'a str, key: &'a str) -> Vec<&'a str> {
 
 #[test]
 fn invalid_names_and_domains_change_nothing() {
+    if !require(&[Component::Program("ssh-keygen")]) {
+        return;
+    }
     let d = Daemon::start(common::BIN);
     d.add("good", "good.example.test");
     let before = d.ok(&["list", "--json"]);
@@ -70,6 +73,9 @@ fn invalid_names_and_domains_change_nothing() {
 
 #[test]
 fn duplicates_and_unknown_sandboxes() {
+    if !require(&[Component::Program("ssh-keygen")]) {
+        return;
+    }
     let d = Daemon::start(common::BIN);
     d.add("a", "a.example.test");
     let before = d.ok(&["list", "--json"]);
@@ -116,6 +122,9 @@ fn curl(socket: &std::path::Path, args: &[&str]) -> (u16, String) {
 
 #[test]
 fn malformed_and_oversized_admin_requests() {
+    if !require(&[Component::Program("curl"), Component::Program("ssh-keygen")]) {
+        return;
+    }
     let d = Daemon::start(common::BIN);
     d.add("a", "a.example.test");
     let before = d.ok(&["list", "--json"]);
@@ -167,7 +176,7 @@ fn malformed_and_oversized_admin_requests() {
 
 #[test]
 fn other_uids_are_refused() {
-    if !require(&[Component::Root]) {
+    if !require(&[Component::Root, Component::Program("ssh-keygen")]) {
         return;
     }
     // A world-traversable directory so that uid 65534 can reach the socket
@@ -246,6 +255,9 @@ fn serve_on(state: &std::path::Path, socket: &std::path::Path) -> std::process::
 
 #[test]
 fn second_daemon_on_same_state_is_refused_and_first_unharmed() {
+    if !require(&[Component::Program("ssh-keygen")]) {
+        return;
+    }
     let d = Daemon::start(common::BIN);
     d.add("a", "a.example.test");
     let other_socket = d.dir.path().join("other.sock");
@@ -329,6 +341,9 @@ fn bad_config_files() {
 
 #[test]
 fn missing_state_dir_is_created_private() {
+    if !require(&[Component::Program("ssh-keygen")]) {
+        return;
+    }
     let d = Daemon::builder(common::BIN).start();
     // The harness points --state-dir at a directory that did not exist.
     let mode = std::fs::metadata(&d.state).unwrap().permissions().mode() & 0o777;
@@ -380,7 +395,7 @@ fn busy_listener_port_is_reported() {
 /// real one would.
 #[test]
 fn a_socket_served_by_another_user_gets_nothing() {
-    if !require(&[Component::Root]) {
+    if !require(&[Component::Root, Component::Program("python3")]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

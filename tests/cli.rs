@@ -4,9 +4,13 @@
 mod common;
 
 use common::Daemon;
+use testsupport::{require, Component};
 
 #[test]
 fn add_list_show_remove() {
+    if !require(&[Component::Program("ssh-keygen")]) {
+        return;
+    }
     let d = Daemon::start(common::BIN);
     let out = d.add("myapp-example-com", "MyApp.Example.test");
     assert!(
@@ -64,6 +68,9 @@ fn add_list_show_remove() {
 
 #[test]
 fn add_with_all_options_and_host_key_file() {
+    if !require(&[Component::Program("ssh-keygen")]) {
+        return;
+    }
     let d = Daemon::start(common::BIN);
     let k1 = d.keygen("k1");
     let k2 = d.keygen("k2");
@@ -121,6 +128,9 @@ fn add_with_all_options_and_host_key_file() {
 
 #[test]
 fn keys_port_and_auth() {
+    if !require(&[Component::Program("ssh-keygen")]) {
+        return;
+    }
     let d = Daemon::start(common::BIN);
     d.add("a", "a.example.test");
     let extra = d.keygen("extra");
@@ -191,6 +201,9 @@ fn keys_port_and_auth() {
 
 #[test]
 fn status_routes_and_completions() {
+    if !require(&[Component::Program("ssh-keygen")]) {
+        return;
+    }
     let d = Daemon::start(common::BIN);
     let st = d.json(&["status", "--json"]);
     assert_eq!(st["sandboxes"], 0);
@@ -264,6 +277,9 @@ fn status_routes_and_completions() {
 
 #[test]
 fn admin_socket_option_before_or_after_and_from_env() {
+    if !require(&[Component::Program("ssh-keygen")]) {
+        return;
+    }
     let d = Daemon::start(common::BIN);
     d.add("a", "a.example.test");
     let sock = d.socket.to_str().unwrap();
@@ -293,6 +309,9 @@ fn admin_socket_option_before_or_after_and_from_env() {
 
 #[test]
 fn route_is_live_when_add_returns() {
+    if !require(&[Component::Program("ssh-keygen")]) {
+        return;
+    }
     let d = Daemon::start(common::BIN);
     // No sleeps: the order "add acknowledged, then route visible" must hold
     // every time.
@@ -325,6 +344,9 @@ fn route_is_live_when_add_returns() {
 
 #[test]
 fn backup_wipe_restore_is_identical() {
+    if !require(&[Component::Program("ssh-keygen")]) {
+        return;
+    }
     let mut d = Daemon::start(common::BIN);
     for i in 0..25 {
         d.add(&format!("b{i}"), &format!("b{i}.example.test"));
@@ -371,6 +393,9 @@ fn backup_wipe_restore_is_identical() {
 
 #[test]
 fn sigterm_exits_cleanly_and_removes_the_socket() {
+    if !require(&[Component::Program("ssh-keygen")]) {
+        return;
+    }
     let mut d = Daemon::start(common::BIN);
     d.add("a", "a.example.test");
     let status = d.terminate();
@@ -385,6 +410,9 @@ fn sigterm_exits_cleanly_and_removes_the_socket() {
 /// host and every view says so; the app port can never be the agent port.
 #[test]
 fn no_login_is_closed_and_app_port_is_never_the_agent_port() {
+    if !require(&[Component::Program("ssh-keygen")]) {
+        return;
+    }
     let d = Daemon::start(common::BIN);
     let out = d.add("a", "a.example.test");
     assert!(
@@ -466,6 +494,12 @@ fn no_login_is_closed_and_app_port_is_never_the_agent_port() {
 /// access, and a terminal never gets the private keys.
 #[test]
 fn backup_is_private_and_never_printed_to_a_terminal() {
+    if !require(&[
+        Component::Program("ssh-keygen"),
+        Component::Program("script"),
+    ]) {
+        return;
+    }
     use std::os::unix::fs::PermissionsExt;
     let d = Daemon::start(common::BIN);
     d.add("a", "a.example.test");
@@ -526,6 +560,12 @@ fn backup_is_private_and_never_printed_to_a_terminal() {
 /// an LLM key file; nothing is recorded.
 #[test]
 fn readable_manual_key_file_is_refused() {
+    if !require(&[
+        Component::Program("ssh-keygen"),
+        Component::Program("openssl"),
+    ]) {
+        return;
+    }
     use std::os::unix::fs::PermissionsExt;
     let d = Daemon::start(common::BIN);
     let pki = d.dir.path().join("pki");
@@ -586,6 +626,9 @@ fn with_closed_stdout(cmd: &mut std::process::Command) -> std::process::Output {
 /// status 0, nothing on stderr, no panic; whatever the command prints.
 #[test]
 fn output_survives_a_closed_pipe() {
+    if !require(&[Component::Program("ssh-keygen")]) {
+        return;
+    }
     let d = Daemon::start(common::BIN);
     d.add("a", "a.example.test");
     let quiet = |what: &str, out: std::process::Output| {

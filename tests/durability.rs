@@ -9,9 +9,13 @@ use std::sync::{Arc, Mutex};
 
 use common::Daemon;
 use rand::Rng;
+use testsupport::{require, Component};
 
 #[test]
 fn thousand_adds_with_kill9_lose_nothing_acknowledged() {
+    if !require(&[Component::Program("ssh-keygen")]) {
+        return;
+    }
     let mut d = Daemon::start(common::BIN);
     let key = d.keygen("k");
     let key = key.to_str().unwrap().to_string();

@@ -51,7 +51,11 @@ fn stderr(out: &std::process::Output) -> String {
 
 #[test]
 fn golden_image_then_create_clones_it_with_per_sandbox_steps_only() {
-    if !require(&[Component::Incus, Component::PackageCache]) {
+    if !require(&[
+        Component::Incus,
+        Component::PackageCache,
+        Component::Program("curl"),
+    ]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

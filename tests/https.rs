@@ -9,6 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{python_upstream, Daemon};
+use testsupport::{require, Component};
 
 /// curl: returns (status code, body, stderr).
 fn curl(args: &[&str]) -> (u16, String, String) {
@@ -20,6 +21,13 @@ fn curl(args: &[&str]) -> (u16, String, String) {
 
 #[test]
 fn app_and_agent_hosts_with_internal_certificates() {
+    if !require(&[
+        Component::Program("curl"),
+        Component::Program("python3"),
+        Component::Program("ssh-keygen"),
+    ]) {
+        return;
+    }
     let d = Daemon::builder(common::BIN)
         .arg("--tls-mode")
         .arg("internal")
@@ -282,6 +290,9 @@ fn echo_upstream() -> u16 {
 /// head limit is the configured one.
 #[test]
 fn http_table_sets_trusted_proxies_and_limits() {
+    if !require(&[Component::Program("curl"), Component::Program("ssh-keygen")]) {
+        return;
+    }
     let echo = echo_upstream();
     let run = |config: &str| -> (String, u16) {
         let d = Daemon::builder(common::BIN)
@@ -340,6 +351,14 @@ fn cert_status(d: &Daemon, domain: &str) -> serde_json::Value {
 
 #[test]
 fn manual_certificates_from_pem_files() {
+    if !require(&[
+        Component::Program("curl"),
+        Component::Program("python3"),
+        Component::Program("ssh-keygen"),
+        Component::Program("openssl"),
+    ]) {
+        return;
+    }
     use common::pki::{file_serial, served_serial, Ca};
     let d = Daemon::builder(common::BIN)
         .arg("--tls-mode")
@@ -590,6 +609,13 @@ fn open_for(
 
 #[test]
 fn idle_client_connections_closed_after_the_configured_timeout() {
+    if !require(&[
+        Component::Program("python3"),
+        Component::Program("ssh-keygen"),
+        Component::Program("openssl"),
+    ]) {
+        return;
+    }
     let d = Daemon::builder(common::BIN)
         .arg("--tls-mode")
         .arg("internal")
@@ -618,6 +644,9 @@ fn idle_client_connections_closed_after_the_configured_timeout() {
 /// fails on the way.
 #[test]
 fn request_abandoned_by_the_client_is_logged() {
+    if !require(&[Component::Program("curl"), Component::Program("ssh-keygen")]) {
+        return;
+    }
     // An app that takes connections and never answers.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -669,6 +698,9 @@ fn request_abandoned_by_the_client_is_logged() {
 /// HSTS follow the configuration too.
 #[test]
 fn one_source_cannot_take_every_connection() {
+    if !require(&[Component::Program("curl"), Component::Program("ssh-keygen")]) {
+        return;
+    }
     let echo = echo_upstream();
     let d = Daemon::builder(common::BIN)
         .arg("--tls-mode")
@@ -719,6 +751,12 @@ fn one_source_cannot_take_every_connection() {
 /// it), with the way out in the message; the suffixes are configurable.
 #[test]
 fn internal_mode_is_only_for_the_internal_ca_suffixes() {
+    if !require(&[
+        Component::Program("ssh-keygen"),
+        Component::Program("openssl"),
+    ]) {
+        return;
+    }
     let d = Daemon::builder(common::BIN)
         .arg("--tls-mode")
         .arg("internal")
@@ -799,6 +837,13 @@ fn internal_mode_is_only_for_the_internal_ca_suffixes() {
 /// internal-mode hosts are served from the new root at once.
 #[test]
 fn an_unconstrained_ca_root_is_replaced_and_reported() {
+    if !require(&[
+        Component::Program("curl"),
+        Component::Program("ssh-keygen"),
+        Component::Program("openssl"),
+    ]) {
+        return;
+    }
     let echo = echo_upstream();
     let mut d = Daemon::builder(common::BIN)
         .arg("--tls-mode")
@@ -868,6 +913,13 @@ fn an_unconstrained_ca_root_is_replaced_and_reported() {
 /// serve the agent; the page and `sandboxd routes` say why and what to do.
 #[test]
 fn an_old_record_with_the_app_on_the_agent_port_does_not_serve_the_agent() {
+    if !require(&[
+        Component::Program("curl"),
+        Component::Program("python3"),
+        Component::Program("ssh-keygen"),
+    ]) {
+        return;
+    }
     let mut d = Daemon::builder(common::BIN)
         .arg("--tls-mode")
         .arg("internal")

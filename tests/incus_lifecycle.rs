@@ -174,7 +174,7 @@ fn create_route_stop_start_snapshot_restart_delete() {
 
 #[test]
 fn import_adopts_an_instance_made_outside() {
-    if !require(&[Component::Incus]) {
+    if !require(&[Component::Incus, Component::Program("ssh-keygen")]) {
         return;
     }
     let d = daemon();
@@ -420,7 +420,7 @@ fn generated_login_and_gateway_only_keys(d: &mut common::Daemon, name: &str, cre
 
 #[test]
 fn bad_input_and_incus_absent_store_nothing() {
-    if !require(&[Component::Incus]) {
+    if !require(&[Component::Incus, Component::Program("ssh-keygen")]) {
         return;
     }
     let d = daemon();
@@ -598,7 +598,7 @@ fn incus_gone_mid_create_then_delete_cleans_up() {
 /// container, and each sandbox's gateway key opens only its own sshd.
 #[test]
 fn two_sandboxes_never_reach_each_other() {
-    if !require(&[Component::Incus]) {
+    if !require(&[Component::Incus, Component::Program("ssh-keygen")]) {
         return;
     }
     let d = daemon();

@@ -30,7 +30,12 @@ fn cert_status(d: &common::Daemon, domain: &str) -> serde_json::Value {
 
 #[test]
 fn create_serves_manual_certificates_and_refuses_a_mismatched_key() {
-    if !require(&[Component::Incus]) {
+    if !require(&[
+        Component::Incus,
+        Component::Program("curl"),
+        Component::Program("ssh-keygen"),
+        Component::Program("openssl"),
+    ]) {
         return;
     }
     let d = daemon();

@@ -111,7 +111,7 @@ impl Drop for RulesGuard {
 
 #[test]
 fn tenants_are_isolated_by_incus() {
-    if !require(&[Component::Incus]) {
+    if !require(&[Component::Incus, Component::Program("ssh-keygen")]) {
         return;
     }
     let d = common::Daemon::builder(common::BIN)

@@ -32,8 +32,8 @@ use http::header::{HeaderMap, HeaderValue, AUTHORIZATION, HOST, RETRY_AFTER};
 use http::{Method, Request, StatusCode};
 
 use crate::auth::Verdict;
-use crate::body::RespBody;
 use crate::gateway::Shared;
+use crate::RespBody;
 use crate::{pages, Access, Route, RouteKind};
 
 /// Proof that a request was admitted to its route; only [`admit`] makes one.

@@ -2,9 +2,11 @@
 //! on its way upstream) and [`RespBody`] (every response the gateway
 //! sends: an upstream's, streamed, or a page of ours), with the error type
 //! they share. The proxy, the upstream paths and the gateway's own pages
-//! all build on this module; it depends only on the types a body carries
-//! (the bodiless exchange's [`UpBody`], the access-log record, the
-//! HTTP/2 open-request seat).
+//! all build on this module, a leaf: the parts a response body carries
+//! (the bodiless exchange's body, the access-log record, the HTTP/2
+//! open-request seat) are type parameters, which the crate root fixes
+//! once (`crate::RespBody`), so the code is the same as with the concrete
+//! types (no boxing, no indirection).
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,10 +15,6 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-
-use crate::logbuf::AccessLog;
-use crate::sources::SourceSeat;
-use crate::upstream::UpBody;
 
 /// The error type of response bodies.
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -70,31 +68,40 @@ impl Body for ReqBody {
     }
 }
 
-pub(crate) enum RespInner {
+/// Where a response body's bytes come from; `F` is the bodiless
+/// exchange's body (`upstream::UpBody`).
+pub(crate) enum RespInner<F> {
     Upstream(Incoming),
     /// From a bodiless exchange, read off the upstream socket as polled.
-    Fast(UpBody),
+    Fast(F),
     Full(Option<Bytes>),
 }
 
-/// Response body to the client: the upstream's, streamed, or a page of ours.
-/// Counts bytes for the access log, written when the body is dropped.
-pub(crate) struct RespBody {
-    pub(crate) inner: RespInner,
-    pub(crate) log: Option<Box<AccessLog>>,
-    /// The request's place under its source's open-request cap (HTTP/2),
-    /// given back when the response is done or dropped.
-    pub(crate) seat: Option<SourceSeat>,
+/// The access-log record a response body counts its bytes into.
+pub(crate) trait CountsBytes {
+    /// `n` more bytes went to the client.
+    fn sent(&mut self, n: u64);
 }
 
-impl RespBody {
+/// Response body to the client: the upstream's, streamed, or a page of ours.
+/// Counts bytes for the access log `L`, written when the body is dropped;
+/// holds the seat `S` until then.
+pub(crate) struct RespBody<F, L, S> {
+    pub(crate) inner: RespInner<F>,
+    pub(crate) log: Option<Box<L>>,
+    /// The request's place under its source's open-request cap (HTTP/2),
+    /// given back when the response is done or dropped.
+    pub(crate) seat: Option<S>,
+}
+
+impl<F, L, S> RespBody<F, L, S> {
     /// A body of ours, whole.
     pub(crate) fn full(b: Bytes) -> Self {
         Self::of(RespInner::Full(Some(b)))
     }
 
     /// `inner`, not logged yet and holding no seat.
-    pub(crate) fn of(inner: RespInner) -> Self {
+    pub(crate) fn of(inner: RespInner<F>) -> Self {
         Self {
             inner,
             log: None,
@@ -103,7 +110,12 @@ impl RespBody {
     }
 }
 
-impl Body for RespBody {
+impl<F, L, S> Body for RespBody<F, L, S>
+where
+    F: Body<Data = Bytes, Error = BoxError> + Unpin,
+    L: CountsBytes,
+    S: Unpin,
+{
     type Data = Bytes;
     type Error = BoxError;
 
@@ -119,7 +131,7 @@ impl Body for RespBody {
         };
         if let (Poll::Ready(Some(Ok(f))), Some(log)) = (&res, this.log.as_mut()) {
             if let Some(d) = f.data_ref() {
-                log.bytes += d.len() as u64;
+                log.sent(d.len() as u64);
             }
         }
         res

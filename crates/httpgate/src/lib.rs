@@ -44,6 +44,19 @@ pub use error::{Error, StoreError};
 pub use gateway::{bind_per_thread, HttpGateway, ThreadListeners};
 pub use logbuf::LogWriter;
 
+/// Every response the gateway sends (see `body.rs`, which leaves its parts
+/// open so that it depends on no other module).
+pub(crate) type RespBody = body::RespBody<upstream::UpBody, logbuf::AccessLog, sources::SourceSeat>;
+/// Where a [`RespBody`]'s bytes come from.
+pub(crate) type RespInner = body::RespInner<upstream::UpBody>;
+
+impl body::CountsBytes for logbuf::AccessLog {
+    #[inline]
+    fn sent(&mut self, n: u64) {
+        self.bytes += n;
+    }
+}
+
 /// Which port of a sandbox a host name leads to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -7,7 +7,7 @@ use http::header::{
 };
 use http::{Response, StatusCode};
 
-use crate::body::RespBody;
+use crate::RespBody;
 
 fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());

@@ -23,7 +23,7 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body, Incoming};
 use hyper_util::rt::TokioIo;
 
-use crate::body::{ReqBody, RespBody, RespInner};
+use crate::body::ReqBody;
 use crate::framing::FramingFlags;
 use crate::gateway::Shared;
 use crate::headers::{is_upgrade, origin_form, request_host, set_forwarded, strip_hop_by_hop};
@@ -31,6 +31,7 @@ use crate::logbuf::{access_log_enabled, AccessLog};
 use crate::sources::SourceLimit;
 use crate::upstream::{self, ConnUpstreams, ExchangeError, IdlePool, UpstreamError};
 use crate::{access, pages, HttpConfig, Route, Target, TlsMode};
+use crate::{RespBody, RespInner};
 
 /// Facts about one client connection, shared by its requests.
 pub(crate) struct ConnInfo {

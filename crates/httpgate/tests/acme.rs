@@ -23,7 +23,11 @@ fn has_cert(gw: &Gateway, domain: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http01_issues_and_restart_reuses() {
-    if !require(&[Component::Pebble]) {
+    if !require(&[
+        Component::Pebble,
+        Component::Program("curl"),
+        Component::Program("openssl"),
+    ]) {
         return;
     }
     init_tracing();
@@ -114,7 +118,7 @@ async fn http01_issues_and_restart_reuses() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_alpn01_issues() {
-    if !require(&[Component::Pebble]) {
+    if !require(&[Component::Pebble, Component::Program("curl")]) {
         return;
     }
     init_tracing();
@@ -142,7 +146,11 @@ async fn tls_alpn01_issues() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renewal_without_failed_requests_then_outage() {
-    if !require(&[Component::Pebble]) {
+    if !require(&[
+        Component::Pebble,
+        Component::Program("curl"),
+        Component::Program("openssl"),
+    ]) {
         return;
     }
     init_tracing();

@@ -55,6 +55,9 @@ async fn ask_state(mut client: WsClient) -> (String, WsClient) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_host_without_login_never_reaches_its_upstream() {
+    if !require(&[Component::Program("curl")]) {
+        return;
+    }
     let agent = Upstream::start("agent").await;
     let gw = GatewayBuilder::new()
         .route(
@@ -107,6 +110,9 @@ async fn an_agent_host_without_login_never_reaches_its_upstream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsafe_cross_origin_requests_to_the_agent_are_refused() {
+    if !require(&[Component::Program("curl")]) {
+        return;
+    }
     let agent = Upstream::start("agent").await;
     let app = Upstream::start("app").await;
     let gw = GatewayBuilder::new()
@@ -292,7 +298,7 @@ fn attempt_script(agent: &str, cross: bool, from: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_browser_page_of_another_site_cannot_drive_the_agent() {
-    if !require(&[Component::Chromium]) {
+    if !require(&[Component::Chromium, Component::PyWebsockets]) {
         return;
     }
     let agent_seen = Arc::new(Seen::default());
@@ -362,6 +368,9 @@ async fn a_browser_page_of_another_site_cannot_drive_the_agent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_passwords_back_off_without_locking_out_the_owner() {
+    if !require(&[Component::Program("curl")]) {
+        return;
+    }
     let agent = Upstream::start("agent").await;
     let gw = GatewayBuilder::new()
         .config(|c| {
@@ -430,6 +439,9 @@ async fn wrong_passwords_back_off_without_locking_out_the_owner() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn login_changes_and_removals_end_open_websockets() {
+    if !require(&[Component::PyWebsockets]) {
+        return;
+    }
     let (_ws, ws_addr) = ws_echo_server().await;
     let alice = login("alice", "pw");
     let gw = GatewayBuilder::new()
@@ -481,6 +493,9 @@ async fn login_changes_and_removals_end_open_websockets() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_attacked_sandbox_does_not_starve_the_logins_of_others() {
+    if !require(&[Component::Program("curl")]) {
+        return;
+    }
     use argon2::password_hash::{PasswordHasher, SaltString};
     let agent = Upstream::start("agent").await;
     // A costly hash (argon2id defaults: 19 MiB, 2 passes) on the attacked sandbox.

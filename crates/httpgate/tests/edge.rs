@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use common::*;
 use httpgate::{CaRecord, TlsMode};
+use testsupport::{require, Component};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A TCP connection to `addr` from source address `from`.
@@ -68,6 +69,9 @@ const OTHER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2));
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_source_holding_300_stalled_connections_does_not_lock_out_others() {
+    if !require(&[Component::Program("curl")]) {
+        return;
+    }
     // A global limit one source could fill on its own: 300 connections.
     let (_app, gw) = app_gateway(|c| {
         c.limits.max_connections = 300;
@@ -154,6 +158,9 @@ async fn one_source_holding_300_stalled_connections_does_not_lock_out_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2_connections_without_a_stream_are_closed_after_the_header_timeout() {
+    if !require(&[Component::Program("curl")]) {
+        return;
+    }
     let (_app, gw) = app_gateway(|c| {
         c.timeouts.header_read = Duration::from_secs(1);
         c.timeouts.idle = Duration::from_secs(120);
@@ -212,6 +219,9 @@ fn hpack_literal(name: &str, value: &str) -> Vec<u8> {
 /// its requests end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_source_cannot_multiply_its_connections_with_http2_streams() {
+    if !require(&[Component::Program("curl")]) {
+        return;
+    }
     let (_app, gw) = app_gateway(|c| c.limits.max_connections_per_source = 2).await;
     let attacker: IpAddr = [127, 0, 0, 3].into();
     let mut s = tls_from(attacker, gw.https, "app.test", &gw.ca_file, b"h2")
@@ -314,6 +324,9 @@ fn assert_proxys_own_headers(what: &str, r: &CurlOut) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstreams_get_the_routed_host_and_the_proxys_own_client_headers() {
+    if !require(&[Component::Program("curl")]) {
+        return;
+    }
     let (_app, gw) = app_gateway(|_| {}).await;
     let port = gw.https.port();
     let with_spoofs = |mut c: Curl| {
@@ -383,6 +396,9 @@ async fn upstreams_get_the_routed_host_and_the_proxys_own_client_headers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_public_port_goes_into_host_when_it_is_not_443() {
+    if !require(&[Component::Program("curl")]) {
+        return;
+    }
     let (_app, gw) = app_gateway(|c| c.https_port = 8443).await;
     let r = gw
         .curl("app.test", "/")
@@ -398,6 +414,9 @@ async fn the_public_port_goes_into_host_when_it_is_not_443() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hsts_on_acme_hosts_only_by_default() {
+    if !require(&[Component::Program("curl")]) {
+        return;
+    }
     let app = Upstream::start("app").await;
     // One sandbox: its app host `app.test` in internal mode (which decides
     // the certificate both names share) and a second name, `pub.test`, in
@@ -511,6 +530,9 @@ fn openssl_verify(ca: &Path, leaf: &Path) -> (bool, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_internal_root_only_vouches_for_its_suffixes() {
+    if !require(&[Component::Program("curl"), Component::Program("openssl")]) {
+        return;
+    }
     let (_app, gw) = app_gateway(|_| {}).await;
     let ca = gw.store.ca.lock().unwrap().clone().unwrap();
     let dir = gw.dir.path();
@@ -538,6 +560,9 @@ async fn the_internal_root_only_vouches_for_its_suffixes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_internal_ca_refuses_names_outside_its_suffixes() {
+    if !require(&[Component::Program("curl")]) {
+        return;
+    }
     let app = Upstream::start("app").await;
     let gw = GatewayBuilder::new()
         .route("app.test", app_route("app", app.addr, TlsMode::Internal))
@@ -586,6 +611,9 @@ fn unconstrained_ca() -> CaRecord {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unconstrained_root_is_replaced_at_start() {
+    if !require(&[Component::Program("curl"), Component::Program("openssl")]) {
+        return;
+    }
     let old = unconstrained_ca();
     let store = Arc::new(MemStore::default());
     *store.ca.lock().unwrap() = Some(old.clone());

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use common::*;
 use httpgate::TlsMode;
+use testsupport::{require, Component};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -210,6 +211,9 @@ async fn gateway(up: &Scripted) -> Gateway {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn framed_bodies_are_relayed_on_one_upstream_connection() {
+    if !require(&[Component::Program("curl")]) {
+        return;
+    }
     let up = Scripted::start().await;
     let gw = gateway(&up).await;
     let (ok, out, err) = fetch(&gw, &["/chunked", "/len", "/hints", "/chunked"], None, &[]).await;
@@ -241,6 +245,9 @@ async fn framed_bodies_are_relayed_on_one_upstream_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closes_by_the_upstream_cost_no_request() {
+    if !require(&[Component::Program("curl")]) {
+        return;
+    }
     let up = Scripted::start().await;
     let gw = gateway(&up).await;
     // A body delimited by the close: relayed whole; the next request opens
@@ -261,6 +268,9 @@ async fn closes_by_the_upstream_cost_no_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_responses_are_the_upstreams_fault() {
+    if !require(&[Component::Program("curl")]) {
+        return;
+    }
     let up = Scripted::start().await;
     let gw = gateway(&up).await;
     for path in ["/conflicting-length", "/garbage", "/http10-chunked"] {
@@ -286,6 +296,9 @@ async fn malformed_responses_are_the_upstreams_fault() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bytes_after_a_response_never_answer_the_next_request() {
+    if !require(&[Component::Program("curl")]) {
+        return;
+    }
     let up = Scripted::start().await;
     let gw = gateway(&up).await;
     // The upstream sends a second, unasked response on the idle connection:

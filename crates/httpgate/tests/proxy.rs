@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use httpgate::{BasicAuth, Target, TlsMode};
+use testsupport::{require, Component};
 
 fn auth() -> BasicAuth {
     BasicAuth {
@@ -20,6 +21,9 @@ fn auth() -> BasicAuth {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_app_and_agent_with_internal_certs() {
+    if !require(&[Component::Program("curl")]) {
+        return;
+    }
     init_tracing();
     let app = Upstream::start("app").await;
     let agent = Upstream::start("agent").await;
@@ -169,6 +173,9 @@ async fn routes_app_and_agent_with_internal_certs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trusted_proxy_headers_are_kept() {
+    if !require(&[Component::Program("curl")]) {
+        return;
+    }
     let (_app, gw) = app_gateway(|c| c.trusted_proxies = vec!["127.0.0.1".parse().unwrap()]).await;
     let r = gw
         .curl("app.test", "/")
@@ -184,6 +191,9 @@ async fn trusted_proxy_headers_are_kept() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_listener_redirects_keeping_path_and_query() {
+    if !require(&[Component::Program("curl")]) {
+        return;
+    }
     let app = Upstream::start("app").await;
     let gw = GatewayBuilder::new()
         .with_http("127.0.0.1:0")
@@ -204,6 +214,9 @@ async fn http_listener_redirects_keeping_path_and_query() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_errors_name_the_sandbox() {
+    if !require(&[Component::Program("curl")]) {
+        return;
+    }
     let slow = Upstream::start("slow").await;
     let closed = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -262,6 +275,9 @@ async fn upstream_errors_name_the_sandbox() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_survives_a_route_edit() {
+    if !require(&[Component::Program("curl"), Component::PyWebsockets]) {
+        return;
+    }
     let (_ws, ws_addr) = ws_echo_server().await;
     let other = Upstream::start("other").await;
     let gw = GatewayBuilder::new()
@@ -390,6 +406,9 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_and_oversized_headers_are_cut_off() {
+    if !require(&[Component::Program("curl")]) {
+        return;
+    }
     let app = Upstream::start("app").await;
     let gw = GatewayBuilder::new()
         .config(|c| {
@@ -451,6 +470,9 @@ async fn slow_and_oversized_headers_are_cut_off() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_handshakes_do_not_block_others() {
+    if !require(&[Component::Program("curl")]) {
+        return;
+    }
     let (_app, gw) = app_gateway(|c| c.timeouts.handshake = Duration::from_secs(30)).await;
     let mut idle = Vec::new();
     for i in 0..1000 {
@@ -481,6 +503,9 @@ async fn stalled_handshakes_do_not_block_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_thread_https_listeners_serve() {
+    if !require(&[Component::Program("curl")]) {
+        return;
+    }
     let (_app, gw) = app_gateway(|_| {}).await;
     let (port, handles) = spawn_threads(&gw, 2);
     // One listening socket for both threads, without SO_REUSEPORT: another
@@ -524,6 +549,9 @@ async fn three_spaced_requests(gw: &Gateway) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_upstream_connections_are_replaced() {
+    if !require(&[Component::Program("curl")]) {
+        return;
+    }
     // Default pool idle timeout (60 s): the client's three requests share
     // one upstream connection.
     let (app, gw) = app_gateway(|_| {}).await;
@@ -542,6 +570,9 @@ async fn idle_upstream_connections_are_replaced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_connections_share_idle_upstream_connections() {
+    if !require(&[Component::Program("curl")]) {
+        return;
+    }
     use std::sync::atomic::Ordering::SeqCst;
     // Five curl processes one after another: five client connections, each
     // with its own TLS handshake, and one upstream connection, which the
@@ -614,6 +645,9 @@ fn s_client_resumes(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_sessions_resume_on_any_listener_and_thread() {
+    if !require(&[Component::Program("openssl")]) {
+        return;
+    }
     // A client's next connection resumes its TLS session (no certificate,
     // no signature: a far cheaper handshake for both sides) whichever
     // listener or serving thread takes it.
@@ -671,6 +705,9 @@ fn one_accepting_thread_of_two(gw: &Gateway) -> (u16, ThreadHandles) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_one_thread_accepts_are_spread_over_the_serving_threads() {
+    if !require(&[Component::Program("curl")]) {
+        return;
+    }
     // A thread that accepts every connection (here the only one listening
     // on the port; in the daemon, the one a burst of connections woke
     // first) hands some to the other thread, which serves them to the end.
@@ -715,6 +752,9 @@ async fn connections_one_thread_accepts_are_spread_over_the_serving_threads() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_connection_limit_holds_over_all_serving_threads() {
+    if !require(&[Component::Program("curl")]) {
+        return;
+    }
     // `max_connections` is per listening address, however many threads
     // accept on it: connections beyond it are closed at once.
     // (No per-source cap here: every connection comes from 127.0.0.1.)
@@ -773,6 +813,9 @@ async fn the_connection_limit_holds_over_all_serving_threads() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handed_over_requests_finish_when_the_gateway_stops() {
+    if !require(&[Component::Program("curl")]) {
+        return;
+    }
     // A thread serving only connections handed to it by another keeps
     // them through shutdown: their requests are answered within the grace
     // period, as those of the accepting thread are.
@@ -810,6 +853,9 @@ async fn handed_over_requests_finish_when_the_gateway_stops() {
 /// the stream and show a protocol error instead of the status.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn head_requests_get_the_gates_own_pages_without_content() {
+    if !require(&[Component::Program("curl")]) {
+        return;
+    }
     let app = Upstream::start("app").await;
     let auth = httpgate::BasicAuth {
         user: "alice".into(),

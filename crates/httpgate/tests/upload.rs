@@ -7,6 +7,7 @@ mod common;
 use std::process::Command;
 
 use common::*;
+use testsupport::{require, Component};
 
 fn peak_rss_kib() -> u64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap();
@@ -18,6 +19,9 @@ fn peak_rss_kib() -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_gib_upload_streams_with_bounded_memory() {
+    if !require(&[Component::Program("curl")]) {
+        return;
+    }
     let (_app, gw) = app_gateway(|_| {}).await;
     let before = peak_rss_kib();
     let port = gw.https.port();

@@ -109,7 +109,7 @@ fn socks_forward(ssh: impl Fn() -> Command) -> (u16, Kill) {
 
 #[test]
 fn dynamic_forward_socks() {
-    if !require(&[Component::Sshd]) {
+    if !require(&[Component::Sshd, Component::Program("curl")]) {
         return;
     }
     let h = harness().start();
@@ -256,7 +256,7 @@ fn agent_forwarding_shows_the_clients_agent_upstream() {
 
 #[test]
 fn vscode_pattern_script_on_stdin_then_socks() {
-    if !require(&[Component::Sshd]) {
+    if !require(&[Component::Sshd, Component::Program("curl")]) {
         return;
     }
     let h = harness().start();

@@ -142,7 +142,7 @@ sys.exit(os.waitstatus_to_exitcode(status))
 
 #[test]
 fn pty_carries_size_modes_term_and_resize() {
-    if !require(&[Component::Sshd]) {
+    if !require(&[Component::Sshd, Component::Program("python3")]) {
         return;
     }
     let h = harness().start();

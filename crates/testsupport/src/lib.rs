@@ -22,14 +22,16 @@ pub mod pki;
 pub mod sshd;
 pub mod ws;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 pub use daemon::{Daemon, DaemonBuilder};
 
 /// A system component some tests need.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Component {
     /// Running as root (effective UID 0).
     Root,
@@ -46,6 +48,9 @@ pub enum Component {
     /// (`SANDBOXD_TEST_APT_PROXY`, default `http://198.18.0.1:3142`;
     /// `.ci/setup-provision.sh`).
     PackageCache,
+    /// `/usr/bin/python3` with the `websockets` module (python3-websockets),
+    /// which the websocket peers of [`ws`] run on.
+    PyWebsockets,
     /// Any other program that must be on `PATH` (`curl`, `openssl`, `wrk`, ...).
     Program(&'static str),
 }
@@ -62,7 +67,7 @@ pub const SYSTEM_TESTS_VAR: &str = "SANDBOXD_SYSTEM_TESTS";
 /// if !testsupport::require(&[Component::Incus, Component::Root]) { return; }
 /// ```
 pub fn require(what: &[Component]) -> bool {
-    let missing: Vec<String> = what.iter().filter_map(|c| absent(*c)).collect();
+    let missing: Vec<String> = what.iter().filter_map(|c| absent_cached(*c)).collect();
     if missing.is_empty() {
         return true;
     }
@@ -79,6 +84,24 @@ pub fn require(what: &[Component]) -> bool {
     false
 }
 
+/// [`absent`], asked once per component and process: a test binary asks
+/// for the same components in many tests, and some checks talk to incusd
+/// or start python3.
+fn absent_cached(c: Component) -> Option<String> {
+    static SEEN: OnceLock<Mutex<HashMap<Component, Option<String>>>> = OnceLock::new();
+    let seen = SEEN.get_or_init(Default::default);
+    if let Some(known) = seen.lock().unwrap_or_else(|p| p.into_inner()).get(&c) {
+        return known.clone();
+    }
+    // Checked without the lock held (the Incus check may take a while);
+    // two tests asking at once both check, and agree.
+    let why = absent(c);
+    seen.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(c, why.clone());
+    why
+}
+
 /// Why `c` is absent, or `None` if it is there.
 fn absent(c: Component) -> Option<String> {
     match c {
@@ -86,14 +109,23 @@ fn absent(c: Component) -> Option<String> {
             (!nix::unistd::geteuid().is_root()).then(|| "needs root (effective UID 0)".to_string())
         }
         Component::Incus => {
-            let socket = incus_socket();
-            if let Err(e) = std::os::unix::net::UnixStream::connect(&socket) {
-                return Some(format!(
-                    "needs incusd on {} ({e}); run .ci/setup-incus.sh as root",
-                    socket.display()
-                ));
+            let sockets = incus_sockets();
+            let mut errors = Vec::new();
+            for socket in &sockets {
+                // The probe connection is closed before incusd is asked.
+                let probe = std::os::unix::net::UnixStream::connect(socket);
+                match probe {
+                    Ok(stream) => {
+                        drop(stream);
+                        return incus_image_missing(socket.clone());
+                    }
+                    Err(e) => errors.push(format!("{}: {e}", socket.display())),
+                }
             }
-            incus_image_missing()
+            Some(format!(
+                "needs incusd on its unix socket ({}); run .ci/setup-incus.sh as root",
+                errors.join(", ")
+            ))
         }
         Component::Sshd => {
             if !is_executable(Path::new("/usr/sbin/sshd")) {
@@ -124,20 +156,32 @@ fn absent(c: Component) -> Option<String> {
             (!reachable)
                 .then(|| format!("needs the package cache at {url} (run .ci/setup-provision.sh)"))
         }
+        Component::PyWebsockets => {
+            let ok = Command::new("/usr/bin/python3")
+                .args(["-c", "import websockets"])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            (!ok).then(|| {
+                "needs /usr/bin/python3 with the websockets module (python3-websockets)".into()
+            })
+        }
         Component::Program(p) => missing_programs(&[p]),
     }
 }
 
 /// Why the test image is not in incusd, or `None` if it is. Asked on a
 /// thread of its own: the caller may be on an async runtime.
-fn incus_image_missing() -> Option<String> {
-    std::thread::spawn(|| {
+fn incus_image_missing(socket: PathBuf) -> Option<String> {
+    std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .ok()?;
         rt.block_on(async {
-            let client = match incusctl::Client::connect(None).await {
+            let client = match incusctl::Client::connect(Some(socket)).await {
                 Ok(c) => c,
                 Err(e) => return Some(format!("needs incusd ({e})")),
             };
@@ -154,11 +198,13 @@ fn incus_image_missing() -> Option<String> {
     .unwrap_or_else(|_| Some("the incusd check panicked".into()))
 }
 
-fn incus_socket() -> PathBuf {
-    match std::env::var_os("INCUS_SOCKET") {
-        Some(s) => PathBuf::from(s),
-        None => PathBuf::from("/var/lib/incus/unix.socket"),
-    }
+/// The sockets incusd may answer on: the ones the daemon's client and the
+/// Incus helpers try ([`incusctl::DEFAULT_SOCKETS`]), in order.
+fn incus_sockets() -> Vec<PathBuf> {
+    incusctl::DEFAULT_SOCKETS
+        .iter()
+        .map(PathBuf::from)
+        .collect()
 }
 
 fn missing_programs(programs: &[&str]) -> Option<String> {
@@ -224,4 +270,18 @@ pub fn ssh_key(dir: &Path, name: &str) -> PathBuf {
         assert!(st.success(), "ssh-keygen failed");
     }
     path
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_absent_program_is_named_and_the_answer_is_kept() {
+        let c = Component::Program("sandboxd-no-such-program");
+        let why = absent_cached(c).expect("absent");
+        assert_eq!(why, "needs sandboxd-no-such-program on PATH");
+        assert_eq!(absent_cached(c), Some(why), "same answer from the cache");
+        assert_eq!(absent_cached(Component::Program("sh")), None);
+    }
 }

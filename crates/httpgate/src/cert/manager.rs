@@ -3,8 +3,10 @@
 //! `acme.rs` with HTTP-01 / TLS-ALPN-01), schedules renewals (one third of
 //! the lifetime left, or earlier inside the ARI window), backs off on failure
 //! while the old certificate keeps serving, persists ACME certificates, and
-//! deletes the stored record of a certificate no route needs any more (the
-//! only code that deletes certificate records).
+//! deletes the stored record of a certificate no route needs any more, and
+//! at its first reconcile the stored records of names no route uses (the
+//! only code that deletes certificate records; the ACME account and the
+//! internal CA are other records, never deleted).
 //!
 //! Its state is [`Certs`]'s (see `mod.rs`). The managed set changes under
 //! the state lock only for moments: signing, PEM file reads and the
@@ -165,7 +167,8 @@ fn desired(routes: &dyn RouteSource) -> HashMap<String, (Vec<String>, Mode)> {
 pub(super) struct Plan {
     /// New domains: names, mode, and the stored record (ACME) to resume from.
     make: Vec<(String, Vec<String>, Mode, Option<CertRecord>)>,
-    /// Domains whose stored ACME certificate no route needs any more.
+    /// Domains whose stored ACME certificate no route needs any more, and
+    /// stored records of names no route uses.
     delete: Vec<String>,
     now: i64,
 }
@@ -178,7 +181,7 @@ pub(super) struct Made {
 impl Certs {
     /// Bring the managed set in line with the routing snapshot: domains no
     /// route needs stop serving at once and their stored records are
-    /// deleted; internal and manual certificates of new domains are made
+    /// deleted, as are stored records of names no route uses; internal and manual certificates of new domains are made
     /// (on the blocking threads) before this returns; ACME ones are
     /// scheduled. Reconciles run one at a time.
     pub(crate) async fn reconcile(self: &Arc<Self>) {
@@ -209,6 +212,16 @@ impl Certs {
         let now = now_ms();
         let mut st = self.state();
         let mut delete = Vec::new();
+        // Stored records no route uses (a sandbox removed while the daemon
+        // was down, records restored from a backup): deleted at the first
+        // reconcile. Records of routed names wait for their domain.
+        st.stored.retain(|name, _| {
+            let routed = want.values().any(|(names, _)| names.contains(name));
+            if !routed {
+                delete.push(name.clone());
+            }
+            routed
+        });
         st.managed.retain(|domain, m| match want.get(domain) {
             Some((_, mode)) if *mode == m.mode => true,
             _ => {
@@ -243,7 +256,7 @@ impl Certs {
     /// issue internal certificates, read PEM files, parse stored ones.
     fn carry_out(&self, plan: Plan) -> Made {
         for domain in plan.delete {
-            tracing::info!(domain = %domain, "route removed: certificate no longer managed");
+            tracing::info!(domain = %domain, "no route uses it: certificate record deleted");
             if let Err(e) = self.store.delete_cert(&domain) {
                 tracing::warn!(domain = %domain, error = %e, "could not delete certificate");
             }
@@ -718,7 +731,113 @@ fn pick_challenge(prefs: &[ChallengeKind], failures: u32) -> ChallengeKind {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+    use crate::{Access, CaRecord, CertStore, Route, StoreError, Target};
+    use std::sync::Mutex;
+
+    /// Fixed routes: app hosts in ACME mode.
+    struct Fixed(Vec<String>);
+    impl RouteSource for Fixed {
+        fn lookup(&self, _: &str) -> Option<Arc<Route>> {
+            None
+        }
+        fn hosts(&self) -> Vec<(String, Arc<Route>)> {
+            self.0
+                .iter()
+                .map(|h| {
+                    let route = Route {
+                        sandbox: h.clone(),
+                        kind: RouteKind::App,
+                        target: Target::Stopped,
+                        access: Access::Open,
+                        tls: TlsMode::Acme,
+                    };
+                    (h.clone(), Arc::new(route))
+                })
+                .collect()
+        }
+    }
+
+    /// A store holding certificate records, an ACME account and the CA.
+    #[derive(Default)]
+    struct Kept {
+        certs: Mutex<Vec<CertRecord>>,
+        account: Mutex<Option<String>>,
+        ca: Mutex<Option<CaRecord>>,
+    }
+    impl CertStore for Kept {
+        fn load_certs(&self) -> Vec<CertRecord> {
+            self.certs.lock().unwrap().clone()
+        }
+        fn save_cert(&self, rec: &CertRecord) -> Result<(), StoreError> {
+            let mut certs = self.certs.lock().unwrap();
+            certs.retain(|c| c.name != rec.name);
+            certs.push(rec.clone());
+            Ok(())
+        }
+        fn delete_cert(&self, name: &str) -> Result<(), StoreError> {
+            self.certs.lock().unwrap().retain(|c| c.name != name);
+            Ok(())
+        }
+        fn load_account(&self, _: &str) -> Option<String> {
+            self.account.lock().unwrap().clone()
+        }
+        fn save_account(&self, _: &str, creds: &str) -> Result<(), StoreError> {
+            *self.account.lock().unwrap() = Some(creds.to_owned());
+            Ok(())
+        }
+        fn load_ca(&self) -> Option<CaRecord> {
+            self.ca.lock().unwrap().clone()
+        }
+        fn save_ca(&self, ca: &CaRecord) -> Result<(), StoreError> {
+            *self.ca.lock().unwrap() = Some(ca.clone());
+            Ok(())
+        }
+    }
+
+    fn record(name: &str) -> CertRecord {
+        CertRecord {
+            name: name.to_owned(),
+            names: vec![name.to_owned()],
+            cert_pem: String::new(),
+            key_pem: String::new(),
+            source: CertSource::Acme {
+                directory: "https://acme.test/dir".into(),
+            },
+            not_after: 0,
+            not_before: 0,
+        }
+    }
+
+    #[test]
+    fn first_reconcile_deletes_records_of_names_no_route_uses() {
+        crate::install_crypto_provider();
+        let store = Arc::new(Kept::default());
+        *store.certs.lock().unwrap() = vec![record("routed.test"), record("gone.test")];
+        *store.account.lock().unwrap() = Some("account".into());
+        let routes = Arc::new(Fixed(vec!["routed.test".into()]));
+        let c = Certs::new(crate::HttpConfig::default(), routes, store.clone()).unwrap();
+        let ca = store.load_ca().expect("CA made");
+        let names =
+            |s: &Kept| -> Vec<String> { s.load_certs().into_iter().map(|r| r.name).collect() };
+        assert_eq!(
+            names(&store),
+            ["routed.test", "gone.test"],
+            "nothing deleted before"
+        );
+        c.reconcile_at_start();
+        assert_eq!(
+            names(&store),
+            ["routed.test"],
+            "the unrouted record is gone"
+        );
+        assert_eq!(
+            store.load_account("https://acme.test/dir").as_deref(),
+            Some("account")
+        );
+        assert_eq!(store.load_ca(), Some(ca), "the internal CA is kept");
+    }
 
     #[test]
     fn renewal_at_one_third_left() {
