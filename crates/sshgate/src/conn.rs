@@ -83,6 +83,8 @@ pub(crate) fn server_config(cfg: &GatewayConfig) -> server::Config {
         keys: cfg.host_keys.clone(),
         window_size: cfg.initial_window.min(cfg.window_size),
         max_window_size: cfg.window_size,
+        // The relay answers each close once the upstream side has closed.
+        hold_close_reply: true,
         maximum_packet_size: cfg.max_packet_size,
         channel_buffer_size: cfg.channel_buffer_size,
         preferred: Preferred {

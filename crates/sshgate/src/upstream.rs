@@ -48,6 +48,8 @@ pub(crate) fn client_config(cfg: &GatewayConfig) -> client::Config {
         limits: rekey_limits(cfg),
         window_size: cfg.initial_window.min(cfg.window_size),
         max_window_size: cfg.window_size,
+        // The relay answers each close once the client side has closed.
+        hold_close_reply: true,
         maximum_packet_size: cfg.max_packet_size,
         channel_buffer_size: cfg.channel_buffer_size,
         inactivity_timeout: cfg.inactivity_timeout,
@@ -114,6 +116,7 @@ pub(crate) async fn connect(
         limits: base.limits.clone(),
         window_size: base.window_size,
         max_window_size: base.max_window_size,
+        hold_close_reply: base.hold_close_reply,
         maximum_packet_size: base.maximum_packet_size,
         channel_buffer_size: base.channel_buffer_size,
         inactivity_timeout: base.inactivity_timeout,

@@ -560,18 +560,22 @@ impl Session {
                 if !self.common.is_established_channel(channel_num) {
                     return Ok(());
                 }
+                // sandboxd patch: answer with CHANNEL_CLOSE now, or when the
+                // application closes the channel (`Config::hold_close_reply`);
+                // a close answering ours ends the channel.
+                let hold = self.common.config.hold_close_reply;
                 if let Some(ref mut enc) = self.common.encrypted {
-                    // The CHANNEL_CLOSE message must be sent to the server at this point or the session
-                    // will not be released.
-                    enc.close(channel_num)?;
+                    if enc.channels.get(&channel_num).is_some_and(|c| c.remote_closed) {
+                        return Ok(()); // a second close from the peer
+                    }
+                    enc.peer_closed(channel_num, hold)?;
                 }
                 // Forward the close to the channel before removing it, so that
                 // consumers waiting on `Channel::wait()` receive an explicit
                 // `ChannelMsg::Close` instead of just seeing `None`.
-                if let Some(chan) = self.channels.get(&channel_num) {
+                if let Some(chan) = self.channels.remove(&channel_num) {
                     let _ = chan.send(ChannelMsg::Close).await;
                 }
-                self.channels.remove(&channel_num);
                 client.channel_close(channel_num, self).await
             }
             Some((&msg::CHANNEL_EOF, mut r)) => {
@@ -853,6 +857,7 @@ impl Session {
                     pending_data: std::collections::VecDeque::new(),
                     pending_eof: false,
                     pending_close: false,
+                    remote_closed: false,
                 };
 
                 let (channel, channel_ref) = Channel::new(
@@ -1149,6 +1154,7 @@ mod tests {
             client_mac: crate::mac::NONE,
             server_mac: crate::mac::NONE,
             session_id: CryptoVec::from(&b"session-id"[..]),
+            closing: Default::default(),
             channels: HashMap::new(),
             last_channel_id: Wrapping(0),
             write: Vec::new(),
