@@ -176,8 +176,14 @@ mod tests {
     fn the_upstream_leg_never_signs_with_sha1() {
         assert_eq!(upstream_rsa_hash(None), HashAlg::Sha512);
         assert_eq!(upstream_rsa_hash(Some(None)), HashAlg::Sha512);
-        assert_eq!(upstream_rsa_hash(Some(Some(HashAlg::Sha256))), HashAlg::Sha256);
-        assert_eq!(upstream_rsa_hash(Some(Some(HashAlg::Sha512))), HashAlg::Sha512);
+        assert_eq!(
+            upstream_rsa_hash(Some(Some(HashAlg::Sha256))),
+            HashAlg::Sha256
+        );
+        assert_eq!(
+            upstream_rsa_hash(Some(Some(HashAlg::Sha512))),
+            HashAlg::Sha512
+        );
     }
 
     #[test]

@@ -31,10 +31,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
-use crate::{algorithms, budget};
 use crate::limits::{SessionSlot, StartupPermit};
 use crate::registry::{Admission, Counters, KillSignal};
 use crate::upstream::{self, UpstreamHandle};
+use crate::{algorithms, budget};
 use crate::{keys, relay, GatewayConfig, Inner, Route};
 
 /// How long a forwarding request may wait for the upstream's answer.

@@ -14,7 +14,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use common::*;
-use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKey};
+use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg};
 use testsupport::{require, Component};
 
 /// Key exchange the gateway may offer or agree on (with the protocol
@@ -110,6 +110,7 @@ fn ssh_audit_finds_nothing_on_the_gateway_that_stock_sshd_does_not() {
     let h = harness().start();
     let (sshd, _) = audit(h.sshd.port);
     let (gateway, _) = audit(h.addr.port());
+    eprintln!("ssh-audit on the gateway: {gateway:#?}");
     let accepted: BTreeSet<Finding> = ACCEPTED_FINDINGS
         .iter()
         .map(|(c, n, l, t)| (c.to_string(), n.to_string(), l.to_string(), t.to_string()))
@@ -321,7 +322,12 @@ fn openssh_client_needs_an_etm_mac_with_ctr() {
         &h,
         &key,
         false,
-        &["-c", "aes128-ctr", "-o", "MACs=hmac-sha2-256-etm@openssh.com"],
+        &[
+            "-c",
+            "aes128-ctr",
+            "-o",
+            "MACs=hmac-sha2-256-etm@openssh.com",
+        ],
     ));
     assert!(ok, "{err}");
     // Old ciphers are not offered at all.
@@ -336,7 +342,10 @@ struct AnyHost;
 impl russh::client::Handler for AnyHost {
     type Error = russh::Error;
 
-    async fn check_server_key(&mut self, _key: &PublicKey) -> Result<bool, Self::Error> {
+    async fn check_server_key(
+        &mut self,
+        _key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
         Ok(true)
     }
 }
@@ -370,9 +379,8 @@ fn sha1_rsa_signatures_are_refused_as_sshd_refuses_them() {
     }
     let h = harness().start();
     let path = rsa_key(&h);
-    let key = Arc::new(
-        PrivateKey::from_openssh(std::fs::read_to_string(&path).unwrap().trim()).unwrap(),
-    );
+    let key =
+        Arc::new(PrivateKey::from_openssh(std::fs::read_to_string(&path).unwrap().trim()).unwrap());
     let me = whoami();
     let targets = [
         ("sshd", h.sshd.port, me.as_str()),
