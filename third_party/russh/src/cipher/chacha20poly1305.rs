@@ -348,7 +348,8 @@ mod tests {
 
             let mut a = plain.clone();
             let mut tag_a = [0u8; 16];
-            SealingKey(chacha20_poly1305_openssh::SealingKey::new(k)).seal(seqn, &mut a, &mut tag_a);
+            SealingKey(chacha20_poly1305_openssh::SealingKey::new(k))
+                .seal(seqn, &mut a, &mut tag_a);
             let mut b = plain.clone();
             let mut tag_b = [0u8; 16];
             wide::SealingKey(wide::Key::from_bytes(&key).unwrap()).seal(seqn, &mut b, &mut tag_b);
