@@ -1493,7 +1493,8 @@ impl Session {
                     Some(map_err!(u32::decode(r))?)
                 };
                 trace!("handler.data {ext:?} {channel_num:?}");
-                let data = map_err!(Bytes::decode(r))?;
+                // sandboxd patch: a recycled buffer (sshbuffer::data_pool).
+                let data = map_err!(crate::sshbuffer::data_pool::decode_string(r))?;
                 map_err!(ensure_end(r))?;
                 // sandboxd patch: debit the window now, credit it when the
                 // consumer takes the data; never wait on the channel's queue.
