@@ -1535,10 +1535,11 @@ impl Session {
                 }
                 let mut new_size = 0;
                 if let Some(ref mut enc) = self.common.encrypted {
-                    let channel = enc
-                        .channels
-                        .get_mut(&channel_num)
-                        .ok_or(Error::Inconsistent)?;
+                    // sandboxd patch: a window adjust may cross our close
+                    // (`Encrypted::closing`); there is nothing left to send.
+                    let Some(channel) = enc.channels.get_mut(&channel_num) else {
+                        return Ok(());
+                    };
                     new_size = channel.recipient_window_size.saturating_add(amount);
                     channel.recipient_window_size = new_size;
                 }
