@@ -79,7 +79,7 @@ impl Key {
 
 struct Fixture {
     d: Daemon,
-    sshd: Sshd,
+    _sshd: Sshd,
     work: PathBuf,
     router: Target,
     direct: Target,
@@ -160,9 +160,17 @@ fn echo_roundtrip(port: u16) -> bool {
 impl Fixture {
     fn new(name: &str) -> Fixture {
         let d = Daemon::start(common::BIN);
-        let sshd = Sshd::start(d.dir.path(), name);
+        // The sessions' HOME is an empty directory, so that no dotfile of
+        // the machine's root account (a shell init that rewrites files,
+        // say) runs in, or writes to the stderr of, the commands under test.
         let work = d.dir.path().join("work");
         std::fs::create_dir_all(&work).unwrap();
+        let sshd = Sshd::start_with(
+            d.dir.path(),
+            name,
+            &[],
+            &format!("SetEnv HOME={}\n", work.display()),
+        );
         let keys = d.dir.path().join("keys");
         std::fs::create_dir_all(&keys).unwrap();
         let ed = keygen(&keys, "ed25519", &["-t", "ed25519"]);
@@ -269,7 +277,7 @@ impl Fixture {
 
         Fixture {
             d,
-            sshd,
+            _sshd: sshd,
             work,
             router,
             direct,
@@ -532,9 +540,10 @@ impl<'a> Matrix<'a> {
     /// Runs `f` on the control and the router side by side; the control
     /// must give `expected` (if given) and the router what the control gave.
     fn case(&mut self, case: &str, expected: Option<&str>, f: impl Fn(&Target) -> String + Sync) {
+        let fx = self.fx;
         let (direct, router) = std::thread::scope(|s| {
-            let direct = s.spawn(|| f(&self.fx.direct));
-            let router = f(&self.fx.router);
+            let direct = s.spawn(|| f(&fx.direct));
+            let router = f(&fx.router);
             (direct.join().unwrap(), router)
         });
         self.record(case, expected, direct, router);
@@ -597,7 +606,7 @@ fn client(fx: &Fixture, program: &str) -> Command {
 
 // ---------------------------------------------------------------- OpenSSH
 
-fn ssh_opts(c: &mut Command, t: &Target, key: &Path, known_hosts: &Path) {
+fn ssh_opts(c: &mut Command, key: &Path, known_hosts: &Path) {
     c.args(["-F", "/dev/null", "-o", "BatchMode=yes"])
         .args([
             "-o",
@@ -609,12 +618,11 @@ fn ssh_opts(c: &mut Command, t: &Target, key: &Path, known_hosts: &Path) {
         .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
         .arg("-i")
         .arg(key);
-    let _ = t;
 }
 
 fn ssh(fx: &Fixture, t: &Target, key: Key) -> Command {
     let mut c = client(fx, "ssh");
-    ssh_opts(&mut c, t, &fx.key(key), &t.known_hosts);
+    ssh_opts(&mut c, &fx.key(key), &t.known_hosts);
     c.args(["-p", &t.port.to_string()]);
     c
 }
@@ -714,7 +722,7 @@ fn openssh_ssh_scp_sftp() {
         m.case(tag, Some(both), |t| {
             transfer(&fx, t, tag, |big, path, up| {
                 let mut c = client(&fx, "scp");
-                ssh_opts(&mut c, t, &fx.key(Key::Ed25519), &t.known_hosts);
+                ssh_opts(&mut c, &fx.key(Key::Ed25519), &t.known_hosts);
                 c.args(["-q", "-P", &t.port.to_string()]);
                 if legacy {
                     c.arg("-O");
@@ -731,7 +739,7 @@ fn openssh_ssh_scp_sftp() {
     m.case("sftp", Some(both), |t| {
         transfer(&fx, t, "sftp", |big, path, up| {
             let mut c = client(&fx, "sftp");
-            ssh_opts(&mut c, t, &fx.key(Key::Ed25519), &t.known_hosts);
+            ssh_opts(&mut c, &fx.key(Key::Ed25519), &t.known_hosts);
             c.args(["-q", "-b", "-", "-P", &t.port.to_string()])
                 .arg(t.dest());
             let batch = if up {
@@ -787,7 +795,7 @@ fn openssh_ssh_scp_sftp() {
     }
     m.case("wrong-host-key", Some("status=Some(255)"), |t| {
         let mut c = client(&fx, "ssh");
-        ssh_opts(&mut c, t, &fx.key(Key::Ed25519), &t.wrong_known_hosts);
+        ssh_opts(&mut c, &fx.key(Key::Ed25519), &t.wrong_known_hosts);
         c.args(["-p", &t.port.to_string()])
             .arg(t.dest())
             .arg("true");
@@ -1115,7 +1123,7 @@ fn python_matrix(fx: &Fixture, client: &'static str, driver: &str, expected: &[(
                 *s = fx.agent_outcome(status, out);
             }
         }
-        m.record(case, Some(want), d, r);
+        m.record(case, Some(*want), d, r);
     }
     m.finish();
 }
