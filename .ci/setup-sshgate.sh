@@ -3,7 +3,8 @@
 # machine (root, no systemd). Idempotent.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
-pkgs=(openssh-client openssh-server rsync curl python3-minimal hyperfine jq bc iproute2 procps ssh-audit)
+pkgs=(openssh-client openssh-server rsync curl python3-minimal hyperfine jq bc iproute2 procps ssh-audit
+  putty-tools dropbear-bin python3-paramiko python3-asyncssh)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

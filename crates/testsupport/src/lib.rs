@@ -51,6 +51,9 @@ pub enum Component {
     /// `/usr/bin/python3` with the `websockets` module (python3-websockets),
     /// which the websocket peers of [`ws`] run on.
     PyWebsockets,
+    /// `/usr/bin/python3` that can import the named module (a Debian
+    /// `python3-*` package: `paramiko`, `asyncssh`, ...).
+    PyModule(&'static str),
     /// Any other program that must be on `PATH` (`curl`, `openssl`, `wrk`, ...).
     Program(&'static str),
 }
@@ -156,20 +159,25 @@ fn absent(c: Component) -> Option<String> {
             (!reachable)
                 .then(|| format!("needs the package cache at {url} (run .ci/setup-provision.sh)"))
         }
-        Component::PyWebsockets => {
-            let ok = Command::new("/usr/bin/python3")
-                .args(["-c", "import websockets"])
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            (!ok).then(|| {
-                "needs /usr/bin/python3 with the websockets module (python3-websockets)".into()
-            })
-        }
+        Component::PyWebsockets => (!python_imports("websockets")).then(|| {
+            "needs /usr/bin/python3 with the websockets module (python3-websockets)".into()
+        }),
+        Component::PyModule(m) => (!python_imports(m)).then(|| {
+            format!("needs /usr/bin/python3 with the {m} module (python3-{m}; run .ci/setup-sshgate.sh)")
+        }),
         Component::Program(p) => missing_programs(&[p]),
     }
+}
+
+/// Whether `/usr/bin/python3` can import `module`.
+fn python_imports(module: &str) -> bool {
+    Command::new("/usr/bin/python3")
+        .args(["-c", &format!("import {module}")])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// Why the test image is not in incusd, or `None` if it is. Asked on a
