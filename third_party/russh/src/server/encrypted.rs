@@ -1856,7 +1856,7 @@ impl Session {
                         handler.signal(channel_num, signal, self).await
                     }
                     x => {
-                        warn!("unknown channel request {x}");
+                        debug!("unknown channel request {x}");
                         if wants_reply != 0 {
                             self.channel_failure(channel_num)?;
                         }
