@@ -3,7 +3,8 @@
 #   - 1 GiB down and up: through the gateway vs direct vs OpenSSH ProxyJump
 #     (ProxyCommand 'ssh -W' through a second local sshd);
 #   - `ssh host true` time: gateway vs direct (hyperfine);
-#   - gateway memory with IDLE idle proxied sessions (RSS and peak RSS).
+#   - gateway memory with IDLE idle proxied sessions (RSS and peak RSS);
+#   - the gateway's CPU seconds per GiB relayed, each way.
 # "gateway" is the real daemon (`sandboxd serve`, release build) with a
 # static sandbox `bench` added through its admin socket, exactly as a user
 # would set it up. GATEWAY=example runs crates/sshgate/examples/ssh_gateway.rs
@@ -192,12 +193,22 @@ stop_gateway
 start_gateway
 declare -A DOWN UP
 for mode in direct gateway jump; do DOWN[$mode]=""; UP[$mode]=""; done
+# Gateway CPU time (user + system, clock ticks) spent in its transfers: a
+# cost per GiB that the machine's other load disturbs far less than time.
+gw_ticks() { awk '{print $14 + $15}' "/proc/$GW_PID/stat"; }
+CPU_DOWN=0 CPU_UP=0
 for _ in $(seq "$RUNS"); do
   for mode in direct gateway jump; do
+    c0=$(gw_ticks)
     t0=$(now); $mode "head -c $BYTES /dev/zero" > /dev/null; t1=$(now)
+    c1=$(gw_ticks)
     DOWN[$mode]+="$(echo "$t1 - $t0" | bc -l) "
     t0=$(now); head -c "$BYTES" /dev/zero | $mode 'cat > /dev/null'; t1=$(now)
+    c2=$(gw_ticks)
     UP[$mode]+="$(echo "$t1 - $t0" | bc -l) "
+    if [ "$mode" = gateway ]; then
+      CPU_DOWN=$((CPU_DOWN + c1 - c0)); CPU_UP=$((CPU_UP + c2 - c1))
+    fi
   done
 done
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
@@ -229,6 +240,10 @@ done
   echo "throughput gateway/proxyjump: down $(echo "scale=2; $D_jump / $D_gateway" | bc -l)x, up $(echo "scale=2; $U_jump / $U_gateway" | bc -l)x (target >= 0.9)"
   echo "throughput gateway/direct:    down $(echo "scale=2; $D_direct / $D_gateway" | bc -l)x, up $(echo "scale=2; $U_direct / $U_gateway" | bc -l)x"
 }
+gib=$(echo "$RUNS * $SIZE_MIB / 1024" | bc -l)
+tck=$(getconf CLK_TCK)
+printf 'gateway CPU time per GiB relayed (user+system, mean of %s): down %.2f s, up %.2f s\n' "$RUNS" \
+  "$(echo "$CPU_DOWN / $tck / $gib" | bc -l)" "$(echo "$CPU_UP / $tck / $gib" | bc -l)"
 printf 'connect (ssh true, mean of %s): direct %.3f s (client default kex), direct %.3f s (curve25519, as via gateway), gateway %.3f s\n' \
   "$CONNECT_RUNS" "$C_DIRECT" "$C_DIRECT_X" "$C_GW"
 printf 'connect ratio gateway/direct: %.2fx vs default kex, %.2fx vs same kex (target <= 1.3)\n' \

@@ -231,7 +231,8 @@ pub async fn run(
         ..Default::default()
     };
     config.ssh.apply(&mut ssh_config);
-    let ssh = sshgate::Gateway::new(ssh_config, Arc::new(routes::SshRoutes(routes.clone())));
+    let ssh = sshgate::Gateway::new(ssh_config, Arc::new(routes::SshRoutes(routes.clone())))
+        .context("ssh gate configuration")?;
     // Revocation: every snapshot swap ends the SSH sessions it revokes
     // (removed key, stopped/removed/replaced sandbox) before the change is
     // reported as applied.

@@ -56,7 +56,8 @@ async fn start() -> Admin {
             ..Default::default()
         },
         Arc::new(routes::SshRoutes(routes.clone())),
-    );
+    )
+    .unwrap();
     let http = httpgate::HttpGateway::new(
         httpgate::HttpConfig {
             internal_suffixes: vec!["test".into()],

@@ -108,7 +108,8 @@ fn main() {
                 .expect("upstream host key"),
         ),
     };
-    let gateway = Gateway::new(config, Arc::new(OneRoute(Arc::new(route))));
+    let gateway =
+        Gateway::new(config, Arc::new(OneRoute(Arc::new(route)))).expect("gateway config");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(get("listen"))

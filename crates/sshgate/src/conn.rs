@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use russh::keys::{Algorithm, EcdsaCurve, HashAlg, PublicKey};
+use russh::keys::PublicKey;
 use russh::server::{self, Auth, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
 use russh::{
     client, Channel, ChannelId, ChannelOpenFailure, Disconnect, MethodKind, MethodSet, Preferred,
@@ -31,10 +31,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
-use crate::budget;
 use crate::limits::{SessionSlot, StartupPermit};
 use crate::registry::{Admission, Counters, KillSignal};
 use crate::upstream::{self, UpstreamHandle};
+use crate::{algorithms, budget};
 use crate::{keys, relay, GatewayConfig, Inner, Route};
 
 /// How long a forwarding request may wait for the upstream's answer.
@@ -45,35 +45,14 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// that can carry the reason before disconnecting with it.
 const FAILURE_CHANNEL_WAIT: Duration = Duration::from_secs(1);
 
-/// Host-key signature algorithms offered to clients: no SHA-1 `ssh-rsa`
-/// (RSA host keys sign with rsa-sha2-512/256).
-const HOST_KEY_ALGORITHMS: &[Algorithm] = &[
-    Algorithm::Ed25519,
-    Algorithm::Ecdsa {
-        curve: EcdsaCurve::NistP256,
-    },
-    Algorithm::Ecdsa {
-        curve: EcdsaCurve::NistP384,
-    },
-    Algorithm::Ecdsa {
-        curve: EcdsaCurve::NistP521,
-    },
-    Algorithm::Rsa {
-        hash: Some(HashAlg::Sha512),
-    },
-    Algorithm::Rsa {
-        hash: Some(HashAlg::Sha256),
-    },
-];
-
 /// Compression offered to clients: none, or zlib only after
 /// authentication (`zlib@openssh.com`); never `zlib` from the first packet,
 /// which would expose the decompressor to anyone.
 const COMPRESSION: &[russh::compression::Name] =
     &[russh::compression::NONE, russh::compression::ZLIB_LEGACY];
 
-pub(crate) fn server_config(cfg: &GatewayConfig) -> server::Config {
-    server::Config {
+pub(crate) fn server_config(cfg: &GatewayConfig) -> Result<server::Config, crate::Error> {
+    Ok(server::Config {
         server_id: SshId::Standard(
             format!("SSH-2.0-sandboxd_{}", env!("CARGO_PKG_VERSION")).into(),
         ),
@@ -83,13 +62,13 @@ pub(crate) fn server_config(cfg: &GatewayConfig) -> server::Config {
         keys: cfg.host_keys.clone(),
         window_size: cfg.initial_window.min(cfg.window_size),
         max_window_size: cfg.window_size,
+        // The relay answers each close once the upstream side has closed.
+        hold_close_reply: true,
         maximum_packet_size: cfg.max_packet_size,
         channel_buffer_size: cfg.channel_buffer_size,
         preferred: Preferred {
-            cipher: upstream::ciphers(cfg).into(),
-            key: HOST_KEY_ALGORITHMS.into(),
             compression: COMPRESSION.into(),
-            ..Preferred::default()
+            ..algorithms::preferred(cfg)?
         },
         max_auth_attempts: cfg.max_auth_attempts,
         limits: upstream::rekey_limits(cfg),
@@ -98,7 +77,7 @@ pub(crate) fn server_config(cfg: &GatewayConfig) -> server::Config {
         keepalive_max: cfg.keepalive_max,
         nodelay: cfg.nodelay,
         ..server::Config::default()
-    }
+    })
 }
 
 /// State shared by the connection task, its handler, its upstream handler
@@ -333,6 +312,12 @@ impl server::Handler for ClientHandler {
         user: &str,
         offer: PublicKeyOffer<'_>,
     ) -> Result<Auth, Self::Error> {
+        if !algorithms::userauth_allowed(offer.algorithm) {
+            // A known key offered with SHA-1 `ssh-rsa`: the client may try
+            // again with rsa-sha2-*; not a failure for the ban.
+            tracing::info!(client = %self.peer, user, algorithm = %offer.algorithm, "login signature algorithm refused (SHA-1 or DSA)");
+            return Ok(Auth::reject());
+        }
         if self.allowed(user, offer.public_key).is_some() {
             Ok(Auth::Accept)
         } else {
@@ -346,6 +331,9 @@ impl server::Handler for ClientHandler {
         user: &str,
         key: VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
+        if !algorithms::userauth_allowed(key.algorithm) {
+            return Ok(Auth::reject());
+        }
         let Some(route) = self.allowed(user, key.public_key) else {
             self.note_failure();
             return Ok(Auth::reject());

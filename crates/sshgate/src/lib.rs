@@ -19,6 +19,7 @@
 //! [`Gateway::routes_changed`], a session whose client key was removed, or
 //! whose sandbox was stopped, removed or replaced, is ended (and only those).
 
+mod algorithms;
 mod ban;
 mod budget;
 mod conn;
@@ -58,6 +59,17 @@ pub enum Error {
         path: std::path::PathBuf,
         message: String,
     },
+    /// The configuration names an algorithm the gateway does not allow
+    /// (only modern algorithms: see [`GatewayConfig::ciphers`]).
+    #[error("ssh {kind} `{name}` is not allowed; allowed: {allowed}")]
+    Algorithm {
+        kind: &'static str,
+        name: String,
+        allowed: String,
+    },
+    /// The configuration leaves no algorithm of a kind.
+    #[error("no ssh {kind} configured")]
+    NoAlgorithm { kind: &'static str },
 }
 
 /// Where a sandbox's sshd is, or why it cannot be reached.
@@ -153,7 +165,10 @@ pub struct GatewayConfig {
     pub channel_buffer_size: usize,
     /// Disable Nagle's algorithm on both legs.
     pub nodelay: bool,
-    /// Cipher preference, most preferred first (names as in OpenSSH).
+    /// Cipher preference, most preferred first (names as in OpenSSH), for
+    /// both legs. Only modern ciphers may be named: chacha20-poly1305@openssh.com,
+    /// aes128-gcm@openssh.com, aes256-gcm@openssh.com, aes128-ctr, aes192-ctr,
+    /// aes256-ctr; any other name makes [`Gateway::new`] fail.
     pub ciphers: Vec<String>,
     /// Bytes sent or received on a leg before the gateway re-keys it (at
     /// most 1 GiB, russh's default and ceiling).
@@ -238,10 +253,11 @@ pub(crate) struct Inner {
 }
 
 impl Gateway {
-    /// Build a gateway; nothing listens until [`Gateway::serve`].
-    pub fn new(config: GatewayConfig, routes: Arc<dyn RouteSource>) -> Self {
-        let server_config = Arc::new(conn::server_config(&config));
-        let client_config = Arc::new(upstream::client_config(&config));
+    /// Build a gateway; nothing listens until [`Gateway::serve`]. Fails
+    /// if the configuration names an algorithm that is not allowed.
+    pub fn new(config: GatewayConfig, routes: Arc<dyn RouteSource>) -> Result<Self, Error> {
+        let server_config = Arc::new(conn::server_config(&config)?);
+        let client_config = Arc::new(upstream::client_config(&config)?);
         let (shutdown, _) = watch::channel(false);
         let startups = Arc::new(limits::StartupLimits::new(
             config.max_startups,
@@ -254,7 +270,7 @@ impl Gateway {
             config.relay_budget,
             config.relay_budget_per_sandbox,
         ));
-        Gateway {
+        Ok(Gateway {
             inner: Arc::new(Inner {
                 bans: ban::BanList::new(config.ban.clone()),
                 config,
@@ -268,7 +284,7 @@ impl Gateway {
                 next_id: AtomicU64::new(1),
                 shutdown,
             }),
-        }
+        })
     }
 
     /// Accept connections on `listener` until [`Gateway::shutdown`]. Every

@@ -17,12 +17,24 @@
 //! request order (X11 is refused here, in its place in that order).
 //! Exit-status, exit-signal, EOF and close go both ways as the protocol
 //! allows.
+//!
+//! Closing keeps every message the far side sends before its own close.
+//! Both russh sessions hold their answer to a peer's `CHANNEL_CLOSE`
+//! (`hold_close_reply`): when one side closes, the relay passes the close
+//! on to the other side and goes on relaying what that side still sends
+//! (sshd sends `exit-status` after a PuTTY or dropbear client has closed,
+//! once the command exits); the held answer goes out when the other side's
+//! close arrives. Data that a closed side can no longer take is dropped
+//! instead of waiting for a window that will never open.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use std::future::Future;
+use std::time::Duration;
+
 use russh::{client, server, Channel, ChannelId, ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
-use tokio::sync::Mutex;
+use tokio::sync::{watch, Mutex};
 
 use crate::budget::Grant;
 use crate::conn::{ChannelSlot, ConnShared};
@@ -93,16 +105,66 @@ pub(crate) fn spawn_client_initiated(
     let s1 = shared.clone();
     let r1 = replies.clone();
     let id = c_write.id();
-    let up_task =
-        tokio::spawn(async move { client_to_upstream(s1, id, c_read, u_write, r1).await });
+    let (client_closed, client_closed_rx) = watch::channel(false);
+    let (upstream_closed, upstream_closed_rx) = watch::channel(false);
+    let client_side = Side {
+        closed: client_closed,
+        peer_closed: upstream_closed_rx,
+    };
+    let upstream_side = Side {
+        closed: upstream_closed,
+        peer_closed: client_closed_rx,
+    };
+    let mut up_task =
+        tokio::spawn(
+            async move { client_to_upstream(s1, id, c_read, u_write, r1, client_side).await },
+        );
     tokio::spawn(async move {
-        upstream_to_client(shared, u_read, c_write, replies).await;
-        // The upstream side is finished: the other direction has nothing
-        // left to deliver to, so stop it if the client has not closed yet.
-        up_task.abort();
+        upstream_to_client(shared, u_read, c_write, replies, upstream_side).await;
+        // The upstream side has closed and the client was sent its close:
+        // give the client a bounded time to answer (or to finish closing)
+        // before the other direction is stopped.
+        if tokio::time::timeout(CLOSE_GRACE, &mut up_task)
+            .await
+            .is_err()
+        {
+            up_task.abort();
+        }
         drop(guard);
         drop(slot);
     });
+}
+
+/// How long the client may take to answer the close of a channel whose
+/// upstream twin has closed.
+const CLOSE_GRACE: Duration = Duration::from_secs(30);
+
+/// One direction's view of the closing: `closed` is raised when this
+/// direction's source has closed (or vanished), `peer_closed` when the
+/// destination has.
+struct Side {
+    closed: watch::Sender<bool>,
+    peer_closed: watch::Receiver<bool>,
+}
+
+impl Side {
+    /// Send data to the destination, unless it closes first: a closed side
+    /// opens no more window, and what it would have received is dropped.
+    async fn send_data(
+        &mut self,
+        send: impl Future<Output = Result<(), russh::Error>>,
+    ) -> Result<(), russh::Error> {
+        tokio::select! {
+            biased;
+            sent = send => sent,
+            _ = self.peer_closed.wait_for(|closed| *closed) => Ok(()),
+        }
+    }
+
+    /// This direction's source has closed or vanished.
+    fn source_closed(&self) {
+        self.closed.send_replace(true);
+    }
 }
 
 /// Relay an upstream-opened channel (forwarded-tcpip, agent) to the client
@@ -130,6 +192,7 @@ async fn client_to_upstream(
     mut from: ChannelReadHalf,
     to: ChannelWriteHalf<client::Msg>,
     replies: ReplyQueue,
+    mut side: Side,
 ) {
     let mut window = grant(&shared);
     while let Some(msg) = from.wait().await {
@@ -137,18 +200,15 @@ async fn client_to_upstream(
             ChannelMsg::Data { data } => {
                 shared.counters.add_up(data.len());
                 window.moved(data.len(), &from);
-                to.data_bytes(data).await
+                side.send_data(to.data_bytes(data)).await
             }
             ChannelMsg::ExtendedData { data, ext } => {
                 shared.counters.add_up(data.len());
                 window.moved(data.len(), &from);
-                to.extended_data_bytes(ext, data).await
+                side.send_data(to.extended_data_bytes(ext, data)).await
             }
             ChannelMsg::Eof => to.eof().await,
-            ChannelMsg::Close => {
-                let _ = to.close().await;
-                return;
-            }
+            ChannelMsg::Close => break,
             ChannelMsg::RequestPty {
                 want_reply,
                 term,
@@ -221,8 +281,10 @@ async fn client_to_upstream(
             break;
         }
     }
-    // The client side vanished (connection gone) or the upstream refused a
-    // write: close the upstream twin.
+    // The client closed (its close is answered when the upstream's arrives),
+    // vanished, or the upstream refused a write: close the upstream twin,
+    // whose answer (or own close) ends the other direction.
+    side.source_closed();
     let _ = to.close().await;
 }
 
@@ -231,6 +293,7 @@ async fn upstream_to_client(
     mut from: ChannelReadHalf,
     to: ChannelWriteHalf<server::Msg>,
     replies: ReplyQueue,
+    mut side: Side,
 ) {
     let id = to.id();
     let mut window = grant(&shared);
@@ -239,18 +302,15 @@ async fn upstream_to_client(
             ChannelMsg::Data { data } => {
                 shared.counters.add_down(data.len());
                 window.moved(data.len(), &from);
-                to.data_bytes(data).await
+                side.send_data(to.data_bytes(data)).await
             }
             ChannelMsg::ExtendedData { data, ext } => {
                 shared.counters.add_down(data.len());
                 window.moved(data.len(), &from);
-                to.extended_data_bytes(ext, data).await
+                side.send_data(to.extended_data_bytes(ext, data)).await
             }
             ChannelMsg::Eof => to.eof().await,
-            ChannelMsg::Close => {
-                let _ = to.close().await;
-                return;
-            }
+            ChannelMsg::Close => break,
             ChannelMsg::ExitStatus { exit_status } => to.exit_status(exit_status).await,
             ChannelMsg::ExitSignal {
                 signal_name,
@@ -286,5 +346,8 @@ async fn upstream_to_client(
             break;
         }
     }
+    // The upstream closed, vanished, or the client refused a write: close
+    // the client's channel (answering its close if it sent one first).
+    side.source_closed();
     let _ = to.close().await;
 }

@@ -13,29 +13,9 @@ use russh::keys::{Algorithm, HashAlg, PrivateKeyWithHashAlg, PublicKey, PublicKe
 use russh::{Channel, ChannelOpenFailure, Preferred};
 
 use crate::conn::ConnShared;
-use crate::{relay, GatewayConfig, Route, Target};
+use crate::{algorithms, relay, GatewayConfig, Route, Target};
 
 pub(crate) type UpstreamHandle = client::Handle<UpHandler>;
-
-pub(crate) fn ciphers(cfg: &GatewayConfig) -> Vec<russh::cipher::Name> {
-    let known = [
-        russh::cipher::AES_128_GCM,
-        russh::cipher::AES_256_GCM,
-        russh::cipher::CHACHA20_POLY1305,
-        russh::cipher::AES_256_CTR,
-        russh::cipher::AES_192_CTR,
-        russh::cipher::AES_128_CTR,
-    ];
-    let mut out: Vec<_> = cfg
-        .ciphers
-        .iter()
-        .filter_map(|want| known.iter().find(|k| k.as_ref() == want).copied())
-        .collect();
-    if out.is_empty() {
-        out = Preferred::default().cipher.to_vec();
-    }
-    out
-}
 
 /// Re-key after `rekey_bytes` either way (capped at russh's 1 GiB) or an hour.
 pub(crate) fn rekey_limits(cfg: &GatewayConfig) -> russh::Limits {
@@ -43,24 +23,23 @@ pub(crate) fn rekey_limits(cfg: &GatewayConfig) -> russh::Limits {
     russh::Limits::new(bytes, bytes, std::time::Duration::from_secs(3600))
 }
 
-pub(crate) fn client_config(cfg: &GatewayConfig) -> client::Config {
-    client::Config {
+pub(crate) fn client_config(cfg: &GatewayConfig) -> Result<client::Config, crate::Error> {
+    Ok(client::Config {
         limits: rekey_limits(cfg),
         window_size: cfg.initial_window.min(cfg.window_size),
         max_window_size: cfg.window_size,
+        // The relay answers each close once the client side has closed.
+        hold_close_reply: true,
         maximum_packet_size: cfg.max_packet_size,
         channel_buffer_size: cfg.channel_buffer_size,
         inactivity_timeout: cfg.inactivity_timeout,
         keepalive_interval: cfg.keepalive_interval,
         keepalive_max: cfg.keepalive_max,
         nodelay: cfg.nodelay,
-        preferred: Preferred {
-            cipher: Cow::Owned(ciphers(cfg)),
-            ..Preferred::default()
-        },
+        preferred: algorithms::preferred(cfg)?,
         client_id: client_id(),
         ..client::Config::default()
-    }
+    })
 }
 
 fn client_id() -> russh::SshId {
@@ -114,6 +93,7 @@ pub(crate) async fn connect(
         limits: base.limits.clone(),
         window_size: base.window_size,
         max_window_size: base.max_window_size,
+        hold_close_reply: base.hold_close_reply,
         maximum_packet_size: base.maximum_packet_size,
         channel_buffer_size: base.channel_buffer_size,
         inactivity_timeout: base.inactivity_timeout,
@@ -135,18 +115,17 @@ pub(crate) async fn connect(
         let mut handle = client::connect(config, addr, handler)
             .await
             .map_err(|e| (e, true))?;
-        let key = PrivateKeyWithHashAlg::new(
-            route.upstream_key.clone(),
-            if route.upstream_key.algorithm().is_rsa() {
-                handle
-                    .best_supported_rsa_hash()
-                    .await
-                    .map_err(|e| (e, false))?
-                    .flatten()
-            } else {
-                None
-            },
-        );
+        // An RSA key signs with rsa-sha2-*, never SHA-1 `ssh-rsa`.
+        let hash = if route.upstream_key.algorithm().is_rsa() {
+            let advertised = handle
+                .best_supported_rsa_hash()
+                .await
+                .map_err(|e| (e, false))?;
+            Some(algorithms::upstream_rsa_hash(advertised))
+        } else {
+            None
+        };
+        let key = PrivateKeyWithHashAlg::new(route.upstream_key.clone(), hash);
         match handle
             .authenticate_publickey(route.user.clone(), key)
             .await
@@ -162,6 +141,13 @@ pub(crate) async fn connect(
             tracing::warn!(sandbox = %name, error = %e, "upstream host key does not match the pinned key; refusing");
             Err(format!(
                 "sandbox {name}: host key mismatch; refusing to connect"
+            ))
+        }
+        Ok(Err((russh::Error::NoCommonAlgo { kind, theirs, .. }, _))) => {
+            let kind = algorithms::kind_name(&kind);
+            tracing::warn!(sandbox = %name, kind, offered = %theirs.join(","), "upstream offers no {kind} algorithm the gateway allows (modern only); refusing");
+            Err(format!(
+                "sandbox {name}: its sshd offers no modern {kind} algorithm; refusing to connect"
             ))
         }
         Ok(Err((russh::Error::NotAuthenticated, _))) => {

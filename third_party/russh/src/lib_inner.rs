@@ -514,6 +514,9 @@ pub(crate) struct ChannelParams {
     pending_data: std::collections::VecDeque<(bytes::Bytes, Option<u32>, usize)>,
     pending_eof: bool,
     pending_close: bool,
+    /// sandboxd patch: the peer sent `CHANNEL_CLOSE` and its answer is
+    /// held (`Config::hold_close_reply`) until the application closes.
+    remote_closed: bool,
 }
 
 impl ChannelParams {

@@ -46,6 +46,10 @@ pub(crate) struct Encrypted {
     pub server_mac: mac::Name,
     pub session_id: CryptoVec,
     pub channels: HashMap<ChannelId, ChannelParams>,
+    /// sandboxd patch: channels we sent `CHANNEL_CLOSE` for whose peer has
+    /// not answered yet. What the peer sends until its answer still
+    /// reaches the channel's consumer, and the answer ends the channel.
+    pub closing: std::collections::HashSet<ChannelId>,
     pub last_channel_id: Wrapping<u32>,
     // Non-sensitive packet assembly buffer, analogous to
     // OpenSSH sshbuf (output side).  Not mlocked because it
@@ -148,8 +152,10 @@ impl<C> CommonSession<C> {
     pub(crate) fn is_established_channel(&self, channel: ChannelId) -> bool {
         self.encrypted
             .as_ref()
-            .and_then(|enc| enc.channels.get(&channel))
-            .is_some_and(|channel| channel.confirmed)
+            .is_some_and(|enc| {
+                enc.channels.get(&channel).is_some_and(|c| c.confirmed)
+                    || enc.closing.contains(&channel)
+            })
     }
 
     pub fn newkeys(&mut self, newkeys: NewKeys) {
@@ -181,6 +187,7 @@ impl<C> CommonSession<C> {
             server_mac: newkeys.names.server_mac,
             session_id: newkeys.session_id,
             state,
+            closing: Default::default(),
             channels: HashMap::new(),
             last_channel_id: Wrapping(1),
             write: Vec::new(),
@@ -288,13 +295,46 @@ impl Encrypted {
     }
 
     pub fn close(&mut self, channel: ChannelId) -> Result<(), crate::Error> {
-        if let Some(channel) = self.has_pending_data_mut(channel) {
-            channel.pending_close = true;
-        } else {
+        // sandboxd patch: a channel whose peer has closed is answered at
+        // once; what was still waiting for its window can never be sent.
+        if self.channels.get(&channel).is_some_and(|c| c.remote_closed) {
             self.byte(channel, msg::CHANNEL_CLOSE)?;
             self.channels.remove(&channel);
+            return Ok(());
+        }
+        if let Some(channel) = self.has_pending_data_mut(channel) {
+            channel.pending_close = true;
+        } else if self.channels.contains_key(&channel) {
+            self.byte(channel, msg::CHANNEL_CLOSE)?;
+            self.channels.remove(&channel);
+            self.closing.insert(channel);
         }
         Ok(())
+    }
+
+    /// sandboxd patch: the peer sent `CHANNEL_CLOSE` for `channel`.
+    /// Returns true when the channel is over (it answers our own close, or
+    /// the answer was sent now), false when the answer is held for the
+    /// application (`hold`).
+    pub fn peer_closed(&mut self, channel: ChannelId, hold: bool) -> Result<bool, crate::Error> {
+        if self.closing.remove(&channel) {
+            return Ok(true);
+        }
+        match self.channels.get_mut(&channel) {
+            Some(c) if hold => {
+                c.remote_closed = true;
+                c.pending_data.clear();
+                c.pending_eof = false;
+                Ok(false)
+            }
+            Some(_) => {
+                // Answer per RFC 4254 Section 5.3.
+                self.byte(channel, msg::CHANNEL_CLOSE)?;
+                self.channels.remove(&channel);
+                Ok(true)
+            }
+            None => Ok(true),
+        }
     }
 
     pub fn sender_window_size(&self, channel: ChannelId) -> usize {
@@ -804,6 +844,7 @@ impl Encrypted {
                     pending_data: std::collections::VecDeque::new(),
                     pending_eof: false,
                     pending_close: false,
+                    remote_closed: false,
                 });
                 return ChannelId(self.last_channel_id.0);
             }
@@ -901,6 +942,7 @@ mod tests {
             client_mac: mac::NONE,
             server_mac: mac::NONE,
             session_id: CryptoVec::new(),
+            closing: Default::default(),
             channels: HashMap::new(),
             last_channel_id: Wrapping(0),
             write: Vec::new(),

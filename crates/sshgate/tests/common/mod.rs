@@ -174,7 +174,7 @@ impl HarnessBuilder {
         };
         let mut config = self.config;
         config.host_keys = host_keys.clone();
-        let gateway = Gateway::new(config, routes.clone());
+        let gateway = Gateway::new(config, routes.clone()).unwrap();
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (addr6_tx, addr6_rx) = std::sync::mpsc::channel();
         let ipv6 = self.ipv6;

@@ -560,18 +560,22 @@ impl Session {
                 if !self.common.is_established_channel(channel_num) {
                     return Ok(());
                 }
+                // sandboxd patch: answer with CHANNEL_CLOSE now, or when the
+                // application closes the channel (`Config::hold_close_reply`);
+                // a close answering ours ends the channel.
+                let hold = self.common.config.hold_close_reply;
                 if let Some(ref mut enc) = self.common.encrypted {
-                    // The CHANNEL_CLOSE message must be sent to the server at this point or the session
-                    // will not be released.
-                    enc.close(channel_num)?;
+                    if enc.channels.get(&channel_num).is_some_and(|c| c.remote_closed) {
+                        return Ok(()); // a second close from the peer
+                    }
+                    enc.peer_closed(channel_num, hold)?;
                 }
                 // Forward the close to the channel before removing it, so that
                 // consumers waiting on `Channel::wait()` receive an explicit
                 // `ChannelMsg::Close` instead of just seeing `None`.
-                if let Some(chan) = self.channels.get(&channel_num) {
+                if let Some(chan) = self.channels.remove(&channel_num) {
                     let _ = chan.send(ChannelMsg::Close).await;
                 }
-                self.channels.remove(&channel_num);
                 client.channel_close(channel_num, self).await
             }
             Some((&msg::CHANNEL_EOF, mut r)) => {
@@ -621,7 +625,8 @@ impl Session {
             Some((&msg::CHANNEL_DATA, mut r)) => {
                 trace!("channel_data");
                 let channel_num = map_err!(ChannelId::decode(&mut r))?;
-                let data = map_err!(Bytes::decode(&mut r))?;
+                // sandboxd patch: a recycled buffer (sshbuffer::data_pool).
+                let data = map_err!(crate::sshbuffer::data_pool::decode_string(&mut r))?;
                 map_err!(ensure_end(&r))?;
                 if !self.common.is_established_channel(channel_num) {
                     return Ok(());
@@ -634,7 +639,8 @@ impl Session {
                 debug!("channel_extended_data");
                 let channel_num = map_err!(ChannelId::decode(&mut r))?;
                 let extended_code = map_err!(u32::decode(&mut r))?;
-                let data = map_err!(Bytes::decode(&mut r))?;
+                // sandboxd patch: a recycled buffer (sshbuffer::data_pool).
+                let data = map_err!(crate::sshbuffer::data_pool::decode_string(&mut r))?;
                 map_err!(ensure_end(&r))?;
                 if !self.common.is_established_channel(channel_num) {
                     return Ok(());
@@ -853,6 +859,7 @@ impl Session {
                     pending_data: std::collections::VecDeque::new(),
                     pending_eof: false,
                     pending_close: false,
+                    remote_closed: false,
                 };
 
                 let (channel, channel_ref) = Channel::new(
@@ -1149,6 +1156,7 @@ mod tests {
             client_mac: crate::mac::NONE,
             server_mac: crate::mac::NONE,
             session_id: CryptoVec::from(&b"session-id"[..]),
+            closing: Default::default(),
             channels: HashMap::new(),
             last_channel_id: Wrapping(0),
             write: Vec::new(),

@@ -1449,17 +1449,23 @@ impl Session {
                 if !self.common.is_established_channel(channel_num) {
                     return Ok(());
                 }
+                // sandboxd patch: answer with CHANNEL_CLOSE (RFC 4254 Section
+                // 5.3) now, or when the application closes the channel
+                // (`Config::hold_close_reply`); a close answering ours ends
+                // the channel.
+                let hold = self.common.config.hold_close_reply;
                 if let Some(ref mut enc) = self.common.encrypted {
-                    // Reply with CHANNEL_CLOSE per RFC 4254 Section 5.3.
-                    enc.close(channel_num)?;
+                    if enc.channels.get(&channel_num).is_some_and(|c| c.remote_closed) {
+                        return Ok(()); // a second close from the peer
+                    }
+                    enc.peer_closed(channel_num, hold)?;
                 }
                 // Forward the close to the channel before removing it, so that
                 // consumers waiting on `Channel::wait()` receive an explicit
                 // `ChannelMsg::Close` instead of just seeing `None`.
-                if let Some(chan) = self.channels.get(&channel_num) {
+                if let Some(chan) = self.channels.remove(&channel_num) {
                     chan.send(ChannelMsg::Close).await.unwrap_or(())
                 }
-                self.channels.remove(&channel_num);
                 debug!("handler.channel_close {channel_num:?}");
                 handler.channel_close(channel_num, self).await
             }
@@ -1487,7 +1493,8 @@ impl Session {
                     Some(map_err!(u32::decode(r))?)
                 };
                 trace!("handler.data {ext:?} {channel_num:?}");
-                let data = map_err!(Bytes::decode(r))?;
+                // sandboxd patch: a recycled buffer (sshbuffer::data_pool).
+                let data = map_err!(crate::sshbuffer::data_pool::decode_string(r))?;
                 map_err!(ensure_end(r))?;
                 // sandboxd patch: debit the window now, credit it when the
                 // consumer takes the data; never wait on the channel's queue.
@@ -1528,10 +1535,11 @@ impl Session {
                 }
                 let mut new_size = 0;
                 if let Some(ref mut enc) = self.common.encrypted {
-                    let channel = enc
-                        .channels
-                        .get_mut(&channel_num)
-                        .ok_or(Error::Inconsistent)?;
+                    // sandboxd patch: a window adjust may cross our close
+                    // (`Encrypted::closing`); there is nothing left to send.
+                    let Some(channel) = enc.channels.get_mut(&channel_num) else {
+                        return Ok(());
+                    };
                     new_size = channel.recipient_window_size.saturating_add(amount);
                     channel.recipient_window_size = new_size;
                 }
@@ -2051,6 +2059,7 @@ impl Session {
             pending_data: std::collections::VecDeque::new(),
             pending_eof: false,
             pending_close: false,
+            remote_closed: false,
         };
 
         let (channel, channel_ref) = Channel::new(

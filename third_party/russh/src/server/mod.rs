@@ -85,6 +85,13 @@ pub struct Config {
     /// ask for with `ChannelReadHalf::set_window_target` (sizes the
     /// channel queues); `0`: `window_size`.
     pub max_window_size: u32,
+    /// sandboxd patch: when the peer closes a channel, do not answer its
+    /// `CHANNEL_CLOSE` at once: the channel stays writable (exit status,
+    /// exit signal, EOF) until the application closes it, which sends the
+    /// answer (RFC 4254 5.3 asks for a `CHANNEL_CLOSE` in reply, not an
+    /// immediate one). The application must then close every channel the
+    /// peer closes. `false`: answer at once, as published.
+    pub hold_close_reply: bool,
     /// The maximal size of a single packet.
     pub maximum_packet_size: u32,
     /// Buffer size for each channel (a number of unprocessed messages to store before propagating backpressure to the TCP stream)
@@ -121,6 +128,7 @@ impl Default for Config {
             certificates: Vec::new(),
             window_size: 2097152,
             max_window_size: 0,
+            hold_close_reply: false,
             maximum_packet_size: 32768,
             channel_buffer_size: 100,
             event_buffer_size: 10,

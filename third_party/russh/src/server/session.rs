@@ -1783,6 +1783,7 @@ mod tests {
                     client_mac: mac::NONE,
                     server_mac: mac::NONE,
                     session_id: CryptoVec::new(),
+                    closing: Default::default(),
                     channels: HashMap::new(),
                     last_channel_id: Wrapping(0),
                     write: Vec::new(),
