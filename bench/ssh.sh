@@ -249,4 +249,4 @@ printf 'connect (ssh true, mean of %s): direct %.3f s (client default kex), dire
 printf 'connect ratio gateway/direct: %.2fx vs default kex, %.2fx vs same kex (target <= 1.3)\n' \
   "$(echo "$C_GW / $C_DIRECT" | bc -l)" "$(echo "$C_GW / $C_DIRECT_X" | bc -l)"
 echo "memory: $ESTABLISHED/$IDLE idle sessions; gateway RSS ${BASE_RSS} KiB -> ${IDLE_RSS} KiB (peak ${PEAK_RSS} KiB);" \
-  "$(( (IDLE_RSS - BASE_RSS) / IDLE )) KiB per idle session (target < 200)"
+  "$(( (IDLE_RSS - BASE_RSS) / IDLE )) KiB per idle session (target <= 64)"

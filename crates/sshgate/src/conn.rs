@@ -380,12 +380,15 @@ impl server::Handler for ClientHandler {
                 too_many: true,
             });
         } else {
-            match upstream::connect(
+            // Boxed: the upstream login (a whole client handshake) would
+            // otherwise be inlined into this callback's future, and so into
+            // the session task, which keeps that size for its whole life.
+            match Box::pin(upstream::connect(
                 &self.inner.client_config,
                 self.inner.config.connect_timeout,
                 &route,
                 shared.clone(),
-            )
+            ))
             .await
             {
                 Ok(handle) => {

@@ -317,7 +317,7 @@ impl Session {
 
                                     self.sender
                                         .send(Reply::SignRequest {
-                                            key: key.clone(),
+                                            key: Box::new(key.clone()),
                                             data: buf,
                                         })
                                         .map_err(|_| crate::Error::SendError)?;
@@ -360,7 +360,7 @@ impl Session {
 
                                     self.sender
                                         .send(Reply::SignRequestCert {
-                                            cert: cert.clone(),
+                                            cert: Box::new(cert.clone()),
                                             hash_alg,
                                             data: buf,
                                         })
