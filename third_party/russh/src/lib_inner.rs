@@ -580,19 +580,19 @@ pub struct PendingChannelOpen {
 /// `AdministrativelyProhibited` rejection.
 pub struct ChannelOpenHandleInner<M: Send> {
     sender: tokio::sync::mpsc::UnboundedSender<M>,
-    inner: Option<PendingChannelOpen>,
-    make_msg: fn(PendingChannelOpen, Result<(), ChannelOpenFailure>) -> M,
+    inner: Option<Box<PendingChannelOpen>>,
+    make_msg: fn(Box<PendingChannelOpen>, Result<(), ChannelOpenFailure>) -> M,
 }
 
 impl<M: Send> ChannelOpenHandleInner<M> {
     pub(crate) fn new(
         sender: tokio::sync::mpsc::UnboundedSender<M>,
         pending: PendingChannelOpen,
-        make_msg: fn(PendingChannelOpen, Result<(), ChannelOpenFailure>) -> M,
+        make_msg: fn(Box<PendingChannelOpen>, Result<(), ChannelOpenFailure>) -> M,
     ) -> Self {
         Self {
             sender,
-            inner: Some(pending),
+            inner: Some(Box::new(pending)),
             make_msg,
         }
     }

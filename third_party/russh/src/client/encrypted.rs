@@ -864,7 +864,10 @@ impl Session {
 
                 let (channel, channel_ref) = Channel::new(
                     id,
-                    self.inbound_channel_sender.clone(),
+                    self.inbound_channel_queue
+                        .get_or_insert_with(|| tokio::sync::mpsc::channel(10))
+                        .0
+                        .clone(),
                     channel_params.recipient_maximum_packet_size,
                     channel_params.recipient_window_size,
                     crate::channels::queue_capacity(
@@ -885,7 +888,10 @@ impl Session {
                     channel_params,
                 };
                 let reply = ChannelOpenHandle::new(
-                    self.priority_sender.clone(),
+                    self.priority_queue
+                        .get_or_insert_with(tokio::sync::mpsc::unbounded_channel)
+                        .0
+                        .clone(),
                     pending,
                     |pending, result| Msg::ServerChannelOpenReply { pending, result },
                 );

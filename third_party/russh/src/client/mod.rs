@@ -96,10 +96,11 @@ pub struct Session {
     target_window_size: u32,
     pending_reads: Vec<Vec<u8>>,
     pending_len: u32,
-    priority_sender: UnboundedSender<Msg>,
-    priority_receiver: UnboundedReceiver<Msg>,
-    inbound_channel_sender: Sender<Msg>,
-    inbound_channel_receiver: Receiver<Msg>,
+    // sandboxd patch: both queues serve only channels the server opens
+    // (their open replies and their traffic) and are created on the first
+    // such open, not with every session.
+    priority_queue: Option<(UnboundedSender<Msg>, UnboundedReceiver<Msg>)>,
+    inbound_channel_queue: Option<(Sender<Msg>, Receiver<Msg>)>,
     open_global_requests: VecDeque<GlobalRequestResponse>,
     server_sig_algs: Option<Vec<Algorithm>>,
     /// Number of EXT_INFO messages received (RFC 8308 allows at most two).
@@ -232,7 +233,8 @@ pub enum Msg {
     },
     Channel(ChannelId, ChannelMsg),
     ServerChannelOpenReply {
-        pending: crate::PendingChannelOpen,
+        // Boxed (sandboxd patch): keeps every queue slot small.
+        pending: Box<crate::PendingChannelOpen>,
         result: Result<(), ChannelOpenFailure>,
     },
     Rekey,
@@ -1295,6 +1297,25 @@ where
     })
 }
 
+/// sandboxd patch: the next message of a queue created on first use;
+/// never resolves while the queue does not exist.
+async fn recv_lazy_unbounded(
+    queue: &mut Option<(UnboundedSender<Msg>, UnboundedReceiver<Msg>)>,
+) -> Option<Msg> {
+    match queue {
+        Some((_, rx)) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// sandboxd patch: as [`recv_lazy_unbounded`], for a bounded queue.
+async fn recv_lazy(queue: &mut Option<(Sender<Msg>, Receiver<Msg>)>) -> Option<Msg> {
+    match queue {
+        Some((_, rx)) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn start_reading<R: AsyncRead + Unpin>(
     mut stream_read: R,
     mut buffer: SSHBuffer,
@@ -1332,18 +1353,14 @@ impl Session {
         receiver: Receiver<Msg>,
         sender: UnboundedSender<Reply>,
     ) -> Self {
-        let (priority_sender, priority_receiver) = unbounded_channel();
-        let (inbound_channel_sender, inbound_channel_receiver) = channel(10);
         Self {
             common,
             receiver,
             sender,
             kex: SessionKexState::Idle,
             target_window_size,
-            priority_sender,
-            priority_receiver,
-            inbound_channel_sender,
-            inbound_channel_receiver,
+            priority_queue: None,
+            inbound_channel_queue: None,
             channels: HashMap::new(),
             pending_reads: Vec::new(),
             pending_len: 0,
@@ -1353,8 +1370,20 @@ impl Session {
         }
     }
 
-    async fn run<H: Handler + Send, R: AsyncRead + AsyncWrite + Unpin + Send>(
-        mut self,
+    /// The session task. sandboxd patch: the session stays where the task
+    /// captured it and the loop borrows it (see the server's `run`).
+    fn run<H: Handler + Send, R: AsyncRead + AsyncWrite + Unpin + Send>(
+        self,
+        stream: SshRead<R>,
+        handler: H,
+        kex_done_signal: Option<oneshot::Sender<Option<crate::keys::agent::AgentSessionBinding>>>,
+    ) -> impl Future<Output = Result<(), H::Error>> + Send {
+        let mut session = self;
+        async move { session.run_owned(stream, handler, kex_done_signal).await }
+    }
+
+    async fn run_owned<H: Handler + Send, R: AsyncRead + AsyncWrite + Unpin + Send>(
+        &mut self,
         stream: SshRead<R>,
         mut handler: H,
         mut kex_done_signal: Option<
@@ -1372,8 +1401,12 @@ impl Session {
             .await;
         trace!("disconnected");
         self.receiver.close();
-        self.priority_receiver.close();
-        self.inbound_channel_receiver.close();
+        if let Some((_, rx)) = self.priority_queue.as_mut() {
+            rx.close();
+        }
+        if let Some((_, rx)) = self.inbound_channel_queue.as_mut() {
+            rx.close();
+        }
         map_err!(stream_write.shutdown().await)?;
         match result {
             Ok(v) => {
@@ -1536,7 +1569,7 @@ impl Session {
                         }
                     }
                 }
-                msg = self.priority_receiver.recv(), if !self.kex.active() => {
+                msg = recv_lazy_unbounded(&mut self.priority_queue), if !self.kex.active() && self.priority_queue.is_some() => {
                     match msg {
                         Some(msg) => self.handle_msg(msg)?,
                         None => (),
@@ -1545,7 +1578,7 @@ impl Session {
                     // eagerly take all outgoing messages so writes are batched
                     self.drain_priority_msgs()?;
                 }
-                msg = self.inbound_channel_receiver.recv(), if can_receive_outbound => {
+                msg = recv_lazy(&mut self.inbound_channel_queue), if can_receive_outbound && self.inbound_channel_queue.is_some() => {
                     self.drain_priority_msgs()?;
                     match msg {
                         Some(msg) => self.handle_msg(msg)?,
@@ -1555,7 +1588,10 @@ impl Session {
                     // eagerly take all outgoing messages so writes are batched
                     while !self.kex.active() && !self.common.has_any_pending_data() {
                         self.drain_priority_msgs()?;
-                        match self.inbound_channel_receiver.try_recv() {
+                        let Some((_, rx)) = self.inbound_channel_queue.as_mut() else {
+                            break;
+                        };
+                        match rx.try_recv() {
                             Ok(next) => self.handle_msg(next)?,
                             Err(_) => break
                         }
@@ -1636,7 +1672,10 @@ impl Session {
     /// only registered when its open reply is processed).
     fn drain_priority_msgs(&mut self) -> Result<(), crate::Error> {
         while !self.kex.active() {
-            match self.priority_receiver.try_recv() {
+            let Some((_, rx)) = self.priority_queue.as_mut() else {
+                break;
+            };
+            match rx.try_recv() {
                 Ok(msg) => self.handle_msg(msg)?,
                 Err(_) => break,
             }
@@ -1848,7 +1887,7 @@ impl Session {
                 let _ = self.send_global_request(reply_channel, &name, &data);
             }
             Msg::ServerChannelOpenReply { pending, result } => {
-                self.finalize_server_channel_open_reply(pending, result)?;
+                self.finalize_server_channel_open_reply(*pending, result)?;
             }
             msg => {
                 // should be unreachable, since the receiver only gets

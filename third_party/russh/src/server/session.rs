@@ -88,7 +88,8 @@ pub enum Msg {
     },
     Channel(ChannelId, ChannelMsg),
     ChannelOpenReply {
-        pending: PendingChannelOpen,
+        // Boxed (sandboxd patch): keeps every queue slot small.
+        pending: Box<PendingChannelOpen>,
         result: Result<(), ChannelOpenFailure>,
     },
     /// sandboxd patch: the answer to a deferred global request, sent by
@@ -694,7 +695,7 @@ impl Session {
                     .disconnect(reason, &description, &language_tag)?;
             }
             Msg::ChannelOpenReply { pending, result } => {
-                self.finalize_channel_open_reply(pending, result)?;
+                self.finalize_channel_open_reply(*pending, result)?;
             }
             other => {
                 // should be unreachable, since the receiver only gets
@@ -705,8 +706,25 @@ impl Session {
         Ok(())
     }
 
-    pub(crate) async fn run<H, R>(
-        mut self,
+    /// The session task. sandboxd patch: the session stays where the task
+    /// captured it and the loop borrows it; an `async fn` taking `self` by
+    /// value would keep the (kilobytes large) session twice in the task,
+    /// once as its argument and once as the local it is moved into.
+    pub(crate) fn run<H, R>(
+        self,
+        stream: SshRead<R>,
+        handler: H,
+    ) -> impl std::future::Future<Output = Result<(), H::Error>> + Send
+    where
+        H: Handler + Send + 'static,
+        R: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut session = self;
+        async move { session.run_loop(stream, handler).await }
+    }
+
+    async fn run_loop<H, R>(
+        &mut self,
         mut stream: SshRead<R>,
         mut handler: H,
     ) -> Result<(), H::Error>
@@ -821,7 +839,7 @@ impl Session {
                             // run any handler callback and the key exchange;
                             // inlined, their states would make this task
                             // that large for the session's whole life.
-                            match Box::pin(reply(&mut self, &mut handler, &mut pkt)).await {
+                            match Box::pin(reply(self, &mut handler, &mut pkt)).await {
                                 Ok(_) => {},
                                 Err(e) => return Err(e),
                             }
