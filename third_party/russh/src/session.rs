@@ -160,7 +160,9 @@ impl<C> CommonSession<C> {
 
     pub fn newkeys(&mut self, newkeys: NewKeys) {
         if let Some(ref mut enc) = self.encrypted {
-            enc.exchange = Some(newkeys.exchange);
+            let mut exchange = newkeys.exchange;
+            exchange.release_payloads();
+            enc.exchange = Some(exchange);
             enc.kex = newkeys.kex;
             enc.key = newkeys.key;
             enc.client_mac = newkeys.names.client_mac;
@@ -875,6 +877,14 @@ pub struct Exchange {
 }
 
 impl Exchange {
+    /// sandboxd patch: drops the identifiers, KEXINIT payloads and
+    /// ephemeral keys once the exchange they belong to is done. Nothing reads
+    /// them afterwards (a re-key builds a new exchange); `Encrypted` keeps
+    /// the emptied value only as its "no re-key yet" mark.
+    pub(crate) fn release_payloads(&mut self) {
+        *self = Exchange::default();
+    }
+
     pub fn new(client_id: &[u8], server_id: &[u8]) -> Self {
         Exchange {
             client_id: client_id.into(),

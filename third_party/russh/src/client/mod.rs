@@ -1507,6 +1507,11 @@ impl Session {
 
                             if kex_was_active && !self.kex.active() {
                                 buffer.bytes = 0;
+                                // sandboxd patch: a key exchange's packets
+                                // (KEXINIT, host keys) are the largest an idle
+                                // session reads; give that capacity back.
+                                buffer.buffer.clear();
+                                buffer.buffer.shrink_to_fit();
                             } else if self.automatic_rekey_allowed()
                                 && buffer.bytes >= self.common.config.limits.rekey_read_limit
                             {
@@ -2150,6 +2155,16 @@ async fn reply<H: Handler>(
                         session
                             .common
                             .encrypted(initial_encrypted_state(session), newkeys);
+                        // sandboxd patch: nothing reads the exchange's
+                        // payloads after this.
+                        if let Some(exchange) = session
+                            .common
+                            .encrypted
+                            .as_mut()
+                            .and_then(|enc| enc.exchange.as_mut())
+                        {
+                            exchange.release_payloads();
+                        }
 
                         if let Some(sender) = kex_done_signal.take() {
                             sender.send(agent_session_binding).unwrap_or(());

@@ -1314,6 +1314,16 @@ async fn reply<H: Handler + Send>(
                         );
 
                         session.maybe_send_ext_info()?;
+                        // sandboxd patch: the client's KEXINIT was kept
+                        // for the line above; nothing reads it any more.
+                        if let Some(exchange) = session
+                            .common
+                            .encrypted
+                            .as_mut()
+                            .and_then(|enc| enc.exchange.as_mut())
+                        {
+                            exchange.release_payloads();
+                        }
                     }
 
                     session.kex = SessionKexState::Idle;

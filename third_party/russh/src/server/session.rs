@@ -847,6 +847,11 @@ impl Session {
 
                             if kex_was_active && !self.kex.active() {
                                 buffer.bytes = 0;
+                                // sandboxd patch: a key exchange's packets
+                                // (KEXINIT, host keys) are the largest an idle
+                                // session reads; give that capacity back.
+                                buffer.buffer.clear();
+                                buffer.buffer.shrink_to_fit();
                             } else if self.automatic_rekey_allowed()
                                 && buffer.bytes >= self.common.config.limits.rekey_read_limit
                             {
