@@ -31,7 +31,6 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use std::future::Future;
-use std::time::Duration;
 
 use russh::{client, server, Channel, ChannelId, ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
 use tokio::sync::{watch, Mutex};
@@ -115,29 +114,21 @@ pub(crate) fn spawn_client_initiated(
         closed: upstream_closed,
         peer_closed: client_closed_rx,
     };
-    let mut up_task =
+    let up_task =
         tokio::spawn(
             async move { client_to_upstream(s1, id, c_read, u_write, r1, client_side).await },
         );
     tokio::spawn(async move {
         upstream_to_client(shared, u_read, c_write, replies, upstream_side).await;
-        // The upstream side has closed and the client was sent its close:
-        // give the client a bounded time to answer (or to finish closing)
-        // before the other direction is stopped.
-        if tokio::time::timeout(CLOSE_GRACE, &mut up_task)
-            .await
-            .is_err()
-        {
-            up_task.abort();
-        }
+        // The upstream side has closed and the client was sent its close.
+        // The channel's slot stays taken until the client answers (or its
+        // connection ends): a client that never answers closes cannot pile
+        // up half-closed channels beyond the per-connection channel limit.
+        let _ = up_task.await;
         drop(guard);
         drop(slot);
     });
 }
-
-/// How long the client may take to answer the close of a channel whose
-/// upstream twin has closed.
-const CLOSE_GRACE: Duration = Duration::from_secs(30);
 
 /// One direction's view of the closing: `closed` is raised when this
 /// direction's source has closed (or vanished), `peer_closed` when the
